@@ -1,0 +1,1 @@
+"""Triton kernels on the packed KV layout (importable as `sglang_kvc.kernels`)."""

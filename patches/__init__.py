@@ -1,0 +1,1 @@
+"""SGLang hook modules (importable as `sglang_kvc.patches`); plugin.py registers them."""

@@ -1,0 +1,168 @@
+"""Hooks on SGLang's scheduler side: last-chunk flags, admission and eviction in physical
+rows, sealing finished requests, the idle leak check, and start-up verification."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+from sglang_kvc.allocator import CompressedTokenAllocator
+from sglang_kvc.backend import LAST_CHUNK_ATTR, CompressedAttnBackend
+from sglang_kvc.pool import CompressedKVPool
+from sglang_kvc.runtime import active_config
+
+logger = logging.getLogger(__name__)
+
+INIT_INFO_KEY = "kv_compress"
+
+
+def _compressed_allocator(obj) -> CompressedTokenAllocator | None:
+    allocator = getattr(obj, "token_to_kv_pool_allocator", None)
+    return allocator if isinstance(allocator, CompressedTokenAllocator) else None
+
+
+# ---- forward batches ---------------------------------------------------------------------------
+
+def mark_last_chunks(result, cls, batch, model_runner, **kwargs):
+    """AFTER ForwardBatch.init_new: for each request of an EXTEND batch, does this pass
+    finish its prompt? The chunked request (batch.chunked_req) is the one that does not."""
+    if active_config() is None or not result.forward_mode.is_extend():
+        return None
+    chunked = getattr(batch, "chunked_req", None)
+    setattr(result, LAST_CHUNK_ATTR, [req is not chunked for req in batch.reqs])
+    return None
+
+
+# ---- memory pressure ----------------------------------------------------------------------------
+
+def evict_until_rows_free(original, tree_cache, num_tokens):
+    """AROUND common.evict_from_tree_cache. Stock SGLang evicts the logical shortfall once;
+    an evicted compressed token frees fewer rows than one logical slot, so keep evicting
+    until the rows are there or nothing is evictable."""
+    original(tree_cache, num_tokens)
+    allocator = _compressed_allocator(tree_cache) if tree_cache is not None else None
+    if allocator is None or tree_cache.is_chunk_cache():
+        return
+    while allocator.available_size() < num_tokens and tree_cache.evictable_size() > 0:
+        shortfall = num_tokens - allocator.available_size()
+        if tree_cache.evict(EvictParams(num_tokens=shortfall)).num_tokens_evicted == 0:
+            break
+
+
+def _evictable_tokens(tree_cache) -> torch.Tensor | None:
+    """Token ids of every unlocked radix node (what eviction could free)."""
+    values, stack = [], list(tree_cache.root_node.children.values())
+    while stack:
+        node = stack.pop()
+        if node.lock_ref == 0 and node.value is not None:
+            values.append(node.value)
+        stack.extend(node.children.values())
+    return torch.cat(values) if values else None
+
+
+def admission_in_rows(result, self, *args, **kwargs):
+    """AFTER PrefillAdder.__init__. The adder budgets `available + evictable` logical
+    tokens, but evicting a compressed token frees at most one row per layer and often
+    none; lower its budget to what evicting every unlocked node would really free."""
+    allocator = _compressed_allocator(self)
+    tree_cache = self.tree_cache
+    if allocator is None or tree_cache is None or tree_cache.is_chunk_cache():
+        return None
+    evictable = tree_cache.evictable_size()
+    if evictable == 0:
+        return None
+    pool = allocator.pool
+    tokens = _evictable_tokens(tree_cache)
+    rows = pool.rows_held(tokens).tolist() if tokens is not None else [0] * pool.layer_num
+    physical = min(pool.free_rows(layer) + rows[layer] for layer in range(pool.layer_num)) - pool.staged_count
+    logical = allocator.logical_available_size() + evictable
+    budgeted = allocator.available_size() + evictable
+    correction = budgeted - min(logical, physical)
+    if correction > 0:
+        self.rem_total_token_offset += correction
+        self.cur_rem_token_offset += correction
+    return None
+
+
+def seal_released_request(req, tree_cache, is_insert=True):
+    """BEFORE common.release_kv_cache: tokens a finished request leaves in the radix tree
+    must not stay in staging (its last decode tokens, an aborted prompt's chunks)."""
+    allocator = _compressed_allocator(tree_cache)
+    if allocator is None or not is_insert or tree_cache.is_chunk_cache() or req.req_pool_idx is None:
+        return None
+    if getattr(req, "skip_radix_cache_insert", False):
+        return None
+    committed = req.effective_kv_committed_len()
+    tokens = tree_cache.req_to_token_pool.req_to_token[req.req_pool_idx, :committed].to(torch.int64)
+    allocator.pool.seal(tokens)
+    return None
+
+
+# ---- idle check and start-up ---------------------------------------------------------------------
+
+def idle_check_in_logical_ids(original, self, *args, **kwargs):
+    """AROUND Scheduler.on_idle. SGLang's leak check balances logical ids
+    (available + cached == total); report those to it, and check the rows ourselves."""
+    allocator = _compressed_allocator(self)
+    if allocator is None:
+        return original(self, *args, **kwargs)
+    allocator.report_logical_size = True
+    try:
+        result = original(self, *args, **kwargs)
+    finally:
+        allocator.report_logical_size = False
+    if self.is_fully_idle():
+        allocator.pool.check_invariants(full=False)
+    return result
+
+
+def verify_components(result, self, *args, **kwargs):
+    """AFTER Scheduler.get_init_info: refuse to report ready unless the compressed pool,
+    allocator and backend are the ones in use (a plugin failure is only logged by SGLang,
+    and must not leave a server running silently uncompressed)."""
+    config = active_config()
+    if config is None:
+        return None
+    allocator = _compressed_allocator(self)
+    pool = allocator.pool if allocator is not None else None
+    runner = self.tp_worker.model_runner
+    backend = runner.attn_backend
+    found = {
+        "allocator": type(self.token_to_kv_pool_allocator).__name__,
+        "pool": type(runner.token_to_kv_pool).__name__,
+        "attention backend": type(backend).__name__,
+    }
+    if not (
+        allocator is not None
+        and isinstance(runner.token_to_kv_pool, CompressedKVPool)
+        and runner.token_to_kv_pool is pool
+        and isinstance(backend, CompressedAttnBackend)
+    ):
+        raise RuntimeError(f"--kv-compress is set but the scheduler runs {found}; refusing to start uncompressed")
+    result[INIT_INFO_KEY] = {
+        "config": config.name,
+        "logical_tokens": pool.size,
+        "staging_rows": pool.sizes.staging_rows,
+        "lowbit_rows": list(pool.sizes.lowbit_rows),
+        "guard_rows": list(pool.sizes.guard_rows),
+        "pool_bytes": sum(pool.get_kv_size_bytes()),
+        "planned_bytes": pool.sizes.total_bytes,
+        "bytes_per_logical_token": pool.plan.bytes_per_logical_token(),
+    }
+    return result
+
+
+def require_compressed_schedulers(result, *args, **kwargs):
+    """AFTER engine._wait_for_scheduler_ready (launcher process)."""
+    if active_config() is None:
+        return None
+    for info in result:
+        if INIT_INFO_KEY not in info:
+            raise RuntimeError(
+                "--kv-compress is set but a scheduler started without the sglang-kvc plugin "
+                "(see its log for the plugin's load error); refusing to serve uncompressed"
+            )
+    logger.info("kv-compress active: %s", result[0][INIT_INFO_KEY])
+    return None

@@ -1,0 +1,79 @@
+"""SGLang attention backend for the compressed pool.
+
+It subclasses SGLang's Triton backend (so server_args logic keyed on "triton", buffer
+shapes and the backend contract stay as SGLang expects) and replaces the metadata and
+the two forward paths: K/V go to the pool's staging tier, attention reads every tier
+through the location map (engine.CompressedAttention), and prompts are compressed when
+their prefill completes.
+
+This is the torch reference path: correct on any device, not fast. The Triton kernels
+of `sglang_kvc.kernels` replace its hot loops; until they do, the plugin turns CUDA
+graphs off (the reference path gathers variable-length index lists on the host).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+
+from sglang_kvc.engine import BatchInfo, CompressedAttention
+from sglang_kvc.pool import CompressedKVPool
+
+logger = logging.getLogger(__name__)
+
+# Set on the ForwardBatch by patches.scheduler (ForwardBatch.init_new hook): for each
+# request of an EXTEND batch, whether this pass finishes its prompt.
+LAST_CHUNK_ATTR = "_kvc_last_chunk"
+
+
+class CompressedAttnBackend(TritonAttnBackend):
+    def __init__(self, model_runner, skip_prefill: bool = False, kv_indptr_buf=None):
+        super().__init__(model_runner, skip_prefill, kv_indptr_buf)
+        pool = model_runner.token_to_kv_pool
+        if not isinstance(pool, CompressedKVPool):
+            raise TypeError(f"CompressedAttnBackend needs a CompressedKVPool, got {type(pool).__name__}")
+        self.engine = CompressedAttention(pool, model_runner.req_to_token_pool.req_to_token)
+        self._warned_missing_flags = False
+
+    # ---- metadata -------------------------------------------------------------------------
+    def init_forward_metadata(self, forward_batch):
+        mode = forward_batch.forward_mode
+        if mode.is_idle():
+            return
+        if mode.is_mixed() or mode.is_target_verify() or mode.is_draft_extend_v2():
+            raise NotImplementedError(f"--kv-compress does not support forward mode {mode.name}")
+        last_chunk = getattr(forward_batch, LAST_CHUNK_ATTR, None)
+        if last_chunk is None and not mode.is_decode() and not self._warned_missing_flags:
+            # Only reachable if the ForwardBatch hook did not run; treat every prompt as complete.
+            logger.warning("kv-compress: last-chunk flags missing; compressing after every chunk")
+            self._warned_missing_flags = True
+        self.engine.begin(BatchInfo.from_forward_batch(forward_batch, last_chunk))
+
+    def init_cuda_graph_state(self, *args, **kwargs):
+        raise NotImplementedError(
+            "--kv-compress runs with CUDA graphs off until its Triton decode kernel lands"
+        )
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _check_supported(self, layer, sinks, score_mod):
+        if sinks is not None or score_mod is not None:
+            raise NotImplementedError("--kv-compress does not support attention sinks or score_mod")
+        if getattr(layer, "sliding_window_size", -1) not in (-1, None):
+            raise NotImplementedError("--kv-compress does not support sliding-window layers")
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, score_mod=None, aux_tensors=None):
+        self._check_supported(layer, sinks, score_mod)
+        if save_kv_cache:
+            self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        out = self.engine.extend(layer.layer_id, q3, layer.scaling, layer.logit_cap or 0.0)
+        return out.to(q.dtype).reshape(q3.shape[0], layer.tp_q_head_num * layer.v_head_dim)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, score_mod=None, aux_tensors=None):
+        self._check_supported(layer, sinks, score_mod)
+        if save_kv_cache:
+            self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        out = self.engine.decode(layer.layer_id, q3, layer.scaling, layer.logit_cap or 0.0)
+        return out.to(q.dtype).reshape(q3.shape[0], layer.tp_q_head_num * layer.v_head_dim)

@@ -1,0 +1,206 @@
+"""Per-forward-pass logic of compressed attention: read through the location map,
+attend, and compress a prompt when its prefill completes.
+
+`CompressedAttention` is what the SGLang attention backend (backend.py) delegates to;
+it only needs the pool, SGLang's `req_to_token` table and a `BatchInfo`, so tests
+drive it directly with real SGLang pools and radix caches on the CPU.
+
+Per layer of an EXTEND pass:
+  1. the backend has written the chunk's K/V to staging (pool.set_kv_buffer);
+  2. every query attends to the request's tokens that this layer still holds;
+  3. if this is the request's last prompt chunk, its still-staged tokens are scored with
+     the prompt's final observation window (queries of earlier chunks are kept for a
+     short last chunk), and each layer keeps its budget (pool.compress);
+     otherwise the chunk's last W queries are saved for that later scoring;
+  4. after the last layer the staging rows of compressed tokens are released.
+Per layer of a DECODE pass: attention, then the token that just left the decode window
+moves from staging to the low-bit tier.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from sglang_kvc.attention import attend
+from sglang_kvc.policy import ObservationWindowScorer, TokenScorer, select_tokens
+from sglang_kvc.pool import CompressedKVPool
+
+logger = logging.getLogger(__name__)
+
+# Chunked requests whose last chunk never came (aborted) leave saved windows behind;
+# SGLang prefills one chunked request at a time, so a handful is plenty.
+_MAX_SAVED_WINDOWS = 16
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    is_decode: bool
+    req_pool_indices: list[int]
+    seq_lens: list[int]
+    prefix_lens: list[int]
+    extend_lens: list[int]
+    last_chunk: list[bool]  # extend only: does this pass finish the request's prompt?
+    rids: list[str]
+
+    @classmethod
+    def from_forward_batch(cls, forward_batch, last_chunk: list[bool] | None = None) -> "BatchInfo":
+        seq_lens = [int(x) for x in forward_batch.seq_lens_cpu.tolist()]
+        rpi = [int(x) for x in forward_batch.req_pool_indices.tolist()]
+        bs = len(seq_lens)
+        rids = list(forward_batch.rids) if forward_batch.rids else [str(i) for i in rpi]
+        if forward_batch.forward_mode.is_decode():
+            return cls(True, rpi, seq_lens, [s - 1 for s in seq_lens], [1] * bs, [False] * bs, rids)
+        prefix = list(forward_batch.extend_prefix_lens_cpu)
+        extend = list(forward_batch.extend_seq_lens_cpu)
+        if last_chunk is None:
+            last_chunk = [True] * bs
+        return cls(False, rpi, seq_lens, prefix, extend, list(last_chunk), rids)
+
+
+class CompressedAttention:
+    def __init__(self, pool: CompressedKVPool, req_to_token: torch.Tensor, scorer: TokenScorer | None = None):
+        self.pool = pool
+        self.req_to_token = req_to_token
+        self.config = pool.config
+        self.scorer = scorer or ObservationWindowScorer.from_config(pool.config)
+        self.layer_retain = pool.plan.layer_retain_ratios
+        self.window = self.config.sparsity.observation_window
+        self.last_layer = pool.layer_num - 1
+        self.saved_windows: dict[str, list[torch.Tensor | None]] = {}
+        self.batch: BatchInfo | None = None
+
+    # ---- per forward pass -------------------------------------------------------------------
+    def begin(self, batch: BatchInfo) -> None:
+        self.batch = batch
+        self.token_rows = [
+            self.req_to_token[rpi, :seq_len].to(torch.int64)
+            for rpi, seq_len in zip(batch.req_pool_indices, batch.seq_lens)
+        ]
+        self.positions = [torch.arange(len(t), device=t.device) for t in self.token_rows]
+        # Decided at the first layer, after its write staged this pass's new tokens.
+        self.candidates: list[torch.Tensor | None] | None = None
+        self.migrating: torch.Tensor | None = None
+
+    # ---- extend ---------------------------------------------------------------------------------
+    def extend(self, layer_id: int, q: torch.Tensor, scaling: float, logit_cap: float = 0.0) -> torch.Tensor:
+        """q: [extend tokens, q_heads, head_dim] -> [extend tokens, q_heads, v_head_dim]."""
+        batch, pool = self.batch, self.pool
+        layer = layer_id - pool.start_layer
+        if self.candidates is None:
+            self.candidates = self._compression_candidates()
+        q = pool.rotate(q)
+        out = torch.empty((q.shape[0], q.shape[1], pool.head_dim), dtype=torch.float32, device=q.device)
+        offset = 0
+        for i, tokens in enumerate(self.token_rows):
+            extend_len, seq_len = batch.extend_lens[i], batch.seq_lens[i]
+            q_req = q[offset : offset + extend_len]
+            q_pos = self.positions[i][seq_len - extend_len :]
+            k, v, held = pool.gather(layer, tokens, torch.float32)
+            out[offset : offset + extend_len] = attend(
+                q_req, q_pos, k[held], v[held], self.positions[i][held], scaling, logit_cap
+            )
+            if batch.last_chunk[i]:
+                self._compress(layer, i, q_req)
+            else:
+                self._save_window(layer, batch.rids[i], q_req)
+            offset += extend_len
+        if layer == self.last_layer:
+            self._finish_extend()
+        return out
+
+    def _compression_candidates(self) -> list[torch.Tensor | None]:
+        """Per request finishing its prompt: positions of its still-staged tokens. A staged
+        token shared by two such requests (a radix-matched partial prompt) goes to the
+        first, so no token is placed twice."""
+        claimed: list[torch.Tensor] = []
+        result: list[torch.Tensor | None] = []
+        for i, tokens in enumerate(self.token_rows):
+            if not self.batch.last_chunk[i]:
+                result.append(None)
+                continue
+            staged = self.pool.staged_mask(tokens)
+            if claimed:
+                staged &= ~torch.isin(tokens, torch.cat(claimed))
+            positions = staged.nonzero().squeeze(1)
+            claimed.append(tokens[positions])
+            result.append(positions)
+        return result
+
+    def _window_queries(self, layer: int, rid: str, q_req: torch.Tensor) -> torch.Tensor:
+        saved = self.saved_windows.get(rid)
+        if saved is not None and saved[layer] is not None and q_req.shape[0] < self.window:
+            q_req = torch.cat((saved[layer], q_req))
+        return q_req[-self.window :]
+
+    def _save_window(self, layer: int, rid: str, q_req: torch.Tensor) -> None:
+        saved = self.saved_windows.get(rid)
+        if saved is None:
+            while len(self.saved_windows) >= _MAX_SAVED_WINDOWS:
+                self.saved_windows.pop(next(iter(self.saved_windows)))
+            saved = self.saved_windows[rid] = [None] * self.pool.layer_num
+        self.saved_windows[rid][layer] = self._window_queries(layer, rid, q_req).detach().clone()
+
+    def _compress(self, layer: int, i: int, q_req: torch.Tensor) -> None:
+        positions = self.candidates[i]
+        if positions.numel() == 0:
+            return
+        batch, pool, s = self.batch, self.pool, self.config.sparsity
+        tokens = self.token_rows[i][positions]
+        seq_len = batch.seq_lens[i]
+        window_q = self._window_queries(layer, batch.rids[i], q_req)
+        window_pos = self.positions[i][seq_len - window_q.shape[0] :]
+        keys, _ = pool.staging.read(layer, pool.staging_row[tokens], torch.float32)
+        scores = self.scorer.score(window_q, window_pos, keys, positions)
+        budget = self.config.layer_budget(self.layer_retain[layer], tokens.numel())
+        selection = select_tokens(
+            scores,
+            positions,
+            budget=budget,
+            guard_count=self.config.guard_count(budget),
+            sink_tokens=s.sink_tokens,
+            recent_start=seq_len - s.recent_window,
+        )
+        pool.compress(layer, tokens, selection)
+
+    def _finish_extend(self) -> None:
+        compressed = [
+            self.token_rows[i][p] for i, p in enumerate(self.candidates) if p is not None and p.numel()
+        ]
+        if compressed:
+            self.pool.release_staging(torch.cat(compressed))
+        for i, rid in enumerate(self.batch.rids):
+            if self.batch.last_chunk[i]:
+                self.saved_windows.pop(rid, None)
+
+    # ---- decode -----------------------------------------------------------------------------------
+    def decode(self, layer_id: int, q: torch.Tensor, scaling: float, logit_cap: float = 0.0) -> torch.Tensor:
+        """q: [batch, q_heads, head_dim] -> [batch, q_heads, v_head_dim]."""
+        pool = self.pool
+        layer = layer_id - pool.start_layer
+        if self.migrating is None:
+            self.migrating = self._leaving_decode_window()
+        q = pool.rotate(q)
+        out = torch.empty((q.shape[0], q.shape[1], pool.head_dim), dtype=torch.float32, device=q.device)
+        for i, tokens in enumerate(self.token_rows):
+            k, v, held = pool.gather(layer, tokens, torch.float32)
+            positions = self.positions[i]
+            out[i : i + 1] = attend(
+                q[i : i + 1], positions[-1:], k[held], v[held], positions[held], scaling, logit_cap
+            )
+        if self.migrating.numel():
+            pool.migrate(layer, self.migrating)
+            if layer == self.last_layer:
+                pool.release_staging(self.migrating)
+        return out
+
+    def _leaving_decode_window(self) -> torch.Tensor:
+        """Tokens exactly `decode_window` steps old: each decode step moves one per request."""
+        window = self.config.quantization.decode_window
+        leaving = [t[len(t) - 1 - window : len(t) - window] for t in self.token_rows if len(t) > window]
+        if not leaving:
+            return torch.empty(0, dtype=torch.int64, device=self.pool.location.device)
+        tokens = torch.cat(leaving).unique()
+        return tokens[self.pool.staged_mask(tokens)]

@@ -1,0 +1,98 @@
+"""Which prompt tokens a layer keeps, and which of those are guarded (torch reference).
+
+One scorer class per policy behind one interface (as NVIDIA kvpress does with presses),
+plus one selection function shared by all of them:
+
+    scorer.score(...) -> one importance value per candidate token
+    select_tokens(...) -> indices kept (sinks and recent window forced in) and the
+                          guarded subset (highest scores)
+
+Selection is per layer, not per head: a physical row holds every KV head of a token,
+so a token is kept or evicted for all heads of a layer at once; head scores are summed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from sglang_kvc.config import CompressionConfig
+
+
+class TokenScorer(Protocol):
+    def score(
+        self,
+        window_queries: torch.Tensor,  # [W, q_heads, head_dim]
+        window_positions: torch.Tensor,  # [W]
+        keys: torch.Tensor,  # [N, kv_heads, head_dim]
+        key_positions: torch.Tensor,  # [N]
+    ) -> torch.Tensor:  # [N] float32
+        ...
+
+
+@dataclass(frozen=True)
+class ObservationWindowScorer:
+    """SnapKV-style: attention of the prompt's last W queries to each candidate key,
+    softmax per query head (at `temperature`), summed over the window and over the
+    query heads of each GQA group, then max-pooled along the sequence so that the
+    neighbours of an attended token survive with it."""
+
+    temperature: float = 1.0
+    pooling_kernel: int = 7
+
+    @classmethod
+    def from_config(cls, config: CompressionConfig) -> "ObservationWindowScorer":
+        s = config.sparsity
+        return cls(temperature=s.temperature, pooling_kernel=s.pooling_kernel)
+
+    def score(self, window_queries, window_positions, keys, key_positions) -> torch.Tensor:
+        num_q_heads, head_dim = window_queries.shape[1], window_queries.shape[2]
+        num_kv_heads = keys.shape[1]
+        group = num_q_heads // num_kv_heads
+        # [kv_heads, group*W, D] x [kv_heads, D, N]: never more than W x N per head.
+        q = window_queries.float().reshape(-1, num_kv_heads, group, head_dim)
+        q = q.permute(1, 2, 0, 3).reshape(num_kv_heads, group * q.shape[0], head_dim)
+        k = keys.float().permute(1, 2, 0)
+        logits = torch.bmm(q, k) / (math.sqrt(head_dim) * self.temperature)
+        causal = key_positions.view(1, 1, -1) > window_positions.repeat(group).view(1, -1, 1)
+        logits.masked_fill_(causal, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        per_kv_head = probs.sum(dim=1)  # [kv_heads, N]
+        if self.pooling_kernel > 1:
+            per_kv_head = F.max_pool1d(
+                per_kv_head.unsqueeze(0),
+                kernel_size=self.pooling_kernel,
+                stride=1,
+                padding=self.pooling_kernel // 2,
+            ).squeeze(0)
+        return per_kv_head.sum(dim=0)
+
+
+@dataclass(frozen=True)
+class Selection:
+    kept: torch.Tensor  # indices into the candidates, highest score first
+    guarded: torch.Tensor  # subset of `kept` stored in the guard tier
+    lowbit: torch.Tensor  # the rest of `kept`
+
+
+def select_tokens(
+    scores: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    budget: int,
+    guard_count: int,
+    sink_tokens: int,
+    recent_start: int,
+) -> Selection:
+    """Keep `budget` candidates: every sink (position < sink_tokens) and every recent
+    token (position >= recent_start) first, then the highest scores. The `guard_count`
+    highest-scoring kept tokens form the guard set."""
+    forced = (positions < sink_tokens) | (positions >= recent_start)
+    priority = torch.where(forced, torch.full_like(scores, float("inf")), scores)
+    kept = torch.topk(priority, k=min(budget, scores.numel()), sorted=True).indices
+    by_score = kept[torch.argsort(scores[kept], descending=True, stable=True)]
+    return Selection(kept=kept, guarded=by_score[:guard_count], lowbit=by_score[guard_count:])

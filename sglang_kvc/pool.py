@@ -1,0 +1,368 @@
+"""The compressed KV pool: SGLang's slot ids stay *logical*, each layer stores tokens in tiers.
+
+SGLang's allocator, `req_to_token` and radix tree keep working on logical token ids,
+unchanged, so the radix tree shares compressed prefixes for free. For every layer a
+location map says where a logical token lives:
+
+    location[layer, token] = row << 3 | tier      (int32)
+
+    EMPTY     the id holds nothing (free, or not yet written)
+    STAGING   bf16 row of the staging tier: prompt tokens until their request's prefill
+              completes, decode tokens for `decode_window` steps
+    LOWBIT    packed low-bit row (quant.py)
+    GUARD     the layer's most important kept tokens, at guard_bits (bf16 by default)
+    EVICTED   this layer dropped the token; it costs no row
+
+A staged token is staged in every layer and its staging row (`staging_row[token]`) is
+the same in all of them; between two forward passes a token is staged in all layers or
+in none. Compression runs layer by layer inside the forward pass (the backend calls
+`compress` right after the layer's attention); the staging rows are released after the
+last layer. Pyramid budgets give every layer its own row tables and free lists, and an
+evicted token returns its rows to them: that is where the memory saving comes from.
+
+Accounting (what `CompressedTokenAllocator.available_size` reports): a staged token
+will need at most one row in every layer once it is placed, so the headroom in logical
+tokens is `min over layers(free low-bit + free guard rows) - staged tokens`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+
+import torch
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
+
+from sglang_kvc.planner import KVPlan, PoolSizes
+from sglang_kvc.policy import Selection
+from sglang_kvc.quant import hadamard_matrix
+from sglang_kvc.stores import DenseStore, PackedStore, RowFreeList
+
+logger = logging.getLogger(__name__)
+
+TIER_BITS = 3
+TIER_MASK = (1 << TIER_BITS) - 1
+
+
+class Tier(enum.IntEnum):
+    EMPTY = 0
+    STAGING = 1
+    LOWBIT = 2
+    GUARD = 3
+    EVICTED = 4
+
+
+def encode_location(tier: Tier, rows: torch.Tensor) -> torch.Tensor:
+    return ((rows.to(torch.int64) << TIER_BITS) | int(tier)).to(torch.int32)
+
+
+def tier_of(location: torch.Tensor) -> torch.Tensor:
+    return location & TIER_MASK
+
+
+def row_of(location: torch.Tensor) -> torch.Tensor:
+    return (location >> TIER_BITS).to(torch.int64)
+
+
+class PoolInvariantError(AssertionError):
+    pass
+
+
+class CompressedKVPool(MHATokenToKVPool):
+    def __init__(
+        self,
+        size: int,
+        page_size: int,
+        dtype: torch.dtype,
+        head_num: int,
+        head_dim: int,
+        layer_num: int,
+        device: str,
+        enable_memory_saver: bool = False,
+        *,
+        plan: KVPlan,
+        sizes: PoolSizes,
+        start_layer: int | None = None,
+        end_layer: int | None = None,
+        **unsupported,
+    ):
+        if page_size != 1:
+            raise ValueError(f"--kv-compress supports page_size 1 only, got {page_size}")
+        if head_num != plan.shape.kv_heads or head_dim != plan.shape.head_dim:
+            raise ValueError(
+                f"pool shape (kv heads {head_num}, head_dim {head_dim}) does not match the "
+                f"plan ({plan.shape.kv_heads}, {plan.shape.head_dim})"
+            )
+        if sizes.logical_tokens != size:
+            raise ValueError(f"pool size {size} != planned logical tokens {sizes.logical_tokens}")
+        self.plan = plan
+        self.config = plan.config
+        self.sizes = sizes
+        # The stock constructor calls _create_buffers(), which builds our tiers.
+        super().__init__(
+            size,
+            page_size,
+            dtype,
+            head_num,
+            head_dim,
+            layer_num,
+            device,
+            enable_memory_saver,
+            start_layer=start_layer,
+            end_layer=end_layer,
+            enable_alt_stream=False,
+            enable_kv_cache_copy=False,
+        )
+
+    # ---- construction --------------------------------------------------------------------
+    def _create_buffers(self):
+        sizes, plan, dev = self.sizes, self.plan, self.device
+        heads, dim = self.head_num, self.head_dim
+        self.staging = DenseStore([sizes.staging_rows] * self.layer_num, heads, dim, self.dtype, dev)
+        self.staging_free = RowFreeList(sizes.staging_rows, dev)
+        self.lowbit = PackedStore(list(sizes.lowbit_rows), heads, plan.key_format, plan.value_format, dev)
+        self.lowbit_free = [RowFreeList(r, dev) for r in sizes.lowbit_rows]
+        if plan.guard_format is None:
+            self.guard = DenseStore(list(sizes.guard_rows), heads, dim, torch.bfloat16, dev)
+        else:
+            self.guard = PackedStore(list(sizes.guard_rows), heads, plan.guard_format, plan.guard_format, dev)
+        self.guard_free = [RowFreeList(r, dev) for r in sizes.guard_rows]
+        self.stores = {Tier.STAGING: self.staging, Tier.LOWBIT: self.lowbit, Tier.GUARD: self.guard}
+
+        self.location = torch.zeros((self.layer_num, self.size + 1), dtype=torch.int32, device=dev)
+        self.staging_row = torch.zeros(self.size + 1, dtype=torch.int64, device=dev)
+        self.staged_count = 0
+        self.rotation = (
+            hadamard_matrix(dim, dev)
+            if self.config.quantization.key_transform == "hadamard"
+            else None
+        )
+        # Only for shape introspection by SGLang (TritonAttnBackend reads v_head_dim off
+        # get_value_buffer(0)); nothing may index these by logical token id.
+        self.k_buffer, self.v_buffer = self.staging.k, self.staging.v
+        self.k_scale_buffer = self.v_scale_buffer = None
+        self.dq_k_buffer = self.dq_v_buffer = None
+        self._kv_buffer_descs = []
+
+    def get_kv_size_bytes(self):
+        """(key-side, value-side) bytes; maps and free lists are counted on the key side."""
+        def nbytes(tensors):
+            return sum(t.numel() * t.element_size() for t in tensors)
+
+        stores = self.stores.values()
+        key = nbytes([t for s in stores for t in s.key_tensors()])
+        key += nbytes([self.location, self.staging_row])
+        key += nbytes([f.free_rows for f in (self.staging_free, *self.lowbit_free, *self.guard_free)])
+        value = nbytes([t for s in stores for t in s.value_tensors()])
+        return key, value
+
+    def clear_state(self) -> None:
+        """Forget every token (SGLang's flush_cache clears the allocator, which calls this)."""
+        self.location.zero_()
+        self.staging_row.zero_()
+        self.staged_count = 0
+        self.staging_free.clear()
+        for free_list in self.lowbit_free + self.guard_free:
+            free_list.clear()
+
+    # ---- key transform ---------------------------------------------------------------------
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the key transform to keys (on write) or queries (on read)."""
+        if self.rotation is None:
+            return x
+        return (x.float() @ self.rotation).to(x.dtype)
+
+    # ---- writes ------------------------------------------------------------------------------
+    def set_kv_buffer(
+        self,
+        layer,
+        loc_info,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        k_scale=None,
+        v_scale=None,
+        layer_id_override=None,
+        dcp_kv_mask=None,
+    ):
+        """New tokens always land in staging; a token's first write (at the first layer)
+        takes its staging row for all layers."""
+        if k_scale is not None or v_scale is not None or dcp_kv_mask is not None:
+            raise NotImplementedError("--kv-compress does not take KV scales or DCP masks")
+        loc, _, _ = unwrap_write_loc(loc_info)
+        layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
+        local = layer_id - self.start_layer
+        if local == 0:
+            self._stage(loc)
+        rows = self.staging_row[loc]
+        self.staging.write(local, rows, self.rotate(cache_k), cache_v)
+
+    def _stage(self, tokens: torch.Tensor) -> None:
+        count = tokens.numel()
+        if count > self.staging_free.available():
+            raise RuntimeError(
+                f"kv-compress staging tier exhausted ({count} new tokens, "
+                f"{self.staging_free.available()} free rows); it is sized from "
+                f"--chunked-prefill-size and --max-running-requests"
+            )
+        rows = self.staging_free.alloc(count)
+        self.staging_row[tokens] = rows
+        self.location[:, tokens] = encode_location(Tier.STAGING, rows)
+        self.staged_count += count
+
+    # ---- reads -------------------------------------------------------------------------------
+    def gather(self, layer: int, tokens: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dequantized (rotated) K, V of `tokens` in `layer` and a mask of those the layer
+        holds (evicted and empty ids read as zeros and are masked out)."""
+        location = self.location[layer, tokens]
+        tiers, rows = tier_of(location), row_of(location)
+        shape = (tokens.numel(), self.head_num, self.head_dim)
+        k = torch.zeros(shape, dtype=dtype, device=tokens.device)
+        v = torch.zeros(shape, dtype=dtype, device=tokens.device)
+        for tier, store in self.stores.items():
+            where = (tiers == tier).nonzero().squeeze(1)
+            if where.numel():
+                k[where], v[where] = store.read(layer, rows[where], dtype)
+        held = (tiers == Tier.STAGING) | (tiers == Tier.LOWBIT) | (tiers == Tier.GUARD)
+        return k, v, held
+
+    def staged_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.staging_row[tokens] > 0
+
+    # ---- compression ---------------------------------------------------------------------------
+    def compress(self, layer: int, tokens: torch.Tensor, selection: Selection) -> None:
+        """Place the selected staged `tokens` of one layer in the guard / low-bit tiers and
+        mark the rest evicted. Staging rows stay until `release_staging`."""
+        k, v = self.staging.read(layer, self.staging_row[tokens], torch.float32)
+        evicted = torch.ones(tokens.numel(), dtype=torch.bool, device=tokens.device)
+        evicted[selection.kept] = False
+        self.location[layer, tokens[evicted]] = int(Tier.EVICTED)
+        self._place(layer, tokens[selection.guarded], k[selection.guarded], v[selection.guarded], Tier.GUARD)
+        self._place(layer, tokens[selection.lowbit], k[selection.lowbit], v[selection.lowbit], Tier.LOWBIT)
+
+    def migrate(self, layer: int, tokens: torch.Tensor) -> None:
+        """Move staged tokens (decode tokens leaving the window, sealed tails) to low-bit."""
+        k, v = self.staging.read(layer, self.staging_row[tokens], torch.float32)
+        self._place(layer, tokens, k, v, Tier.LOWBIT)
+
+    def _place(self, layer: int, tokens, k, v, preferred: Tier) -> None:
+        """Write into the preferred tier; what does not fit there goes to the other one
+        (the accounting guarantees their free rows together suffice)."""
+        other = Tier.LOWBIT if preferred == Tier.GUARD else Tier.GUARD
+        start = 0
+        for tier in (preferred, other):
+            free_list = self._free_list(tier, layer)
+            count = min(tokens.numel() - start, free_list.available())
+            if count <= 0:
+                continue
+            rows = free_list.alloc(count)
+            part = slice(start, start + count)
+            self.stores[tier].write(layer, rows, k[part], v[part])
+            self.location[layer, tokens[part]] = encode_location(tier, rows)
+            start += count
+        if start < tokens.numel():
+            raise RuntimeError(
+                f"kv-compress layer {layer}: no free rows for {tokens.numel() - start} tokens "
+                f"(accounting bug: available_size() should have prevented this)"
+            )
+
+    def release_staging(self, tokens: torch.Tensor) -> None:
+        """After every layer has placed `tokens`, return their staging rows."""
+        self.staging_free.free(self.staging_row[tokens])
+        self.staging_row[tokens] = 0
+        self.staged_count -= tokens.numel()
+
+    def seal(self, tokens: torch.Tensor) -> None:
+        """Outside a forward pass: quantize whatever of `tokens` is still staged (the last
+        decode tokens of a finished request, a prompt whose prefill was aborted), so
+        tokens kept by the radix tree never pin staging rows."""
+        staged = tokens[self.staged_mask(tokens)].unique()
+        if staged.numel() == 0:
+            return
+        for layer in range(self.layer_num):
+            self.migrate(layer, staged)
+        self.release_staging(staged)
+
+    # ---- freeing ----------------------------------------------------------------------------------
+    def free_tokens(self, tokens: torch.Tensor) -> None:
+        """Return every row `tokens` hold, in every layer and tier."""
+        tokens = tokens[tokens > 0]
+        if tokens.numel() == 0:
+            return
+        locations = self.location[:, tokens]
+        tiers, rows = tier_of(locations), row_of(locations)
+        for layer in range(self.layer_num):
+            self.lowbit_free[layer].free(rows[layer][tiers[layer] == Tier.LOWBIT])
+            self.guard_free[layer].free(rows[layer][tiers[layer] == Tier.GUARD])
+        staged = self.staged_mask(tokens)
+        if staged.any():
+            self.release_staging(tokens[staged])
+        self.location[:, tokens] = int(Tier.EMPTY)
+
+    # ---- accounting -------------------------------------------------------------------------------
+    def _free_list(self, tier: Tier, layer: int) -> RowFreeList:
+        return self.lowbit_free[layer] if tier == Tier.LOWBIT else self.guard_free[layer]
+
+    def free_rows(self, layer: int) -> int:
+        return self.lowbit_free[layer].available() + self.guard_free[layer].available()
+
+    def headroom_tokens(self) -> int:
+        """Logical tokens that can still be admitted: every staged token will take at most
+        one row per layer when placed, so it is charged a row in every layer now."""
+        return min(self.free_rows(layer) for layer in range(self.layer_num)) - self.staged_count
+
+    def rows_held(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per layer, rows that freeing `tokens` would return (staged tokens count as the
+        row each will take when placed, matching `headroom_tokens`)."""
+        tiers = tier_of(self.location[:, tokens])
+        return ((tiers != Tier.EMPTY) & (tiers != Tier.EVICTED)).sum(dim=1)
+
+    def check_invariants(self, full: bool = True) -> None:
+        """Every row is either free or held by exactly one token; staged tokens are staged in
+        all layers; counters match the maps. `full=False` skips the per-row uniqueness sort
+        (the scheduler's idle check). Raises PoolInvariantError."""
+        problems = []
+        tiers, rows = tier_of(self.location), row_of(self.location)
+        staged_tokens = (self.staging_row > 0).nonzero().squeeze(1)
+        if int(staged_tokens.numel()) != self.staged_count:
+            problems.append(f"staged_count {self.staged_count} != staged tokens {staged_tokens.numel()}")
+        if self.staging_free.available() + self.staged_count != self.staging_free.num_rows:
+            problems.append("staging rows leaked or double freed")
+        if staged_tokens.numel():
+            if not bool((tiers[:, staged_tokens] == Tier.STAGING).all()):
+                problems.append("a staged token is not staged in every layer")
+            if not bool((rows[:, staged_tokens] == self.staging_row[staged_tokens]).all()):
+                problems.append("a staged token's location row differs from its staging row")
+        if bool(((tiers == Tier.STAGING).any(dim=0) & (self.staging_row == 0)).any()):
+            problems.append("a location says STAGING for a token without a staging row")
+        for layer in range(self.layer_num):
+            for tier, free_list in ((Tier.LOWBIT, self.lowbit_free[layer]), (Tier.GUARD, self.guard_free[layer])):
+                held = rows[layer][tiers[layer] == tier]
+                free = free_list.free_rows
+                if held.numel() + free.numel() != free_list.num_rows:
+                    problems.append(
+                        f"layer {layer} {tier.name}: {held.numel()} held + {free.numel()} free "
+                        f"!= {free_list.num_rows} rows"
+                    )
+                elif full and free_list.num_rows and not torch.equal(
+                    torch.sort(torch.cat((held, free))).values,
+                    torch.arange(1, free_list.num_rows + 1, device=free.device),
+                ):
+                    problems.append(f"layer {layer} {tier.name}: a row is held twice or lost")
+        if problems:
+            raise PoolInvariantError("; ".join(problems))
+
+    # ---- unsupported stock paths ---------------------------------------------------------------
+    def _unsupported(self, what: str):
+        raise NotImplementedError(f"{what} is not supported with --kv-compress")
+
+    def get_cpu_copy(self, indices, mamba_indices=None):
+        self._unsupported("CPU offload of the KV cache")
+
+    def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None):
+        self._unsupported("CPU offload of the KV cache")
+
+    def get_contiguous_buf_infos(self):
+        self._unsupported("PD disaggregation")
+
+    def move_kv_cache(self, *args, **kwargs):
+        self._unsupported("speculative decoding")
