@@ -9,7 +9,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from sglang_kvc.allocator import CompressedTokenAllocator
-from sglang_kvc.backend import LAST_CHUNK_ATTR, CompressedAttnBackend
+from sglang_kvc.backend import LAST_CHUNKS, CompressedAttnBackend
 from sglang_kvc.pool import CompressedKVPool
 from sglang_kvc.runtime import active_config
 
@@ -31,7 +31,7 @@ def mark_last_chunks(result, cls, batch, model_runner, **kwargs):
     if active_config() is None or not result.forward_mode.is_extend():
         return None
     chunked = getattr(batch, "chunked_req", None)
-    setattr(result, LAST_CHUNK_ATTR, [req is not chunked for req in batch.reqs])
+    LAST_CHUNKS.publish([req.rid for req in batch.reqs], [req is not chunked for req in batch.reqs])
     return None
 
 

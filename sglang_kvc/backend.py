@@ -22,9 +22,28 @@ from sglang_kvc.pool import CompressedKVPool
 
 logger = logging.getLogger(__name__)
 
-# Set on the ForwardBatch by patches.scheduler (ForwardBatch.init_new hook): for each
-# request of an EXTEND batch, whether this pass finishes its prompt.
-LAST_CHUNK_ATTR = "_kvc_last_chunk"
+class LastChunkFlags:
+    """For each request of the next EXTEND pass: does it finish the request's prompt?
+
+    Published by the ForwardBatch.init_new hook (patches.scheduler), which still sees the
+    ScheduleBatch and its `chunked_req`; read by `init_forward_metadata`. The flags travel
+    keyed by request id because SGLang's runners copy the ForwardBatch into static
+    buffers before the backend sees it, dropping any attribute added to it.
+    """
+
+    def __init__(self) -> None:
+        self._by_rid: dict[str, bool] = {}
+
+    def publish(self, rids: list[str], flags: list[bool]) -> None:
+        self._by_rid = dict(zip(rids, flags))
+
+    def lookup(self, rids: list[str] | None) -> list[bool] | None:
+        if not rids or any(rid not in self._by_rid for rid in rids):
+            return None
+        return [self._by_rid[rid] for rid in rids]
+
+
+LAST_CHUNKS = LastChunkFlags()
 
 
 class CompressedAttnBackend(TritonAttnBackend):
@@ -43,11 +62,14 @@ class CompressedAttnBackend(TritonAttnBackend):
             return
         if mode.is_mixed() or mode.is_target_verify() or mode.is_draft_extend_v2():
             raise NotImplementedError(f"--kv-compress does not support forward mode {mode.name}")
-        last_chunk = getattr(forward_batch, LAST_CHUNK_ATTR, None)
-        if last_chunk is None and not mode.is_decode() and not self._warned_missing_flags:
-            # Only reachable if the ForwardBatch hook did not run; treat every prompt as complete.
-            logger.warning("kv-compress: last-chunk flags missing; compressing after every chunk")
-            self._warned_missing_flags = True
+        last_chunk = None
+        if not mode.is_decode():
+            last_chunk = LAST_CHUNKS.lookup(forward_batch.rids)
+            if last_chunk is None and not self._warned_missing_flags:
+                # A forward SGLang runs without a ScheduleBatch (e.g. a warm-up pass):
+                # treat its prompts as complete.
+                logger.info("kv-compress: an extend pass without last-chunk flags; compressing its prompts")
+                self._warned_missing_flags = True
         self.engine.begin(BatchInfo.from_forward_batch(forward_batch, last_chunk))
 
     def init_cuda_graph_state(self, *args, **kwargs):

@@ -170,7 +170,13 @@ class CompressedAttention:
             self.token_rows[i][p] for i, p in enumerate(self.candidates) if p is not None and p.numel()
         ]
         if compressed:
-            self.pool.release_staging(torch.cat(compressed))
+            tokens = torch.cat(compressed)
+            kept = self.pool.rows_held(tokens).tolist()
+            self.pool.release_staging(tokens)
+            logger.info(
+                "kv-compress: compressed %d prompt tokens of %d request(s); rows kept per layer %d..%d",
+                tokens.numel(), len(compressed), min(kept), max(kept),
+            )
         for i, rid in enumerate(self.batch.rids):
             if self.batch.last_chunk[i]:
                 self.saved_windows.pop(rid, None)

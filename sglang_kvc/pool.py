@@ -319,35 +319,38 @@ class CompressedKVPool(MHATokenToKVPool):
     def check_invariants(self, full: bool = True) -> None:
         """Every row is either free or held by exactly one token; staged tokens are staged in
         all layers; counters match the maps. `full=False` skips the per-row uniqueness sort
-        (the scheduler's idle check). Raises PoolInvariantError."""
+        (the scheduler's idle check). Works one layer at a time, so its temporaries stay
+        small next to the pool. Raises PoolInvariantError."""
         problems = []
-        tiers, rows = tier_of(self.location), row_of(self.location)
         staged_tokens = (self.staging_row > 0).nonzero().squeeze(1)
         if int(staged_tokens.numel()) != self.staged_count:
             problems.append(f"staged_count {self.staged_count} != staged tokens {staged_tokens.numel()}")
         if self.staging_free.available() + self.staged_count != self.staging_free.num_rows:
             problems.append("staging rows leaked or double freed")
-        if staged_tokens.numel():
-            if not bool((tiers[:, staged_tokens] == Tier.STAGING).all()):
-                problems.append("a staged token is not staged in every layer")
-            if not bool((rows[:, staged_tokens] == self.staging_row[staged_tokens]).all()):
-                problems.append("a staged token's location row differs from its staging row")
-        if bool(((tiers == Tier.STAGING).any(dim=0) & (self.staging_row == 0)).any()):
-            problems.append("a location says STAGING for a token without a staging row")
         for layer in range(self.layer_num):
+            tiers = tier_of(self.location[layer])
+            staged_here = int((tiers == Tier.STAGING).sum())
+            if staged_here != self.staged_count:
+                problems.append(f"layer {layer}: {staged_here} tokens staged, expected {self.staged_count}")
+            if staged_tokens.numel():
+                where = self.location[layer, staged_tokens]
+                if not bool((tier_of(where) == Tier.STAGING).all()) or not bool(
+                    (row_of(where) == self.staging_row[staged_tokens]).all()
+                ):
+                    problems.append(f"layer {layer}: a staged token is not in its staging row")
             for tier, free_list in ((Tier.LOWBIT, self.lowbit_free[layer]), (Tier.GUARD, self.guard_free[layer])):
-                held = rows[layer][tiers[layer] == tier]
-                free = free_list.free_rows
-                if held.numel() + free.numel() != free_list.num_rows:
+                held = int((tiers == tier).sum())
+                if held + free_list.available() != free_list.num_rows:
                     problems.append(
-                        f"layer {layer} {tier.name}: {held.numel()} held + {free.numel()} free "
+                        f"layer {layer} {tier.name}: {held} held + {free_list.available()} free "
                         f"!= {free_list.num_rows} rows"
                     )
-                elif full and free_list.num_rows and not torch.equal(
-                    torch.sort(torch.cat((held, free))).values,
-                    torch.arange(1, free_list.num_rows + 1, device=free.device),
-                ):
-                    problems.append(f"layer {layer} {tier.name}: a row is held twice or lost")
+                elif full and free_list.num_rows:
+                    rows = row_of(self.location[layer][tiers == tier])
+                    every_row = torch.sort(torch.cat((rows, free_list.free_rows))).values
+                    if not torch.equal(every_row, torch.arange(1, free_list.num_rows + 1, device=rows.device)):
+                        problems.append(f"layer {layer} {tier.name}: a row is held twice or lost")
+            del tiers
         if problems:
             raise PoolInvariantError("; ".join(problems))
 
