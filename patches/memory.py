@@ -67,19 +67,15 @@ def compressed_cell_size(original, self, kvc, num_layers):
     return cell
 
 
-def budget_after_staging(original, self, budget_bytes, *args, **kwargs):
-    """AROUND KVCacheConfigurator.config_from_budget: the staging tier is a fixed cost,
-    taken off the budget before SGLang divides the rest by the cell size."""
+def budget_to_planned_tokens(original, self, budget_bytes, *, cap_tokens=None):
+    """AROUND KVCacheConfigurator.config_from_budget: the planner decides how many logical
+    tokens the budget holds (it charges the fixed staging tier and rounds every layer's
+    rows), exactly as `sglang-kvc plan` prints it; SGLang's own constraints
+    (--max-total-tokens, page alignment) still apply on top."""
     if active_config() is None:
-        return original(self, budget_bytes, *args, **kwargs)
-    fixed = plan_for_configurator(self).fixed_bytes()
-    if budget_bytes <= fixed:
-        raise ValueError(
-            f"kv-compress: the KV budget ({budget_bytes / 2**30:.2f} GiB) does not cover the "
-            f"bf16 staging tier ({fixed / 2**30:.2f} GiB); lower --max-running-requests or "
-            f"--chunked-prefill-size, or raise --mem-fraction-static"
-        )
-    return original(self, budget_bytes - fixed, *args, **kwargs)
+        return original(self, budget_bytes, cap_tokens=cap_tokens)
+    planned = plan_for_configurator(self).sizes_for_budget(budget_bytes).logical_tokens
+    return original(self, budget_bytes, cap_tokens=planned if cap_tokens is None else min(cap_tokens, planned))
 
 
 def build_compressed_pool(original, self, *, max_total_num_tokens, mha_pool_class, quant_method=None):

@@ -191,8 +191,13 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
         if name not in raw:
             continue
         key = f"{prefix}.{name}"
-        value = _check_type(key, raw[name], hints[name])
         rule = _RULES.get(key)
+        try:
+            value = _check_type(key, raw[name], hints[name])
+        except ConfigError as exc:
+            if rule is None:
+                raise
+            raise ConfigError(f"{exc}; allowed: {rule[1]}") from None
         if rule is not None and not rule[0](value):
             raise ConfigError(f"{key}={value!r} is out of range; allowed: {rule[1]}")
         values[name] = value
@@ -229,7 +234,7 @@ def _check_consistency(config: CompressionConfig) -> None:
 def load_config(path: str | Path) -> CompressionConfig:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--kv-compress: no such config file: {path}")
+        raise ConfigError(f"no such config file: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

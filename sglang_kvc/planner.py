@@ -145,7 +145,13 @@ class KVPlan:
                 f"({self.fixed_bytes() / 2**30:.2f} GiB for {self.staging_rows()} rows); lower "
                 f"--max-running-requests or --chunked-prefill-size, or raise --mem-fraction-static"
             )
-        return self.sizes_for_tokens(int(usable // self.bytes_per_logical_token()))
+        # The fractional per-token cost is a lower bound on what `sizes_for_tokens` allocates
+        # (it rounds each layer's kept and guard rows up), so this estimate is never too
+        # small but can overshoot the budget by a few rows per layer: step down until it fits.
+        sizes = self.sizes_for_tokens(int(usable // self.bytes_per_logical_token()))
+        while sizes.total_bytes > budget_bytes:
+            sizes = self.sizes_for_tokens(sizes.logical_tokens - 1)
+        return sizes
 
     def sizes_for_tokens(self, logical_tokens: int) -> PoolSizes:
         g = self.config.quantization.guard_fraction

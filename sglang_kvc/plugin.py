@@ -28,7 +28,7 @@ HOOKS = (
     # pool sizing and construction (scheduler)
     ("sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
      memory.compressed_cell_size, HookType.AROUND),
-    (f"{_KVC}.config_from_budget", memory.budget_after_staging, HookType.AROUND),
+    (f"{_KVC}.config_from_budget", memory.budget_to_planned_tokens, HookType.AROUND),
     (f"{_KVC}._build_mha_kv_pool", memory.build_compressed_pool, HookType.AROUND),
     (f"{_KVC}._build_token_to_kv_pool_allocator", memory.build_compressed_allocator, HookType.AROUND),
     # scheduling (scheduler)

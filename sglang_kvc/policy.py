@@ -74,7 +74,7 @@ class ObservationWindowScorer:
 
 @dataclass(frozen=True)
 class Selection:
-    kept: torch.Tensor  # indices into the candidates, highest score first
+    kept: torch.Tensor  # indices into the candidates: forced ones first, then by score
     guarded: torch.Tensor  # subset of `kept` stored in the guard tier
     lowbit: torch.Tensor  # the rest of `kept`
 

@@ -112,7 +112,7 @@ def dequantize(
 def _hadamard_cpu(dim: int) -> torch.Tensor:
     if dim < 1 or dim & (dim - 1):
         raise ValueError(f"Hadamard transform needs a power-of-two dimension, got {dim}")
-    h = torch.ones(1, 1)
+    h = torch.ones(1, 1, dtype=torch.float64)  # exact; callers cast to their dtype
     while h.shape[0] < dim:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
     return h / math.sqrt(dim)

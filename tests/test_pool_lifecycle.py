@@ -1,0 +1,249 @@
+"""Pool + allocator + SGLang's RadixCache through simulated request lifecycles."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+from sim import SMALL_CONFIG, Simulator
+
+from sglang_kvc.config import config_from_dict
+from sglang_kvc.pool import Tier, tier_of
+
+
+def prompt(length: int, start: int = 100) -> list[int]:
+    return list(range(start, start + length))
+
+
+def assert_fully_free(sim: Simulator) -> None:
+    """After everything is released and evicted, every row of every tier is free and every
+    logical id is back."""
+    pool = sim.pool
+    assert sim.allocator.logical_available_size() == sim.logical_tokens
+    assert pool.staged_count == 0
+    assert pool.staging_free.available() == pool.staging_free.num_rows
+    for layer in range(pool.layer_num):
+        assert pool.lowbit_free[layer].available() == pool.lowbit_free[layer].num_rows
+        assert pool.guard_free[layer].available() == pool.guard_free[layer].num_rows
+    assert int(pool.location.count_nonzero()) == 0
+    assert int(pool.staging_row.count_nonzero()) == 0
+    pool.check_invariants(full=True)
+
+
+def held_per_layer(sim: Simulator, tokens: torch.Tensor) -> list[dict[Tier, int]]:
+    tiers = tier_of(sim.pool.location[:, tokens])
+    return [{tier: int((tiers[layer] == tier).sum()) for tier in Tier} for layer in range(sim.num_layers)]
+
+
+def run_to_completion(sim: Simulator, request, decode_steps: int | None = None) -> None:
+    while not request.prompt_done:
+        sim.prefill_chunk(request)
+        sim.check()
+    for _ in range(request.max_new_tokens if decode_steps is None else decode_steps):
+        sim.decode_step([request])
+        sim.check()
+
+
+def test_chunked_prefill_decode_finish_and_eviction_free_every_row():
+    sim = Simulator()
+    request = sim.new_request(prompt(100), max_new_tokens=6, chunk_size=37)
+    assert sim.admit(request)
+    run_to_completion(sim, request)
+    # Past the decode window, decode tokens have left staging for the low-bit tier.
+    window = sim.config.quantization.decode_window
+    assert sim.pool.staged_count == window
+    sim.finish(request)
+    sim.check()
+    # What the tree keeps is sealed: nothing stays in staging after the request ends.
+    assert sim.pool.staged_count == 0
+    sim.evict_all()
+    sim.check()
+    assert_fully_free(sim)
+
+
+def test_each_layer_keeps_exactly_its_budget_and_guard_share():
+    sim = Simulator()
+    prompt_len = 120
+    request = sim.new_request(prompt(prompt_len), max_new_tokens=1)
+    assert sim.admit(request)
+    sim.prefill_chunk(request)
+    tokens = sim.req_to_token_pool.req_to_token[request.req.req_pool_idx, :prompt_len].long()
+    counts = held_per_layer(sim, tokens)
+    for layer, retain in enumerate(sim.plan.layer_retain_ratios):
+        budget = sim.config.layer_budget(retain, prompt_len)
+        assert budget < prompt_len  # the prompt really was sparsified
+        assert counts[layer][Tier.GUARD] + counts[layer][Tier.LOWBIT] == budget
+        assert counts[layer][Tier.GUARD] == sim.config.guard_count(budget)
+        assert counts[layer][Tier.EVICTED] == prompt_len - budget
+        assert counts[layer][Tier.STAGING] == 0
+    # Budgets differ across layers (pyramid): early layers keep more.
+    kept = [c[Tier.GUARD] + c[Tier.LOWBIT] for c in counts]
+    assert kept == sorted(kept, reverse=True) and kept[0] > kept[-1]
+
+
+def test_sinks_and_recent_window_are_always_kept():
+    sim = Simulator()
+    prompt_len = 90
+    request = sim.new_request(prompt(prompt_len), max_new_tokens=1, chunk_size=40)
+    assert sim.admit(request)
+    while not request.prompt_done:
+        sim.prefill_chunk(request)
+    tokens = sim.req_to_token_pool.req_to_token[request.req.req_pool_idx, :prompt_len].long()
+    s = sim.config.sparsity
+    forced = torch.cat((tokens[: s.sink_tokens], tokens[prompt_len - s.recent_window :]))
+    tiers = tier_of(sim.pool.location[:, forced])
+    assert bool(((tiers == Tier.GUARD) | (tiers == Tier.LOWBIT)).all())
+
+
+def test_prefix_reuse_reads_compressed_tokens_and_compresses_only_its_own():
+    sim = Simulator()
+    first = sim.new_request(prompt(100), max_new_tokens=2)
+    assert sim.admit(first)
+    run_to_completion(sim, first)
+    sim.finish(first)
+    before = sim.pool.location.clone()
+
+    second = sim.new_request(prompt(80) + prompt(40, start=5000), max_new_tokens=2)
+    assert sim.admit(second)
+    shared = second.req.prefix_indices.long()
+    assert shared.numel() == 80
+    sim.prefill_chunk(second)
+    sim.check()
+    # The cached prefix was compressed by the first request and is not touched again.
+    assert torch.equal(sim.pool.location[:, shared], before[:, shared])
+    own = sim.req_to_token_pool.req_to_token[second.req.req_pool_idx, 80:120].long()
+    tiers = tier_of(sim.pool.location[:, own])
+    assert bool((tiers != Tier.STAGING).all())
+    # 40 own tokens >= min_prompt_len: they were sparsified too.
+    assert int((tiers == Tier.EVICTED).sum()) > 0
+    sim.finish(second)
+    sim.evict_all()
+    assert_fully_free(sim)
+
+
+def test_abort_mid_prefill_seals_the_chunks_the_tree_keeps():
+    sim = Simulator()
+    request = sim.new_request(prompt(120), max_new_tokens=4, chunk_size=50)
+    assert sim.admit(request)
+    sim.prefill_chunk(request)  # 50 of 120 tokens, staged and in the tree
+    assert sim.pool.staged_count == 50
+    sim.abort(request)
+    sim.check()
+    assert sim.pool.staged_count == 0
+    assert sim.tree.evictable_size() == 50
+    sim.evict_all()
+    assert_fully_free(sim)
+
+
+def test_request_sharing_another_requests_staged_chunks():
+    """B matches A's partial prompt while A is between chunks: B's last chunk compresses
+    the shared staged tokens, A's later last chunk must not place them again."""
+    sim = Simulator()
+    a = sim.new_request(prompt(120), max_new_tokens=2, chunk_size=60)
+    assert sim.admit(a)
+    sim.prefill_chunk(a)
+    b = sim.new_request(prompt(59) + prompt(30, start=7000), max_new_tokens=2)
+    assert sim.admit(b)
+    assert len(b.req.prefix_indices) == 59
+    sim.prefill_chunk(b)
+    sim.check()
+    while not a.prompt_done:
+        sim.prefill_chunk(a)
+        sim.check()
+    for request in (a, b):
+        sim.decode_step([request])
+        sim.finish(request)
+        sim.check()
+    sim.evict_all()
+    assert_fully_free(sim)
+
+
+def test_pressure_evicts_radix_nodes_until_rows_are_free():
+    """A pool whose rows run out long before its logical ids: admissions must evict the
+    compressed radix cache (freeing rows) and never over-allocate."""
+    sim = Simulator(logical_tokens=2048)
+    floor = min(sim.pool.free_rows(layer) for layer in range(sim.num_layers))
+    for i in range(12):
+        request = sim.new_request(prompt(150, start=1000 * (i + 1)), max_new_tokens=2)
+        assert sim.admit(request), f"request {i} not admitted with the tree evictable"
+        run_to_completion(sim, request)
+        sim.finish(request)
+        assert sim.allocator.available_size() <= sim.allocator.logical_available_size()
+    # The tree holds far more logical tokens than the smallest layer has rows...
+    assert sim.tree.evictable_size() > floor
+    sim.evict_all()
+    assert_fully_free(sim)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    operations=st.lists(
+        st.tuples(
+            st.sampled_from(["new", "prefill", "decode", "finish", "abort", "evict"]),
+            st.integers(0, 2**16),
+        ),
+        min_size=5,
+        max_size=30,
+    ),
+    guard_bits=st.sampled_from([8, 16]),
+)
+def test_random_lifecycles_keep_every_invariant(operations, guard_bits):
+    raw = {**SMALL_CONFIG, "quantization": {**SMALL_CONFIG["quantization"], "guard_bits": guard_bits}}
+    sim = Simulator(logical_tokens=1500, config=config_from_dict(raw))
+    prefixes = [prompt(40, start=10), prompt(40, start=20_000)]
+    for op, draw in operations:
+        running = [r for r in sim.live if r.prompt_done and r.outputs < r.max_new_tokens]
+        prefilling = [r for r in sim.live if not r.prompt_done]
+        if op == "new" and len(sim.live) < sim.max_requests - 1:
+            # Shared prefixes make the radix tree share compressed (and staged) tokens.
+            length = 5 + draw % 90
+            tokens = (prefixes[draw % 2] + prompt(length, start=30_000 + draw))[: 10 + length]
+            request = sim.new_request(tokens, max_new_tokens=1 + draw % 5, chunk_size=8 + draw % 50)
+            sim.admit(request)
+        elif op == "prefill" and prefilling:
+            sim.prefill_chunk(prefilling[draw % len(prefilling)])
+        elif op == "decode" and running:
+            sim.decode_step(running[: 1 + draw % len(running)])
+        elif op in ("finish", "abort") and sim.live:
+            sim.finish(sim.live[draw % len(sim.live)])
+        elif op == "evict":
+            sim.tree.evict(EvictParams(num_tokens=draw % 200))
+        sim.check()
+    for request in list(sim.live):
+        sim.finish(request)
+        sim.check()
+    sim.evict_all()
+    assert_fully_free(sim)
+
+
+def test_admission_budget_counts_rows_that_eviction_can_really_free():
+    """SGLang's PrefillAdder budgets `available + evictable` logical tokens; with a tree of
+    compressed prompts that over-promises. After the plugin's correction, the budget can
+    always be met by evicting the tree."""
+    from sglang.srt.managers.schedule_policy import PrefillAdder
+    from sglang.srt.mem_cache import common
+
+    from sglang_kvc.patches import scheduler as hooks
+
+    sim = Simulator(logical_tokens=2048)
+    for i in range(6):
+        request = sim.new_request(prompt(150, start=1000 * (i + 1)), max_new_tokens=2)
+        assert sim.admit(request)
+        run_to_completion(sim, request)
+        sim.finish(request)
+
+    def new_adder():
+        return PrefillAdder(1, sim.tree, sim.allocator, None, 0.7, rem_input_tokens=4096, rem_chunk_tokens=None)
+
+    stock_budget = new_adder().rem_total_tokens
+    adder = new_adder()
+    hooks.admission_in_rows(None, adder)
+    budget = adder.rem_total_tokens
+    assert budget < stock_budget
+    hooks.evict_until_rows_free(common.evict_from_tree_cache, sim.tree, budget)
+    assert sim.allocator.available_size() >= budget
+    # ...and the stock budget could not have been met even with the whole tree evicted.
+    assert sim.tree.evictable_size() == 0
+    assert sim.allocator.available_size() < stock_budget
+    sim.check()
