@@ -75,6 +75,7 @@ def budget_to_planned_tokens(original, self, budget_bytes, *, cap_tokens=None):
     if active_config() is None:
         return original(self, budget_bytes, cap_tokens=cap_tokens)
     planned = plan_for_configurator(self).sizes_for_budget(budget_bytes).logical_tokens
+    logger.info("kv-compress: KV budget %d bytes holds %d logical tokens (planner)", budget_bytes, planned)
     return original(self, budget_bytes, cap_tokens=planned if cap_tokens is None else min(cap_tokens, planned))
 
 
