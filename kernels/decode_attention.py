@@ -1,0 +1,746 @@
+"""Decode attention straight from the tiered pool: packed codes are dequantized in
+registers, never written back to global memory as bf16.
+
+Inputs, per layer:
+  * per request a list of entries (tier, row), CSR-style: request b owns entries
+    `entries_indptr[b] : entries_indptr[b + 1]`; `decode_entries` builds the lists from
+    the pool's location map and SGLang's `req_to_token` (held tokens only, grouped by
+    tier: staging, then low-bit, then guard, each in position order);
+  * the layer's tables: staging (bf16 DenseStore), low-bit (PackedStore, K and V formats
+    may differ) and guard (bf16 DenseStore, or an 8-bit PackedStore);
+  * queries [B, Hq, D], already rotated like the stored keys.
+Decode needs no positions: every stored token precedes the query.
+
+Split-K flash decoding, two launches:
+  1. `_decode_split_kernel`, grid (request, kv_head, split). A split owns a contiguous
+     run of whole BLOCK_N-entry blocks of its request. Per block it loads the entries'
+     tier and row, loads each row's K for its KV head from the entry's tier (dense bf16,
+     or codes + fp16 (scale, minimum) dequantized in registers; every tier under its own
+     mask), computes the logits of all query heads of the GQA group at once (the group
+     padded to BLOCK_G >= 16 rows for tl.dot, padding rows masked), updates the online
+     softmax, and only then loads V the same way and accumulates. It writes the split's
+     normalized output and its log-sum-exp (base 2).
+  2. `_merge_splits_kernel`, grid (request, q_head): log-sum-exp weighted sum of splits.
+Empty splits (and requests with no entries) carry lse = -inf and weight 0; a request
+with no entries gets an output of 0. Design notes, bytes per token and versions:
+docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang_kvc.quant import PackedFormat
+
+# Location encoding of sglang_kvc.pool (`location = row << TIER_BITS | tier`), mirrored
+# here so that importing the kernels does not import SGLang; a test checks they agree.
+TIER_BITS = 3
+TIER_EMPTY, TIER_STAGING, TIER_LOWBIT, TIER_GUARD, TIER_EVICTED = 0, 1, 2, 3, 4
+HELD_TIERS = (TIER_STAGING, TIER_LOWBIT, TIER_GUARD)  # entry order within a request
+
+_TIER_MASK = tl.constexpr((1 << TIER_BITS) - 1)
+_TIER_BITS = tl.constexpr(TIER_BITS)
+_STAGING = tl.constexpr(TIER_STAGING)
+_LOWBIT = tl.constexpr(TIER_LOWBIT)
+_GUARD = tl.constexpr(TIER_GUARD)
+
+_LOG2_E = 1.4426950408889634
+
+
+# ---- layer tables ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DenseTables:
+    """One layer of a DenseStore: bf16 K and V, [rows, kv_heads, head_dim] each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def of(cls, store, layer: int) -> "DenseTables":
+        return cls(store.k[layer], store.v[layer])
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[-1]
+
+
+@dataclass(frozen=True)
+class PackedTables:
+    """One layer of a PackedStore: codes [rows, kv_heads, words] int32 and
+    (scale, minimum) [rows, kv_heads, groups, 2] fp16, for K and for V."""
+
+    k_codes: torch.Tensor
+    k_scale_min: torch.Tensor
+    v_codes: torch.Tensor
+    v_scale_min: torch.Tensor
+    key_format: PackedFormat
+    value_format: PackedFormat
+
+    @classmethod
+    def of(cls, store, layer: int) -> "PackedTables":
+        return cls(
+            store.k_codes[layer],
+            store.k_scale_min[layer],
+            store.v_codes[layer],
+            store.v_scale_min[layer],
+            store.key_format,
+            store.value_format,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.key_format.head_dim
+
+
+def layer_tables(pool, layer: int) -> tuple[DenseTables, PackedTables, DenseTables | PackedTables]:
+    """(staging, low-bit, guard) tables of one layer of a CompressedKVPool."""
+    guard = pool.guard
+    guard_tables = DenseTables.of(guard, layer) if hasattr(guard, "k") else PackedTables.of(guard, layer)
+    return DenseTables.of(pool.staging, layer), PackedTables.of(pool.lowbit, layer), guard_tables
+
+
+# ---- entry lists -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DecodeEntries:
+    """Request b's held tokens are entries `indptr[b] : indptr[b + 1]` of `tier`/`row`
+    (grouped by tier: staging, low-bit, guard; position order within a tier). The
+    arrays have `capacity` slots; those past `indptr[-1]` are unspecified."""
+
+    indptr: torch.Tensor  # [B + 1] int32
+    tier: torch.Tensor  # [capacity] int8
+    row: torch.Tensor  # [capacity] int32
+
+
+def _entry_shapes(req_pool_indices, seq_lens, max_seq_len, max_entries) -> tuple[int, int]:
+    batch = req_pool_indices.numel()
+    if max_seq_len is None:  # a device sync; SGLang knows it on the host (seq_lens_cpu)
+        max_seq_len = int(seq_lens.max()) if batch else 0
+    if max_entries is None:
+        max_entries = batch * max_seq_len
+    return max_seq_len, max_entries
+
+
+def decode_entries_torch(
+    location: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_seq_len: int | None = None,
+    max_entries: int | None = None,
+) -> DecodeEntries:
+    """Entry lists of a decode batch in one vectorized torch pass (no loop over requests,
+    no device sync when `max_seq_len` is given).
+
+    location: [tokens + 1] int32, one layer of `pool.location`; req_to_token: SGLang's
+    [max_reqs, max_context] table; seq_lens: [B]. `max_entries` bounds the total entry
+    count (sum(seq_lens), SGLang's `seq_lens_sum`, is tight); default B * max_seq_len."""
+    device = location.device
+    batch = req_pool_indices.numel()
+    max_seq_len, max_entries = _entry_shapes(req_pool_indices, seq_lens, max_seq_len, max_entries)
+    positions = torch.arange(max_seq_len, device=device)
+    in_sequence = positions[None, :] < seq_lens.to(device)[:, None]  # [B, L]
+    tokens = req_to_token[req_pool_indices.to(torch.int64)[:, None], positions[None, :]]
+    tokens = torch.where(in_sequence, tokens.to(torch.int64), 0)
+    locations = location[tokens]
+    tiers = locations & ((1 << TIER_BITS) - 1)
+    rows = locations >> TIER_BITS
+
+    held_tiers = torch.tensor(HELD_TIERS, device=device, dtype=tiers.dtype)
+    in_tier = (in_sequence[..., None] & (tiers[..., None] == held_tiers)).to(torch.int32)  # [B, L, 3]
+    rank_in_tier = in_tier.cumsum(1) - in_tier  # exclusive: keeps position order
+    tier_counts = in_tier.sum(1)  # [B, 3]
+    indptr = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    indptr[1:] = tier_counts.sum(1).cumsum(0)
+    tier_start = indptr[:-1, None] + tier_counts.cumsum(1) - tier_counts  # [B, 3]
+    # One-hot select of the entry's own tier; tokens held nowhere go to a dummy slot.
+    destination = ((tier_start[:, None, :] + rank_in_tier) * in_tier).sum(-1)
+    destination = torch.where(in_tier.sum(-1) > 0, destination, max_entries).view(-1)
+
+    entry_tier = torch.zeros(max_entries + 1, dtype=torch.int8, device=device)
+    entry_row = torch.zeros(max_entries + 1, dtype=torch.int32, device=device)
+    entry_tier[destination] = tiers.view(-1).to(torch.int8)
+    entry_row[destination] = rows.view(-1).to(torch.int32)
+    return DecodeEntries(indptr, entry_tier[:max_entries], entry_row[:max_entries])
+
+
+@triton.jit
+def _count_held_kernel(
+    location_ptr,
+    req_to_token_ptr,
+    req_pool_indices_ptr,
+    seq_lens_ptr,
+    block_counts_ptr,  # [B, num_blocks, 3] int32: held tokens per tier in each block
+    stride_req_to_token,
+    num_blocks,
+    BLOCK: tl.constexpr,
+):
+    request = tl.program_id(0)
+    block = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + request)
+    req_slot = tl.load(req_pool_indices_ptr + request).to(tl.int64)
+    positions = block * BLOCK + tl.arange(0, BLOCK)
+    in_sequence = positions < seq_len
+    tokens = tl.load(req_to_token_ptr + req_slot * stride_req_to_token + positions, mask=in_sequence, other=0)
+    tiers = tl.load(location_ptr + tokens.to(tl.int64), mask=in_sequence, other=0) & _TIER_MASK
+    offs_tier = tl.arange(0, 4)  # the three held tiers, padded to a power of two
+    in_tier = in_sequence[:, None] & (tiers[:, None] == (offs_tier + _STAGING)[None, :])
+    counts = tl.sum(in_tier.to(tl.int32), axis=0)
+    tl.store(block_counts_ptr + (request * num_blocks + block) * 3 + offs_tier, counts, mask=offs_tier < 3)
+
+
+@triton.jit
+def _scatter_entries_kernel(
+    location_ptr,
+    req_to_token_ptr,
+    req_pool_indices_ptr,
+    seq_lens_ptr,
+    block_offsets_ptr,  # [B, num_blocks, 3] int32: first entry of each (block, tier)
+    entry_tier_ptr,
+    entry_row_ptr,
+    stride_req_to_token,
+    num_blocks,
+    BLOCK: tl.constexpr,
+):
+    request = tl.program_id(0)
+    block = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + request)
+    req_slot = tl.load(req_pool_indices_ptr + request).to(tl.int64)
+    positions = block * BLOCK + tl.arange(0, BLOCK)
+    in_sequence = positions < seq_len
+    tokens = tl.load(req_to_token_ptr + req_slot * stride_req_to_token + positions, mask=in_sequence, other=0)
+    locations = tl.load(location_ptr + tokens.to(tl.int64), mask=in_sequence, other=0)
+    tiers = locations & _TIER_MASK
+    rows = locations >> _TIER_BITS
+    for tier_index in tl.static_range(3):
+        tier = tier_index + _STAGING
+        selected = (in_sequence & (tiers == tier)).to(tl.int32)
+        rank = tl.cumsum(selected, axis=0) - selected  # exclusive: keeps position order
+        first = tl.load(block_offsets_ptr + (request * num_blocks + block) * 3 + tier_index)
+        destination = first + rank
+        tl.store(entry_tier_ptr + destination, tiers.to(tl.int8), mask=selected > 0)
+        tl.store(entry_row_ptr + destination, rows, mask=selected > 0)
+
+
+def decode_entries(
+    location: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_seq_len: int | None = None,
+    max_entries: int | None = None,
+    block: int = 1024,
+) -> DecodeEntries:
+    """Same lists as `decode_entries_torch`, built by two Triton launches over
+    (request, block of positions): count held tokens per tier, then scatter them. Each
+    pass reads req_to_token and location once (8 bytes per logical token); the glue
+    between them works on [B, blocks, 3] counts only."""
+    device = location.device
+    batch = req_pool_indices.numel()
+    max_seq_len, max_entries = _entry_shapes(req_pool_indices, seq_lens, max_seq_len, max_entries)
+    indptr = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    entry_tier = torch.zeros(max_entries, dtype=torch.int8, device=device)
+    entry_row = torch.zeros(max_entries, dtype=torch.int32, device=device)
+    num_blocks = triton.cdiv(max_seq_len, block)
+    if batch == 0 or num_blocks == 0:
+        return DecodeEntries(indptr, entry_tier, entry_row)
+    if req_to_token.stride(-1) != 1:
+        raise ValueError("req_to_token rows must be contiguous")
+    seq_lens = seq_lens.to(device=device, dtype=torch.int32)
+    req_pool_indices = req_pool_indices.to(device)
+    block_counts = torch.empty((batch, num_blocks, 3), dtype=torch.int32, device=device)
+    grid = (batch, num_blocks)
+    _count_held_kernel[grid](
+        location, req_to_token, req_pool_indices, seq_lens, block_counts,
+        req_to_token.stride(0), num_blocks, BLOCK=block,
+    )
+    tier_counts = block_counts.sum(1)  # [B, 3]
+    indptr[1:] = tier_counts.sum(1).cumsum(0)
+    tier_start = indptr[:-1, None] + tier_counts.cumsum(1) - tier_counts
+    block_offsets = (tier_start[:, None, :] + block_counts.cumsum(1) - block_counts).to(torch.int32)
+    _scatter_entries_kernel[grid](
+        location, req_to_token, req_pool_indices, seq_lens, block_offsets.contiguous(),
+        entry_tier, entry_row, req_to_token.stride(0), num_blocks, BLOCK=block,
+    )
+    return DecodeEntries(indptr, entry_tier, entry_row)
+
+
+# ---- attention kernels ---------------------------------------------------------------------------
+@triton.jit
+def _load_dense_tile(table_ptr, rows, kv_head, stride_row, stride_head, in_tier, dims, dim_mask):
+    """[BLOCK_N, BLOCK_D] fp32 of bf16 rows; 0 where the entry is not in this tier."""
+    ptrs = table_ptr + rows[:, None] * stride_row + kv_head * stride_head + dims[None, :]
+    return tl.load(ptrs, mask=in_tier[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_packed_tile(
+    codes_ptr,
+    pairs_ptr,  # the fp16 (scale, minimum) pairs, viewed as one int32 each
+    rows,
+    kv_head,
+    stride_codes_row,
+    stride_codes_head,
+    stride_pairs_row,
+    stride_pairs_head,
+    in_tier,
+    dims,
+    dim_mask,
+    HEAD_DIM: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """[BLOCK_N, BLOCK_D] fp32 dequantized rows (code * scale + minimum, as quant.dequantize);
+    0 where the entry is not in this tier."""
+    CODES_PER_WORD: tl.constexpr = 32 // BITS
+    MAX_CODE: tl.constexpr = (1 << BITS) - 1
+    row_mask = in_tier[:, None]
+    if BITS != 3:
+        # 2/4/8 bits: a power-of-two number of codes per word, so the row's words
+        # [BLOCK_N, BLOCK_D / CODES_PER_WORD] load as one contiguous run and unpack in
+        # registers: [n, word, slot] -> dim word * CODES_PER_WORD + slot is a reshape.
+        WORDS: tl.constexpr = (HEAD_DIM + CODES_PER_WORD - 1) // CODES_PER_WORD
+        BLOCK_WORDS: tl.constexpr = BLOCK_D // CODES_PER_WORD
+        offs_word = tl.arange(0, BLOCK_WORDS)
+        word_ptrs = codes_ptr + rows[:, None] * stride_codes_row + kv_head * stride_codes_head + offs_word[None, :]
+        words = tl.load(word_ptrs, mask=row_mask & (offs_word < WORDS)[None, :], other=0)
+        shifts = tl.arange(0, CODES_PER_WORD) * BITS
+        # Arithmetic shift of the signed word is fine: the mask drops the sign bits.
+        codes = (words[:, :, None] >> shifts[None, None, :]) & MAX_CODE
+        codes = tl.reshape(codes, [BLOCK_N, BLOCK_D])
+
+        GROUPS: tl.constexpr = HEAD_DIM // GROUP_SIZE
+        BLOCK_GROUPS: tl.constexpr = BLOCK_D // GROUP_SIZE
+        offs_group = tl.arange(0, BLOCK_GROUPS)
+        pair_ptrs = pairs_ptr + rows[:, None] * stride_pairs_row + kv_head * stride_pairs_head + offs_group[None, :]
+        pairs = tl.load(pair_ptrs, mask=row_mask & (offs_group < GROUPS)[None, :], other=0)
+        pairs = tl.reshape(tl.broadcast_to(pairs[:, :, None], [BLOCK_N, BLOCK_GROUPS, GROUP_SIZE]),
+                           [BLOCK_N, BLOCK_D])
+    else:
+        # 3 bits: 10 codes per word, so words straddle groups and dims do not map to
+        # (word, slot) by a reshape. Every lane loads its own word and its group's pair;
+        # lanes of one word or group load one address, which the cache serves once.
+        mask = row_mask & dim_mask[None, :]
+        word_ptrs = codes_ptr + rows[:, None] * stride_codes_row + kv_head * stride_codes_head
+        words = tl.load(word_ptrs + (dims // CODES_PER_WORD)[None, :], mask=mask, other=0)
+        codes = (words >> ((dims % CODES_PER_WORD) * BITS)[None, :]) & MAX_CODE
+        pair_ptrs = pairs_ptr + rows[:, None] * stride_pairs_row + kv_head * stride_pairs_head
+        pairs = tl.load(pair_ptrs + (dims // GROUP_SIZE)[None, :], mask=mask, other=0)
+    # Little-endian: the scale is the low half of the pair, the minimum the high half.
+    scale = pairs.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    minimum = (pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return codes.to(tl.float32) * scale + minimum
+
+
+@triton.jit
+def _load_tile(
+    rows,
+    kv_head,
+    is_staging,
+    is_lowbit,
+    is_guard,
+    dims,
+    dim_mask,
+    staging_ptr,
+    stride_staging_row,
+    stride_staging_head,
+    lowbit_codes_ptr,
+    lowbit_pairs_ptr,
+    stride_lowbit_row,
+    stride_lowbit_head,
+    stride_lowbit_pairs_row,
+    stride_lowbit_pairs_head,
+    guard_ptr,  # bf16 rows, or codes when GUARD_PACKED
+    guard_pairs_ptr,
+    stride_guard_row,
+    stride_guard_head,
+    stride_guard_pairs_row,
+    stride_guard_pairs_head,
+    LOWBIT_BITS: tl.constexpr,
+    LOWBIT_GROUP_SIZE: tl.constexpr,
+    GUARD_PACKED: tl.constexpr,
+    GUARD_BITS: tl.constexpr,
+    GUARD_GROUP_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The K (or V) rows of one block of entries, each read from its own tier, as fp32
+    [BLOCK_N, BLOCK_D]; 0 for entries in no held tier.
+
+    Every tier is loaded under its mask, without branching on which tiers the block
+    holds: masked-off lanes read no memory, and branch-free loads are what the compiler
+    software-pipelines (cp.async) across iterations of the block loop. (With per-tier
+    `if`s the loads sat in branches, were not pipelined, and the kernel needed ~245
+    registers against ~180: docs/kernels.md, Versions.)"""
+    tile = _load_dense_tile(staging_ptr, rows, kv_head, stride_staging_row, stride_staging_head,
+                            is_staging, dims, dim_mask)
+    tile += _load_packed_tile(lowbit_codes_ptr, lowbit_pairs_ptr, rows, kv_head,
+                              stride_lowbit_row, stride_lowbit_head, stride_lowbit_pairs_row,
+                              stride_lowbit_pairs_head, is_lowbit, dims, dim_mask,
+                              HEAD_DIM, LOWBIT_BITS, LOWBIT_GROUP_SIZE, BLOCK_N, BLOCK_D)
+    if GUARD_PACKED:
+        tile += _load_packed_tile(guard_ptr, guard_pairs_ptr, rows, kv_head,
+                                  stride_guard_row, stride_guard_head, stride_guard_pairs_row,
+                                  stride_guard_pairs_head, is_guard, dims, dim_mask,
+                                  HEAD_DIM, GUARD_BITS, GUARD_GROUP_SIZE, BLOCK_N, BLOCK_D)
+    else:
+        tile += _load_dense_tile(guard_ptr, rows, kv_head, stride_guard_row, stride_guard_head,
+                                 is_guard, dims, dim_mask)
+    return tile
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """fp32 a @ b with fp32 accumulation. "fp16": operands rounded to fp16 (the precision
+    of tf32 at half the registers; needs |values| < 65504, which the fp16 scales of the
+    packed tiers assume anyway); "tf32" / "ieee": tl.dot's input_precision."""
+    if PRECISION == "fp16":
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # [B, Hq, D]
+    entries_indptr_ptr,  # [B + 1]
+    entry_tier_ptr,  # [E]
+    entry_row_ptr,  # [E]
+    staging_k_ptr,  # [rows, Hkv, D] bf16 (V has the same strides)
+    staging_v_ptr,
+    lowbit_k_codes_ptr,  # [rows, Hkv, words] int32
+    lowbit_k_pairs_ptr,  # [rows, Hkv, groups] int32 view of the fp16 (scale, minimum) pairs
+    lowbit_v_codes_ptr,
+    lowbit_v_pairs_ptr,
+    guard_k_ptr,  # dense: [rows, Hkv, D] bf16; packed: codes (K and V share one format)
+    guard_k_pairs_ptr,  # packed guard only
+    guard_v_ptr,
+    guard_v_pairs_ptr,
+    partial_out_ptr,  # [B, Hq, NUM_SPLITS, D] fp32
+    partial_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32, base 2
+    qk_scale,  # scaling * log2(e): logits are kept in base 2 (exp2)
+    stride_q_batch,
+    stride_q_head,
+    stride_staging_row,
+    stride_staging_head,
+    stride_lk_row,
+    stride_lk_head,
+    stride_lk_pairs_row,
+    stride_lk_pairs_head,
+    stride_lv_row,
+    stride_lv_head,
+    stride_lv_pairs_row,
+    stride_lv_pairs_head,
+    stride_guard_row,
+    stride_guard_head,
+    stride_guard_pairs_row,
+    stride_guard_pairs_head,
+    stride_po_batch,
+    stride_po_head,
+    stride_po_split,
+    stride_pl_batch,
+    stride_pl_head,
+    QUERY_GROUP: tl.constexpr,  # query heads per KV head
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    KEY_GROUP_SIZE: tl.constexpr,
+    VALUE_BITS: tl.constexpr,
+    VALUE_GROUP_SIZE: tl.constexpr,
+    GUARD_PACKED: tl.constexpr,
+    GUARD_BITS: tl.constexpr,
+    GUARD_GROUP_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    request = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    entries_start = tl.load(entries_indptr_ptr + request)
+    entries_end = tl.load(entries_indptr_ptr + request + 1)
+    # A split owns whole blocks of the request's entries; trailing splits may be empty.
+    entries_per_split = tl.cdiv(tl.cdiv(entries_end - entries_start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_start = entries_start + split * entries_per_split
+    split_end = tl.minimum(split_start + entries_per_split, entries_end)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    group_mask = offs_g < QUERY_GROUP
+    dim_mask = offs_d < HEAD_DIM
+    q_heads = kv_head * QUERY_GROUP + offs_g
+    q_ptrs = q_ptr + request.to(tl.int64) * stride_q_batch + q_heads[:, None] * stride_q_head + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=group_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)  # running max (base 2)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp2(logit - m_i)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+
+    for block_start in range(split_start, split_end, BLOCK_N):
+        entries = block_start + offs_n
+        entry_mask = entries < split_end
+        tiers = tl.load(entry_tier_ptr + entries, mask=entry_mask, other=0)
+        rows = tl.load(entry_row_ptr + entries, mask=entry_mask, other=0).to(tl.int64)
+        is_staging = entry_mask & (tiers == _STAGING)
+        is_lowbit = entry_mask & (tiers == _LOWBIT)
+        is_guard = entry_mask & (tiers == _GUARD)
+        # Tiers other than these (EMPTY, EVICTED) hold nothing: masked like padding.
+        held = is_staging | is_lowbit | is_guard
+
+        # -- logits of every query head of the group against the block's keys
+        k = _load_tile(rows, kv_head, is_staging, is_lowbit, is_guard, offs_d, dim_mask,
+                       staging_k_ptr, stride_staging_row, stride_staging_head,
+                       lowbit_k_codes_ptr, lowbit_k_pairs_ptr, stride_lk_row, stride_lk_head,
+                       stride_lk_pairs_row, stride_lk_pairs_head,
+                       guard_k_ptr, guard_k_pairs_ptr, stride_guard_row, stride_guard_head,
+                       stride_guard_pairs_row, stride_guard_pairs_head,
+                       KEY_BITS, KEY_GROUP_SIZE, GUARD_PACKED, GUARD_BITS, GUARD_GROUP_SIZE,
+                       HEAD_DIM, BLOCK_N, BLOCK_D)
+        logits = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
+        logits = tl.where(held[None, :], logits, float("-inf"))
+
+        # -- online softmax
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        # While nothing is held yet m_new is -inf: shift by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(logits - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+
+        # -- values, loaded after the softmax so K and V tiles need not be live together
+        v = _load_tile(rows, kv_head, is_staging, is_lowbit, is_guard, offs_d, dim_mask,
+                       staging_v_ptr, stride_staging_row, stride_staging_head,
+                       lowbit_v_codes_ptr, lowbit_v_pairs_ptr, stride_lv_row, stride_lv_head,
+                       stride_lv_pairs_row, stride_lv_pairs_head,
+                       guard_v_ptr, guard_v_pairs_ptr, stride_guard_row, stride_guard_head,
+                       stride_guard_pairs_row, stride_guard_pairs_head,
+                       VALUE_BITS, VALUE_GROUP_SIZE, GUARD_PACKED, GUARD_BITS, GUARD_GROUP_SIZE,
+                       HEAD_DIM, BLOCK_N, BLOCK_D)
+        acc = acc * alpha[:, None] + _dot(p, v, DOT_PRECISION)
+        m_i = m_new
+
+    has_entries = l_i > 0
+    safe_l = tl.where(has_entries, l_i, 1.0)
+    out = acc / safe_l[:, None]
+    lse = tl.where(has_entries, m_i + tl.math.log2(safe_l), float("-inf"))
+    out_ptrs = (
+        partial_out_ptr
+        + request.to(tl.int64) * stride_po_batch
+        + q_heads[:, None] * stride_po_head
+        + split * stride_po_split
+        + offs_d[None, :]
+    )
+    tl.store(out_ptrs, out, mask=group_mask[:, None] & dim_mask[None, :])
+    lse_ptrs = partial_lse_ptr + request.to(tl.int64) * stride_pl_batch + q_heads * stride_pl_head + split
+    tl.store(lse_ptrs, lse, mask=group_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    partial_out_ptr,  # [B, Hq, NUM_SPLITS, D] fp32
+    partial_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32, base 2
+    out_ptr,  # [B, Hq, D] fp32
+    stride_po_batch,
+    stride_po_head,
+    stride_po_split,
+    stride_pl_batch,
+    stride_pl_head,
+    stride_out_batch,
+    stride_out_head,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    request = tl.program_id(0).to(tl.int64)
+    q_head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    split_mask = offs_s < NUM_SPLITS
+    dim_mask = offs_d < HEAD_DIM
+
+    lse = tl.load(partial_lse_ptr + request * stride_pl_batch + q_head * stride_pl_head + offs_s,
+                  mask=split_mask, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    # A request without entries has only -inf: every weight is then 0 and the output 0.
+    lse_shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weights = tl.math.exp2(lse - lse_shift)
+    partial_ptrs = (
+        partial_out_ptr
+        + request * stride_po_batch
+        + q_head * stride_po_head
+        + offs_s[:, None] * stride_po_split
+        + offs_d[None, :]
+    )
+    partial = tl.load(partial_ptrs, mask=split_mask[:, None] & dim_mask[None, :], other=0.0)
+    total = tl.sum(weights, axis=0)
+    out = tl.sum(weights[:, None] * partial, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + request * stride_out_batch + q_head * stride_out_head + offs_d, out, mask=dim_mask)
+
+
+def _packed_args(codes: torch.Tensor, scale_min: torch.Tensor) -> tuple[tuple, tuple]:
+    """(codes, pairs as int32) and their (row, head) strides; `pairs` views each fp16
+    (scale, minimum) pair as one int32 so that the kernel reads both with one load."""
+    if codes.stride(-1) != 1 or scale_min.stride(-1) != 1 or scale_min.stride(-2) != 2:
+        raise ValueError("packed tables need contiguous words and (scale, minimum) pairs")
+    pairs = scale_min.view(torch.int32).squeeze(-1)  # [rows, heads, groups]
+    return (codes, pairs), (codes.stride(0), codes.stride(1), pairs.stride(0), pairs.stride(1))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    entries_indptr: torch.Tensor,
+    entry_tier: torch.Tensor,
+    entry_row: torch.Tensor,
+    staging: DenseTables,
+    lowbit: PackedTables,
+    guard: DenseTables | PackedTables,
+    scaling: float,
+    num_splits: int = 4,
+    *,
+    out: torch.Tensor | None = None,
+    block_n: int = 16,
+    dot_precision: str = "tf32",
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """Attention of one decode query per request over its entries -> fp32 [B, Hq, D].
+
+    q: [B, Hq, D] (rotated like the keys); entries as `DecodeEntries` (CSR over requests;
+    entries of EMPTY / EVICTED tier are tolerated and skipped); `scaling` multiplies
+    q . k. `out` (fp32 [B, Hq, D]) is written in full if given. `dot_precision`: how the
+    two tl.dot take their fp32 operands on the GPU: "tf32" (default), "fp16" (same
+    mantissa, fewer registers, fp16 range) or "ieee" (exact fp32, slow). The interpreter
+    computes "tf32" and "ieee" in full fp32."""
+    if dot_precision not in ("tf32", "fp16", "ieee"):
+        raise ValueError(f"dot_precision must be tf32, fp16 or ieee, got {dot_precision!r}")
+    batch, q_heads, head_dim = q.shape
+    kv_heads = staging.k.shape[1]
+    if q_heads % kv_heads:
+        raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} KV heads")
+    for name, tables in (("staging", staging), ("lowbit", lowbit), ("guard", guard)):
+        if tables.head_dim != head_dim:
+            raise ValueError(f"{name} head_dim {tables.head_dim} != query head_dim {head_dim}")
+    if entries_indptr.shape != (batch + 1,) or entry_tier.shape != entry_row.shape:
+        raise ValueError("entries_indptr must be [B + 1] and entry_tier / entry_row alike")
+    if q.stride(-1) != 1 or staging.k.stride() != staging.v.stride() or staging.k.stride(-1) != 1:
+        raise ValueError("q and the staging K/V tables need a contiguous last dimension and equal strides")
+    if out is None:
+        out = torch.empty((batch, q_heads, head_dim), dtype=torch.float32, device=q.device)
+    elif out.shape != (batch, q_heads, head_dim) or out.dtype != torch.float32 or out.stride(-1) != 1:
+        raise ValueError(f"out must be fp32 [{batch}, {q_heads}, {head_dim}] with a contiguous last dim")
+    if batch == 0:
+        return out
+
+    lowbit_k, lowbit_k_strides = _packed_args(lowbit.k_codes, lowbit.k_scale_min)
+    lowbit_v, lowbit_v_strides = _packed_args(lowbit.v_codes, lowbit.v_scale_min)
+    guard_packed = isinstance(guard, PackedTables)
+    if guard_packed:
+        if guard.key_format != guard.value_format:
+            raise ValueError("a packed guard tier uses one format for K and V")
+        guard_k, guard_strides = _packed_args(guard.k_codes, guard.k_scale_min)
+        guard_v, guard_v_strides = _packed_args(guard.v_codes, guard.v_scale_min)
+        if guard_strides != guard_v_strides:
+            raise ValueError("packed guard K and V tables must have equal strides")
+        guard_bits, guard_group_size = guard.key_format.bits, guard.key_format.group_size
+    else:
+        if guard.k.stride() != guard.v.stride() or guard.k.stride(-1) != 1:
+            raise ValueError("dense guard K and V tables need equal strides, contiguous last dim")
+        guard_k, guard_v = (guard.k, guard.k), (guard.v, guard.v)  # no pair tables: placeholders
+        guard_strides = (guard.k.stride(0), guard.k.stride(1), 0, 0)
+        guard_bits, guard_group_size = 16, head_dim
+
+    query_group = q_heads // kv_heads
+    partial_out = torch.empty((batch, q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty((batch, q_heads, num_splits), dtype=torch.float32, device=q.device)
+    block_d = triton.next_power_of_2(head_dim)
+    _decode_split_kernel[(batch, kv_heads, num_splits)](
+        q,
+        entries_indptr,
+        entry_tier,
+        entry_row,
+        staging.k,
+        staging.v,
+        *lowbit_k,
+        *lowbit_v,
+        *guard_k,
+        *guard_v,
+        partial_out,
+        partial_lse,
+        scaling * _LOG2_E,
+        q.stride(0),
+        q.stride(1),
+        staging.k.stride(0),
+        staging.k.stride(1),
+        *lowbit_k_strides,
+        *lowbit_v_strides,
+        *guard_strides,
+        partial_out.stride(0),
+        partial_out.stride(1),
+        partial_out.stride(2),
+        partial_lse.stride(0),
+        partial_lse.stride(1),
+        QUERY_GROUP=query_group,
+        HEAD_DIM=head_dim,
+        NUM_SPLITS=num_splits,
+        KEY_BITS=lowbit.key_format.bits,
+        KEY_GROUP_SIZE=lowbit.key_format.group_size,
+        VALUE_BITS=lowbit.value_format.bits,
+        VALUE_GROUP_SIZE=lowbit.value_format.group_size,
+        GUARD_PACKED=guard_packed,
+        GUARD_BITS=guard_bits,
+        GUARD_GROUP_SIZE=guard_group_size,
+        BLOCK_G=max(16, triton.next_power_of_2(query_group)),  # tl.dot needs >= 16 rows
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        DOT_PRECISION=dot_precision,
+        num_warps=num_warps,
+    )
+    _merge_splits_kernel[(batch, q_heads)](
+        partial_out,
+        partial_lse,
+        out,
+        partial_out.stride(0),
+        partial_out.stride(1),
+        partial_out.stride(2),
+        partial_lse.stride(0),
+        partial_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        NUM_SPLITS=num_splits,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        BLOCK_D=block_d,
+        num_warps=1,
+    )
+    return out
+
+
+def decode_attention_for_pool(
+    pool,
+    layer: int,
+    q: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scaling: float,
+    num_splits: int = 4,
+    max_seq_len: int | None = None,
+    max_entries: int | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Entries of one layer of a CompressedKVPool (`decode_entries`) + `decode_attention`.
+    `layer` is the pool-local layer index; q must already be rotated (pool.rotate)."""
+    entries = decode_entries(pool.location[layer], req_to_token, req_pool_indices, seq_lens,
+                             max_seq_len, max_entries)
+    staging, lowbit, guard = layer_tables(pool, layer)
+    return decode_attention(q, entries.indptr, entries.tier, entries.row, staging, lowbit, guard,
+                            scaling, num_splits, **kwargs)

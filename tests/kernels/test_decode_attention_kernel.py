@@ -1,0 +1,340 @@
+"""decode_attention (and the entry-list builders) against the torch reference: for each
+request, the tokens its layer holds, dequantized by the stores (as pool.gather does),
+through attention.attend.
+
+The pool here is a stand-in with the real stores and a location map (importing
+sglang_kvc.pool pulls in SGLang, ~10 s): every table row is poisoned (NaN, random codes)
+before the held rows are written, so a read of a row the layer does not hold shows up
+as NaN in the output."""
+
+from __future__ import annotations
+
+import ast
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from sglang_kvc.attention import attend
+from sglang_kvc.kernels import (
+    DenseTables,
+    PackedTables,
+    decode_attention,
+    decode_attention_for_pool,
+    decode_entries,
+    decode_entries_torch,
+    layer_tables,
+)
+from sglang_kvc.kernels.decode_attention import (
+    TIER_BITS,
+    TIER_EMPTY,
+    TIER_EVICTED,
+    TIER_GUARD,
+    TIER_LOWBIT,
+    TIER_STAGING,
+)
+from sglang_kvc.quant import PackedFormat
+from sglang_kvc.stores import DenseStore, PackedStore
+
+KV_HEADS = 2
+HEAD_DIM = 64
+NUM_TOKENS = 48  # logical token ids 1..48; id 0 is SGLang's padding slot
+MAX_REQS, MAX_CONTEXT = 8, 40
+BLOCK_N = 16  # small, so 33 entries span several blocks and splits
+# Written out (not imported from the kernels) so the reference stays independent;
+# test_tier_constants_match_pool checks the kernels' copy against pool.py.
+TIERS = {"empty": 0, "staging": 1, "lowbit": 2, "guard": 3, "evicted": 4}
+TIER_WEIGHTS = torch.tensor([0.05, 0.25, 0.3, 0.2, 0.2])  # how often each tier id 0..4 is drawn
+
+# The interpreter turns the loop's runtime bounds (numpy arrays of shape (1,)) into
+# Python ints through a conversion numpy deprecates; compiled Triton has no such step.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+@dataclass
+class FakePool:
+    """What decode_attention_for_pool / layer_tables read off a CompressedKVPool."""
+
+    location: torch.Tensor  # [layers, NUM_TOKENS + 1] int32: row << 3 | tier
+    staging: DenseStore
+    lowbit: PackedStore
+    guard: DenseStore | PackedStore
+    value_scale: float
+
+    def store(self, tier: int):
+        return {1: self.staging, 2: self.lowbit, 3: self.guard}[tier]
+
+
+def poison(store) -> None:
+    if isinstance(store, DenseStore):
+        for table in store.k + store.v:
+            table.fill_(float("nan"))
+    else:
+        for table in store.k_scale_min + store.v_scale_min:
+            table.fill_(float("nan"))
+        for table in store.k_codes + store.v_codes:
+            table.random_()
+
+
+def build_pool(gen, device, *, key_bits=3, value_bits=2, group_size=32, guard_bits=16, layers=2,
+               head_dim=HEAD_DIM) -> FakePool:
+    rows = NUM_TOKENS  # each tier can hold every token
+    staging = DenseStore([rows] * layers, KV_HEADS, head_dim, torch.bfloat16, device)
+    lowbit = PackedStore([rows] * layers, KV_HEADS, PackedFormat(key_bits, head_dim, group_size),
+                         PackedFormat(value_bits, head_dim, group_size), device)
+    if guard_bits == 16:
+        guard = DenseStore([rows] * layers, KV_HEADS, head_dim, torch.bfloat16, device)
+    else:
+        guard_format = PackedFormat(guard_bits, head_dim, group_size)
+        guard = PackedStore([rows] * layers, KV_HEADS, guard_format, guard_format, device)
+    for store in (staging, lowbit, guard):
+        poison(store)
+
+    value_offset = torch.randn(1, generator=gen, device=device).item()
+    value_scale = 0.5 + torch.rand(1, generator=gen, device=device).item() * 4
+    location = torch.zeros((layers, NUM_TOKENS + 1), dtype=torch.int32, device=device)
+    pool = FakePool(location, staging, lowbit, guard, value_scale + abs(value_offset))
+    for layer in range(layers):
+        tiers = torch.multinomial(TIER_WEIGHTS.to(device), NUM_TOKENS, replacement=True, generator=gen)
+        for tier in (1, 2, 3):
+            tokens = (tiers == tier).nonzero().squeeze(1) + 1
+            if tokens.numel() == 0:
+                continue
+            tier_rows = torch.randperm(rows, generator=gen, device=device)[: tokens.numel()] + 1
+            shape = (tokens.numel(), KV_HEADS, head_dim)
+            k = torch.randn(shape, generator=gen, device=device) * 2
+            v = torch.randn(shape, generator=gen, device=device) * value_scale + value_offset
+            pool.store(tier).write(layer, tier_rows, k, v)
+            location[layer, tokens] = ((tier_rows << 3) | tier).to(torch.int32)
+        # EVICTED carries no row; EMPTY stays 0.
+        location[layer, 1:][tiers == TIERS["evicted"]] = TIERS["evicted"]
+    return pool
+
+
+def build_batch(seq_lens, gen, device):
+    """req_to_token rows of random distinct tokens (requests may share tokens)."""
+    req_to_token = torch.zeros((MAX_REQS, MAX_CONTEXT), dtype=torch.int32, device=device)
+    req_pool_indices = torch.randperm(MAX_REQS, generator=gen, device=device)[: len(seq_lens)]
+    for slot, seq_len in zip(req_pool_indices.tolist(), seq_lens):
+        tokens = torch.randperm(NUM_TOKENS, generator=gen, device=device)[:seq_len] + 1
+        req_to_token[slot, :seq_len] = tokens.to(torch.int32)
+    return req_to_token, req_pool_indices, torch.tensor(seq_lens, dtype=torch.int64, device=device)
+
+
+def random_queries(batch, query_group, gen, device, dtype=torch.bfloat16, head_dim=HEAD_DIM):
+    return torch.randn((batch, KV_HEADS * query_group, head_dim), generator=gen, device=device).to(dtype)
+
+
+def reference_decode(pool, layer, q, req_to_token, req_pool_indices, seq_lens, scaling):
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for b, (slot, seq_len) in enumerate(zip(req_pool_indices.tolist(), seq_lens.tolist())):
+        tokens = req_to_token[slot, :seq_len].to(torch.int64)
+        locations = pool.location[layer, tokens]
+        tiers, rows = locations & 7, (locations >> 3).to(torch.int64)
+        keys, values = [], []
+        for tier in (1, 2, 3):
+            k, v = pool.store(tier).read(layer, rows[tiers == tier], torch.float32)
+            keys.append(k)
+            values.append(v)
+        k, v = torch.cat(keys), torch.cat(values)
+        positions = torch.arange(k.shape[0], device=q.device)
+        out[b] = attend(q[b : b + 1], positions[-1:] + 1, k, v, positions, scaling)[0]
+    return out
+
+
+def run_kernel(pool, layer, q, req_to_token, req_pool_indices, seq_lens, scaling, num_splits=3, **kwargs):
+    entries = decode_entries_torch(pool.location[layer], req_to_token, req_pool_indices, seq_lens)
+    staging, lowbit, guard = layer_tables(pool, layer)
+    out = torch.full(q.shape, float("nan"), dtype=torch.float32, device=q.device)
+    result = decode_attention(q, entries.indptr, entries.tier, entries.row, staging, lowbit, guard,
+                              scaling, num_splits, out=out, block_n=BLOCK_N, **kwargs)
+    assert result is out
+    return out
+
+
+# The interpreter computes tl.dot in fp32. On a GPU, tf32 (the default) and fp16 round
+# the operands to 11 significant bits: errors reach ~1e-3 of the value scale.
+TOLERANCE = 1e-3 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else 2e-3
+TOLERANCE_FP16 = 2e-3
+
+
+def check_close(out, expected, pool, tolerance=TOLERANCE):
+    assert not out.isnan().any(), "output not fully written, or a poisoned row was read"
+    torch.testing.assert_close(out, expected, atol=tolerance * pool.value_scale, rtol=0)
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_bit_widths_and_group_sizes(bits, group_size, gen, device):
+    pool = build_pool(gen, device, key_bits=bits, value_bits=bits, group_size=group_size)
+    batch = build_batch([1, 7, 33, 0], gen, device)
+    q = random_queries(4, 4, gen, device)
+    scaling = HEAD_DIM**-0.5
+    out = run_kernel(pool, 1, q, *batch, scaling)
+    check_close(out, reference_decode(pool, 1, q, *batch, scaling), pool)
+
+
+@pytest.mark.parametrize("guard_bits", [16, 8])
+@pytest.mark.parametrize("query_group", [1, 4, 7])
+def test_gqa_groups_and_guard_formats(query_group, guard_bits, gen, device):
+    """Key and value formats differ (3-bit K, 2-bit V); the guard is bf16 or 8-bit."""
+    pool = build_pool(gen, device, key_bits=3, value_bits=2, group_size=32, guard_bits=guard_bits)
+    batch = build_batch([33, 1, 7], gen, device)
+    q = random_queries(3, query_group, gen, device)
+    scaling = 0.3 * HEAD_DIM**-0.5
+    out = run_kernel(pool, 0, q, *batch, scaling)
+    check_close(out, reference_decode(pool, 0, q, *batch, scaling), pool)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 8])
+def test_split_counts(num_splits, gen, device):
+    """8 splits of 33 entries in blocks of 16: most splits are empty."""
+    pool = build_pool(gen, device, key_bits=4, value_bits=2, group_size=64)
+    batch = build_batch([33, 7, 0, 1], gen, device)
+    q = random_queries(4, 4, gen, device, dtype=torch.float32)
+    out = run_kernel(pool, 1, q, *batch, HEAD_DIM**-0.5, num_splits=num_splits)
+    check_close(out, reference_decode(pool, 1, q, *batch, HEAD_DIM**-0.5), pool)
+
+
+def test_head_dim_not_a_power_of_two(gen, device):
+    """head_dim 96: padded dims, words and groups in every tile (2-bit K unpacks by
+    reshape, 3-bit V by per-dim loads, 8-bit guard by reshape)."""
+    pool = build_pool(gen, device, key_bits=2, value_bits=3, group_size=32, guard_bits=8, head_dim=96)
+    batch = build_batch([33, 1, 7], gen, device)
+    q = random_queries(3, 4, gen, device, head_dim=96)
+    out = run_kernel(pool, 1, q, *batch, 96**-0.5)
+    check_close(out, reference_decode(pool, 1, q, *batch, 96**-0.5), pool)
+
+
+def test_fp16_dot_operands(gen, device):
+    """dot_precision="fp16" rounds q, K, p and V to fp16 (the interpreter does too)."""
+    pool = build_pool(gen, device, key_bits=4, value_bits=2, guard_bits=8)
+    batch = build_batch([33, 7, 1], gen, device)
+    q = random_queries(3, 7, gen, device)
+    out = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, dot_precision="fp16")
+    check_close(out, reference_decode(pool, 0, q, *batch, HEAD_DIM**-0.5), pool, TOLERANCE_FP16)
+
+
+def test_requests_without_held_tokens_get_zero(gen, device):
+    """seq_len 0, a request whose every token is evicted or empty, a single-token request
+    whose token is evicted, next to an ordinary and a held single-token request."""
+    pool = build_pool(gen, device)
+    layer = 1
+    tokens = torch.randperm(NUM_TOKENS, generator=gen, device=device) + 1
+    dropped, single_dropped, single_held, rest = tokens[:9], tokens[9:10], tokens[10:11], tokens[11:]
+    seq_lens = [0, 9, 1, 33, 1]
+    req_to_token, req_pool_indices, seq_lens = build_batch(seq_lens, gen, device)
+    for b, request_tokens in ((1, dropped), (2, single_dropped), (3, rest[:33]), (4, single_held)):
+        req_to_token[req_pool_indices[b], : len(request_tokens)] = request_tokens.to(torch.int32)
+    pool.location[layer, dropped] = TIERS["evicted"]
+    pool.location[layer, dropped[:3]] = TIERS["empty"]
+    pool.location[layer, single_dropped] = TIERS["evicted"]
+    held = pool.location[layer, rest][((pool.location[layer, rest] & 7) - 1).abs() <= 1]
+    pool.location[layer, single_held] = held[0]  # shares a held token's row: fine to read twice
+    q = random_queries(5, 7, gen, device)
+    out = run_kernel(pool, layer, q, req_to_token, req_pool_indices, seq_lens, HEAD_DIM**-0.5)
+    expected = reference_decode(pool, layer, q, req_to_token, req_pool_indices, seq_lens, HEAD_DIM**-0.5)
+    for b in (0, 1, 2):
+        assert torch.equal(out[b], torch.zeros_like(out[b])), f"request {b} holds no token"
+    check_close(out, expected, pool)
+
+
+def test_entries_of_other_tiers_are_skipped(gen, device):
+    """Unfiltered lists (every token, EVICTED and EMPTY included) give the same result."""
+    pool = build_pool(gen, device, guard_bits=8)
+    req_to_token, req_pool_indices, seq_lens = build_batch([33, 7, 1], gen, device)
+    layer = 0
+    tokens = [req_to_token[s, :n].to(torch.int64) for s, n in zip(req_pool_indices.tolist(), seq_lens.tolist())]
+    locations = pool.location[layer, torch.cat(tokens)]
+    indptr = torch.zeros(4, dtype=torch.int32, device=device)
+    indptr[1:] = seq_lens.cumsum(0)
+    q = random_queries(3, 4, gen, device)
+    staging, lowbit, guard = layer_tables(pool, layer)
+    out = decode_attention(q, indptr, (locations & 7).to(torch.int8), locations >> 3, staging, lowbit, guard,
+                           HEAD_DIM**-0.5, 2, block_n=BLOCK_N)
+    expected = reference_decode(pool, layer, q, req_to_token, req_pool_indices, seq_lens, HEAD_DIM**-0.5)
+    check_close(out, expected, pool)
+
+
+def test_strided_queries_and_pool_entry_point(gen, device):
+    """q as a strided view (like a slice of a fused QKV output), through
+    decode_attention_for_pool with the Triton entry builder."""
+    pool = build_pool(gen, device, key_bits=2, value_bits=3, group_size=64)
+    batch = build_batch([7, 33], gen, device)
+    fused = random_queries(2, 3 * 4, gen, device)
+    q = fused[:, 1::3]
+    assert not q.is_contiguous()
+    out = decode_attention_for_pool(pool, 1, q, *batch, HEAD_DIM**-0.5, num_splits=2, block_n=BLOCK_N)
+    check_close(out, reference_decode(pool, 1, q, *batch, HEAD_DIM**-0.5), pool)
+
+
+# ---- entry lists ----------------------------------------------------------------------------------
+def expected_entries(location, req_to_token, req_pool_indices, seq_lens):
+    """Python loop: per request, held tokens grouped by tier (1, 2, 3) in position order."""
+    per_request = []
+    for slot, seq_len in zip(req_pool_indices.tolist(), seq_lens.tolist()):
+        locations = location[req_to_token[slot, :seq_len].to(torch.int64)].tolist()
+        per_request.append([(loc & 7, loc >> 3) for tier in (1, 2, 3) for loc in locations if loc & 7 == tier])
+    return per_request
+
+
+@pytest.mark.parametrize("builder", ["torch", "triton"])
+def test_entry_builders(builder, gen, device):
+    pool = build_pool(gen, device, layers=1)
+    req_to_token, req_pool_indices, seq_lens = build_batch([33, 0, 1, 7, 20], gen, device)
+    if builder == "torch":
+        entries = decode_entries_torch(pool.location[0], req_to_token, req_pool_indices, seq_lens)
+    else:  # blocks of 8 positions: several blocks per request, counts carried across them
+        entries = decode_entries(pool.location[0], req_to_token, req_pool_indices, seq_lens,
+                                 max_seq_len=33, max_entries=int(seq_lens.sum()), block=8)
+    expected = expected_entries(pool.location[0], req_to_token, req_pool_indices, seq_lens)
+    indptr = entries.indptr.tolist()
+    assert indptr[0] == 0 and [b - a for a, b in zip(indptr, indptr[1:])] == [len(e) for e in expected]
+    for b, want in enumerate(expected):
+        span = slice(indptr[b], indptr[b + 1])
+        got = list(zip(entries.tier[span].tolist(), entries.row[span].tolist()))
+        assert got == want, f"request {b}"
+    assert entries.tier.dtype == torch.int8 and entries.row.dtype == torch.int32
+
+
+def test_builders_on_an_empty_batch(device):
+    location = torch.zeros(5, dtype=torch.int32, device=device)
+    req_to_token = torch.zeros((2, 4), dtype=torch.int32, device=device)
+    none = torch.zeros(0, dtype=torch.int64, device=device)
+    for build in (decode_entries, decode_entries_torch):
+        entries = build(location, req_to_token, none, none)
+        assert entries.indptr.tolist() == [0] and entries.tier.numel() == 0
+
+
+def test_tier_constants_match_pool():
+    """The kernels mirror pool.Tier / TIER_BITS without importing pool (and SGLang)."""
+    source = (Path(__file__).parents[2] / "sglang_kvc" / "pool.py").read_text()
+    values = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef) and node.name == "Tier":
+            for item in node.body:
+                if isinstance(item, ast.Assign):
+                    values[item.targets[0].id] = ast.literal_eval(item.value)
+        elif isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "TIER_BITS":
+            values["TIER_BITS"] = ast.literal_eval(node.value)
+    assert values == {
+        "EMPTY": TIER_EMPTY,
+        "STAGING": TIER_STAGING,
+        "LOWBIT": TIER_LOWBIT,
+        "GUARD": TIER_GUARD,
+        "EVICTED": TIER_EVICTED,
+        "TIER_BITS": TIER_BITS,
+    }
+
+
+def test_rejects_mismatched_head_dim(gen, device):
+    pool = build_pool(gen, device, layers=1)
+    staging, lowbit, guard = layer_tables(pool, 0)
+    q = torch.randn((1, KV_HEADS, HEAD_DIM // 2), device=device)
+    indptr = torch.zeros(2, dtype=torch.int32, device=device)
+    empty = torch.zeros(0, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="head_dim"):
+        decode_attention(q, indptr, empty, empty, staging, lowbit, guard, 1.0)
+    assert isinstance(staging, DenseTables) and isinstance(lowbit, PackedTables)
