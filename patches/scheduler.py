@@ -74,10 +74,12 @@ def admission_in_rows(result, self, *args, **kwargs):
     if evictable == 0:
         return None
     pool = allocator.pool
+    logical = allocator.logical_available_size() + evictable
+    if pool.headroom_tokens() >= logical:
+        return None  # rows already cover every logical token the adder could count on
     tokens = _evictable_tokens(tree_cache)
     rows = pool.rows_held(tokens).tolist() if tokens is not None else [0] * pool.layer_num
     physical = min(pool.free_rows(layer) + rows[layer] for layer in range(pool.layer_num)) - pool.staged_count
-    logical = allocator.logical_available_size() + evictable
     budgeted = allocator.available_size() + evictable
     correction = budgeted - min(logical, physical)
     if correction > 0:
