@@ -168,6 +168,20 @@ def decode_entries_torch(
 
 
 @triton.jit
+def _block_locations(
+    location_ptr, req_to_token_ptr, req_pool_indices_ptr, seq_lens_ptr, stride_req_to_token, request, block, BLOCK: tl.constexpr
+):
+    """Location words of one BLOCK of a request's positions (0 past its length)."""
+    seq_len = tl.load(seq_lens_ptr + request)
+    req_slot = tl.load(req_pool_indices_ptr + request).to(tl.int64)
+    positions = block * BLOCK + tl.arange(0, BLOCK)
+    in_sequence = positions < seq_len
+    tokens = tl.load(req_to_token_ptr + req_slot * stride_req_to_token + positions, mask=in_sequence, other=0)
+    locations = tl.load(location_ptr + tokens.to(tl.int64), mask=in_sequence, other=0)
+    return in_sequence, locations
+
+
+@triton.jit
 def _count_held_kernel(
     location_ptr,
     req_to_token_ptr,
@@ -180,12 +194,10 @@ def _count_held_kernel(
 ):
     request = tl.program_id(0)
     block = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + request)
-    req_slot = tl.load(req_pool_indices_ptr + request).to(tl.int64)
-    positions = block * BLOCK + tl.arange(0, BLOCK)
-    in_sequence = positions < seq_len
-    tokens = tl.load(req_to_token_ptr + req_slot * stride_req_to_token + positions, mask=in_sequence, other=0)
-    tiers = tl.load(location_ptr + tokens.to(tl.int64), mask=in_sequence, other=0) & _TIER_MASK
+    in_sequence, locations = _block_locations(
+        location_ptr, req_to_token_ptr, req_pool_indices_ptr, seq_lens_ptr, stride_req_to_token, request, block, BLOCK
+    )
+    tiers = locations & _TIER_MASK
     offs_tier = tl.arange(0, 4)  # the three held tiers, padded to a power of two
     in_tier = in_sequence[:, None] & (tiers[:, None] == (offs_tier + _STAGING)[None, :])
     counts = tl.sum(in_tier.to(tl.int32), axis=0)
@@ -207,12 +219,9 @@ def _scatter_entries_kernel(
 ):
     request = tl.program_id(0)
     block = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + request)
-    req_slot = tl.load(req_pool_indices_ptr + request).to(tl.int64)
-    positions = block * BLOCK + tl.arange(0, BLOCK)
-    in_sequence = positions < seq_len
-    tokens = tl.load(req_to_token_ptr + req_slot * stride_req_to_token + positions, mask=in_sequence, other=0)
-    locations = tl.load(location_ptr + tokens.to(tl.int64), mask=in_sequence, other=0)
+    in_sequence, locations = _block_locations(
+        location_ptr, req_to_token_ptr, req_pool_indices_ptr, seq_lens_ptr, stride_req_to_token, request, block, BLOCK
+    )
     tiers = locations & _TIER_MASK
     rows = locations >> _TIER_BITS
     for tier_index in tl.static_range(3):

@@ -85,17 +85,16 @@ class CompressedAttnBackend(TritonAttnBackend):
             raise NotImplementedError("--kv-compress does not support sliding-window layers")
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, score_mod=None, aux_tensors=None):
-        self._check_supported(layer, sinks, score_mod)
-        if save_kv_cache:
-            self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
-        q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        out = self.engine.extend(layer.layer_id, q3, layer.scaling, layer.logit_cap or 0.0)
-        return out.to(q.dtype).reshape(q3.shape[0], layer.tp_q_head_num * layer.v_head_dim)
+        return self._forward(self.engine.extend, q, k, v, layer, forward_batch, save_kv_cache, sinks, score_mod)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, score_mod=None, aux_tensors=None):
+        return self._forward(self.engine.decode, q, k, v, layer, forward_batch, save_kv_cache, sinks, score_mod)
+
+    def _forward(self, attend, q, k, v, layer, forward_batch, save_kv_cache, sinks, score_mod):
+        """Write the new K/V to staging, then attend over everything the layer holds."""
         self._check_supported(layer, sinks, score_mod)
         if save_kv_cache:
             self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        out = self.engine.decode(layer.layer_id, q3, layer.scaling, layer.logit_cap or 0.0)
+        out = attend(layer.layer_id, q3, layer.scaling, layer.logit_cap or 0.0)
         return out.to(q.dtype).reshape(q3.shape[0], layer.tp_q_head_num * layer.v_head_dim)
