@@ -1,27 +1,9 @@
-"""Triton kernels on the packed KV layout (importable as `sglang_kvc.kernels`; design,
-bytes per token and versions: docs/kernels.md)."""
+"""Triton kernels on the packed KV layout, importable as `sglang_kvc.kernels` (design, bytes
+per token and versions: docs/kernels.md). Import the modules: `decode_attention`, `quantize`."""
 
-from sglang_kvc.kernels.decode_attention import (
-    DecodeEntries,
-    DenseTables,
-    PackedTables,
-    decode_attention,
-    decode_attention_for_pool,
-    decode_entries,
-    decode_entries_torch,
-    layer_tables,
-)
-from sglang_kvc.kernels.quantize import quantize_into, write_packed
+if __name__ != "sglang_kvc.kernels":
+    # Found as a top-level `kernels` because the repository root is on sys.path: that name
+    # belongs to the PyPI package SGLang and transformers import.
+    from sglang_kvc.shadowing import yield_name
 
-__all__ = [
-    "DecodeEntries",
-    "DenseTables",
-    "PackedTables",
-    "decode_attention",
-    "decode_attention_for_pool",
-    "decode_entries",
-    "decode_entries_torch",
-    "layer_tables",
-    "quantize_into",
-    "write_packed",
-]
+    yield_name(__name__, __file__)

@@ -6,9 +6,9 @@ the two forward paths: K/V go to the pool's staging tier, attention reads every 
 through the location map (engine.CompressedAttention), and prompts are compressed when
 their prefill completes.
 
-This is the torch reference path: correct on any device, not fast. The Triton kernels
-of `sglang_kvc.kernels` replace its hot loops; until they do, the plugin turns CUDA
-graphs off (the reference path gathers variable-length index lists on the host).
+On CUDA, decode attention runs the Triton kernel of `sglang_kvc.kernels.decode_attention`
+on the packed codes; extend attention and scoring still run the torch reference path.
+CUDA graphs stay off until the decode metadata lives in capture-stable buffers.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class CompressedAttnBackend(TritonAttnBackend):
 
     def init_cuda_graph_state(self, *args, **kwargs):
         raise NotImplementedError(
-            "--kv-compress runs with CUDA graphs off until its Triton decode kernel lands"
+            "--kv-compress runs with CUDA graphs off until its decode metadata is capture-stable"
         )
 
     # ---- forward ---------------------------------------------------------------------------

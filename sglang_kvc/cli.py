@@ -1,6 +1,7 @@
 """The `sglang-kvc` command line.
 
     sglang-kvc plan CONFIG --model-config PATH/config.json [--kv-memory-gb 110] [--json]
+    sglang-kvc demo [--config CONFIG] [--model PATH] [--device cpu|cuda] [--samples 3]
 
 `plan` prints what a compression config costs per token in every tier, what one prompt
 compresses to, and how many tokens fit in a KV budget. The numbers come from
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from sglang_kvc import demo as demo_command
 from sglang_kvc.config import ConfigError, load_config
 from sglang_kvc.planner import KVPlan, ModelShape, RuntimeLimits, plan_for
 
@@ -98,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--json", action="store_true", help="print the report as JSON")
     plan.set_defaults(run=_run_plan)
+    demo = commands.add_parser(
+        "demo",
+        help="answer passkey prompts with a full and a compressed KV cache (transformers, local model)",
+        description="Answer seeded passkey prompts with a full and a compressed KV cache.",
+    )
+    demo_command.add_arguments(demo)
+    demo.set_defaults(run=demo_command.main)
     return parser
 
 

@@ -14,12 +14,19 @@ Per layer of an EXTEND pass:
      otherwise the chunk's last W queries are saved for that later scoring;
   4. after the last layer the staging rows of compressed tokens are released.
 Per layer of a DECODE pass: attention, then the token that just left the decode window
-moves from staging to the low-bit tier.
+moves from staging to the low-bit tier. Decode attention has two implementations
+(`attention_impl`): "triton" builds the layer's entry lists for the whole batch in one
+call and runs the split-K kernel of `sglang_kvc.kernels` on the packed tiers; "torch"
+gathers and dequantizes per request (`pool.gather` + `attend`) and is the numerical
+reference. "auto" picks triton when the pool is on CUDA and SGLANG_KVC_TRITON=1 (opt-in
+until the kernels have been validated inside the server on a GPU). Extend attention and scoring
+are torch only.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,12 +34,33 @@ import torch
 from sglang_kvc.attention import attend
 from sglang_kvc.policy import ObservationWindowScorer, TokenScorer, select_tokens
 from sglang_kvc.pool import CompressedKVPool
+from sglang_kvc.runtime import triton_kernels_enabled
 
 logger = logging.getLogger(__name__)
 
 # Chunked requests whose last chunk never came (aborted) leave saved windows behind;
 # SGLang prefills one chunked request at a time, so a handful is plenty.
 _MAX_SAVED_WINDOWS = 16
+
+ATTENTION_IMPLS = ("auto", "torch", "triton")
+
+# Split-K factor of the Triton decode kernel (see `decode_num_splits`). Predictions, not
+# yet tuned on a GPU: eval/bench_kernels.py reports this choice next to the best of a sweep.
+_PROGRAMS_PER_SM = 4  # ~180 registers x 128 threads: 2 resident programs per SM, 2 waves
+_MIN_TOKENS_PER_SPLIT = 512  # logical tokens; ~60 held entries at retain 0.12
+_MAX_SPLITS = 64
+_DEFAULT_SM_COUNT = 132  # H100 / H200, for pools not on CUDA (the interpreter)
+
+
+def decode_num_splits(batch_size: int, kv_heads: int, max_seq_len: int, sm_count: int) -> int:
+    """Splits per request for `decode_attention`: enough (request, KV head, split)
+    programs to give every SM `_PROGRAMS_PER_SM` of them, but no split shorter than
+    `_MIN_TOKENS_PER_SPLIT` logical tokens. Rounded down to a power of two: the split
+    count is a compile-time constant of the kernel, so a server compiles at most 7
+    variants however its batch sizes vary."""
+    wanted = math.ceil(_PROGRAMS_PER_SM * sm_count / max(1, batch_size * kv_heads))
+    splits = max(1, min(wanted, max_seq_len // _MIN_TOKENS_PER_SPLIT, _MAX_SPLITS))
+    return 1 << (splits.bit_length() - 1)
 
 
 @dataclass(frozen=True)
@@ -61,7 +89,25 @@ class BatchInfo:
 
 
 class CompressedAttention:
-    def __init__(self, pool: CompressedKVPool, req_to_token: torch.Tensor, scorer: TokenScorer | None = None):
+    def __init__(
+        self,
+        pool: CompressedKVPool,
+        req_to_token: torch.Tensor,
+        scorer: TokenScorer | None = None,
+        attention_impl: str = "auto",
+    ):
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+        device = pool.location.device
+        if attention_impl == "auto":
+            attention_impl = "triton" if device.type == "cuda" and triton_kernels_enabled() else "torch"
+        self.attention_impl = attention_impl
+        self.sm_count = (
+            torch.cuda.get_device_properties(device).multi_processor_count
+            if device.type == "cuda"
+            else _DEFAULT_SM_COUNT
+        )
+        self._warned_logit_cap = False
         self.pool = pool
         self.req_to_token = req_to_token
         self.config = pool.config
@@ -83,6 +129,16 @@ class CompressedAttention:
         # Decided at the first layer, after its write staged this pass's new tokens.
         self.candidates: list[torch.Tensor | None] | None = None
         self.migrating: torch.Tensor | None = None
+        if batch.is_decode and self.attention_impl == "triton":
+            # What every layer's entry-list build needs, on the device once per pass.
+            device = self.pool.location.device
+            self.decode_req_pool_indices = torch.tensor(batch.req_pool_indices, dtype=torch.int64, device=device)
+            self.decode_seq_lens = torch.tensor(batch.seq_lens, dtype=torch.int32, device=device)
+            self.decode_max_seq_len = max(batch.seq_lens, default=0)
+            self.decode_entry_capacity = sum(batch.seq_lens)  # SGLang's seq_lens_sum: a tight bound
+            self.decode_splits = decode_num_splits(
+                len(batch.seq_lens), self.pool.head_num, self.decode_max_seq_len, self.sm_count
+            )
 
     # ---- extend ---------------------------------------------------------------------------------
     def extend(self, layer_id: int, q: torch.Tensor, scaling: float, logit_cap: float = 0.0) -> torch.Tensor:
@@ -189,6 +245,39 @@ class CompressedAttention:
         if self.migrating is None:
             self.migrating = self._leaving_decode_window()
         q = pool.rotate(q)
+        if self.attention_impl == "triton" and not self._needs_logit_cap(logit_cap):
+            out = self._decode_triton(layer, q, scaling)
+        else:
+            out = self._decode_torch(layer, q, scaling, logit_cap)
+        if self.migrating.numel():
+            pool.migrate(layer, self.migrating)
+            if layer == self.last_layer:
+                pool.release_staging(self.migrating)
+        return out
+
+    def _decode_triton(self, layer: int, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        """One vectorized entry-list build for the whole batch (this layer's location map:
+        every layer evicts different tokens), then the split-K kernel."""
+        # Imported on first use: triton.jit fixes at import whether kernels are interpreted
+        # (tests/kernels/conftest.py sets that first), and torch-only runs need no Triton.
+        from sglang_kvc.kernels.decode_attention import decode_attention_for_pool
+
+        return decode_attention_for_pool(
+            self.pool,
+            layer,
+            q,
+            self.req_to_token,
+            self.decode_req_pool_indices,
+            self.decode_seq_lens,
+            scaling,
+            num_splits=self.decode_splits,
+            max_seq_len=self.decode_max_seq_len,
+            max_entries=self.decode_entry_capacity,
+        )
+
+    def _decode_torch(self, layer: int, q: torch.Tensor, scaling: float, logit_cap: float) -> torch.Tensor:
+        """The reference: per request, gather and dequantize what the layer holds."""
+        pool = self.pool
         out = torch.empty((q.shape[0], q.shape[1], pool.head_dim), dtype=torch.float32, device=q.device)
         for i, tokens in enumerate(self.token_rows):
             k, v, held = pool.gather(layer, tokens, torch.float32)
@@ -196,11 +285,18 @@ class CompressedAttention:
             out[i : i + 1] = attend(
                 q[i : i + 1], positions[-1:], k[held], v[held], positions[held], scaling, logit_cap
             )
-        if self.migrating.numel():
-            pool.migrate(layer, self.migrating)
-            if layer == self.last_layer:
-                pool.release_staging(self.migrating)
         return out
+
+    def _needs_logit_cap(self, logit_cap: float) -> bool:
+        """The Triton kernel has no logit soft-cap; such models decode on the torch path."""
+        if logit_cap <= 0:
+            return False
+        if not self._warned_logit_cap:
+            logger.warning(
+                "kv-compress: logit_cap=%s is not in the Triton decode kernel; decoding with torch", logit_cap
+            )
+            self._warned_logit_cap = True
+        return True
 
     def _leaving_decode_window(self) -> torch.Tensor:
         """Tokens exactly `decode_window` steps old: each decode step moves one per request."""

@@ -14,6 +14,9 @@ import os
 from sglang_kvc.config import CompressionConfig, load_config
 
 CONFIG_ENV_VAR = "SGLANG_KVC_CONFIG"
+# The Triton decode and quantize kernels pass their interpreter tests but have not yet run
+# on a GPU inside the server; until a GPU session validates them they are opt-in.
+TRITON_ENV_VAR = "SGLANG_KVC_TRITON"
 
 
 def set_active_config_path(path: str) -> None:
@@ -32,3 +35,8 @@ def active_config() -> CompressionConfig | None:
 @functools.lru_cache(maxsize=4)
 def _load(path: str) -> CompressionConfig:
     return load_config(path)
+
+
+def triton_kernels_enabled() -> bool:
+    """SGLANG_KVC_TRITON=1 lets CUDA pools use the Triton kernels (decode attention, quantize)."""
+    return os.environ.get(TRITON_ENV_VAR, "0") == "1"

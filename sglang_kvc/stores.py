@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from sglang_kvc.quant import PackedFormat, dequantize, quantize
+from sglang_kvc.runtime import triton_kernels_enabled
 
 
 class RowFreeList:
@@ -107,6 +108,13 @@ class PackedStore:
         return heads * (key_format.bytes_per_head() + value_format.bytes_per_head())
 
     def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.is_cuda and triton_kernels_enabled():
+            # One fused launch per K / V, bit-exact with the torch path below (tested in
+            # tests/kernels); imported here so CPU-only users never import Triton.
+            from sglang_kvc.kernels.quantize import write_packed
+
+            write_packed(self, layer, rows, k, v)
+            return
         k_codes, k_scale_min = quantize(k, self.key_format)
         v_codes, v_scale_min = quantize(v, self.value_format)
         self.k_codes[layer][rows] = k_codes

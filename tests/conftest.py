@@ -2,6 +2,11 @@ import os
 import sys
 from pathlib import Path
 
+# Triton decides at decoration time (including its own standard library, at `import triton`)
+# whether kernels are interpreted, so the switch must precede every import that may pull in
+# triton (SGLang, transformers). Set TRITON_INTERPRET=0 to run the kernel tests on a GPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 TESTS = Path(__file__).parent

@@ -18,22 +18,20 @@ import pytest
 import torch
 
 from sglang_kvc.attention import attend
-from sglang_kvc.kernels import (
+from sglang_kvc.kernels.decode_attention import (
     DenseTables,
     PackedTables,
-    decode_attention,
-    decode_attention_for_pool,
-    decode_entries,
-    decode_entries_torch,
-    layer_tables,
-)
-from sglang_kvc.kernels.decode_attention import (
     TIER_BITS,
     TIER_EMPTY,
     TIER_EVICTED,
     TIER_GUARD,
     TIER_LOWBIT,
     TIER_STAGING,
+    decode_attention,
+    decode_attention_for_pool,
+    decode_entries,
+    decode_entries_torch,
+    layer_tables,
 )
 from sglang_kvc.quant import PackedFormat
 from sglang_kvc.stores import DenseStore, PackedStore

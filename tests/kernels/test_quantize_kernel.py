@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_kvc.kernels import quantize_into, write_packed
+from sglang_kvc.kernels.quantize import quantize_into, write_packed
 from sglang_kvc.quant import PackedFormat, quantize
 from sglang_kvc.stores import PackedStore
 

@@ -1,0 +1,205 @@
+"""The kernels wired into the engine: `CompressedAttention(attention_impl="triton")`
+against its torch reference path, driven through real SGLang objects by the scheduler
+simulator (tests/sim.py); `PackedStore.write` on CUDA; and a smoke run of
+eval/bench_kernels.py so that the GPU benchmark script does not rot.
+
+The simulator's pool lives on the CPU, so its Triton path runs only in the interpreter
+(the default here, see conftest.py); with TRITON_INTERPRET=0 those tests skip."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from sim import SMALL_CONFIG, Simulator
+
+from sglang_kvc.config import config_from_dict
+from sglang_kvc.engine import CompressedAttention, decode_num_splits
+from sglang_kvc.pool import Tier, tier_of
+from sglang_kvc.quant import PackedFormat, quantize
+from sglang_kvc.stores import PackedStore
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # conftest.py sets it first
+REPO = Path(__file__).resolve().parents[2]
+DECODE_STEPS = 3  # decode_window (2) + 1: the first decode token migrates to low-bit at the last step
+# Both paths read the same fp32 values (codes dequantize as code * scale + minimum in
+# fp32 in both; bf16 rows are exact in fp32) and the interpreter computes the kernel's
+# dots in fp32, so outputs differ only by summation order over < 64 tokens and 32 dims:
+# ~1e-7 relative, observed <= 6e-7 on outputs of magnitude ~1 (values are N(0, 1)).
+# 2e-5 leaves a 30x margin and still catches a dropped, duplicated or misread token.
+DECODE_ATOL = 2e-5
+
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRET, reason="the simulator's pool is on the CPU: its Triton path runs only in the interpreter"
+)
+# The interpreter turns runtime loop bounds into Python ints through a conversion numpy
+# deprecates (as in test_decode_attention_kernel.py).
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+class RecordingAttention(CompressedAttention):
+    """Keeps every decode output (the simulator drops them); optionally decodes with a
+    logit soft-cap, which the simulator never passes."""
+
+    def __init__(self, *args, logit_cap: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.logit_cap = logit_cap
+        self.decode_outputs: list[torch.Tensor] = []
+
+    def decode(self, layer_id, q, scaling, logit_cap=0.0):
+        out = super().decode(layer_id, q, scaling, logit_cap or self.logit_cap)
+        self.decode_outputs.append(out.clone())
+        return out
+
+
+def prompt(length: int, start: int) -> list[int]:
+    return list(range(start, start + length))
+
+
+def simulate(attention_impl: str, q_heads: int, guard_bits: int, seed: int, logit_cap: float = 0.0) -> Simulator:
+    """Four requests through prefill and DECODE_STEPS decode steps of one batch:
+    a compressed prompt; one below min_prompt_len (quantized, nothing evicted); a chunked
+    prompt compressed at its last chunk; and one whose first 32 tokens come from the
+    radix cache (the first request's compressed tokens, read by two requests)."""
+    quantization = {**SMALL_CONFIG["quantization"], "guard_bits": guard_bits}
+    config = config_from_dict({**SMALL_CONFIG, "quantization": quantization})
+    sim = Simulator(num_layers=2, kv_heads=2, q_heads=q_heads, config=config, seed=seed)
+    sim.engine = RecordingAttention(
+        sim.pool, sim.req_to_token_pool.req_to_token, attention_impl=attention_impl, logit_cap=logit_cap
+    )
+    requests = [
+        sim.new_request(prompt(40, 100), DECODE_STEPS),
+        sim.new_request(prompt(10, 300), DECODE_STEPS),
+        sim.new_request(prompt(24, 500), DECODE_STEPS, chunk_size=16),
+    ]
+    for request in requests:
+        assert sim.admit(request)
+        while not request.prompt_done:
+            sim.prefill_chunk(request)
+            sim.check()
+    shared = sim.new_request(prompt(32, 100) + prompt(8, 700), DECODE_STEPS)
+    assert sim.admit(shared)
+    assert len(shared.req.prefix_indices) == 32
+    sim.prefill_chunk(shared)
+    requests.append(shared)
+    for _ in range(DECODE_STEPS):
+        sim.decode_step(requests)
+        sim.check()  # pool invariants and SGLang's logical accounting
+    return sim
+
+
+@needs_interpreter
+@pytest.mark.parametrize("guard_bits", [16, 8])
+@pytest.mark.parametrize("q_heads", [14, 4], ids=["gqa7", "gqa2"])
+def test_triton_decode_matches_torch_reference(q_heads, guard_bits, seed):
+    reference = simulate("torch", q_heads, guard_bits, seed)
+    triton = simulate("triton", q_heads, guard_bits, seed)
+    assert triton.engine.attention_impl == "triton" and reference.engine.attention_impl == "torch"
+
+    # The decode path only reads: both runs leave every map and row in the same place.
+    assert torch.equal(triton.pool.location, reference.pool.location)
+    assert torch.equal(triton.pool.staging_row, reference.pool.staging_row)
+    # ...and the batch spanned every tier in every layer, so each was compared.
+    for request in triton.live:
+        assert request.outputs == DECODE_STEPS
+    batch_tokens = torch.cat([
+        triton.req_to_token_pool.req_to_token[s.req.req_pool_idx, : s.req.kv_committed_len] for s in triton.live
+    ]).to(torch.int64)
+    for layer in range(triton.num_layers):
+        tiers = set(tier_of(triton.pool.location[layer, batch_tokens]).tolist())
+        assert {Tier.STAGING, Tier.LOWBIT, Tier.GUARD, Tier.EVICTED} <= tiers, (layer, tiers)
+    first = triton.live[0].req  # its first decode token left the window and was migrated
+    first_decode_token = triton.req_to_token_pool.req_to_token[first.req_pool_idx, len(first.origin_input_ids)]
+    assert (tier_of(triton.pool.location[:, int(first_decode_token)]) == Tier.LOWBIT).all()
+
+    outputs, expected = triton.engine.decode_outputs, reference.engine.decode_outputs
+    assert len(outputs) == len(expected) == DECODE_STEPS * triton.num_layers
+    for call, (out, want) in enumerate(zip(outputs, expected)):
+        assert out.shape == want.shape == (len(triton.live), q_heads, triton.head_dim)
+        torch.testing.assert_close(out, want, atol=DECODE_ATOL, rtol=0, msg=lambda m: f"decode call {call}: {m}")
+
+
+@needs_interpreter
+def test_logit_cap_decodes_on_the_torch_path(seed):
+    """The kernel has no soft-cap: the triton engine must fall back, not ignore it."""
+    reference = simulate("torch", 4, 16, seed, logit_cap=0.5)
+    triton = simulate("triton", 4, 16, seed, logit_cap=0.5)
+    for out, want in zip(triton.engine.decode_outputs, reference.engine.decode_outputs, strict=True):
+        assert torch.equal(out, want)
+
+
+def test_attention_impl_choice():
+    sim = Simulator(num_layers=1)
+    req_to_token = sim.req_to_token_pool.req_to_token
+    assert CompressedAttention(sim.pool, req_to_token).attention_impl == "torch"  # auto, CPU pool
+    assert CompressedAttention(sim.pool, req_to_token, attention_impl="triton").attention_impl == "triton"
+    with pytest.raises(ValueError, match="attention_impl"):
+        CompressedAttention(sim.pool, req_to_token, attention_impl="cuda")
+
+
+def test_decode_num_splits():
+    h200 = 132
+    assert decode_num_splits(1, 4, 32768, h200) == 64  # one request: as many splits as allowed
+    assert decode_num_splits(16, 4, 32768, h200) == 8
+    assert decode_num_splits(256, 4, 4096, h200) == 1  # the batch alone fills the GPU
+    assert decode_num_splits(4, 2, 100, h200) == 1  # short sequences are not split
+    for batch in (1, 3, 48, 1000):
+        for tokens in (0, 1, 700, 131072):
+            splits = decode_num_splits(batch, 4, tokens, h200)
+            assert 1 <= splits <= 64 and splits & (splits - 1) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PackedStore.write takes the kernel path on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_store_write_on_cuda_is_bit_exact(dtype, gen):
+    """On CUDA the store writes through kernels.quantize.write_packed; the codes and
+    (scale, minimum) pairs must be those of quant.quantize, bit for bit."""
+    key_format, value_format = PackedFormat(3, 128, 32), PackedFormat(2, 128, 64)
+    store = PackedStore([40], 4, key_format, value_format, "cuda")
+    rows = torch.randperm(40, device="cuda", generator=gen)[:33] + 1
+    k = (torch.randn(33, 4, 128, device="cuda", generator=gen) * 3).to(dtype)
+    v = torch.randn(33, 4, 128, device="cuda", generator=gen).to(dtype)
+    store.write(0, rows, k, v)
+    for x, fmt, codes, scale_min in ((k, key_format, store.k_codes[0], store.k_scale_min[0]),
+                                     (v, value_format, store.v_codes[0], store.v_scale_min[0])):
+        expected_codes, expected_scale_min = quantize(x, fmt)
+        assert torch.equal(codes[rows], expected_codes)
+        assert torch.equal(scale_min[rows].view(torch.int16), expected_scale_min.view(torch.int16))
+
+
+# SGLang's stage-1 kernel computes exp(-inf - -inf) in the padding rows of its head block
+# (masked, never stored); numpy warns about it in the interpreter.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
+def test_bench_kernels_smoke(tmp_path, monkeypatch):
+    """eval/bench_kernels.py --smoke end to end (tiny shapes; the interpreter on CPU)."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "eval" / "bench_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+
+    report = json.loads((tmp_path / "bench_kernels.json").read_text())
+    assert {"date", "device", "versions", "command", "copy_bandwidth", "bytes_counted"} <= report.keys()
+    assert {"torch", "triton", "sglang"} <= report["versions"].keys()
+    assert "--smoke" in report["command"]
+    config_names = set(report["configs"])
+    assert config_names == {"qwen_12x", "qwen_8x", "qwen_8x_aggressive"}
+    assert [grid["status"] for grid in report["grids"]] == ["ok"] * len(bench.SMOKE_GRIDS)
+    for grid in report["grids"]:
+        assert all("ms" in baseline for baseline in grid["sglang"].values()), grid["sglang"]
+        assert set(grid["configs"]) == config_names
+        for cell in grid["configs"].values():
+            assert "error" not in cell, cell
+            assert cell["check"]["ok"], cell["check"]
+            assert str(cell["engine_splits"]) in cell["attention_by_splits"]
+            assert 0 < cell["bytes"]["attention"] < cell["bytes"]["together"]
+            assert cell["summary"]["together_GBps"] > 0
+    for written in report["write_packed"].values():
+        assert "error" not in written and written["kernel"]["ms"] > 0
+    table = (tmp_path / "bench_kernels.md").read_text()
+    assert all(f"| {name} |" in table for name in config_names)
