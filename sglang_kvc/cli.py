@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from sglang_kvc import demo as demo_command
+from sglang_kvc.argtypes import positive_float, positive_int
 from sglang_kvc.config import ConfigError, load_config
 from sglang_kvc.planner import KVPlan, ModelShape, RuntimeLimits, plan_for
 
@@ -30,26 +30,6 @@ class UsageError(Exception):
 
 
 # ---- argument parsing ---------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be > 0")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,28 +52,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument(
         "--kv-memory-gb",
-        type=_positive_float,
+        type=positive_float,
         default=110.0,
         metavar="N",
         help="KV-cache memory in GiB (2**30 bytes), staging included (default: 110)",
     )
     plan.add_argument(
         "--prompt-len",
-        type=_positive_int,
+        type=positive_int,
         default=32768,
         metavar="N",
         help="prompt length for the compression ratio (default: 32768)",
     )
     plan.add_argument(
         "--chunked-prefill-size",
-        type=_positive_int,
+        type=positive_int,
         default=RuntimeLimits.chunked_prefill_size,
         metavar="N",
         help=f"SGLang's --chunked-prefill-size (default: {RuntimeLimits.chunked_prefill_size})",
     )
     plan.add_argument(
         "--max-running-requests",
-        type=_positive_int,
+        type=positive_int,
         default=RuntimeLimits.max_running_requests,
         metavar="N",
         help=f"SGLang's --max-running-requests (default: {RuntimeLimits.max_running_requests})",

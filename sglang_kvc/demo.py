@@ -18,6 +18,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from sglang_kvc.argtypes import positive_int
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_MODEL_DIR = REPO / "eval" / "tiny" / "model"
 DEFAULT_CONFIG = REPO / "configs" / "qwen_8x.yaml"
@@ -70,16 +72,6 @@ def passkey_prompt(tokenizer, target_tokens: int, rng: random.Random) -> Passkey
 # ---- command line ---------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be > 0")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
@@ -94,16 +86,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="local transformers model folder (default: the bundled eval/tiny/model)",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
-    parser.add_argument("--samples", type=_positive_int, default=3, metavar="N", help="prompts (default: 3)")
+    parser.add_argument("--samples", type=positive_int, default=3, metavar="N", help="prompts (default: 3)")
     parser.add_argument(
         "--prompt-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=1024,
         metavar="N",
         help="prompt length, capped by the model's context (default: 1024)",
     )
     parser.add_argument(
-        "--max-new-tokens", type=_positive_int, default=8, metavar="N", help="answer length (default: 8)"
+        "--max-new-tokens", type=positive_int, default=8, metavar="N", help="answer length (default: 8)"
     )
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from sglang_kvc.attention import attend
-from sglang_kvc.policy import ObservationWindowScorer, TokenScorer, select_tokens
+from sglang_kvc.policy import ObservationWindowScorer, TokenScorer, select_for_layer
 from sglang_kvc.pool import CompressedKVPool
 from sglang_kvc.runtime import triton_kernels_enabled
 
@@ -203,21 +203,14 @@ class CompressedAttention:
         positions = self.candidates[i]
         if positions.numel() == 0:
             return
-        batch, pool, s = self.batch, self.pool, self.config.sparsity
+        batch, pool = self.batch, self.pool
         tokens = self.token_rows[i][positions]
         seq_len = batch.seq_lens[i]
         window_q = self._window_queries(layer, batch.rids[i], q_req)
         window_pos = self.positions[i][seq_len - window_q.shape[0] :]
         keys, _ = pool.staging.read(layer, pool.staging_row[tokens], torch.float32)
-        scores = self.scorer.score(window_q, window_pos, keys, positions)
-        budget = self.config.layer_budget(self.layer_retain[layer], tokens.numel())
-        selection = select_tokens(
-            scores,
-            positions,
-            budget=budget,
-            guard_count=self.config.guard_count(budget),
-            sink_tokens=s.sink_tokens,
-            recent_start=seq_len - s.recent_window,
+        selection = select_for_layer(
+            self.config, self.scorer, self.layer_retain[layer], window_q, window_pos, keys, positions, seq_len
         )
         pool.compress(layer, tokens, selection)
 

@@ -50,7 +50,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from sglang_kvc.config import CompressionConfig
 from sglang_kvc.planner import FREE_LIST_ENTRY_BYTES, LOCATION_BYTES, KVPlan, ModelShape, plan_for
-from sglang_kvc.policy import ObservationWindowScorer, select_tokens
+from sglang_kvc.policy import ObservationWindowScorer, select_for_layer
 from sglang_kvc.quant import PackedFormat, dequantize, hadamard_matrix, quantize
 
 # The pool stores every bf16 tier (staging, guard at 16 bits) as bfloat16, whatever the
@@ -204,22 +204,16 @@ class CompressedLayer(CacheLayerMixin):
                 f"layer {self.layer_idx}: no observation-window queries were captured; build "
                 f"the cache with the model that runs it: CompressedCache(config, model)"
             )
-        policy, sparsity = self.policy, self.policy.config.sparsity
+        policy = self.policy
         num_tokens = keys.shape[-2]
         positions = torch.arange(num_tokens, device=keys.device)
         window_q = self.window_queries[0].transpose(0, 1)  # [W, q_heads, head_dim]
         self.window_queries = None
         token_keys = keys[0].transpose(0, 1)  # [N, kv_heads, head_dim]
         token_values = values[0].transpose(0, 1)
-        scores = policy.scorer.score(window_q, positions[num_tokens - window_q.shape[0] :], token_keys, positions)
-        budget = policy.config.layer_budget(self.retain_ratio, num_tokens)
-        selection = select_tokens(
-            scores,
-            positions,
-            budget=budget,
-            guard_count=policy.config.guard_count(budget),
-            sink_tokens=sparsity.sink_tokens,
-            recent_start=num_tokens - sparsity.recent_window,
+        window_positions = positions[num_tokens - window_q.shape[0] :]
+        selection = select_for_layer(
+            policy.config, policy.scorer, self.retain_ratio, window_q, window_positions, token_keys, positions, num_tokens
         )
         guard_k, guard_v = policy.store_guarded(token_keys[selection.guarded], token_values[selection.guarded])
         low_k, low_v = policy.store_lowbit(token_keys[selection.lowbit], token_values[selection.lowbit])
@@ -235,7 +229,7 @@ class CompressedLayer(CacheLayerMixin):
         self.tiers = tiers[order]
         self.keys = torch.cat((guard_k, low_k))[order].transpose(0, 1).unsqueeze(0)
         self.values = torch.cat((guard_v, low_v))[order].transpose(0, 1).unsqueeze(0)
-        self.prompt_scores = scores
+        self.prompt_scores = selection.scores
         self.seen_tokens = num_tokens
 
     def _append_decode_token(self, key: torch.Tensor, value: torch.Tensor):

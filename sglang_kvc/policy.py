@@ -77,6 +77,7 @@ class Selection:
     kept: torch.Tensor  # indices into the candidates: forced ones first, then by score
     guarded: torch.Tensor  # subset of `kept` stored in the guard tier
     lowbit: torch.Tensor  # the rest of `kept`
+    scores: torch.Tensor  # every candidate's score (for inspection and cross-checks)
 
 
 def select_tokens(
@@ -95,4 +96,30 @@ def select_tokens(
     priority = torch.where(forced, torch.full_like(scores, float("inf")), scores)
     kept = torch.topk(priority, k=min(budget, scores.numel()), sorted=True).indices
     by_score = kept[torch.argsort(scores[kept], descending=True, stable=True)]
-    return Selection(kept=kept, guarded=by_score[:guard_count], lowbit=by_score[guard_count:])
+    return Selection(kept=kept, guarded=by_score[:guard_count], lowbit=by_score[guard_count:], scores=scores)
+
+
+def select_for_layer(
+    config: CompressionConfig,
+    scorer: TokenScorer,
+    retain_ratio: float,
+    window_queries: torch.Tensor,
+    window_positions: torch.Tensor,
+    keys: torch.Tensor,
+    positions: torch.Tensor,
+    prompt_len: int,
+) -> Selection:
+    """One layer's decision at the end of a prompt: score the candidate tokens (`keys` at
+    `positions`) with the observation window, keep the layer's budget, guard the best.
+    Shared by the SGLang path (engine.py) and the transformers reference (hf_reference.py)."""
+    s = config.sparsity
+    scores = scorer.score(window_queries, window_positions, keys, positions)
+    budget = config.layer_budget(retain_ratio, keys.shape[0])
+    return select_tokens(
+        scores,
+        positions,
+        budget=budget,
+        guard_count=config.guard_count(budget),
+        sink_tokens=s.sink_tokens,
+        recent_start=prompt_len - s.recent_window,
+    )
