@@ -1,0 +1,459 @@
+"""Train the tiny quality-test model on the synthetic long-context tasks.
+
+    python -m eval.tiny.train --out DIR [--device cuda] [--minutes 10] [--lengths 1024 2048 4096 8192]
+                              [--seed 0] [--eval-samples 200] [--target 0.95]
+    python -m eval.tiny.train --out DIR --smoke       # a few CPU steps, toy model, 256 tokens
+
+What it does:
+  * builds the tokenizer (tokenizer.py) into DIR and a fresh Qwen2 model (model.py);
+  * streams batches from DataLoader workers: each batch holds samples of one context length
+    (about --batch-tokens tokens in all), tasks drawn with weights that favour the tasks the
+    last evaluation found weakest;
+  * curriculum: --warmup-lengths, then --lengths, one stage at a time; a stage opens when the
+    held-out accuracy at the current longest length reaches --advance-at on every task, or at
+    the latest when its share of the time budget is reached; half of every batch draw is the
+    newest length, the rest the shorter ones (so nothing is forgotten);
+  * loss only on the answer tokens (" " + answer + <|im_end|>), AdamW, linear warm-up then a
+    cosine decay over the time budget, bf16 autocast on CUDA, SDPA attention;
+  * every --eval-every seconds: greedy decoding with a full KV cache on held-out samples,
+    exact match per task and length. When every (task, length) cell reaches --target there,
+    the full held-out set (--eval-samples per cell) decides whether to stop;
+  * stops when the target holds on the full set or time runs out (keeping room for the final
+    evaluation), then saves DIR (config.json, model.safetensors in bf16, tokenizer files,
+    generation_config.json) and DIR/train_log.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from random import Random
+
+import torch
+import torch.nn.functional as F
+
+from eval.tiny import model as tiny_model
+from eval.tiny import tasks
+from eval.tiny import tokenizer as tiny_tokenizer
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after we tokenize
+
+
+@dataclass
+class TrainConfig:
+    out: Path
+    device: str = "cuda"
+    minutes: float = 10.0  # the whole run: setup, training, final evaluation, saving
+    lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)  # evaluated, and the end of the curriculum
+    warmup_lengths: tuple[int, ...] = (256, 512)  # trained first, evaluated only to advance
+    seed: int = 0
+    eval_samples: int = 200  # final held-out samples per task and length
+    periodic_samples: int = 32  # per task and length, for the periodic check
+    target: float = 0.95
+    advance_at: float = 0.8
+    size: str = "base"
+    vocab_size: int = tiny_tokenizer.DEFAULT_VOCAB_SIZE
+    batch_tokens: int = 65536
+    lr: float = 1e-3  # 2e-3 learnt slower at this size in CPU trials
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    warmup_steps: int = 200
+    eval_every: float = 30.0  # seconds
+    eval_batch_tokens: int = 262144
+    latest_final_stage_start: float = 0.6  # share of the training time by which all lengths are in
+    workers: int = 12
+    max_steps: int | None = None
+    tasks: tuple[str, ...] = tasks.TASK_NAMES
+    log_every: int = 50
+    # Off by default (the loss is on answer tokens only). A weight > 0 adds next-token loss on a
+    # quarter of the prompt positions: denser signal, and attention that reads the filler.
+    context_loss_weight: float = 0.0
+    init: Path | None = None  # start from a saved model folder (and its tokenizer) instead of scratch
+
+    @property
+    def curriculum(self) -> tuple[int, ...]:
+        return tuple(sorted({*self.warmup_lengths, *self.lengths}))
+
+    def __post_init__(self):
+        if min(self.curriculum) < tasks.MIN_LENGTH:
+            raise ValueError(f"lengths below {tasks.MIN_LENGTH} tokens cannot hold every task's prompt")
+
+
+def smoke_config(out: Path) -> TrainConfig:
+    """A CPU run of a few steps that exercises every part (tests use it)."""
+    return TrainConfig(
+        out=out, device="cpu", minutes=2.0, lengths=(256,), warmup_lengths=(), eval_samples=2,
+        periodic_samples=2, size="toy", batch_tokens=1024, warmup_steps=2, eval_every=0.0,
+        eval_batch_tokens=2048, workers=0, max_steps=6, log_every=1,
+    )
+
+
+# ------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Curriculum:
+    """What the main process tells the data workers: the open stage and the task weights."""
+
+    stage: multiprocessing.Value = field(default_factory=lambda: multiprocessing.Value("i", 0))
+    task_weights: multiprocessing.Array = field(default_factory=lambda: multiprocessing.Array("d", [1.0] * 8))
+
+
+def training_example(sample: tasks.Sample, encode: tasks.PieceEncoder, eos_id: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels): labels[t] is the token at t + 1 where that is an answer token, else -100."""
+    answer_ids = [*encode(tasks.completion(sample.answer)), eos_id]
+    ids = [*sample.prompt_ids, *answer_ids]
+    labels = [-100] * (len(sample.prompt_ids) - 1) + answer_ids + [-100]
+    return ids, labels
+
+
+class TrainingBatches(torch.utils.data.IterableDataset):
+    """Endless batches [n, length] of one curriculum length each; every worker has its own seed."""
+
+    def __init__(self, config: TrainConfig, tokenizer_dir: Path, curriculum: Curriculum):
+        self.config = config
+        self.tokenizer_dir = tokenizer_dir
+        self.curriculum = curriculum
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        rng = Random(f"tiny:train:{self.config.seed}:{worker}")
+        tokenizer = tiny_tokenizer.load_tokenizer(self.tokenizer_dir)
+        encode = tasks.TokenizerPieceEncoder(tokenizer)
+        eos_id, pad_id = tokenizer.token_to_id(tiny_tokenizer.EOS_TOKEN), tokenizer.token_to_id(tiny_tokenizer.PAD_TOKEN)
+        curriculum = self.config.curriculum
+        while True:
+            stage = min(self.curriculum.stage.value, len(curriculum) - 1)
+            # Half the batches at the newest length, the rest spread over the shorter ones.
+            length = curriculum[stage] if stage == 0 or rng.random() < 0.5 else curriculum[rng.randrange(stage)]
+            weights = list(self.curriculum.task_weights[: len(self.config.tasks)])
+            count = max(1, self.config.batch_tokens // length)
+            input_ids = torch.full((count, length), pad_id, dtype=torch.long)
+            labels = torch.full((count, length), -100, dtype=torch.long)
+            for row in range(count):
+                task = rng.choices(self.config.tasks, weights)[0]
+                ids, row_labels = training_example(tasks.make_sample(task, rng, encode, length), encode, eos_id)
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                labels[row, : len(row_labels)] = torch.tensor(row_labels)
+            yield input_ids, labels
+
+
+def answer_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                context_loss_weight: float = 0.0, pad_id: int = -1) -> torch.Tensor:
+    """Cross-entropy on answer tokens; the LM head runs on those positions alone (the padded
+    batch never needs its [tokens, vocab] logits). With `context_loss_weight`, plus that weight
+    times the next-token loss on a random quarter of the prompt positions."""
+    hidden = model.model(input_ids=input_ids).last_hidden_state
+    selected = labels != -100
+    loss = F.cross_entropy(model.lm_head(hidden[selected]).float(), labels[selected])
+    if context_loss_weight > 0:
+        next_ids = input_ids[:, 1:]
+        context = (~selected[:, :-1]) & (next_ids != pad_id) & (torch.rand_like(next_ids, dtype=torch.float) < 0.25)
+        context_logits = model.lm_head(hidden[:, :-1][context]).float()
+        loss = loss + context_loss_weight * F.cross_entropy(context_logits, next_ids[context])
+    return loss
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                    eos_ids: Sequence[int], pad_id: int) -> list[list[int]]:
+    """Greedy continuation of left-padded prompts with a full (DynamicCache) KV cache; each
+    result stops before its first end token."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt):] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    eos = torch.tensor(list(eos_ids), device=device)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=True, logits_to_keep=1)
+    generated = []
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        next_ids = out.logits[:, -1].argmax(-1)
+        generated.append(next_ids)
+        finished |= torch.isin(next_ids, eos)
+        if bool(finished.all()):
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(prompts), 1))], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        out = model(input_ids=next_ids[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=out.past_key_values, use_cache=True)
+    results = []
+    eos_set = set(eos_ids)
+    for row in torch.stack(generated, dim=1).tolist():
+        end = next((i for i, token in enumerate(row) if token in eos_set), len(row))
+        results.append(row[:end])
+    return results
+
+
+def evaluate(model: torch.nn.Module, eval_sets: Mapping[tuple[str, int], Sequence[tasks.Sample]], tokenizer,
+             config: TrainConfig) -> dict[str, dict[str, float]]:
+    """Exact-match accuracy {task: {length: accuracy}} by greedy decoding with a full cache."""
+    eos_ids = [tokenizer.token_to_id(tiny_tokenizer.EOS_TOKEN), tokenizer.token_to_id(tiny_tokenizer.PAD_TOKEN)]
+    pad_id = tokenizer.token_to_id(tiny_tokenizer.PAD_TOKEN)
+    was_training = model.training
+    model.eval()
+    accuracy: dict[str, dict[str, float]] = {}
+    with _autocast(config.device):
+        for (task, length), samples in eval_sets.items():
+            per_batch = max(1, config.eval_batch_tokens // length)
+            correct = 0
+            for start in range(0, len(samples), per_batch):
+                batch = samples[start : start + per_batch]
+                outputs = greedy_generate(model, [s.prompt_ids for s in batch], tasks.MAX_NEW_TOKENS[task], eos_ids, pad_id)
+                correct += sum(tasks.exact_match(tokenizer.decode(ids), s.answer) for ids, s in zip(outputs, batch))
+            accuracy.setdefault(task, {})[str(length)] = correct / len(samples)
+    model.train(was_training)
+    return accuracy
+
+
+def cells_at_least(accuracy: Mapping[str, Mapping[str, float]], lengths: Sequence[int], threshold: float) -> bool:
+    return all(accuracy[task][str(length)] >= threshold for task in accuracy for length in lengths)
+
+
+def _autocast(device: str):
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
+    """Linear warm-up over steps, then cosine over the share of the time budget used."""
+    warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    cosine = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * warmup * cosine
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norms and q/k/v biases
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.95), fused=config.device.startswith("cuda"),
+    )
+
+
+class Trainer:
+    """One run: model, optimizer, data workers, evaluations, the log."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.started = time.monotonic()
+        self.deadline = self.started + config.minutes * 60
+        self.out = Path(config.out)
+        torch.manual_seed(config.seed)
+        if config.device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.tokenizer, self.model = self._tokenizer_and_model()
+        self.model.train()
+        self.pad_id = self.tokenizer.token_to_id(tiny_tokenizer.PAD_TOKEN)
+        self.optimizer = make_optimizer(self.model, config)
+        encode = tasks.TokenizerPieceEncoder(self.tokenizer)
+        self.stages = config.curriculum
+        # Periodic checks cover every curriculum length (the log shows the whole picture, and a
+        # resumed model opens at once the stages it already masters); the final set only --lengths.
+        self.periodic_sets = tasks.eval_samples(encode, config.tasks, self.stages, config.periodic_samples, config.seed)
+        self.final_sets = tasks.eval_samples(encode, config.tasks, config.lengths, config.eval_samples, config.seed)
+        self.curriculum = Curriculum()
+        self.log: dict = {
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+            "parameters": tiny_model.parameter_count(self.model),
+            "vocab_size": self.tokenizer.get_vocab_size(),
+            "train": [], "evals": [],
+        }
+        # Room kept for the final evaluation and saving; re-estimated after every periodic check.
+        self.final_eval_reserve = 30.0 if config.device.startswith("cuda") else 5.0
+        self.step = 0
+        self.tokens_seen = 0
+
+    def _tokenizer_and_model(self):
+        config, out = self.config, self.out
+        out.mkdir(parents=True, exist_ok=True)
+        if config.init is None:
+            tokenizer = tiny_tokenizer.build_tokenizer(config.vocab_size, config.seed)
+            tiny_tokenizer.save_tokenizer(tokenizer, out)
+            model = tiny_model.build_model(tiny_model.config_for_tokenizer(out, config.size), config.seed)
+            return tokenizer, model.to(config.device)
+        for name in tiny_model.TOKENIZER_FILES:
+            if (Path(config.init) / name).resolve() != (out / name).resolve():
+                (out / name).write_bytes((Path(config.init) / name).read_bytes())
+        return tiny_tokenizer.load_tokenizer(out), tiny_model.load_model(config.init).to(config.device)
+
+    def elapsed(self) -> float:
+        return round(time.monotonic() - self.started, 1)
+
+    def train_budget(self, train_started: float) -> float:
+        return max(1.0, self.deadline - self.final_eval_reserve - train_started)
+
+    def periodic_check(self, progress: float) -> bool:
+        """Evaluate, open curriculum stages, reweight tasks; True when the target is confirmed
+        on the full held-out set."""
+        config, curriculum = self.config, self.curriculum
+        eval_started = time.monotonic()
+        accuracy = evaluate(self.model, self.periodic_sets, self.tokenizer, config)
+        entry = {"step": self.step, "time": self.elapsed(), "stage": self.stages[curriculum.stage.value],
+                 "samples": config.periodic_samples, "accuracy": accuracy}
+        # The next stage opens when the newest length is learnt, or at the latest when its share
+        # of the time is used up (all stages open by latest_final_stage_start).
+        while curriculum.stage.value + 1 < len(self.stages):
+            stage = curriculum.stage.value
+            ready = cells_at_least(accuracy, [self.stages[stage]], config.advance_at)
+            due = progress >= config.latest_final_stage_start * (stage + 1) / (len(self.stages) - 1)
+            if not (ready or due):
+                break
+            curriculum.stage.value = stage + 1
+            entry["opened"] = self.stages[stage + 1]
+        # Draw the weakest tasks more often (every task keeps at least a third of its share).
+        for index, task in enumerate(config.tasks):
+            mean = sum(accuracy[task].values()) / len(accuracy[task])
+            curriculum.task_weights[index] = 0.5 + (1.0 - mean)
+        passed = False
+        if curriculum.stage.value == len(self.stages) - 1 and cells_at_least(accuracy, config.lengths, config.target):
+            entry["full_accuracy"] = evaluate(self.model, self.final_sets, self.tokenizer, config)
+            passed = cells_at_least(entry["full_accuracy"], config.lengths, config.target)
+        seconds = time.monotonic() - eval_started
+        final_share = len(self.final_sets) * config.eval_samples / (len(self.periodic_sets) * config.periodic_samples)
+        self.final_eval_reserve = max(self.final_eval_reserve, 1.5 * seconds * final_share + 10)
+        entry["eval_seconds"] = round(seconds, 1)
+        self.log["evals"].append(entry)
+        print(json.dumps(entry), flush=True)
+        return passed
+
+    def run(self) -> dict:
+        config = self.config
+        print(f"model: {self.log['parameters']:,} parameters, vocab {self.log['vocab_size']}, "
+              f"device {config.device}", flush=True)
+        batches = torch.utils.data.DataLoader(
+            TrainingBatches(config, self.out, self.curriculum), batch_size=None, num_workers=config.workers,
+            pin_memory=config.device.startswith("cuda"),
+            **({"prefetch_factor": 4, "persistent_workers": True} if config.workers else {}),
+        )
+        train_started = time.monotonic()
+        passed = config.init is not None and self.periodic_check(0.0)
+        last_check, losses = time.monotonic(), []
+        for input_ids, labels in batches:
+            now = time.monotonic()
+            progress = (now - train_started) / self.train_budget(train_started)
+            if passed or progress >= 1.0 or (config.max_steps is not None and self.step >= config.max_steps):
+                break
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate(config, self.step, progress)
+            input_ids = input_ids.to(config.device, non_blocking=True)
+            labels = labels.to(config.device, non_blocking=True)
+            with _autocast(config.device):
+                loss = answer_loss(self.model, input_ids, labels, config.context_loss_weight, self.pad_id)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.step += 1
+            self.tokens_seen += input_ids.numel()
+            losses.append(loss.detach())
+            if self.step % config.log_every == 0:
+                entry = {"step": self.step, "time": self.elapsed(), "length": input_ids.shape[1],
+                         "loss": round(torch.stack(losses).mean().item(), 4),
+                         "lr": round(self.optimizer.param_groups[0]["lr"], 6), "tokens": self.tokens_seen,
+                         "stage": self.stages[self.curriculum.stage.value]}
+                losses = []
+                self.log["train"].append(entry)
+                print(json.dumps(entry), flush=True)
+            if time.monotonic() - last_check >= config.eval_every:
+                passed = self.periodic_check(progress)
+                last_check = time.monotonic()
+        return self.finish(passed, train_started)
+
+    def finish(self, passed: bool, train_started: float) -> dict:
+        config = self.config
+        train_seconds = time.monotonic() - train_started
+        if passed:
+            final = self.log["evals"][-1]["full_accuracy"]
+        else:
+            final = evaluate(self.model, self.final_sets, self.tokenizer, config)
+        self.log["final"] = {
+            "accuracy": final,
+            "task_mean": {task: sum(cells.values()) / len(cells) for task, cells in final.items()},
+            "target": config.target, "eval_samples": config.eval_samples,
+            "passed": cells_at_least(final, config.lengths, config.target),
+            "steps": self.step, "tokens": self.tokens_seen, "train_seconds": round(train_seconds, 1),
+            "tokens_per_second": round(self.tokens_seen / max(1e-9, train_seconds)),
+        }
+        tiny_model.save_model(self.model, self.out, self.out)
+        self.log["final"]["total_seconds"] = self.elapsed()
+        (self.out / "train_log.json").write_text(json.dumps(self.log, indent=1) + "\n")
+        print(json.dumps(self.log["final"]), flush=True)
+        return self.log
+
+
+def train(config: TrainConfig) -> dict:
+    return Trainer(config).run()
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig(out=Path("."))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="model folder to write")
+    p.add_argument("--device", default=defaults.device)
+    p.add_argument("--minutes", type=float, default=defaults.minutes, help="wall-clock budget of the whole run")
+    p.add_argument("--lengths", nargs="+", type=int, default=list(defaults.lengths))
+    p.add_argument("--warmup-lengths", nargs="*", type=int, default=list(defaults.warmup_lengths))
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--eval-samples", type=int, default=defaults.eval_samples, help="per task and length")
+    p.add_argument("--periodic-samples", type=int, default=defaults.periodic_samples)
+    p.add_argument("--target", type=float, default=defaults.target)
+    p.add_argument("--size", choices=sorted(tiny_model.SIZES), default=defaults.size)
+    p.add_argument("--batch-tokens", type=int, default=defaults.batch_tokens)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--eval-every", type=float, default=defaults.eval_every, help="seconds")
+    p.add_argument("--workers", type=int, default=defaults.workers, help="data worker processes")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--tasks", nargs="+", choices=tasks.TASK_NAMES, default=list(tasks.TASK_NAMES))
+    p.add_argument("--context-loss-weight", type=float, default=defaults.context_loss_weight,
+                   help="> 0 adds next-token loss on prompt tokens (default: answer tokens only)")
+    p.add_argument("--init", type=Path, default=None, help="continue from a saved model folder")
+    p.add_argument("--smoke", action="store_true", help="a few CPU steps of a toy model at 256 tokens")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if args.smoke:
+        return replace(smoke_config(args.out), init=args.init)
+    return TrainConfig(
+        out=args.out, device=args.device, minutes=args.minutes, lengths=tuple(args.lengths),
+        warmup_lengths=tuple(args.warmup_lengths), seed=args.seed, eval_samples=args.eval_samples,
+        periodic_samples=args.periodic_samples, target=args.target, size=args.size,
+        batch_tokens=args.batch_tokens, lr=args.lr, eval_every=args.eval_every, workers=args.workers,
+        max_steps=args.max_steps, tasks=tuple(args.tasks), context_loss_weight=args.context_loss_weight,
+        init=args.init,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    train(config_from_args(build_parser().parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,248 @@
+"""The tiny quality-test model: task generators, tokenizer, model folder, training smoke run."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval.tiny import model as tiny_model
+from eval.tiny import tasks
+from eval.tiny import tokenizer as tiny_tokenizer
+from eval.tiny import train as tiny_train
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return tiny_tokenizer.save_tokenizer(tiny_tokenizer.build_tokenizer(), tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return tiny_tokenizer.load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def encode(tokenizer):
+    return tasks.TokenizerPieceEncoder(tokenizer)
+
+
+def _samples(encode, length=512, count=6, seed=7):
+    return [
+        tasks.make_sample(task, tasks.sample_rng(seed, "test", task, length, index), encode, length)
+        for task in tasks.TASK_NAMES
+        for index in range(count)
+    ]
+
+
+def _context(sample: tasks.Sample) -> str:
+    return sample.prompt.rsplit("\n\nQuestion:", 1)[0]
+
+
+# ---------------------------------------------------------------------------------------- tasks
+
+
+def test_generators_are_deterministic_per_seed(encode):
+    for task in tasks.TASK_NAMES:
+        first = tasks.make_sample(task, tasks.sample_rng(1, "train", task, 512, 0), encode, 512)
+        again = tasks.make_sample(task, tasks.sample_rng(1, "train", task, 512, 0), encode, 512)
+        other = tasks.make_sample(task, tasks.sample_rng(2, "train", task, 512, 0), encode, 512)
+        assert first == again
+        assert other.prompt != first.prompt and other.answer != first.answer
+
+
+def test_answer_is_in_the_context_exactly_once_and_distractors_differ(encode):
+    for sample in _samples(encode):
+        context, answer = _context(sample), sample.answer
+        assert tasks.answer_is_unambiguous(sample)
+        if sample.task == "passkey":
+            assert context.count(answer) == 1
+            decoys = re.findall(r"The (?:[a-z]+ )?(?:code|number) is (\d+)\.", context)
+            assert decoys and answer not in decoys
+        elif sample.task == "multikey":
+            needles = re.findall(r"numbers for ([a-z]+-[a-z]+) is: (\d+)\.", context)
+            asked = re.search(r"number for ([a-z]+-[a-z]+) mentioned", sample.prompt).group(1)
+            assert len(needles) >= 2 and len({key for key, _ in needles}) == len(needles)
+            assert [value for key, value in needles if key == asked] == [answer]
+            assert context.count(answer) == 1
+        elif sample.task == "kv":
+            records = dict(re.findall(r"^([0-9a-f]{4}-[0-9a-f]{4}): (\d{6})$", context, flags=re.M))
+            asked = re.search(r"value of key ([0-9a-f-]+)\?", sample.prompt).group(1)
+            assert len(re.findall(rf"^{asked}:", context, flags=re.M)) == 1 and records[asked] == answer
+            assert context.count(answer) == 1 and len(records) > 10
+        else:
+            value = re.search(r"assigned the value (\d+)", sample.prompt).group(1)
+            starts = re.findall(r"VAR ([A-Z]{5}) = (\d+)\.", context)
+            assert len(starts) >= 2 and sorted(v for _, v in starts).count(value) == 1
+            names = answer.split()
+            assert names[0] == dict((v, n) for n, v in starts)[value]
+            for previous, name in zip(names, names[1:]):
+                assert context.count(f"VAR {name} = VAR {previous}.") == 1
+            assert context.count(value) == 1
+
+
+def test_prompts_fit_their_token_budget_and_use_it(encode):
+    for length in (512, 1024):
+        for sample in _samples(encode, length=length, count=3):
+            used = len(sample.prompt_ids) + tasks.MAX_NEW_TOKENS[sample.task]
+            assert length - 40 <= used <= length, (sample.task, length, used)
+            assert sample.prompt.endswith("\nAnswer:")
+
+
+def test_prompt_ids_are_the_tokenization_of_the_prompt(encode, tokenizer):
+    for sample in _samples(encode, length=1024, count=3):
+        assert tuple(tokenizer.encode(sample.prompt, add_special_tokens=False).ids) == sample.prompt_ids
+        answer_ids = tokenizer.encode(tasks.completion(sample.answer), add_special_tokens=False).ids
+        full = tokenizer.encode(sample.prompt + tasks.completion(sample.answer), add_special_tokens=False).ids
+        assert full == [*sample.prompt_ids, *answer_ids]
+        assert len(answer_ids) + 1 <= tasks.MAX_NEW_TOKENS[sample.task]
+
+
+def test_depth_moves_the_needle(encode):
+    def needle_position(depth: float) -> float:
+        sample = tasks.make_sample("passkey", tasks.sample_rng(0, "test", "passkey", 1024, 0), encode, 1024, depth)
+        context = _context(sample)
+        return context.index("The pass key is") / len(context)
+
+    assert needle_position(0.0) < 0.1 < 0.4 < needle_position(0.5) < 0.6 < 0.9 < needle_position(1.0)
+
+
+def test_eval_samples_are_held_out_from_training_streams(encode):
+    held_out = tasks.eval_samples(encode, ["passkey"], [512], 4, seed=0)[("passkey", 512)]
+    training = [tasks.make_sample("passkey", tasks.sample_rng(0, "train", "passkey", 512, i), encode, 512) for i in range(4)]
+    assert not {s.answer for s in held_out} & {s.answer for s in training}
+    assert [s.depth for s in held_out] == [0.125, 0.375, 0.625, 0.875]
+
+
+def test_exact_match_scoring():
+    assert tasks.exact_match(" 48213", "48213")
+    assert tasks.exact_match("48213\nmore text", "48213")
+    assert tasks.exact_match(" QZXTA MWLEP", "QZXTA MWLEP")
+    assert not tasks.exact_match(" 48213.", "48213")
+    assert not tasks.exact_match(" 4821", "48213")
+    assert not tasks.exact_match(" 482130", "48213")
+    assert not tasks.exact_match(" MWLEP QZXTA", "QZXTA MWLEP")
+    assert not tasks.exact_match("", "48213")
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+
+
+def test_tokenizer_round_trips_task_text_and_spells_digits(encode, tokenizer):
+    for sample in _samples(encode, count=1):
+        text = sample.prompt + tasks.completion(sample.answer)
+        assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False).ids) == text
+    for digit in "0123456789":
+        assert tokenizer.token_to_id(digit) is not None
+    ids = tokenizer.encode("The pass key is 4821395.", add_special_tokens=False).ids
+    assert [tokenizer.id_to_token(i) for i in ids[-8:]] == [*"4821395", "."]
+    assert 1000 <= tokenizer.get_vocab_size() <= 8192
+
+
+def test_hf_tokenizer_folder_loads_offline_with_chat_template(tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    assert config["chat_template"] and (tokenizer_dir / "special_tokens_map.json").exists()
+    assert hf.eos_token == "<|im_end|>" and hf.pad_token == "<|endoftext|>"
+    rendered = hf.apply_chat_template([{"role": "user", "content": "What is the pass key?"}],
+                                      tokenize=False, add_generation_prompt=True)
+    assert rendered == "<|im_start|>user\nWhat is the pass key?<|im_end|>\n<|im_start|>assistant\n"
+    ids = hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert ids[0] == hf.convert_tokens_to_ids("<|im_start|>") and hf.convert_tokens_to_ids("<|im_end|>") in ids
+
+
+# ---------------------------------------------------------------------------------- model, train
+
+
+def test_greedy_generate_with_left_padding_matches_one_by_one(tokenizer_dir, encode):
+    model = tiny_model.build_model(tiny_model.config_for_tokenizer(tokenizer_dir, "toy"), seed=3).eval()
+    prompts = [s.prompt_ids for s in _samples(encode, length=256, count=1)]
+    assert len({len(p) for p in prompts}) > 1
+    eos_ids, pad_id = [2, 0], 0
+    batched = tiny_train.greedy_generate(model, prompts, 6, eos_ids, pad_id)
+    single = [tiny_train.greedy_generate(model, [p], 6, eos_ids, pad_id)[0] for p in prompts]
+    assert batched == single and any(batched)
+
+
+def test_training_example_puts_labels_on_the_answer_only(encode, tokenizer):
+    sample = _samples(encode, length=256, count=1)[0]
+    eos_id = tokenizer.token_to_id("<|im_end|>")
+    ids, labels = tiny_train.training_example(sample, encode, eos_id)
+    answer_ids = [*encode(tasks.completion(sample.answer)), eos_id]
+    assert len(ids) == len(labels) == len(sample.prompt_ids) + len(answer_ids)
+    targets = [(position, label) for position, label in enumerate(labels) if label != -100]
+    assert [label for _, label in targets] == answer_ids
+    assert all(ids[position + 1] == label for position, label in targets)
+
+
+def test_context_loss_is_off_by_default_and_adds_prompt_loss(tokenizer_dir, encode, tokenizer):
+    model = tiny_model.build_model(tiny_model.config_for_tokenizer(tokenizer_dir, "toy"), seed=1)
+    sample = _samples(encode, length=256, count=1)[0]
+    ids, labels = tiny_train.training_example(sample, encode, tokenizer.token_to_id("<|im_end|>"))
+    ids, labels = torch.tensor([ids]), torch.tensor([labels])
+    answer_only = tiny_train.answer_loss(model, ids, labels)
+    torch.manual_seed(0)
+    with_context = tiny_train.answer_loss(model, ids, labels, context_loss_weight=1.0, pad_id=0)
+    assert tiny_train.TrainConfig(out=Path(".")).context_loss_weight == 0.0
+    assert with_context > answer_only + 1.0  # an untrained model pays ~ln(4096) per prompt token
+
+
+def test_curriculum_rejects_lengths_too_short_for_the_tasks():
+    with pytest.raises(ValueError):
+        tiny_train.TrainConfig(out=Path("."), lengths=(128,))
+
+
+def test_smoke_training_writes_a_loadable_qwen2_folder(tmp_path):
+    out = tmp_path / "tiny"
+    assert tiny_train.main(["--out", str(out), "--smoke"]) == 0
+
+    assert tiny_model.saved_architecture(out) == ["Qwen2ForCausalLM"]
+    for name in ("config.json", "model.safetensors", "generation_config.json", *tiny_model.TOKENIZER_FILES):
+        assert (out / name).is_file(), name
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["final"]["steps"] == 6 and set(log["final"]["accuracy"]) == set(tasks.TASK_NAMES)
+    assert all(set(cells) == {"256"} for cells in log["final"]["accuracy"].values())
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.bfloat16}
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.head_dim == 16
+    inputs = hf_tokenizer("There is an important pass key hidden. Question: What is the pass key?\nAnswer:",
+                          return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+    # A later run can continue from the folder: same tokenizer, evaluated before its first step.
+    again = tmp_path / "again"
+    assert tiny_train.main(["--out", str(again), "--smoke", "--init", str(out)]) == 0
+    log = json.loads((again / "train_log.json").read_text())
+    assert log["evals"][0]["step"] == 0 and log["config"]["init"] == str(out)
+    assert (again / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+
+
+def test_base_config_is_small_gqa_and_valid_for_sglang(tokenizer_dir, tmp_path):
+    model = tiny_model.build_model(tiny_model.config_for_tokenizer(tokenizer_dir, "base"))
+    config = model.config
+    assert config.num_attention_heads // config.num_key_value_heads == 4 and config.head_dim == 64
+    assert config.max_position_embeddings == 8192 and config.tie_word_embeddings
+    assert config.vocab_size == tiny_tokenizer.load_tokenizer(tokenizer_dir).get_vocab_size()
+    assert 3_000_000 < tiny_model.parameter_count(model) < 5_000_000
+    tiny_model.save_model(model, tokenizer_dir, tmp_path)
+    assert (tmp_path / "model.safetensors").stat().st_size < 10 * 2**20
+
+    from sglang.srt.configs.model_config import ModelConfig
+
+    served = ModelConfig(str(tmp_path))
+    assert (served.head_dim, served.num_key_value_heads, served.context_len) == (64, 2, 8192)
+    assert served.dtype == torch.bfloat16
