@@ -28,9 +28,11 @@ import argparse
 import json
 import re
 import string
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import cache, lru_cache
+from itertools import accumulate
 from pathlib import Path
 from random import Random
 
@@ -180,19 +182,19 @@ def number_sentence(rng: Random) -> str:
 
 
 def filler_items(rng: Random, encode: PieceEncoder, budget: int) -> list[Item]:
-    """Sentences of whole paragraphs in a random order (starting mid-paragraph), until `budget`
-    tokens are used."""
+    """Whole paragraphs in a random order (the first one entered at a random sentence), until
+    `budget` tokens are used."""
     paragraphs = filler_paragraphs()
     items: list[Item] = []
     used = 0
     order: list[int] = []
-    sentence_index = -1  # first paragraph: start at a random sentence
+    first = True
     while True:
         if not order:
             order = rng.sample(range(len(paragraphs)), len(paragraphs))
         sentences = paragraphs[order.pop()]
-        start = rng.randrange(len(sentences)) if sentence_index < 0 else 0
-        sentence_index = 0
+        start = rng.randrange(len(sentences)) if first else 0
+        first = False
         for index in range(start, len(sentences)):
             units = [Item(sentences[index], "\n\n" if index == len(sentences) - 1 else "", filler=True)]
             if rng.random() < NUMBER_SENTENCE_RATE:
@@ -209,16 +211,11 @@ def place(items: list[Item], needles: Sequence[tuple[float, Item]], encode: Piec
     """Insert each (depth, needle) before the first filler item with `depth` (0..1) of the filler
     tokens behind it. Positions come from the filler alone, and needles at the same position
     keep their order in `needles`, so a chain's hops stay in order."""
-    costs = [len(encode(" " + item.text + item.break_after)) for item in items]
-    starts, total = [], 0
-    for cost in costs:
-        starts.append(total)
-        total += cost
-    positions = [next((i for i, start in enumerate(starts) if start >= depth * total), len(items))
-                 for depth, _ in needles]
+    starts = list(accumulate((len(encode(" " + item.text + item.break_after)) for item in items), initial=0))
+    total = starts.pop()
     by_position: dict[int, list[Item]] = {}
-    for position, (_, needle) in sorted(zip(positions, needles), key=lambda pair: pair[0]):
-        by_position.setdefault(position, []).append(needle)
+    for depth, needle in needles:
+        by_position.setdefault(bisect_left(starts, depth * total), []).append(needle)
     placed: list[Item] = []
     for index in range(len(items) + 1):
         placed += by_position.get(index, [])
@@ -446,16 +443,22 @@ def make_sample(task: str, rng: Random, encode: PieceEncoder, length: int, depth
 
 
 def sample_rng(seed: int, split: str, task: str, length: int, index: int) -> Random:
-    """An independent stream per sample; `split` ("train"/"eval") keeps held-out samples apart."""
+    """An independent stream per sample; `split` keeps held-out samples ("eval", "dev") apart
+    from each other and from training (whose workers draw from streams of their own)."""
     return Random(f"tiny:{split}:{seed}:{task}:{length}:{index}")
 
 
+def training_rng(seed: int, worker: int, salt: str = "") -> Random:
+    """The stream a training data worker draws all its samples from."""
+    return Random(f"tiny:train:{seed}:{worker}:{salt}")
+
+
 def eval_samples(encode: PieceEncoder, tasks: Sequence[str], lengths: Sequence[int], count: int,
-                 seed: int) -> dict[tuple[str, int], list[Sample]]:
+                 seed: int, split: str = "eval") -> dict[tuple[str, int], list[Sample]]:
     """Held-out samples per (task, length), needle depths spread evenly over the context."""
     return {
         (task, length): [
-            make_sample(task, sample_rng(seed, "eval", task, length, index), encode, length,
+            make_sample(task, sample_rng(seed, split, task, length, index), encode, length,
                         depth=(index + 0.5) / count)
             for index in range(count)
         ]

@@ -104,7 +104,9 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: int = 
         "model_max_length": model_max_length,
         "split_special_tokens": False,
     }
-    special_tokens_map = {"eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN, "additional_special_tokens": [IM_START, IM_END]}
+    special_tokens_map = {
+        "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN, "additional_special_tokens": [IM_START, IM_END],
+    }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special_tokens_map, indent=2) + "\n")
     return out_dir

@@ -5,7 +5,8 @@
     python -m eval.tiny.train --out DIR --smoke       # a few CPU steps, toy model, 256 tokens
 
 What it does:
-  * builds the tokenizer (tokenizer.py) into DIR and a fresh Qwen2 model (model.py);
+  * builds the tokenizer (tokenizer.py) into DIR and a fresh Qwen2 model (model.py), or
+    continues from a saved folder (--init, its tokenizer kept);
   * streams batches from DataLoader workers: each batch holds samples of one context length
     (about --batch-tokens tokens in all), tasks drawn with weights that favour the tasks the
     last evaluation found weakest;
@@ -13,8 +14,9 @@ What it does:
     held-out accuracy at the current longest length reaches --advance-at on every task, or at
     the latest when its share of the time budget is reached; half of every batch draw is the
     newest length, the rest the shorter ones (so nothing is forgotten);
-  * loss only on the answer tokens (" " + answer + <|im_end|>), AdamW, linear warm-up then a
-    cosine decay over the time budget, bf16 autocast on CUDA, SDPA attention;
+  * loss only on the answer tokens (" " + answer + <|im_end|>) unless --context-loss-weight adds
+    next-token loss on prompt tokens; AdamW, linear warm-up then a cosine decay over the time
+    budget, bf16 autocast on CUDA, SDPA attention;
   * every --eval-every seconds: greedy decoding with a full KV cache on held-out samples,
     exact match per task and length. When every (task, length) cell reaches --target there,
     the full held-out set (--eval-samples per cell) decides whether to stop;
@@ -34,7 +36,6 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from random import Random
 
 import torch
 import torch.nn.functional as F
@@ -125,10 +126,12 @@ class TrainingBatches(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info else 0
-        rng = Random(f"tiny:train:{self.config.seed}:{worker}")
+        # A continued run (--init) draws a new stream rather than replaying the first run's.
+        rng = tasks.training_rng(self.config.seed, worker, str(self.config.init or ""))
         tokenizer = tiny_tokenizer.load_tokenizer(self.tokenizer_dir)
         encode = tasks.TokenizerPieceEncoder(tokenizer)
-        eos_id, pad_id = tokenizer.token_to_id(tiny_tokenizer.EOS_TOKEN), tokenizer.token_to_id(tiny_tokenizer.PAD_TOKEN)
+        eos_id = tokenizer.token_to_id(tiny_tokenizer.EOS_TOKEN)
+        pad_id = tokenizer.token_to_id(tiny_tokenizer.PAD_TOKEN)
         curriculum = self.config.curriculum
         while True:
             stage = min(self.curriculum.stage.value, len(curriculum) - 1)
@@ -147,19 +150,20 @@ class TrainingBatches(torch.utils.data.IterableDataset):
 
 
 def answer_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                context_loss_weight: float = 0.0, pad_id: int = -1) -> torch.Tensor:
-    """Cross-entropy on answer tokens; the LM head runs on those positions alone (the padded
-    batch never needs its [tokens, vocab] logits). With `context_loss_weight`, plus that weight
-    times the next-token loss on a random quarter of the prompt positions."""
+                context_loss_weight: float = 0.0, pad_id: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to minimize, its answer part). The answer part is the cross-entropy on answer
+    tokens; the LM head runs on those positions alone (the padded batch never needs its
+    [tokens, vocab] logits). With `context_loss_weight`, the loss adds that weight times the
+    next-token loss on a random quarter of the prompt positions."""
     hidden = model.model(input_ids=input_ids).last_hidden_state
     selected = labels != -100
-    loss = F.cross_entropy(model.lm_head(hidden[selected]).float(), labels[selected])
-    if context_loss_weight > 0:
-        next_ids = input_ids[:, 1:]
-        context = (~selected[:, :-1]) & (next_ids != pad_id) & (torch.rand_like(next_ids, dtype=torch.float) < 0.25)
-        context_logits = model.lm_head(hidden[:, :-1][context]).float()
-        loss = loss + context_loss_weight * F.cross_entropy(context_logits, next_ids[context])
-    return loss
+    answer = F.cross_entropy(model.lm_head(hidden[selected]).float(), labels[selected])
+    if context_loss_weight <= 0:
+        return answer, answer
+    next_ids = input_ids[:, 1:]
+    context = (~selected[:, :-1]) & (next_ids != pad_id) & (torch.rand_like(next_ids, dtype=torch.float) < 0.25)
+    context_logits = model.lm_head(hidden[:, :-1][context]).float()
+    return answer + context_loss_weight * F.cross_entropy(context_logits, next_ids[context]), answer
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -216,7 +220,8 @@ def evaluate(model: torch.nn.Module, eval_sets: Mapping[tuple[str, int], Sequenc
             correct = 0
             for start in range(0, len(samples), per_batch):
                 batch = samples[start : start + per_batch]
-                outputs = greedy_generate(model, [s.prompt_ids for s in batch], tasks.MAX_NEW_TOKENS[task], eos_ids, pad_id)
+                prompts = [sample.prompt_ids for sample in batch]
+                outputs = greedy_generate(model, prompts, tasks.MAX_NEW_TOKENS[task], eos_ids, pad_id)
                 correct += sum(tasks.exact_match(tokenizer.decode(ids), s.answer) for ids, s in zip(outputs, batch))
             accuracy.setdefault(task, {})[str(length)] = correct / len(samples)
     model.train(was_training)
@@ -261,18 +266,17 @@ class Trainer:
         self.deadline = self.started + config.minutes * 60
         self.out = Path(config.out)
         torch.manual_seed(config.seed)
-        if config.device.startswith("cuda"):
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
         self.tokenizer, self.model = self._tokenizer_and_model()
         self.model.train()
         self.pad_id = self.tokenizer.token_to_id(tiny_tokenizer.PAD_TOKEN)
         self.optimizer = make_optimizer(self.model, config)
         encode = tasks.TokenizerPieceEncoder(self.tokenizer)
         self.stages = config.curriculum
-        # Periodic checks cover every curriculum length (the log shows the whole picture, and a
-        # resumed model opens at once the stages it already masters); the final set only --lengths.
-        self.periodic_sets = tasks.eval_samples(encode, config.tasks, self.stages, config.periodic_samples, config.seed)
+        # Periodic checks ("dev" samples) cover every curriculum length: the log shows the whole
+        # picture, and a resumed model opens at once the stages it already masters. The final
+        # ("eval") set covers --lengths and is only used once the dev checks pass.
+        self.periodic_sets = tasks.eval_samples(encode, config.tasks, self.stages, config.periodic_samples,
+                                                config.seed, split="dev")
         self.final_sets = tasks.eval_samples(encode, config.tasks, config.lengths, config.eval_samples, config.seed)
         self.curriculum = Curriculum()
         self.log: dict = {
@@ -323,18 +327,23 @@ class Trainer:
                 break
             curriculum.stage.value = stage + 1
             entry["opened"] = self.stages[stage + 1]
-        # Draw the weakest tasks more often (every task keeps at least a third of its share).
+        # Draw the weakest tasks more often (a mastered task keeps a third of an unlearnt one's weight).
         for index, task in enumerate(config.tasks):
             mean = sum(accuracy[task].values()) / len(accuracy[task])
             curriculum.task_weights[index] = 0.5 + (1.0 - mean)
+        seconds = time.monotonic() - eval_started
+        # The final set, in prompt tokens, is this many times the periodic one.
+        final_share = sum(length * len(samples) for (_, length), samples in self.final_sets.items()) / sum(
+            length * len(samples) for (_, length), samples in self.periodic_sets.items())
+        final_estimate = seconds * final_share
         passed = False
         if curriculum.stage.value == len(self.stages) - 1 and cells_at_least(accuracy, config.lengths, config.target):
+            full_started = time.monotonic()
             entry["full_accuracy"] = evaluate(self.model, self.final_sets, self.tokenizer, config)
             passed = cells_at_least(entry["full_accuracy"], config.lengths, config.target)
-        seconds = time.monotonic() - eval_started
-        final_share = len(self.final_sets) * config.eval_samples / (len(self.periodic_sets) * config.periodic_samples)
-        self.final_eval_reserve = max(self.final_eval_reserve, 1.5 * seconds * final_share + 10)
-        entry["eval_seconds"] = round(seconds, 1)
+            final_estimate = time.monotonic() - full_started
+        self.final_eval_reserve = max(self.final_eval_reserve, 1.5 * final_estimate + 10)
+        entry["eval_seconds"] = round(time.monotonic() - eval_started, 1)
         self.log["evals"].append(entry)
         print(json.dumps(entry), flush=True)
         return passed
@@ -345,13 +354,13 @@ class Trainer:
               f"device {config.device}", flush=True)
         batches = torch.utils.data.DataLoader(
             TrainingBatches(config, self.out, self.curriculum), batch_size=None, num_workers=config.workers,
-            pin_memory=config.device.startswith("cuda"),
-            **({"prefetch_factor": 4, "persistent_workers": True} if config.workers else {}),
+            pin_memory=config.device.startswith("cuda"), **({"prefetch_factor": 4} if config.workers else {}),
         )
         train_started = time.monotonic()
         passed = config.init is not None and self.periodic_check(0.0)
         last_check, losses = time.monotonic(), []
-        for input_ids, labels in batches:
+        stream = iter(batches)
+        for input_ids, labels in stream:
             now = time.monotonic()
             progress = (now - train_started) / self.train_budget(train_started)
             if passed or progress >= 1.0 or (config.max_steps is not None and self.step >= config.max_steps):
@@ -361,17 +370,18 @@ class Trainer:
             input_ids = input_ids.to(config.device, non_blocking=True)
             labels = labels.to(config.device, non_blocking=True)
             with _autocast(config.device):
-                loss = answer_loss(self.model, input_ids, labels, config.context_loss_weight, self.pad_id)
+                loss, answer_part = answer_loss(self.model, input_ids, labels, config.context_loss_weight, self.pad_id)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.optimizer.step()
             self.step += 1
             self.tokens_seen += input_ids.numel()
-            losses.append(loss.detach())
+            losses.append(torch.stack([loss.detach(), answer_part.detach()]))
             if self.step % config.log_every == 0:
+                mean_loss, mean_answer_loss = torch.stack(losses).mean(0).tolist()
                 entry = {"step": self.step, "time": self.elapsed(), "length": input_ids.shape[1],
-                         "loss": round(torch.stack(losses).mean().item(), 4),
+                         "loss": round(mean_loss, 4), "answer_loss": round(mean_answer_loss, 4),
                          "lr": round(self.optimizer.param_groups[0]["lr"], 6), "tokens": self.tokens_seen,
                          "stage": self.stages[self.curriculum.stage.value]}
                 losses = []
@@ -380,6 +390,7 @@ class Trainer:
             if time.monotonic() - last_check >= config.eval_every:
                 passed = self.periodic_check(progress)
                 last_check = time.monotonic()
+        del stream  # stops the data workers before the final evaluation
         return self.finish(passed, train_started)
 
     def finish(self, passed: bool, train_started: float) -> dict:

@@ -112,8 +112,11 @@ def test_depth_moves_the_needle(encode):
 
 def test_eval_samples_are_held_out_from_training_streams(encode):
     held_out = tasks.eval_samples(encode, ["passkey"], [512], 4, seed=0)[("passkey", 512)]
-    training = [tasks.make_sample("passkey", tasks.sample_rng(0, "train", "passkey", 512, i), encode, 512) for i in range(4)]
-    assert not {s.answer for s in held_out} & {s.answer for s in training}
+    dev = tasks.eval_samples(encode, ["passkey"], [512], 4, seed=0, split="dev")[("passkey", 512)]
+    rng = tasks.training_rng(seed=0, worker=0)
+    training = [tasks.make_sample("passkey", rng, encode, 512) for _ in range(4)]
+    answers = [{s.answer for s in samples} for samples in (held_out, dev, training)]
+    assert all(len(a) == 4 for a in answers) and not (answers[0] & answers[1] or answers[0] & answers[2])
     assert [s.depth for s in held_out] == [0.125, 0.375, 0.625, 0.875]
 
 
@@ -187,10 +190,10 @@ def test_context_loss_is_off_by_default_and_adds_prompt_loss(tokenizer_dir, enco
     sample = _samples(encode, length=256, count=1)[0]
     ids, labels = tiny_train.training_example(sample, encode, tokenizer.token_to_id("<|im_end|>"))
     ids, labels = torch.tensor([ids]), torch.tensor([labels])
-    answer_only = tiny_train.answer_loss(model, ids, labels)
-    torch.manual_seed(0)
-    with_context = tiny_train.answer_loss(model, ids, labels, context_loss_weight=1.0, pad_id=0)
+    answer_only, answer_part = tiny_train.answer_loss(model, ids, labels)
+    with_context, same_answer_part = tiny_train.answer_loss(model, ids, labels, context_loss_weight=1.0, pad_id=0)
     assert tiny_train.TrainConfig(out=Path(".")).context_loss_weight == 0.0
+    assert answer_only == answer_part and torch.allclose(answer_part, same_answer_part)
     assert with_context > answer_only + 1.0  # an untrained model pays ~ln(4096) per prompt token
 
 
