@@ -3,8 +3,9 @@
     sglang-kvc demo [--config configs/qwen_8x.yaml] [--model PATH] [--device cpu|cuda] [--samples 3]
 
 Loads a local transformers model folder (by default the project's bundled small model,
-`eval/tiny/model`, trained by `python -m eval.tiny.train`), builds a few seeded passkey
-retrieval prompts, answers each greedily with a full `DynamicCache` and with the
+`eval/tiny/model`, trained by `python -m eval.tiny.train`), builds a few seeded retrieval
+prompts in the formats that model was trained on (`eval/tiny/tasks.py`: pass key, key-value
+lookup), answers each greedily with a full `DynamicCache` and with the
 sglang-kvc policy (`hf_reference.CompressedCache`), and prints both answers and what
 each KV cache would occupy. torch/transformers are imported only when the demo runs,
 so the rest of the command line stays quick.
@@ -13,9 +14,7 @@ so the rest of the command line stays quick.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from sglang_kvc.argtypes import positive_int
@@ -26,47 +25,19 @@ DEFAULT_CONFIG = REPO / "configs" / "qwen_8x.yaml"
 EXIT_USAGE = 2
 SEED = 20251129
 
-# ---- passkey prompts (a local stand-in until eval/tiny/tasks.py exists) ----------------------
-
-_INTRO = (
-    "There is an important pass key hidden inside a lot of irrelevant text. "
-    "Find it and memorize it. I will quiz you about the pass key.\n"
-)
-_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
-_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key.\n"
-_QUESTION = "What is the pass key? The pass key is"
+# ---- prompts -----------------------------------------------------------------------------------
+# The bundled model's own task formats (eval/tiny/tasks.py), so that the demo asks what the
+# model was trained to answer. They live in the checkout next to the model, not in the
+# installed package: the demo runs from a clone.
+DEMO_TASKS = ("passkey", "kv")
 
 
-@dataclass(frozen=True)
-class PasskeyPrompt:
-    text: str
-    passkey: str
-    depth: float  # where the needle sits, as a fraction of the filler
+def _import_tiny_tasks():
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from eval.tiny import tasks
 
-
-def passkey_prompt(tokenizer, target_tokens: int, rng: random.Random) -> PasskeyPrompt:
-    """A passkey prompt of at most `target_tokens` tokens (at least one filler line)."""
-    passkey = str(rng.randrange(10_000, 100_000))
-    depth = rng.random()
-
-    def build(filler_lines: int) -> str:
-        before = round(filler_lines * depth)
-        return (
-            _INTRO
-            + _FILLER * before
-            + _NEEDLE.format(key=passkey)
-            + _FILLER * (filler_lines - before)
-            + _QUESTION
-        )
-
-    def length(filler_lines: int) -> int:
-        return len(tokenizer(build(filler_lines))["input_ids"])
-
-    per_line = max(1, length(2) - length(1))
-    lines = max(1, (target_tokens - length(0)) // per_line + 1)
-    while lines > 1 and length(lines) > target_tokens:
-        lines -= 1
-    return PasskeyPrompt(build(lines), passkey, depth)
+    return tasks
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -94,18 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="prompt length, capped by the model's context (default: 1024)",
     )
-    parser.add_argument(
-        "--max-new-tokens", type=positive_int, default=8, metavar="N", help="answer length (default: 8)"
-    )
 
 
 def _error(message: str) -> int:
     print(f"sglang-kvc demo: error: {message}", file=sys.stderr)
     return EXIT_USAGE
-
-
-def _answer_text(tokenizer, token_ids: list[int]) -> str:
-    return tokenizer.decode(token_ids, skip_special_tokens=True).strip().split("\n")[0]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -114,9 +78,9 @@ def main(args: argparse.Namespace) -> int:
     config = load_config(args.config)  # a bad config raises ConfigError: cli.main prints it
     if args.model is None:
         model_dir = BUNDLED_MODEL_DIR
-        if not model_dir.is_dir():
+        if not (model_dir / "model.safetensors").is_file():
             return _error(
-                f"the bundled model is not there yet ({model_dir}); it is trained by "
+                f"the bundled model is not there ({model_dir}); it is trained by "
                 f"`python -m eval.tiny.train`, or pass --model PATH to a local model folder"
             )
     else:
@@ -125,51 +89,54 @@ def main(args: argparse.Namespace) -> int:
             return _error(f"--model: no model folder at {model_dir}")
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
     from sglang_kvc.hf_reference import generate_with_cache, model_shape
     from sglang_kvc.planner import plan_for
 
+    tasks = _import_tiny_tasks()
     transformers_logging.disable_progress_bar()
-
     if args.device == "cuda" and not torch.cuda.is_available():
         return _error("--device cuda: no CUDA device is available")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
     except (OSError, ValueError) as exc:
-        return _error(f"cannot load a model and tokenizer from {model_dir}: {exc}")
+        return _error(f"cannot load a model and tokenizer.json from {model_dir}: {exc}")
+    end_of_answer = tokenizer.token_to_id("<|im_end|>")
 
     shape = model_shape(model.config)
     plan_for(config, shape)  # a config that does not fit the model (group size, Hadamard) stops here
-    prompt_tokens = min(args.prompt_tokens, shape.context_len - args.max_new_tokens)
+    length = min(args.prompt_tokens, shape.context_len)
+    if length < tasks.MIN_LENGTH:
+        return _error(f"--prompt-tokens: at least {tasks.MIN_LENGTH} (the shortest prompt every task fits)")
     print(
         f"sglang-kvc demo: {model_dir} ({type(model).__name__}, {shape.num_layers} layers, "
         f"{shape.kv_heads} KV heads, head_dim {shape.head_dim}), config {config.name}, "
         f"device {args.device}"
     )
-    rng = random.Random(SEED)
+    encode = tasks.TokenizerPieceEncoder(tokenizer)
     correct = {"full": 0, "compressed": 0}
-    for sample in range(1, args.samples + 1):
-        prompt = passkey_prompt(tokenizer, prompt_tokens, rng)
-        encoded = tokenizer(prompt.text, return_tensors="pt")
+    for index in range(args.samples):
+        task = DEMO_TASKS[index % len(DEMO_TASKS)]
+        sample = tasks.make_sample(task, tasks.sample_rng(SEED, "demo", task, length, index), encode, length)
         print(
-            f"\nsample {sample}/{args.samples}: {encoded['input_ids'].shape[1]:,} prompt tokens, "
-            f"pass key {prompt.passkey} at {prompt.depth:.0%} depth"
+            f"\nsample {index + 1}/{args.samples}: {task}, {len(sample.prompt_ids):,} prompt tokens, "
+            f"answer {sample.answer} at {sample.depth:.0%} depth"
+            if sample.depth is not None else
+            f"\nsample {index + 1}/{args.samples}: {task}, {len(sample.prompt_ids):,} prompt tokens, "
+            f"answer {sample.answer}"
         )
-        full = generate_with_cache(
-            model, encoded, None, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id
-        )
-        compressed = generate_with_cache(
-            model, encoded, config, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id
-        )
-        for label, result in (("full", full), ("compressed", compressed)):
-            answer = _answer_text(tokenizer, result.token_ids)
-            hit = prompt.passkey in answer
+        for label, cache_config in (("full", None), ("compressed", config)):
+            result = generate_with_cache(model, list(sample.prompt_ids), cache_config, tasks.MAX_NEW_TOKENS[task],
+                                         eos_token_id=end_of_answer)
+            answer = tasks.extract_answer(tokenizer.decode(result.token_ids, skip_special_tokens=True))
+            hit = answer == sample.answer
             correct[label] += hit
-            note = "bf16" if label == "full" else (
+            note = "bf16" if cache_config is None else (
                 f"{result.bf16_kv_bytes / result.kv_bytes:.2f}x smaller; kept tokens per layer "
                 f"{max(result.cache.kept_tokens())}..{min(result.cache.kept_tokens())}"
             )
@@ -178,7 +145,7 @@ def main(args: argparse.Namespace) -> int:
                 f" KV {result.kv_bytes:>12,} bytes ({note})"
             )
     print(
-        f"\npass key found: full cache {correct['full']}/{args.samples}, "
+        f"\nexact answers: full cache {correct['full']}/{args.samples}, "
         f"compressed cache {correct['compressed']}/{args.samples}"
     )
     return 0
