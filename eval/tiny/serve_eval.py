@@ -1,0 +1,303 @@
+"""The tiny model's suites against SGLang servers: stock, and one per compression config.
+
+    python eval/tiny/serve_eval.py --configs bf16 configs/qwen_8x.yaml ... --out DIR \
+        [--model-path eval/tiny/model] [--lengths 1024 2048 4096 8192] [--samples 25] \
+        [--shared-contexts 20] [--shared-questions 4] [--shared-length 8192] [--deadline-s 540]
+
+Per config it starts `python -m sglang.launch_server` on the bundled model (with
+`--kv-compress CONFIG`, or stock for `bf16`; a name:path form such as
+`qwen_8x+triton:configs/qwen_8x.yaml` with SGLANG_KVC_TRITON=1 set for the server when the
+name ends in `+triton`), then:
+
+  * suite: the held-out samples of eval/tiny/quality.py (same token ids, same seed), sent as
+    `input_ids` to /generate, greedy, stopped at <|im_end|>; exact match of the first line.
+    The predictions are kept, so they can be compared one by one with the transformers
+    reference path (eval/tiny/quality.py) on the same samples;
+  * shared context (key-value lookups): one record list per context and several questions
+    about different records, each a separate request whose prompt is document + question:
+      - shared: the first question of a context is answered first, then the others at once,
+        so they reuse the document from the radix cache (compressed under the first question);
+      - isolated: the radix cache is flushed before every request, so each question
+        prefills (and compresses) the document itself.
+    Both modes are scored the same way; the gap is the cost of reusing a compressed prefix.
+
+Writes DIR/serve_eval.json after every config (a deadline or a failure keeps what was
+measured) and DIR/serve_eval.md. Server logs: DIR/server-NAME.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from eval.server_capacity import gpu_memory_used_mib, http_json, stop, wait_healthy  # noqa: E402
+from eval.tiny import tasks  # noqa: E402
+from eval.tiny.quality import MODEL_DIR, Suite  # noqa: E402
+
+SERVER_ARGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--host", "127.0.0.1",
+               "--context-length", "8192", "--mem-fraction-static", "0.5"]
+# Stock runs use the graph and scheduler settings --kv-compress forces: they differ in the pool only.
+STOCK_SAME_AS_COMPRESSED = ["--disable-decode-cuda-graph", "--disable-prefill-cuda-graph", "--disable-overlap-schedule"]
+RECORD_LINE = re.compile(r"^([0-9a-f]{4}-[0-9a-f]{4}): (\d{6})$", re.MULTILINE)
+
+
+# ---- requests -----------------------------------------------------------------------------------
+def answer(url: str, input_ids: list[int], max_new_tokens: int, end_of_answer: int, decode) -> dict:
+    payload = {"input_ids": input_ids,
+               "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0,
+                                   "stop_token_ids": [end_of_answer]}}
+    result = http_json(url + "/generate", payload)
+    meta = result.get("meta_info", {})
+    output_ids = [t for t in result.get("output_ids", []) if t != end_of_answer]
+    return {"answer": tasks.extract_answer(decode(output_ids)), "cached_tokens": meta.get("cached_tokens")}
+
+
+def flush_cache(url: str) -> None:
+    """SGLang answers /flush_cache with plain text, not JSON."""
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(url + "/flush_cache", data=b"{}", method="POST"),
+                                timeout=60) as response:
+        response.read()
+
+
+# ---- shared-context groups ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ContextGroup:
+    document_ids: tuple[int, ...]  # header + records, identical in every prompt of the group
+    questions: tuple[tuple[tuple[int, ...], str], ...]  # (question + answer prefix ids, answer)
+
+
+def shared_context_groups(encode, contexts: int, questions: int, length: int, seed: int) -> list[ContextGroup]:
+    """Key-value contexts (eval/tiny/tasks.py `kv`), each asked about `questions` records spread
+    over the list (the sample's own record first). Each prompt has the length budget of a
+    normal `kv` sample: the questions are the same size."""
+    groups = []
+    for index in range(contexts):
+        sample = tasks.make_sample("kv", tasks.sample_rng(seed, "shared", "kv", length, index), encode, length,
+                                   depth=(index + 0.5) / contexts)
+        question_start = sample.prompt.rindex("Question:")
+        document = sample.prompt[:question_start]
+        document_ids = sample.prompt_ids[: len(sample.prompt_ids) - len(encode(sample.prompt[question_start:]))]
+        records = RECORD_LINE.findall(document)
+        unique = [(key, value) for key, value in records if document.count(value) == 1 and document.count(key) == 1]
+        own = [record for record in unique if record[1] == sample.answer]
+        others = [record for record in unique if record[1] != sample.answer]
+        step = max(1, len(others) // max(1, questions - 1))
+        chosen = own + others[step // 2 :: step][: questions - 1]
+        groups.append(ContextGroup(tuple(document_ids), tuple(
+            (tuple(encode(tasks.KV_QUESTION.format(key=key) + "\n" + tasks.ANSWER_PREFIX)), value)
+            for key, value in chosen)))
+    return groups
+
+
+# ---- one server -----------------------------------------------------------------------------------
+def run_suite(url, samples, end_of_answer, decode, concurrency: int) -> dict:
+    items = [(task, length, index, sample) for (task, length), group in samples.items()
+             for index, sample in enumerate(group)]
+
+    def one(item):
+        task, length, index, sample = item
+        return item, answer(url, list(sample.prompt_ids), tasks.MAX_NEW_TOKENS[task], end_of_answer, decode)
+
+    correct: dict[str, dict[str, list[int]]] = {}
+    predictions = {}
+    with ThreadPoolExecutor(concurrency) as pool:
+        for (task, length, index, sample), result in pool.map(one, items):
+            cell = correct.setdefault(task, {}).setdefault(str(length), [0, 0])
+            cell[0] += result["answer"] == sample.answer
+            cell[1] += 1
+            predictions[f"{task}-{length}-{index}"] = result["answer"]
+    accuracy = {task: {length: hits / total for length, (hits, total) in by_length.items()}
+                for task, by_length in correct.items()}
+    cells = [value for by_length in accuracy.values() for value in by_length.values()]
+    return {"accuracy": accuracy, "mean_accuracy": sum(cells) / len(cells), "predictions": predictions}
+
+
+def run_shared_context(url, groups: list[ContextGroup], end_of_answer, decode, concurrency: int) -> dict:
+    max_new = tasks.MAX_NEW_TOKENS["kv"]
+    result = {}
+    # isolated: nothing reused
+    hits = total = 0
+    for group in groups:
+        for question_ids, expected in group.questions:
+            flush_cache(url)
+            got = answer(url, list(group.document_ids + question_ids), max_new, end_of_answer, decode)
+            hits += got["answer"] == expected
+            total += 1
+    result["isolated"] = {"accuracy": hits / total, "requests": total}
+    # shared: first question alone, then the rest together, reusing the cached document
+    hits = total = later_hits = later_total = cached = 0
+    flush_cache(url)
+    with ThreadPoolExecutor(concurrency) as pool:
+        for group in groups:
+            prompts = [(list(group.document_ids + q), expected) for q, expected in group.questions]
+            first = answer(url, prompts[0][0], max_new, end_of_answer, decode)
+            hits += first["answer"] == prompts[0][1]
+            total += 1
+            for (_, expected), got in zip(prompts[1:], pool.map(
+                    lambda p: answer(url, p[0], max_new, end_of_answer, decode), prompts[1:])):
+                ok = got["answer"] == expected
+                hits += ok
+                later_hits += ok
+                total += 1
+                later_total += 1
+                cached += (got["cached_tokens"] or 0) >= len(group.document_ids) - 1
+    result["shared"] = {"accuracy": hits / total, "requests": total,
+                        "accuracy_of_reusing_requests": later_hits / max(1, later_total),
+                        "reusing_requests": later_total, "served_document_from_cache": cached}
+    return result
+
+
+def run_config(args, name: str, config: str | None, samples, groups, tokenizer, end_of_answer) -> dict:
+    command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(args.model_path.resolve()),
+               "--port", str(args.port), *SERVER_ARGS]
+    command += STOCK_SAME_AS_COMPRESSED if config is None else ["--kv-compress", str(Path(config).resolve())]
+    env = dict(os.environ)
+    if name.endswith("+triton"):
+        env["SGLANG_KVC_TRITON"] = "1"
+    record: dict = {"name": name, "config": config, "command": shlex.join(command),
+                    "env": {"SGLANG_KVC_TRITON": env.get("SGLANG_KVC_TRITON", "")}}
+    log_path = args.out / f"server-{name.replace('+', '-')}.log"
+    url = f"http://127.0.0.1:{args.port}"
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    with open(log_path, "w") as log:
+        # A neutral working directory: from the repository root, the source folder would
+        # shadow the installed package (whose kernels/ and patches/ are mapped into it).
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   cwd=args.out.resolve(), env=env)
+    try:
+        record["startup_s"] = round(wait_healthy(url, process, 300), 1)
+        info = http_json(url + "/server_info")
+        record["max_total_num_tokens"] = info.get("max_total_num_tokens")
+        record["gpu_memory_used_mib"] = gpu_memory_used_mib()
+        start = time.time()
+        record["suite"] = run_suite(url, samples, end_of_answer, decode, args.concurrency)
+        record["suite_seconds"] = round(time.time() - start, 1)
+        start = time.time()
+        if groups:
+            record["shared_context"] = run_shared_context(url, groups, end_of_answer, decode, args.concurrency)
+            record["shared_context_seconds"] = round(time.time() - start, 1)
+        record["ok"] = process.poll() is None
+    except Exception as exc:  # noqa: BLE001 - recorded; the next config still runs
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["ok"] = False
+    finally:
+        stop(process)
+        record["server_log_tail"] = log_path.read_text(errors="replace").splitlines()[-30:]
+    return record
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def markdown(report: dict) -> str:
+    suite = report["suite"]
+    columns = [(task, str(length)) for task in suite["tasks"] for length in suite["lengths"]]
+    lines = [f"# Tiny model on SGLang servers ({report['date']}, {report['device']})", "",
+             f"`{report['command']}`", "",
+             f"sglang {report['versions']['sglang']}, torch {report['versions']['torch']}. Suite: "
+             f"{suite['samples']} held-out samples per cell (seed {suite['seed']}), greedy, exact match. "
+             f"Shared context: {report['shared_context']['contexts']} key-value contexts x "
+             f"{report['shared_context']['questions']} questions at {report['shared_context']['length']} tokens.", "",
+             "| server | mean acc | rel. to bf16 | " + " | ".join(f"{t} {n}" for t, n in columns)
+             + " | shared-context isolated | shared | reusing requests | doc from cache |",
+             "|---|---:|---:|" + "---:|" * len(columns) + "---:|---:|---:|---:|"]
+    base = next((r for r in report["servers"] if r["name"] == "bf16" and "suite" in r), None)
+    for record in report["servers"]:
+        if "suite" not in record:
+            lines.append(f"| {record['name']} | error: {record.get('error', '?')} |")
+            continue
+        s = record["suite"]
+        relative = f"{100 * s['mean_accuracy'] / base['suite']['mean_accuracy']:.1f}%" if base else "-"
+        cells = [f"{s['accuracy'].get(t, {}).get(n, float('nan')):.2f}" for t, n in columns]
+        shared = record.get("shared_context")
+        tail = (["-"] * 4 if not shared else
+                [f"{shared['isolated']['accuracy']:.2f}", f"{shared['shared']['accuracy']:.2f}",
+                 f"{shared['shared']['accuracy_of_reusing_requests']:.2f}",
+                 f"{shared['shared']['served_document_from_cache']}/{shared['shared']['reusing_requests']}"])
+        lines.append(f"| {record['name']} | {s['mean_accuracy']:.3f} | {relative} | " + " | ".join(cells + tail) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_config(text: str) -> tuple[str, str | None]:
+    if text == "bf16":
+        return "bf16", None
+    if ":" in text:
+        name, path = text.split(":", 1)
+        return name, path
+    return Path(text).stem, text
+
+
+def main(argv: list[str] | None = None) -> int:
+    import importlib.metadata
+
+    import torch
+    from tokenizers import Tokenizer
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", required=True, help="bf16, a YAML path, or NAME:PATH")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model-path", type=Path, default=MODEL_DIR)
+    parser.add_argument("--tasks", nargs="+", default=["passkey", "kv"], choices=tasks.TASK_NAMES)
+    parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--samples", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shared-contexts", type=int, default=20)
+    parser.add_argument("--shared-questions", type=int, default=4)
+    parser.add_argument("--shared-length", type=int, default=8192)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--port", type=int, default=30123)
+    parser.add_argument("--deadline-s", type=float, default=None, help="start no new server after this many seconds")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    tokenizer = Tokenizer.from_file(str(args.model_path / "tokenizer.json"))
+    encode = tasks.TokenizerPieceEncoder(tokenizer)
+    end_of_answer = tokenizer.token_to_id("<|im_end|>")
+    suite = Suite(tuple(args.tasks), tuple(args.lengths), args.samples, args.seed)
+    samples = tasks.eval_samples(encode, suite.tasks, suite.lengths, suite.samples, suite.seed)
+    groups = shared_context_groups(encode, args.shared_contexts, args.shared_questions, args.shared_length, args.seed)
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "eval/tiny/serve_eval.py", *argv]),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "versions": {"sglang": importlib.metadata.version("sglang"), "torch": torch.__version__},
+        "suite": {"tasks": list(suite.tasks), "lengths": list(suite.lengths), "samples": suite.samples,
+                  "seed": suite.seed},
+        "shared_context": {"contexts": len(groups), "questions": args.shared_questions, "length": args.shared_length},
+        "servers": [],
+    }
+    for text in args.configs:
+        if args.deadline_s is not None and time.time() - started > args.deadline_s:
+            report["servers"].append({"name": parse_config(text)[0], "error": "not run: deadline"})
+            continue
+        name, config = parse_config(text)
+        record = run_config(args, name, config, samples, groups, tokenizer, end_of_answer)
+        report["servers"].append(record)
+        print(f"[{name}] startup {record.get('startup_s')} s, suite "
+              f"{record.get('suite', {}).get('mean_accuracy')}, shared "
+              f"{json.dumps({k: v.get('accuracy') for k, v in record.get('shared_context', {}).items()})}, "
+              f"error {record.get('error')}", flush=True)
+        (args.out / "serve_eval.json").write_text(json.dumps(report, indent=1))
+        (args.out / "serve_eval.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

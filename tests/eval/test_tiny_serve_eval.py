@@ -1,0 +1,57 @@
+"""The shared-context groups and the report of eval/tiny/serve_eval.py (the servers run on the GPU)."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer
+
+from eval.tiny import tasks
+from eval.tiny.quality import MODEL_DIR
+from eval.tiny.serve_eval import markdown, parse_config, shared_context_groups
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
+
+
+def test_groups_share_the_document_and_ask_distinct_records(tokenizer):
+    encode = tasks.TokenizerPieceEncoder(tokenizer)
+    groups = shared_context_groups(encode, contexts=3, questions=4, length=1024, seed=7)
+    assert len(groups) == 3
+    for group in groups:
+        document = tokenizer.decode(list(group.document_ids))
+        answers = [expected for _, expected in group.questions]
+        assert len(answers) == 4 and len(set(answers)) == 4
+        for question_ids, expected in group.questions:
+            question = tokenizer.decode(list(question_ids))
+            key = question.split("key ")[1].split("?")[0]
+            assert f"{key}: {expected}" in document  # the asked record is in the shared document
+            assert document.count(expected) == 1
+            assert question.endswith(tasks.ANSWER_PREFIX)
+            assert len(group.document_ids) + len(question_ids) + tasks.MAX_NEW_TOKENS["kv"] <= 1024
+
+
+def test_config_names():
+    assert parse_config("bf16") == ("bf16", None)
+    assert parse_config("configs/qwen_8x.yaml") == ("qwen_8x", "configs/qwen_8x.yaml")
+    assert parse_config("qwen_8x+triton:configs/qwen_8x.yaml") == ("qwen_8x+triton", "configs/qwen_8x.yaml")
+
+
+def test_markdown_reports_relative_accuracy_and_errors():
+    report = {
+        "date": "d", "device": "H200", "command": "c", "versions": {"sglang": "0.5.17", "torch": "2.11"},
+        "suite": {"tasks": ["kv"], "lengths": [1024], "samples": 2, "seed": 0},
+        "shared_context": {"contexts": 1, "questions": 2, "length": 1024},
+        "servers": [
+            {"name": "bf16", "suite": {"mean_accuracy": 0.8, "accuracy": {"kv": {"1024": 0.8}}}},
+            {"name": "x", "suite": {"mean_accuracy": 0.4, "accuracy": {"kv": {"1024": 0.4}}},
+             "shared_context": {"isolated": {"accuracy": 0.5},
+                                "shared": {"accuracy": 0.25, "accuracy_of_reusing_requests": 0.0,
+                                           "served_document_from_cache": 1, "reusing_requests": 1}}},
+            {"name": "y", "error": "RuntimeError: boom"},
+        ],
+    }
+    table = markdown(report)
+    assert "| x | 0.400 | 50.0% | 0.40 | 0.50 | 0.25 | 0.00 | 1/1 |" in table
+    assert "| y | error: RuntimeError: boom |" in table
