@@ -22,7 +22,7 @@ name ends in `+triton`), then:
     Both modes are scored the same way; the gap is the cost of reusing a compressed prefix.
 
 Writes DIR/serve_eval.json after every config (a deadline or a failure keeps what was
-measured) and DIR/serve_eval.md. Server logs: DIR/server-NAME.log.
+measured) and DIR/serve_eval.md. Server logs: --log-dir (default DIR)/server-NAME.log.
 """
 
 from __future__ import annotations
@@ -172,14 +172,14 @@ def run_config(args, name: str, config: str | None, samples, groups, tokenizer, 
         env["SGLANG_KVC_TRITON"] = "1"
     record: dict = {"name": name, "config": config, "command": shlex.join(command),
                     "env": {"SGLANG_KVC_TRITON": env.get("SGLANG_KVC_TRITON", "")}}
-    log_path = args.out / f"server-{name.replace('+', '-')}.log"
+    log_path = args.log_dir / f"server-{name.replace('+', '-')}.log"
     url = f"http://127.0.0.1:{args.port}"
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     with open(log_path, "w") as log:
         # A neutral working directory: from the repository root, the source folder would
         # shadow the installed package (whose kernels/ and patches/ are mapped into it).
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   cwd=args.out.resolve(), env=env)
+                                   cwd=args.log_dir.resolve(), env=env)
     try:
         record["startup_s"] = round(wait_healthy(url, process, 300), 1)
         info = http_json(url + "/server_info")
@@ -261,9 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared-length", type=int, default=8192)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--port", type=int, default=30123)
+    parser.add_argument("--log-dir", type=Path, help="server logs (default: --out); their tails go to the JSON")
     parser.add_argument("--deadline-s", type=float, default=None, help="start no new server after this many seconds")
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.log_dir = args.log_dir or args.out
+    for folder in (args.out, args.log_dir):
+        folder.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
     tokenizer = Tokenizer.from_file(str(args.model_path / "tokenizer.json"))
