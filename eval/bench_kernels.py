@@ -13,9 +13,12 @@ What runs, for Qwen2.5-7B head shapes (28 query heads, 4 KV heads, head_dim 128)
     `decode_window` staged bf16 tokens, every other token evicted. Rows are random
     permutations of each tier's table (free lists of a long-running server hand out
     scattered rows); tables hold random codes / values (timing does not depend on them).
-    Timed: the Triton entry-list builder alone, `decode_attention` alone for several
-    split counts (the engine's `decode_num_splits` choice among them), and both together
-    as the engine runs them (`decode_attention_for_pool`);
+    Timed: the Triton entry-list builder alone; `decode_attention` alone for several
+    split counts (the engine's `decode_num_splits` choice among them), for the v1 split
+    kernel (masked loads of every tier per block, BLOCK_N 16) and the v2 one (one loop
+    per tier) at each BLOCK_N of --block-n (a variant that fails to compile is recorded
+    as an error); and builder + attention together as the engine runs them
+    (`decode_attention_for_pool`: v2 at its default BLOCK_N), and the same with v1;
   * SGLang's `decode_attention_fwd` on bf16 and fp8 (e4m3) KV over the same logical
     tokens (same random slots), best of 8/16/64 KV splits;
   * `write_packed` (the insert kernel) for the low-bit share of a 32K prompt's kept
@@ -98,6 +101,10 @@ PREFILL_TOKENS = 32768  # the write_packed case: one 32K prompt's kept tokens, o
 SMOKE_PREFILL_TOKENS = 300
 
 OUR_SPLITS = (4, 16, 64)  # swept next to the engine's choice
+V2_BLOCK_NS = (16, 32, 64)  # v2's BLOCK_N sweep (v1 stays at its shipped 16)
+V1_BLOCK_N = 16
+ENGINE_BLOCK_N = 16  # decode_attention's default, what decode_attention_for_pool runs
+SMOKE_V2_BLOCK_NS = (16, 32)
 SGLANG_SPLITS = (8, 16, 64)
 SMOKE_SPLITS = (2,)
 SMOKE_SGLANG_SPLITS = (2,)
@@ -259,25 +266,36 @@ def attention_bytes(plan: KVPlan, layer: BenchLayer, batch: Batch) -> dict:
     }
 
 
-def reference_check(layer: BenchLayer, batch: Batch, out: torch.Tensor, scaling: float, tolerance: float) -> dict:
-    """Our output for the first requests against `attention.attend` over the rows the
-    entry lists name, dequantized by the stores (as pool.gather does)."""
+def reference_outputs(layer: BenchLayer, batch: Batch, scaling: float) -> tuple[torch.Tensor, float]:
+    """`attention.attend` for the first requests over the rows the entry lists name,
+    dequantized by the stores (as pool.gather does), and the largest |value| among them."""
     entries = decode_entries(layer.location[0], batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
                              max_seq_len=batch.tokens)
     stores = {TIER_STAGING: layer.staging, TIER_LOWBIT: layer.lowbit, TIER_GUARD: layer.guard}
     indptr = entries.indptr.tolist()
-    error, value_scale = 0.0, 0.0
+    expected, value_scale = [], 0.0
     for b in range(min(CHECK_REQUESTS, batch.batch_size)):
         tiers = entries.tier[indptr[b] : indptr[b + 1]]
         rows = entries.row[indptr[b] : indptr[b + 1]].to(torch.int64)
         keys, values = zip(*(store.read(0, rows[tiers == tier], torch.float32) for tier, store in stores.items()))
         k, v = torch.cat(keys), torch.cat(values)
         no_positions = torch.zeros(k.shape[0], dtype=torch.int64, device=k.device)  # all precede the query
-        expected = attend(batch.q[b : b + 1], no_positions[:1], k, v, no_positions, scaling)[0]
-        error = max(error, float((out[b] - expected).abs().max()))
+        expected.append(attend(batch.q[b : b + 1], no_positions[:1], k, v, no_positions, scaling)[0])
         value_scale = max(value_scale, float(v.abs().max()))
+    return torch.stack(expected), value_scale
+
+
+def reference_check(out: torch.Tensor, expected: torch.Tensor, value_scale: float, tolerance: float) -> dict:
+    """Our output for the first requests against `reference_outputs`."""
+    error = float((out[: expected.shape[0]] - expected).abs().max())
+    if error != error:  # NaN: a row read that should not have been, or an unwritten output
+        error = float("inf")
     return {"max_abs_error": error, "value_scale": value_scale, "tolerance": tolerance * value_scale,
             "ok": error <= tolerance * value_scale}
+
+
+def best_of(by_splits: dict) -> int:
+    return min(by_splits, key=lambda s: by_splits[s]["ms"])
 
 
 def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer, sm_count: int) -> dict:
@@ -289,27 +307,51 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
     list_sizes = {"max_seq_len": batch.tokens, "max_entries": batch.batch_size * batch.tokens}
     entries = decode_entries(*list_args, **list_sizes)
     out = torch.empty(batch.q.shape, dtype=torch.float32, device=batch.q.device)
-    kernel_options = {"dot_precision": args.dot_precision}
+    kernel_options = {"dot_precision": args.dot_precision, "num_stages": args.num_stages}
+    expected, value_scale = reference_outputs(layer, batch, scaling)
+    tolerance = 2e-3 if batch.q.is_cuda else 1e-4  # tf32 dot operands on the GPU; fp32 in the interpreter
+
+    def attention(version, splits, block_n):
+        return lambda: decode_attention(
+            batch.q, entries.indptr, entries.tier, entries.row, *tables, scaling, splits,
+            tier_indptr=entries.tier_indptr, version=version, out=out, block_n=block_n, **kernel_options)
+
+    def check(run) -> dict:
+        out.fill_(float("nan"))  # a variant must write every output itself
+        run()
+        return reference_check(out, expected, value_scale, tolerance)
 
     engine_splits = decode_num_splits(batch.batch_size, shape.kv_heads, batch.tokens, sm_count)
-    by_splits = {}
-    for splits in sorted({engine_splits, *args.splits}):
-        by_splits[splits] = timer(lambda: decode_attention(
-            batch.q, entries.indptr, entries.tier, entries.row, *tables, scaling, splits, out=out,
-            **kernel_options))
-    best_splits = min(by_splits, key=lambda s: by_splits[s]["ms"])
+    splits_options = sorted({engine_splits, *args.splits})
 
-    def together(splits):
+    def sweep(version, block_n) -> dict:
+        """One kernel variant at every split count, and its output checked once."""
+        by_splits = {splits: timer(attention(version, splits, block_n)) for splits in splits_options}
+        best = best_of(by_splits)
+        return {"block_n": block_n, "by_splits": by_splits, "best_splits": best, "ms": by_splits[best]["ms"],
+                "check": check(attention(version, best, block_n))}
+
+    v1 = sweep("v1", V1_BLOCK_N)
+    v2_by_block_n = {block_n: guarded(sweep, "v2", block_n) for block_n in args.block_n}
+    compiled = {n: variant for n, variant in v2_by_block_n.items() if "error" not in variant}
+    if ENGINE_BLOCK_N not in compiled:
+        raise RuntimeError(f"v2 at the engine's BLOCK_N {ENGINE_BLOCK_N} failed: {v2_by_block_n.get(ENGINE_BLOCK_N)}")
+    best_block_n = min(compiled, key=lambda n: compiled[n]["ms"])
+    v2_best = compiled[best_block_n]
+
+    def together(version, splits, block_n):
         return lambda: decode_attention_for_pool(layer, 0, batch.q, batch.req_to_token, batch.req_pool_indices,
-                                                 batch.seq_lens, scaling, splits, out=out, **list_sizes,
-                                                 **kernel_options)
+                                                 batch.seq_lens, scaling, splits, out=out, version=version,
+                                                 block_n=block_n, **list_sizes, **kernel_options)
 
-    together_ms = {"engine_splits": timer(together(engine_splits))}
-    if best_splits != engine_splits:
-        together_ms["best_splits"] = timer(together(best_splits))
-    together(engine_splits)()
-    tolerance = 2e-3 if batch.q.is_cuda else 1e-4  # tf32 dot operands on the GPU; fp32 in the interpreter
-    check = reference_check(layer, batch, out, scaling, tolerance)
+    # What the engine runs (v2, default BLOCK_N, the engine's split count), v1 the same way,
+    # and v2's best variant if it is another one.
+    together_ms = {"v2": timer(together("v2", engine_splits, ENGINE_BLOCK_N)),
+                   "v1": timer(together("v1", engine_splits, V1_BLOCK_N))}
+    if (best_block_n, v2_best["best_splits"]) != (ENGINE_BLOCK_N, engine_splits):
+        together_ms["v2_best"] = timer(together("v2", v2_best["best_splits"], best_block_n))
+    checks = {"v1": v1["check"], **{f"v2_block_n_{n}": variant["check"] for n, variant in compiled.items()},
+              "engine": check(together("v2", engine_splits, ENGINE_BLOCK_N))}
 
     num_bytes = attention_bytes(plan, layer, batch)
     result = {
@@ -317,11 +359,19 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
                         "guard": layer.guard_per_request, "lowbit": layer.lowbit_per_request},
         "bytes": num_bytes,
         "entry_build": timer(lambda: decode_entries(*list_args, **list_sizes)),
-        "attention_by_splits": by_splits,
+        "engine_kernel": {"version": "v2", "block_n": ENGINE_BLOCK_N},
+        # The engine's kernel (v2 at its default BLOCK_N) at every split count.
+        "attention_by_splits": compiled[ENGINE_BLOCK_N]["by_splits"],
         "engine_splits": engine_splits,
-        "best_splits": best_splits,
+        "best_splits": compiled[ENGINE_BLOCK_N]["best_splits"],
+        "attention": {
+            "v1": v1,
+            "v2": {"by_block_n": v2_by_block_n, "best_block_n": best_block_n,
+                   "best_splits": v2_best["best_splits"], "ms": v2_best["ms"]},
+        },
         "together": together_ms,
-        "check": check,
+        "check": {"ok": all(c["ok"] for c in checks.values()),
+                  "max_abs_error": max(c["max_abs_error"] for c in checks.values()), "by_variant": checks},
     }
     del layer, tables, entries, out
     return result
@@ -387,20 +437,28 @@ def bench_write_packed(plan: KVPlan, layer_index: int, prompt_tokens: int, devic
 
 # ---- report ----------------------------------------------------------------------------------
 def summarize(result: dict, sglang: dict, copy_gbps: float) -> dict:
-    """Throughput and ratios of one (grid, config) cell."""
+    """Throughput and ratios of one (grid, config) cell: attention alone at the best
+    variant of v1 and of v2; "together" as the engine runs it (v2)."""
     num_bytes = result["bytes"]
-    attention_ms = result["attention_by_splits"][result["best_splits"]]["ms"]
-    together_ms = result["together"]["engine_splits"]["ms"]
+    v1_ms = result["attention"]["v1"]["ms"]
+    v2_ms = result["attention"]["v2"]["ms"]
+    together_ms = result["together"]["v2"]["ms"]
     summary = {
-        "attention_best_GBps": gbps(num_bytes["attention"], attention_ms),
+        "attention_best_GBps": gbps(num_bytes["attention"], v2_ms),
+        "attention_v1_best_GBps": gbps(num_bytes["attention"], v1_ms),
+        "v2_speedup_vs_v1": {"attention_best": v1_ms / v2_ms,
+                             "together": result["together"]["v1"]["ms"] / together_ms},
         "together_GBps": gbps(num_bytes["together"], together_ms),
+        "together_v1_GBps": gbps(num_bytes["together"], result["together"]["v1"]["ms"]),
     }
     summary["attention_best_fraction_of_copy_bw"] = summary["attention_best_GBps"] / copy_gbps
+    summary["attention_v1_best_fraction_of_copy_bw"] = summary["attention_v1_best_GBps"] / copy_gbps
     summary["together_fraction_of_copy_bw"] = summary["together_GBps"] / copy_gbps
     for name, baseline in sglang.items():
         if "ms" not in baseline:
             continue
-        summary[f"speedup_vs_{name}"] = {"attention_best": baseline["ms"] / attention_ms,
+        summary[f"speedup_vs_{name}"] = {"attention_best": baseline["ms"] / v2_ms,
+                                         "attention_v1_best": baseline["ms"] / v1_ms,
                                          "together": baseline["ms"] / together_ms}
         summary[f"byte_ratio_vs_{name}"] = {"attention": baseline["bytes"] / num_bytes["attention"],
                                             "together": baseline["bytes"] / num_bytes["together"]}
@@ -417,15 +475,17 @@ def markdown(report: dict) -> str:
         f"torch {report['versions']['torch']}, triton {report['versions']['triton']}, "
         f"sglang {report['versions']['sglang']}. Copy bandwidth (read + write): "
         f"{report['copy_bandwidth']['GBps']:.0f} GB/s. Times: ms per layer call ({report['timing']}). "
-        f"\"together\" = entry-list build + attention at the engine's split count, as the engine "
-        f"runs them. GB/s = bytes that must be read / time.",
+        f"\"attn\" = attention alone, best split count (v2: best of BLOCK_N {report['v2_block_n']}, "
+        f"shown as BLOCK_N / splits; v1: BLOCK_N {report['v1_block_n']}). \"together\" = entry-list build + "
+        f"attention at the engine's split count, as the engine runs them (v2, BLOCK_N {report['engine_block_n']}; "
+        f"v1 in parentheses). GB/s = bytes that must be read / time. Speedups vs SGLang: together.",
         "",
         f"Bytes counted: {report['bytes_counted']}",
         "",
-        "| grid | config | held / req | splits engine / best | build ms | attn ms (best) | attn GB/s | together ms "
-        "| together GB/s | % copy BW | "
+        "| grid | config | held / req | engine splits | build ms | v2 best: BLOCK_N / splits | v2 attn ms | "
+        "v1 attn ms | v2 / v1 speedup | v2 attn GB/s (v1) | together ms (v1) | together GB/s | % copy BW | "
         + " | ".join(f"{b} ms | speedup vs {b} | byte ratio vs {b}" for b in baselines) + " | check |",
-        "|---|---|---|---|---|---|---|---|---|---|" + "---|---|---|" * len(baselines) + "---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|---|---|" * len(baselines) + "---|",
     ]
     for grid in report["grids"]:
         label = f"{grid['batch']}x{grid['tokens']}"
@@ -437,11 +497,13 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {label} | {name} | error: {cell['error']} |")
                 continue
             s = cell["summary"]
-            attention_ms = cell["attention_by_splits"][cell["best_splits"]]["ms"]
-            row = [label, name, str(cell["per_request"]["held"]), f"{cell['engine_splits']} / {cell['best_splits']}",
-                   f"{cell['entry_build']['ms']:.3f}", f"{attention_ms:.3f}", f"{s['attention_best_GBps']:.0f}",
-                   f"{cell['together']['engine_splits']['ms']:.3f}", f"{s['together_GBps']:.0f}",
-                   f"{100 * s['together_fraction_of_copy_bw']:.0f}%"]
+            v1, v2 = cell["attention"]["v1"], cell["attention"]["v2"]
+            row = [label, name, str(cell["per_request"]["held"]), str(cell["engine_splits"]),
+                   f"{cell['entry_build']['ms']:.3f}", f"{v2['best_block_n']} / {v2['best_splits']}",
+                   f"{v2['ms']:.3f}", f"{v1['ms']:.3f}", f"{s['v2_speedup_vs_v1']['attention_best']:.2f}x",
+                   f"{s['attention_best_GBps']:.0f} ({s['attention_v1_best_GBps']:.0f})",
+                   f"{cell['together']['v2']['ms']:.3f} ({cell['together']['v1']['ms']:.3f})",
+                   f"{s['together_GBps']:.0f}", f"{100 * s['together_fraction_of_copy_bw']:.0f}%"]
             for b in baselines:
                 baseline = grid["sglang"].get(b, {})
                 if "ms" in baseline:
@@ -449,11 +511,15 @@ def markdown(report: dict) -> str:
                             f"{s[f'byte_ratio_vs_{b}']['together']:.2f}x"]
                 else:
                     row += ["-", "-", "-"]
-            row.append("ok" if cell["check"]["ok"] else f"FAIL {cell['check']['max_abs_error']:.2e}")
+            failed = [v for v, c in cell["check"]["by_variant"].items() if not c["ok"]]
+            row.append("ok" if not failed else f"FAIL {', '.join(failed)} ({cell['check']['max_abs_error']:.2e})")
             lines.append("| " + " | ".join(row) + " |")
     lines += [f"\nSGLang {label} {b}: {grid['sglang'][b]['error']}" for grid in report["grids"]
               for label in [f"{grid['batch']}x{grid['tokens']}"] for b in grid.get("sglang", {})
               if "error" in grid["sglang"][b]]
+    lines += [f"\nv2 {grid['batch']}x{grid['tokens']} {name} BLOCK_N {n}: {variant['error']}"
+              for grid in report["grids"] for name, cell in grid.get("configs", {}).items() if "attention" in cell
+              for n, variant in cell["attention"]["v2"]["by_block_n"].items() if "error" in variant]
     lines += ["", "write_packed (low-bit share of one prompt's kept tokens, one layer, fp32 input):", "",
               "| config | tokens | kernel ms | GB/s | torch ms | speedup |", "|---|---|---|---|---|---|"]
     for name, w in report["write_packed"].items():
@@ -516,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"our split counts swept next to the engine's (default {OUR_SPLITS})")
     parser.add_argument("--sglang-splits", type=lambda s: [int(x) for x in s.split(",")],
                         help=f"SGLang kv splits, best reported (default {SGLANG_SPLITS})")
+    parser.add_argument("--block-n", type=lambda s: [int(x) for x in s.split(",")],
+                        help=f"v2 BLOCK_N values swept (default {V2_BLOCK_NS}; must include {ENGINE_BLOCK_N})")
+    parser.add_argument("--num-stages", type=int, help="pipelining depth of both split kernels (default: Triton's)")
     parser.add_argument("--dot-precision", default="tf32", choices=["tf32", "fp16", "ieee"])
     args = parser.parse_args(argv)
 
@@ -525,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = SMOKE_SHAPE if args.smoke else QWEN25_7B
     grids = args.grids or (SMOKE_GRIDS if args.smoke else GRIDS)
     args.splits = args.splits or (SMOKE_SPLITS if args.smoke else OUR_SPLITS)
+    args.block_n = sorted({ENGINE_BLOCK_N, *(args.block_n or (SMOKE_V2_BLOCK_NS if args.smoke else V2_BLOCK_NS))})
     sglang_splits = args.sglang_splits or (SMOKE_SGLANG_SPLITS if args.smoke else SGLANG_SPLITS)
     sglang_dtypes = ((torch.bfloat16, torch.float8_e4m3fn) if device.type == "cuda" else (torch.float32,))
     prompt_tokens = SMOKE_PREFILL_TOKENS if args.smoke else PREFILL_TOKENS
@@ -549,11 +619,15 @@ def main(argv: list[str] | None = None) -> int:
         "shape": vars(shape),
         "layer": middle_layer,
         "dot_precision": args.dot_precision,
+        "num_stages": args.num_stages,
+        "v1_block_n": V1_BLOCK_N,
+        "v2_block_n": args.block_n,
+        "engine_block_n": ENGINE_BLOCK_N,
         "timing": "triton.testing.do_bench median (p20/p80 kept), L2 flushed before each run, host launch "
                   "glue included (eager mode)" if device.type == "cuda" else "wall clock, interpreter (meaningless)",
         "bytes_counted": "reads only. ours: payload = held rows (bf16 staging + guard rows + low-bit codes and "
                          "fp16 scale/min pairs, K and V, all KV heads), entry lists 5 B per held token "
-                         "(once), queries; entry build: req_to_token + location, 4 + 4 B per logical token "
+                         "(once; v2 reads only the 4 B row), queries; entry build: req_to_token + location, 4 + 4 B per logical token "
                          "(once; the builder passes twice). SGLang: K + V of every logical token at its "
                          "dtype + int64 kv_indices + queries. Split-K partials and outputs not counted.",
         "row_order": "random permutation of each tier's rows (and of SGLang's slots)",

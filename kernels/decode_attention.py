@@ -5,7 +5,8 @@ Inputs, per layer:
   * per request a list of entries (tier, row), CSR-style: request b owns entries
     `entries_indptr[b] : entries_indptr[b + 1]`; `decode_entries` builds the lists from
     the pool's location map and SGLang's `req_to_token` (held tokens only, grouped by
-    tier: staging, then low-bit, then guard, each in position order);
+    tier: staging, then low-bit, then guard, each in position order), and each
+    request's tier boundaries `tier_indptr[b]` = (staging, low-bit, guard start, end);
   * the layer's tables: staging (bf16 DenseStore), low-bit (PackedStore, K and V formats
     may differ) and guard (bf16 DenseStore, or an 8-bit PackedStore);
   * queries [B, Hq, D], already rotated like the stored keys.
@@ -20,6 +21,9 @@ Split-K flash decoding, two launches:
      padded to BLOCK_G >= 16 rows for tl.dot, padding rows masked), updates the online
      softmax, and only then loads V the same way and accumulates. It writes the split's
      normalized output and its log-sum-exp (base 2).
+     v2, `_decode_split_kernel_v2` (the default when the builders' `tier_indptr` is
+     passed): the same split ranges, cut into one loop per tier (staging, low-bit,
+     guard), each with only its own loader; no per-entry tier is read.
   2. `_merge_splits_kernel`, grid (request, q_head): log-sum-exp weighted sum of splits.
 Empty splits (and requests with no entries) carry lse = -inf and weight 0; a request
 with no entries gets an output of 0. Design notes, bytes per token and versions:
@@ -108,11 +112,25 @@ def layer_tables(pool, layer: int) -> tuple[DenseTables, PackedTables, DenseTabl
 class DecodeEntries:
     """Request b's held tokens are entries `indptr[b] : indptr[b + 1]` of `tier`/`row`
     (grouped by tier: staging, low-bit, guard; position order within a tier). The
-    arrays have `capacity` slots; those past `indptr[-1]` are unspecified."""
+    arrays have `capacity` slots; those past `indptr[-1]` are unspecified.
+
+    `tier_indptr[b]` = (staging start, low-bit start, guard start, end) of request b in
+    the same entry index space: its tier t (0 staging, 1 low-bit, 2 guard) owns entries
+    `tier_indptr[b, t] : tier_indptr[b, t + 1]`, and `tier_indptr[:, 0]` / `[:, 3]` are
+    `indptr[:-1]` / `indptr[1:]`. The v2 kernel loops over these ranges."""
 
     indptr: torch.Tensor  # [B + 1] int32
     tier: torch.Tensor  # [capacity] int8
     row: torch.Tensor  # [capacity] int32
+    tier_indptr: torch.Tensor  # [B, 4] int32
+
+
+def _tier_indptr(indptr: torch.Tensor, tier_counts: torch.Tensor) -> torch.Tensor:
+    """[B, 4] int32 tier boundaries from indptr [B + 1] and held tokens per tier [B, 3]."""
+    tier_indptr = torch.empty((tier_counts.shape[0], 4), dtype=torch.int32, device=indptr.device)
+    tier_indptr[:, 0] = indptr[:-1]
+    tier_indptr[:, 1:] = indptr[:-1, None] + tier_counts.cumsum(1)
+    return tier_indptr
 
 
 def _entry_shapes(req_pool_indices, seq_lens, max_seq_len, max_entries) -> tuple[int, int]:
@@ -164,7 +182,8 @@ def decode_entries_torch(
     entry_row = torch.zeros(max_entries + 1, dtype=torch.int32, device=device)
     entry_tier[destination] = tiers.view(-1).to(torch.int8)
     entry_row[destination] = rows.view(-1).to(torch.int32)
-    return DecodeEntries(indptr, entry_tier[:max_entries], entry_row[:max_entries])
+    return DecodeEntries(indptr, entry_tier[:max_entries], entry_row[:max_entries],
+                         _tier_indptr(indptr, tier_counts))
 
 
 @triton.jit
@@ -255,7 +274,8 @@ def decode_entries(
     entry_row = torch.zeros(max_entries, dtype=torch.int32, device=device)
     num_blocks = triton.cdiv(max_seq_len, block)
     if batch == 0 or num_blocks == 0:
-        return DecodeEntries(indptr, entry_tier, entry_row)
+        tier_indptr = torch.zeros((batch, 4), dtype=torch.int32, device=device)
+        return DecodeEntries(indptr, entry_tier, entry_row, tier_indptr)
     if req_to_token.stride(-1) != 1:
         raise ValueError("req_to_token rows must be contiguous")
     seq_lens = seq_lens.to(device=device, dtype=torch.int32)
@@ -274,13 +294,14 @@ def decode_entries(
         location, req_to_token, req_pool_indices, seq_lens, block_offsets.contiguous(),
         entry_tier, entry_row, req_to_token.stride(0), num_blocks, BLOCK=block,
     )
-    return DecodeEntries(indptr, entry_tier, entry_row)
+    return DecodeEntries(indptr, entry_tier, entry_row, _tier_indptr(indptr, tier_counts))
 
 
 # ---- attention kernels ---------------------------------------------------------------------------
 @triton.jit
 def _load_dense_tile(table_ptr, rows, kv_head, stride_row, stride_head, in_tier, dims, dim_mask):
-    """[BLOCK_N, BLOCK_D] fp32 of bf16 rows; 0 where the entry is not in this tier."""
+    """[BLOCK_N, BLOCK_D] fp32 of bf16 rows; 0 where `in_tier` is false (the entry is of
+    another tier, or past the end of the block's range)."""
     ptrs = table_ptr + rows[:, None] * stride_row + kv_head * stride_head + dims[None, :]
     return tl.load(ptrs, mask=in_tier[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
 
@@ -537,6 +558,32 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + _dot(p, v, DOT_PRECISION)
         m_i = m_new
 
+    _store_split_partial(partial_out_ptr, partial_lse_ptr, m_i, l_i, acc, request, q_heads, split, offs_d,
+                         group_mask, dim_mask, stride_po_batch, stride_po_head, stride_po_split,
+                         stride_pl_batch, stride_pl_head)
+
+
+@triton.jit
+def _store_split_partial(
+    partial_out_ptr,
+    partial_lse_ptr,
+    m_i,
+    l_i,
+    acc,
+    request,
+    q_heads,
+    split,
+    offs_d,
+    group_mask,
+    dim_mask,
+    stride_po_batch,
+    stride_po_head,
+    stride_po_split,
+    stride_pl_batch,
+    stride_pl_head,
+):
+    """Writes the split's normalized output acc / l and its log-sum-exp m + log2 l (base 2);
+    a split that saw no held entry writes output 0 and lse -inf (weight 0 in the merge)."""
     has_entries = l_i > 0
     safe_l = tl.where(has_entries, l_i, 1.0)
     out = acc / safe_l[:, None]
@@ -551,6 +598,178 @@ def _decode_split_kernel(
     tl.store(out_ptrs, out, mask=group_mask[:, None] & dim_mask[None, :])
     lse_ptrs = partial_lse_ptr + request.to(tl.int64) * stride_pl_batch + q_heads * stride_pl_head + split
     tl.store(lse_ptrs, lse, mask=group_mask)
+
+
+@triton.jit
+def _block_logits(q, k, valid, qk_scale, DOT_PRECISION: tl.constexpr):
+    """Base-2 logits [BLOCK_G, BLOCK_N] of the group's queries against one block of keys;
+    -inf for lanes past the end of the block's range."""
+    logits = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
+    return tl.where(valid[None, :], logits, float("-inf"))
+
+
+@triton.jit
+def _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION: tl.constexpr):
+    """Folds one block (its logits and V tile) into the running max m_i, the running sum
+    l_i of exp2(logit - m_i) and the unnormalized output acc; returns (m_i, l_i, acc)."""
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    # While nothing is held yet m_new is -inf: shift by 0 so exp2 gives 0, not NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(logits - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p, v, DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_split_kernel_v2(
+    q_ptr,  # [B, Hq, D]
+    tier_indptr_ptr,  # [B, 4]: (staging start, low-bit start, guard start, end) per request
+    entry_row_ptr,  # [E]
+    staging_k_ptr,  # [rows, Hkv, D] bf16 (V has the same strides)
+    staging_v_ptr,
+    lowbit_k_codes_ptr,  # [rows, Hkv, words] int32
+    lowbit_k_pairs_ptr,  # [rows, Hkv, groups] int32 view of the fp16 (scale, minimum) pairs
+    lowbit_v_codes_ptr,
+    lowbit_v_pairs_ptr,
+    guard_k_ptr,  # dense: [rows, Hkv, D] bf16; packed: codes (K and V share one format)
+    guard_k_pairs_ptr,  # packed guard only
+    guard_v_ptr,
+    guard_v_pairs_ptr,
+    partial_out_ptr,  # [B, Hq, NUM_SPLITS, D] fp32
+    partial_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32, base 2
+    qk_scale,  # scaling * log2(e): logits are kept in base 2 (exp2)
+    stride_q_batch,
+    stride_q_head,
+    stride_tier_indptr_batch,
+    stride_tier_indptr_tier,
+    stride_staging_row,
+    stride_staging_head,
+    stride_lk_row,
+    stride_lk_head,
+    stride_lk_pairs_row,
+    stride_lk_pairs_head,
+    stride_lv_row,
+    stride_lv_head,
+    stride_lv_pairs_row,
+    stride_lv_pairs_head,
+    stride_guard_row,
+    stride_guard_head,
+    stride_guard_pairs_row,
+    stride_guard_pairs_head,
+    stride_po_batch,
+    stride_po_head,
+    stride_po_split,
+    stride_pl_batch,
+    stride_pl_head,
+    QUERY_GROUP: tl.constexpr,  # query heads per KV head
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    KEY_GROUP_SIZE: tl.constexpr,
+    VALUE_BITS: tl.constexpr,
+    VALUE_GROUP_SIZE: tl.constexpr,
+    GUARD_PACKED: tl.constexpr,
+    GUARD_BITS: tl.constexpr,
+    GUARD_GROUP_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """v2: one loop per tier. The split's entry range is cut exactly as in v1 (whole
+    BLOCK_N blocks of the request's entries); each tier loop runs over the intersection
+    of that range with the tier's range, so every block is of one known tier: no tier
+    array is read, and each loop carries only its own loader (no masked loads, no
+    dequantization work of the other tiers). A tier's last block in the split may be
+    partial; `valid` masks its tail."""
+    request = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    bounds_ptr = tier_indptr_ptr + request.to(tl.int64) * stride_tier_indptr_batch
+    staging_start = tl.load(bounds_ptr)
+    lowbit_start = tl.load(bounds_ptr + stride_tier_indptr_tier)
+    guard_start = tl.load(bounds_ptr + 2 * stride_tier_indptr_tier)
+    entries_end = tl.load(bounds_ptr + 3 * stride_tier_indptr_tier)
+    # A split owns whole blocks of the request's entries; trailing splits may be empty.
+    entries_per_split = tl.cdiv(tl.cdiv(entries_end - staging_start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_start = staging_start + split * entries_per_split
+    split_end = tl.minimum(split_start + entries_per_split, entries_end)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    group_mask = offs_g < QUERY_GROUP
+    dim_mask = offs_d < HEAD_DIM
+    q_heads = kv_head * QUERY_GROUP + offs_g
+    q_ptrs = q_ptr + request.to(tl.int64) * stride_q_batch + q_heads[:, None] * stride_q_head + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=group_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)  # running max (base 2)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp2(logit - m_i)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+
+    # -- staging: bf16 rows. Staging entries come first, so the split starts inside or
+    #    after them: the range is [split_start, min(split_end, lowbit_start)).
+    staging_end = tl.minimum(split_end, lowbit_start)
+    for block_start in range(split_start, staging_end, BLOCK_N):
+        entries = block_start + offs_n
+        valid = entries < staging_end
+        rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
+        k = _load_dense_tile(staging_k_ptr, rows, kv_head, stride_staging_row, stride_staging_head,
+                             valid, offs_d, dim_mask)
+        logits = _block_logits(q, k, valid, qk_scale, DOT_PRECISION)
+        v = _load_dense_tile(staging_v_ptr, rows, kv_head, stride_staging_row, stride_staging_head,
+                             valid, offs_d, dim_mask)
+        m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
+
+    # -- low-bit: packed K and V, each in its own format.
+    lowbit_first = tl.maximum(split_start, lowbit_start)
+    lowbit_end = tl.minimum(split_end, guard_start)
+    for block_start in range(lowbit_first, lowbit_end, BLOCK_N):
+        entries = block_start + offs_n
+        valid = entries < lowbit_end
+        rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
+        k = _load_packed_tile(lowbit_k_codes_ptr, lowbit_k_pairs_ptr, rows, kv_head,
+                              stride_lk_row, stride_lk_head, stride_lk_pairs_row, stride_lk_pairs_head,
+                              valid, offs_d, dim_mask, HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
+        logits = _block_logits(q, k, valid, qk_scale, DOT_PRECISION)
+        v = _load_packed_tile(lowbit_v_codes_ptr, lowbit_v_pairs_ptr, rows, kv_head,
+                              stride_lv_row, stride_lv_head, stride_lv_pairs_row, stride_lv_pairs_head,
+                              valid, offs_d, dim_mask, HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
+        m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
+
+    # -- guard: bf16 rows, or 8-bit packed (one format for K and V). GUARD_PACKED is a
+    #    compile-time constant, so each compiled kernel has one loader here, no branch.
+    guard_first = tl.maximum(split_start, guard_start)
+    for block_start in range(guard_first, split_end, BLOCK_N):
+        entries = block_start + offs_n
+        valid = entries < split_end
+        rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
+        if GUARD_PACKED:
+            k = _load_packed_tile(guard_k_ptr, guard_k_pairs_ptr, rows, kv_head,
+                                  stride_guard_row, stride_guard_head, stride_guard_pairs_row,
+                                  stride_guard_pairs_head, valid, offs_d, dim_mask,
+                                  HEAD_DIM, GUARD_BITS, GUARD_GROUP_SIZE, BLOCK_N, BLOCK_D)
+        else:
+            k = _load_dense_tile(guard_k_ptr, rows, kv_head, stride_guard_row, stride_guard_head,
+                                 valid, offs_d, dim_mask)
+        logits = _block_logits(q, k, valid, qk_scale, DOT_PRECISION)
+        if GUARD_PACKED:
+            v = _load_packed_tile(guard_v_ptr, guard_v_pairs_ptr, rows, kv_head,
+                                  stride_guard_row, stride_guard_head, stride_guard_pairs_row,
+                                  stride_guard_pairs_head, valid, offs_d, dim_mask,
+                                  HEAD_DIM, GUARD_BITS, GUARD_GROUP_SIZE, BLOCK_N, BLOCK_D)
+        else:
+            v = _load_dense_tile(guard_v_ptr, rows, kv_head, stride_guard_row, stride_guard_head,
+                                 valid, offs_d, dim_mask)
+        m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
+
+    _store_split_partial(partial_out_ptr, partial_lse_ptr, m_i, l_i, acc, request, q_heads, split, offs_d,
+                         group_mask, dim_mask, stride_po_batch, stride_po_head, stride_po_split,
+                         stride_pl_batch, stride_pl_head)
 
 
 @triton.jit
@@ -605,6 +824,9 @@ def _packed_args(codes: torch.Tensor, scale_min: torch.Tensor) -> tuple[tuple, t
     return (codes, pairs), (codes.stride(0), codes.stride(1), pairs.stride(0), pairs.stride(1))
 
 
+DECODE_VERSIONS = ("v1", "v2")
+
+
 def decode_attention(
     q: torch.Tensor,
     entries_indptr: torch.Tensor,
@@ -616,21 +838,39 @@ def decode_attention(
     scaling: float,
     num_splits: int = 4,
     *,
+    tier_indptr: torch.Tensor | None = None,
+    version: str | None = None,
     out: torch.Tensor | None = None,
     block_n: int = 16,
+    num_stages: int | None = None,
     dot_precision: str = "tf32",
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Attention of one decode query per request over its entries -> fp32 [B, Hq, D].
 
-    q: [B, Hq, D] (rotated like the keys); entries as `DecodeEntries` (CSR over requests;
-    entries of EMPTY / EVICTED tier are tolerated and skipped); `scaling` multiplies
-    q . k. `out` (fp32 [B, Hq, D]) is written in full if given. `dot_precision`: how the
-    two tl.dot take their fp32 operands on the GPU: "tf32" (default), "fp16" (same
+    q: [B, Hq, D] (rotated like the keys); entries as `DecodeEntries` (CSR over requests);
+    `scaling` multiplies q . k. `out` (fp32 [B, Hq, D]) is written in full if given.
+
+    `version`: "v2" (the default when `tier_indptr`, `DecodeEntries.tier_indptr`, is
+    given) loops over each request's staging / low-bit / guard ranges separately and
+    reads neither `entries_indptr` nor `entry_tier`: the entries must be tier-grouped as
+    the builders make them. "v1" (the default without `tier_indptr`) loads every tier
+    under a mask per block; it also accepts unfiltered lists (entries of EMPTY / EVICTED
+    tier are skipped). Both give the same output up to summation order.
+
+    `block_n`: entries per block (a power of two >= 16, tl.dot's minimum); `num_stages`:
+    software-pipelining depth of the block loops (None: Triton's default). `dot_precision`:
+    how the two tl.dot take their fp32 operands on the GPU: "tf32" (default), "fp16" (same
     mantissa, fewer registers, fp16 range) or "ieee" (exact fp32, slow). The interpreter
     computes "tf32" and "ieee" in full fp32."""
     if dot_precision not in ("tf32", "fp16", "ieee"):
         raise ValueError(f"dot_precision must be tf32, fp16 or ieee, got {dot_precision!r}")
+    if version is None:
+        version = "v1" if tier_indptr is None else "v2"
+    if version not in DECODE_VERSIONS:
+        raise ValueError(f"version must be one of {DECODE_VERSIONS}, got {version!r}")
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     batch, q_heads, head_dim = q.shape
     kv_heads = staging.k.shape[1]
     if q_heads % kv_heads:
@@ -640,6 +880,8 @@ def decode_attention(
             raise ValueError(f"{name} head_dim {tables.head_dim} != query head_dim {head_dim}")
     if entries_indptr.shape != (batch + 1,) or entry_tier.shape != entry_row.shape:
         raise ValueError("entries_indptr must be [B + 1] and entry_tier / entry_row alike")
+    if version == "v2" and (tier_indptr is None or tier_indptr.shape != (batch, 4)):
+        raise ValueError("decode v2 needs tier_indptr [B, 4] (DecodeEntries.tier_indptr)")
     if q.stride(-1) != 1 or staging.k.stride() != staging.v.stride() or staging.k.stride(-1) != 1:
         raise ValueError("q and the staging K/V tables need a contiguous last dimension and equal strides")
     if out is None:
@@ -671,11 +913,22 @@ def decode_attention(
     partial_out = torch.empty((batch, q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     partial_lse = torch.empty((batch, q_heads, num_splits), dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(head_dim)
-    _decode_split_kernel[(batch, kv_heads, num_splits)](
+    # Both split kernels take the same tables, strides and constants; they differ only in
+    # how they find a split's entries (v1: indptr + per-entry tier; v2: tier ranges).
+    if version == "v1":
+        split_kernel = _decode_split_kernel
+        entry_args = (entries_indptr, entry_tier, entry_row)
+        entry_strides = ()
+    else:
+        split_kernel = _decode_split_kernel_v2
+        entry_args = (tier_indptr, entry_row)
+        entry_strides = (tier_indptr.stride(0), tier_indptr.stride(1))
+    launch_options = {"num_warps": num_warps}
+    if num_stages is not None:
+        launch_options["num_stages"] = num_stages
+    split_kernel[(batch, kv_heads, num_splits)](
         q,
-        entries_indptr,
-        entry_tier,
-        entry_row,
+        *entry_args,
         staging.k,
         staging.v,
         *lowbit_k,
@@ -687,6 +940,7 @@ def decode_attention(
         scaling * _LOG2_E,
         q.stride(0),
         q.stride(1),
+        *entry_strides,
         staging.k.stride(0),
         staging.k.stride(1),
         *lowbit_k_strides,
@@ -711,7 +965,7 @@ def decode_attention(
         BLOCK_D=block_d,
         BLOCK_N=block_n,
         DOT_PRECISION=dot_precision,
-        num_warps=num_warps,
+        **launch_options,
     )
     _merge_splits_kernel[(batch, q_heads)](
         partial_out,
@@ -746,10 +1000,11 @@ def decode_attention_for_pool(
     max_entries: int | None = None,
     **kwargs,
 ) -> torch.Tensor:
-    """Entries of one layer of a CompressedKVPool (`decode_entries`) + `decode_attention`.
-    `layer` is the pool-local layer index; q must already be rotated (pool.rotate)."""
+    """Entries of one layer of a CompressedKVPool (`decode_entries`) + `decode_attention`
+    (v2, from the builder's tier ranges, unless `version="v1"` is passed). `layer` is the
+    pool-local layer index; q must already be rotated (pool.rotate)."""
     entries = decode_entries(pool.location[layer], req_to_token, req_pool_indices, seq_lens,
                              max_seq_len, max_entries)
     staging, lowbit, guard = layer_tables(pool, layer)
     return decode_attention(q, entries.indptr, entries.tier, entries.row, staging, lowbit, guard,
-                            scaling, num_splits, **kwargs)
+                            scaling, num_splits, tier_indptr=entries.tier_indptr, **kwargs)

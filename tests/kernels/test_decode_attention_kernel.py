@@ -1,6 +1,7 @@
 """decode_attention (and the entry-list builders) against the torch reference: for each
 request, the tokens its layer holds, dequantized by the stores (as pool.gather does),
-through attention.attend.
+through attention.attend. Every attention test runs both split kernels: v1 (masked
+loads of every tier per block) and v2 (one loop per tier over `tier_indptr`).
 
 The pool here is a stand-in with the real stores and a location map (importing
 sglang_kvc.pool pulls in SGLang, ~10 s): every table row is poisoned (NaN, random codes)
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sglang_kvc.kernels.decode_attention as decode_module
 from sglang_kvc.attention import attend
 from sglang_kvc.kernels.decode_attention import (
     DenseTables,
@@ -142,12 +144,21 @@ def reference_decode(pool, layer, q, req_to_token, req_pool_indices, seq_lens, s
     return out
 
 
-def run_kernel(pool, layer, q, req_to_token, req_pool_indices, seq_lens, scaling, num_splits=3, **kwargs):
+@pytest.fixture(params=["v1", "v2"])
+def version(request) -> str:
+    """Which split kernel decode_attention runs."""
+    return request.param
+
+
+def run_kernel(pool, layer, q, req_to_token, req_pool_indices, seq_lens, scaling, num_splits=3, *,
+               version, block_n=BLOCK_N, **kwargs):
+    """decode_attention on the torch builder's lists, into an output poisoned with NaN."""
     entries = decode_entries_torch(pool.location[layer], req_to_token, req_pool_indices, seq_lens)
     staging, lowbit, guard = layer_tables(pool, layer)
     out = torch.full(q.shape, float("nan"), dtype=torch.float32, device=q.device)
     result = decode_attention(q, entries.indptr, entries.tier, entries.row, staging, lowbit, guard,
-                              scaling, num_splits, out=out, block_n=BLOCK_N, **kwargs)
+                              scaling, num_splits, tier_indptr=entries.tier_indptr, version=version,
+                              out=out, block_n=block_n, **kwargs)
     assert result is out
     return out
 
@@ -165,57 +176,58 @@ def check_close(out, expected, pool, tolerance=TOLERANCE):
 
 @pytest.mark.parametrize("group_size", [32, 64])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_bit_widths_and_group_sizes(bits, group_size, gen, device):
+def test_bit_widths_and_group_sizes(bits, group_size, version, gen, device):
     pool = build_pool(gen, device, key_bits=bits, value_bits=bits, group_size=group_size)
     batch = build_batch([1, 7, 33, 0], gen, device)
     q = random_queries(4, 4, gen, device)
     scaling = HEAD_DIM**-0.5
-    out = run_kernel(pool, 1, q, *batch, scaling)
+    out = run_kernel(pool, 1, q, *batch, scaling, version=version)
     check_close(out, reference_decode(pool, 1, q, *batch, scaling), pool)
 
 
 @pytest.mark.parametrize("guard_bits", [16, 8])
 @pytest.mark.parametrize("query_group", [1, 4, 7])
-def test_gqa_groups_and_guard_formats(query_group, guard_bits, gen, device):
+def test_gqa_groups_and_guard_formats(query_group, guard_bits, version, gen, device):
     """Key and value formats differ (3-bit K, 2-bit V); the guard is bf16 or 8-bit."""
     pool = build_pool(gen, device, key_bits=3, value_bits=2, group_size=32, guard_bits=guard_bits)
     batch = build_batch([33, 1, 7], gen, device)
     q = random_queries(3, query_group, gen, device)
     scaling = 0.3 * HEAD_DIM**-0.5
-    out = run_kernel(pool, 0, q, *batch, scaling)
+    out = run_kernel(pool, 0, q, *batch, scaling, version=version)
     check_close(out, reference_decode(pool, 0, q, *batch, scaling), pool)
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 8])
-def test_split_counts(num_splits, gen, device):
-    """8 splits of 33 entries in blocks of 16: most splits are empty."""
+@pytest.mark.parametrize("num_splits", [1, 2, 8, 64])
+def test_split_counts(num_splits, version, gen, device):
+    """8 splits of 33 entries in blocks of 16: most splits are empty; 64 splits: more
+    splits than any request has entries."""
     pool = build_pool(gen, device, key_bits=4, value_bits=2, group_size=64)
     batch = build_batch([33, 7, 0, 1], gen, device)
     q = random_queries(4, 4, gen, device, dtype=torch.float32)
-    out = run_kernel(pool, 1, q, *batch, HEAD_DIM**-0.5, num_splits=num_splits)
+    out = run_kernel(pool, 1, q, *batch, HEAD_DIM**-0.5, num_splits=num_splits, version=version)
     check_close(out, reference_decode(pool, 1, q, *batch, HEAD_DIM**-0.5), pool)
 
 
-def test_head_dim_not_a_power_of_two(gen, device):
+def test_head_dim_not_a_power_of_two(version, gen, device):
     """head_dim 96: padded dims, words and groups in every tile (2-bit K unpacks by
     reshape, 3-bit V by per-dim loads, 8-bit guard by reshape)."""
     pool = build_pool(gen, device, key_bits=2, value_bits=3, group_size=32, guard_bits=8, head_dim=96)
     batch = build_batch([33, 1, 7], gen, device)
     q = random_queries(3, 4, gen, device, head_dim=96)
-    out = run_kernel(pool, 1, q, *batch, 96**-0.5)
+    out = run_kernel(pool, 1, q, *batch, 96**-0.5, version=version)
     check_close(out, reference_decode(pool, 1, q, *batch, 96**-0.5), pool)
 
 
-def test_fp16_dot_operands(gen, device):
+def test_fp16_dot_operands(version, gen, device):
     """dot_precision="fp16" rounds q, K, p and V to fp16 (the interpreter does too)."""
     pool = build_pool(gen, device, key_bits=4, value_bits=2, guard_bits=8)
     batch = build_batch([33, 7, 1], gen, device)
     q = random_queries(3, 7, gen, device)
-    out = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, dot_precision="fp16")
+    out = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, dot_precision="fp16", version=version)
     check_close(out, reference_decode(pool, 0, q, *batch, HEAD_DIM**-0.5), pool, TOLERANCE_FP16)
 
 
-def test_requests_without_held_tokens_get_zero(gen, device):
+def test_requests_without_held_tokens_get_zero(version, gen, device):
     """seq_len 0, a request whose every token is evicted or empty, a single-token request
     whose token is evicted, next to an ordinary and a held single-token request."""
     pool = build_pool(gen, device)
@@ -232,7 +244,7 @@ def test_requests_without_held_tokens_get_zero(gen, device):
     held = pool.location[layer, rest][((pool.location[layer, rest] & 7) - 1).abs() <= 1]
     pool.location[layer, single_held] = held[0]  # shares a held token's row: fine to read twice
     q = random_queries(5, 7, gen, device)
-    out = run_kernel(pool, layer, q, req_to_token, req_pool_indices, seq_lens, HEAD_DIM**-0.5)
+    out = run_kernel(pool, layer, q, req_to_token, req_pool_indices, seq_lens, HEAD_DIM**-0.5, version=version)
     expected = reference_decode(pool, layer, q, req_to_token, req_pool_indices, seq_lens, HEAD_DIM**-0.5)
     for b in (0, 1, 2):
         assert torch.equal(out[b], torch.zeros_like(out[b])), f"request {b} holds no token"
@@ -240,7 +252,8 @@ def test_requests_without_held_tokens_get_zero(gen, device):
 
 
 def test_entries_of_other_tiers_are_skipped(gen, device):
-    """Unfiltered lists (every token, EVICTED and EMPTY included) give the same result."""
+    """v1 only: unfiltered lists (every token, EVICTED and EMPTY included) give the same
+    result. (v2 needs tier-grouped lists with their tier ranges.)"""
     pool = build_pool(gen, device, guard_bits=8)
     req_to_token, req_pool_indices, seq_lens = build_batch([33, 7, 1], gen, device)
     layer = 0
@@ -251,12 +264,12 @@ def test_entries_of_other_tiers_are_skipped(gen, device):
     q = random_queries(3, 4, gen, device)
     staging, lowbit, guard = layer_tables(pool, layer)
     out = decode_attention(q, indptr, (locations & 7).to(torch.int8), locations >> 3, staging, lowbit, guard,
-                           HEAD_DIM**-0.5, 2, block_n=BLOCK_N)
+                           HEAD_DIM**-0.5, 2, version="v1", block_n=BLOCK_N)
     expected = reference_decode(pool, layer, q, req_to_token, req_pool_indices, seq_lens, HEAD_DIM**-0.5)
     check_close(out, expected, pool)
 
 
-def test_strided_queries_and_pool_entry_point(gen, device):
+def test_strided_queries_and_pool_entry_point(version, gen, device):
     """q as a strided view (like a slice of a fused QKV output), through
     decode_attention_for_pool with the Triton entry builder."""
     pool = build_pool(gen, device, key_bits=2, value_bits=3, group_size=64)
@@ -264,8 +277,113 @@ def test_strided_queries_and_pool_entry_point(gen, device):
     fused = random_queries(2, 3 * 4, gen, device)
     q = fused[:, 1::3]
     assert not q.is_contiguous()
-    out = decode_attention_for_pool(pool, 1, q, *batch, HEAD_DIM**-0.5, num_splits=2, block_n=BLOCK_N)
+    out = decode_attention_for_pool(pool, 1, q, *batch, HEAD_DIM**-0.5, num_splits=2, block_n=BLOCK_N,
+                                    version=version)
     check_close(out, reference_decode(pool, 1, q, *batch, HEAD_DIM**-0.5), pool)
+
+
+@pytest.mark.parametrize("block_n", [16, 32, 64])
+def test_block_sizes(block_n, version, gen, device):
+    """Blocks larger than a tier's range and than a split: tier boundaries fall inside
+    blocks (v1) or end a partial block per tier (v2). 3-bit K, 8-bit guard."""
+    pool = build_pool(gen, device, key_bits=3, value_bits=4, group_size=32, guard_bits=8)
+    batch = build_batch([MAX_CONTEXT, 33, 17, 1, 0], gen, device)
+    q = random_queries(5, 7, gen, device)
+    out = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, num_splits=2, version=version, block_n=block_n)
+    check_close(out, reference_decode(pool, 0, q, *batch, HEAD_DIM**-0.5), pool)
+
+
+def tokens_by_tier(pool, layer, minimum):
+    """Logical tokens of each held tier in `layer` (tier -> ids), or None if a tier has
+    fewer than `minimum` (the draw is random)."""
+    tiers = pool.location[layer, 1:] & 7
+    tokens = {tier: (tiers == tier).nonzero().squeeze(1) + 1 for tier in (1, 2, 3)}
+    return tokens if all(t.numel() >= minimum for t in tokens.values()) else None
+
+
+def tiled(tokens, count):
+    """`count` tokens cycling through `tokens`: a request may list a token twice (the
+    reference and the kernels then both count it twice), which gives tier ranges longer
+    than a split from a small pool."""
+    return tokens.repeat(-(-count // tokens.numel()))[:count]
+
+
+@pytest.mark.parametrize("guard_bits", [16, 8])
+def test_requests_missing_tiers(guard_bits, version, gen, device):
+    """Requests holding one tier only, or staging + guard with no low-bit entry between
+    them (an empty middle range), next to requests holding all three. With 2 splits of
+    16 entries, a split boundary falls inside the staging range (request 0), the guard
+    range (1, 3), the low-bit range (2, 4)."""
+    layer, tokens = 1, None
+    while tokens is None:  # redrawn in the rare case that a tier got fewer than 4 tokens
+        pool = build_pool(gen, device, guard_bits=guard_bits)
+        tokens = tokens_by_tier(pool, layer, minimum=4)
+    staging, lowbit, guard = (tokens[tier][torch.randperm(tokens[tier].numel(), generator=gen, device=device)]
+                              for tier in (1, 2, 3))
+    requests = [
+        tiled(staging, 24),
+        tiled(guard, 24),
+        tiled(lowbit, 24),
+        torch.cat([tiled(guard, 12), tiled(staging, 12)]),  # positions need not be tier-ordered
+        torch.cat([tiled(lowbit, 10), tiled(guard, 10), tiled(staging, 10)]),
+        torch.cat([guard[:1], staging[:1]]),
+    ]
+    req_to_token, req_pool_indices, seq_lens = build_batch([len(r) for r in requests], gen, device)
+    for b, request_tokens in enumerate(requests):
+        req_to_token[req_pool_indices[b], : len(request_tokens)] = request_tokens.to(torch.int32)
+    q = random_queries(len(requests), 4, gen, device)
+    out = run_kernel(pool, layer, q, req_to_token, req_pool_indices, seq_lens, HEAD_DIM**-0.5, num_splits=2,
+                     version=version)
+    check_close(out, reference_decode(pool, layer, q, req_to_token, req_pool_indices, seq_lens, HEAD_DIM**-0.5),
+                pool)
+
+
+class KernelSpy:
+    """Stands in for a split kernel: records the launch, then runs the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_version_selection(gen, device, monkeypatch):
+    """v2 when tier_indptr is given (and in decode_attention_for_pool), v1 otherwise or
+    when asked; v2 without tier_indptr and bad block sizes are refused."""
+    spies = {name: KernelSpy(getattr(decode_module, name)) for name in ("_decode_split_kernel",
+                                                                        "_decode_split_kernel_v2")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(decode_module, name, spy)
+    pool = build_pool(gen, device, layers=1)
+    batch = build_batch([7, 1], gen, device)
+    q = random_queries(2, 1, gen, device)
+    entries = decode_entries_torch(pool.location[0], *batch)
+    tables = layer_tables(pool, 0)
+    lists = (q, entries.indptr, entries.tier, entries.row, *tables, HEAD_DIM**-0.5)
+
+    def launches():
+        counts = {name: len(spy.grids) for name, spy in spies.items()}
+        for spy in spies.values():
+            spy.grids.clear()
+        return counts["_decode_split_kernel"], counts["_decode_split_kernel_v2"]
+
+    decode_attention(*lists, tier_indptr=entries.tier_indptr)
+    assert launches() == (0, 1)
+    decode_attention(*lists)
+    assert launches() == (1, 0)
+    decode_attention(*lists, tier_indptr=entries.tier_indptr, version="v1")
+    assert launches() == (1, 0)
+    decode_attention_for_pool(pool, 0, q, *batch, HEAD_DIM**-0.5)
+    assert launches() == (0, 1)
+    with pytest.raises(ValueError, match="tier_indptr"):
+        decode_attention(*lists, version="v2")
+    with pytest.raises(ValueError, match="version"):
+        decode_attention(*lists, version="v3")
+    for block_n in (8, 24):
+        with pytest.raises(ValueError, match="block_n"):
+            decode_attention(*lists, tier_indptr=entries.tier_indptr, block_n=block_n)
 
 
 # ---- entry lists ----------------------------------------------------------------------------------
@@ -295,6 +413,42 @@ def test_entry_builders(builder, gen, device):
         got = list(zip(entries.tier[span].tolist(), entries.row[span].tolist()))
         assert got == want, f"request {b}"
     assert entries.tier.dtype == torch.int8 and entries.row.dtype == torch.int32
+    check_tier_indptr(entries, expected)
+
+
+def check_tier_indptr(entries, expected):
+    """tier_indptr [B, 4] int32: (staging, low-bit, guard start, end) of each request,
+    matching indptr, the expected tier counts and the tier of every entry in each range."""
+    tier_indptr = entries.tier_indptr
+    assert tier_indptr.dtype == torch.int32 and tier_indptr.shape == (len(expected), 4)
+    assert torch.equal(tier_indptr[:, 0], entries.indptr[:-1])
+    assert torch.equal(tier_indptr[:, 3], entries.indptr[1:])
+    for b, want in enumerate(expected):
+        bounds = tier_indptr[b].tolist()
+        assert bounds == sorted(bounds), f"request {b}: tier ranges out of order {bounds}"
+        for tier_index, tier in enumerate(HELD_TIERS_IN_ORDER):
+            span = slice(bounds[tier_index], bounds[tier_index + 1])
+            assert span.stop - span.start == sum(t == tier for t, _ in want), f"request {b}, tier {tier}"
+            assert (entries.tier[span] == tier).all(), f"request {b}: entries of tier {tier}'s range"
+
+
+HELD_TIERS_IN_ORDER = (TIERS["staging"], TIERS["lowbit"], TIERS["guard"])
+
+
+def test_builders_agree(gen, device):
+    """The Triton and torch builders give the same lists and tier ranges (the Triton
+    builder in blocks of 8 positions, so counts are carried across blocks)."""
+    pool = build_pool(gen, device, layers=1)
+    req_to_token, req_pool_indices, seq_lens = build_batch([0, 33, 1, 7, 20, MAX_CONTEXT], gen, device)
+    args = (pool.location[0], req_to_token, req_pool_indices, seq_lens)
+    by_torch = decode_entries_torch(*args)
+    by_triton = decode_entries(*args, max_seq_len=MAX_CONTEXT, max_entries=int(seq_lens.sum()), block=8)
+    assert torch.equal(by_torch.indptr, by_triton.indptr)
+    assert torch.equal(by_torch.tier_indptr, by_triton.tier_indptr)
+    used = int(by_torch.indptr[-1])
+    assert torch.equal(by_torch.tier[:used], by_triton.tier[:used])
+    assert torch.equal(by_torch.row[:used], by_triton.row[:used])
+    check_tier_indptr(by_triton, expected_entries(*args))
 
 
 def test_builders_on_an_empty_batch(device):
@@ -304,6 +458,7 @@ def test_builders_on_an_empty_batch(device):
     for build in (decode_entries, decode_entries_torch):
         entries = build(location, req_to_token, none, none)
         assert entries.indptr.tolist() == [0] and entries.tier.numel() == 0
+        assert entries.tier_indptr.shape == (0, 4)
 
 
 def test_tier_constants_match_pool():
