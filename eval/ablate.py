@@ -6,7 +6,7 @@
 Variants are derived from one base config (dataclasses.replace, then the same validation
 as a YAML file) so that each differs from it in the named way only:
 
-  shipped     the configs/*.yaml shipped with the project
+  shipped     the configs/*.yaml shipped with the project (the seed's three and the tuned ones)
   mode        sparsify-only (every kept token bf16) / quantize-only (retain 1.0) / hybrid (base)
   budget      uniform vs pyramid layer budgets
   ratio       quantization-only bits sweep; hybrid retain sweep at 4-bit (2x-16x)
@@ -107,7 +107,7 @@ def _guard(base: CompressionConfig) -> list[CompressionConfig]:
 
 
 def _scoring(base: CompressionConfig) -> list[CompressionConfig]:
-    return [variant(base, f"pooling kernel {kernel}", sparsity={"pooling_kernel": kernel}) for kernel in (1, 15)]
+    return [variant(base, f"pooling kernel {kernel}", sparsity={"pooling_kernel": kernel}) for kernel in (1, 15, 31, 63)]
 
 
 GROUPS: dict[str, Callable[[CompressionConfig], list[CompressionConfig]]] = {

@@ -3,7 +3,8 @@ reference path, on the CPU: seeded held-out samples at 1,024 tokens (eval/tiny/q
 
 Thresholds come from measurement (python -m eval.tiny.quality --configs configs/*.yaml
 --tasks passkey kv --lengths 1024 --samples 24, 2026-11-29): full cache passkey 24/24, kv 24/24;
-passkey qwen_8x 24/24, qwen_8x_aggressive 21/24, qwen_12x 17/24; quantize-only K4V4 kv 24/24.
+passkey qwen_8x 24/24, qwen_8x_aggressive 21/24, qwen_12x 17/24, the three tuned configs 24/24;
+kv qwen_5x_tuned 24/24, qwen_8x_tuned 23/24, qwen_12x_tuned 22/24; quantize-only K4V4 kv 24/24.
 Each threshold sits two samples below its measurement, so a change that loses needles
 (eviction, quantization, attention read-back) fails them; the control test shows that these
 samples do need their needle.
@@ -46,7 +47,9 @@ def test_full_cache_answers_the_held_out_samples(evaluator, samples):
     assert result.measured_ratio == 1.0
 
 
-PASSKEY_AT_LEAST = {"qwen_8x": 22, "qwen_8x_aggressive": 19, "qwen_12x": 15}  # of 24
+PASSKEY_AT_LEAST = {"qwen_8x": 22, "qwen_8x_aggressive": 19, "qwen_12x": 15,
+                    "qwen_5x_tuned": 22, "qwen_8x_tuned": 22, "qwen_12x_tuned": 22}  # of 24
+KV_AT_LEAST = {"qwen_5x_tuned": 22, "qwen_8x_tuned": 21, "qwen_12x_tuned": 20}  # of 24
 
 
 @pytest.mark.parametrize("config_path", SHIPPED, ids=lambda p: p.stem)
@@ -55,6 +58,13 @@ def test_shipped_configs_keep_the_pass_key(evaluator, samples, config_path):
     result = evaluator.evaluate(config.name, config, only(samples, "passkey"))
     assert result.accuracy["passkey"][LENGTH] >= PASSKEY_AT_LEAST[config.name] / SAMPLES
     assert result.measured_ratio > 3.5  # they do compress (measured 4.1x to 12.5x at this length)
+
+
+@pytest.mark.parametrize("name", sorted(KV_AT_LEAST))
+def test_tuned_configs_keep_key_value_lookups(evaluator, samples, name):
+    config = load_config(REPO / "configs" / f"{name}.yaml")
+    result = evaluator.evaluate(config.name, config, only(samples, "kv"))
+    assert result.accuracy["kv"][LENGTH] >= KV_AT_LEAST[name] / SAMPLES
 
 
 def test_four_bit_quantization_alone_keeps_key_value_lookups(evaluator, samples):
