@@ -56,8 +56,23 @@ def assert_config_error(raw, *fragments: str) -> str:
 # ---- shipped files -----------------------------------------------------------------------------
 
 
+# The tuned presets (from the tiny-model sweep) must reach their name's ratio by the planner.
+TUNED_TARGETS = {"qwen_5x_tuned": 5.0, "qwen_8x_tuned": 8.0, "qwen_12x_tuned": 12.0}
+
+
 def test_every_shipped_config_is_covered():
-    assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(SEED_VALUES)
+    assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(SEED_VALUES) | set(TUNED_TARGETS)
+
+
+@pytest.mark.parametrize("name", sorted(TUNED_TARGETS))
+def test_tuned_configs_reach_their_ratio_by_the_planner(name):
+    from sglang_kvc.planner import ModelShape, plan_for
+
+    config = load_config(CONFIGS / f"{name}.yaml")
+    assert config.name == name
+    shape = ModelShape.from_hf_config(REPO / "tests" / "data" / "qwen2.5-7b-instruct" / "config.json")
+    ratio = plan_for(config, shape).compression_ratio(32768)
+    assert TUNED_TARGETS[name] <= ratio < TUNED_TARGETS[name] * 1.05
 
 
 @pytest.mark.parametrize("name", sorted(SEED_VALUES))
