@@ -52,6 +52,14 @@ _MAX_SPLITS = 64
 _DEFAULT_SM_COUNT = 132  # H100 / H200, for pools not on CUDA (the interpreter)
 
 
+def decode_block_n(key_bits: int) -> int:
+    """Entries per block of the v2 decode kernel. Measured on the H200 (2026-11-29,
+    docs/results/bench-kernels-2026-11-29-v2.md): 64 was fastest for every config with 2-
+    or 4-bit keys (2.1-2.9x v1), 16 for 3-bit keys (their per-dim word loads; 64 needs
+    115 KB of shared memory there)."""
+    return 16 if key_bits == 3 else 64
+
+
 def decode_num_splits(batch_size: int, kv_heads: int, max_seq_len: int, sm_count: int) -> int:
     """Splits per request for `decode_attention`: enough (request, KV head, split)
     programs to give every SM `_PROGRAMS_PER_SM` of them, but no split shorter than
@@ -136,6 +144,11 @@ class CompressedAttention:
             self.decode_seq_lens = torch.tensor(batch.seq_lens, dtype=torch.int32, device=device)
             self.decode_max_seq_len = max(batch.seq_lens, default=0)
             self.decode_entry_capacity = sum(batch.seq_lens)  # SGLang's seq_lens_sum: a tight bound
+            # Each request's slots in every layer's entry arrays: fixed for the step, so each
+            # layer's build is one launch with no host glue (kernels.decode_entries_in_regions).
+            from sglang_kvc.kernels.decode_attention import region_indptr_for
+
+            self.decode_region_indptr = region_indptr_for(batch.seq_lens, device)
             self.decode_splits = decode_num_splits(
                 len(batch.seq_lens), self.pool.head_num, self.decode_max_seq_len, self.sm_count
             )
@@ -249,8 +262,8 @@ class CompressedAttention:
         return out
 
     def _decode_triton(self, layer: int, q: torch.Tensor, scaling: float) -> torch.Tensor:
-        """One vectorized entry-list build for the whole batch (this layer's location map:
-        every layer evicts different tokens), then the split-K kernel."""
+        """One entry-list build for the whole batch in the step's fixed regions (this layer's
+        location map: every layer evicts different tokens), then the split-K kernel."""
         # Imported on first use: triton.jit fixes at import whether kernels are interpreted
         # (tests/kernels/conftest.py sets that first), and torch-only runs need no Triton.
         from sglang_kvc.kernels.decode_attention import decode_attention_for_pool
@@ -264,8 +277,10 @@ class CompressedAttention:
             self.decode_seq_lens,
             scaling,
             num_splits=self.decode_splits,
+            block_n=decode_block_n(self.pool.lowbit.key_format.bits),
             max_seq_len=self.decode_max_seq_len,
             max_entries=self.decode_entry_capacity,
+            region_indptr=self.decode_region_indptr,
         )
 
     def _decode_torch(self, layer: int, q: torch.Tensor, scaling: float, logit_cap: float) -> torch.Tensor:

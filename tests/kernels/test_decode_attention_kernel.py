@@ -32,8 +32,10 @@ from sglang_kvc.kernels.decode_attention import (
     decode_attention,
     decode_attention_for_pool,
     decode_entries,
+    decode_entries_in_regions,
     decode_entries_torch,
     layer_tables,
+    region_indptr_for,
 )
 from sglang_kvc.quant import PackedFormat
 from sglang_kvc.stores import DenseStore, PackedStore
@@ -449,6 +451,67 @@ def test_builders_agree(gen, device):
     assert torch.equal(by_torch.tier[:used], by_triton.tier[:used])
     assert torch.equal(by_torch.row[:used], by_triton.row[:used])
     check_tier_indptr(by_triton, expected_entries(*args))
+
+
+def region_entries(location, req_to_token, req_pool_indices, seq_lens, block=8):
+    """decode_entries_in_regions into arrays poisoned first (every slot of every region must
+    be written: held entries, then EMPTY)."""
+    region_indptr = region_indptr_for(seq_lens.tolist(), location.device)
+    entries = decode_entries_in_regions(location, req_to_token, req_pool_indices, seq_lens, region_indptr,
+                                        int(seq_lens.sum()), block=block)
+    return entries
+
+
+def test_region_builder_fills_each_request_region(gen, device, monkeypatch):
+    pool = build_pool(gen, device, layers=1)
+    req_to_token, req_pool_indices, seq_lens = build_batch([0, 33, 1, 7, 20, MAX_CONTEXT], gen, device)
+    args = (pool.location[0], req_to_token, req_pool_indices, seq_lens)
+    # Poison what torch.empty hands the builder: any slot it leaves unwritten shows up.
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(77))
+    entries = region_entries(*args)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    expected = expected_entries(*args)
+    bounds = [0, *torch.cumsum(seq_lens, 0).tolist()]
+    assert entries.indptr.tolist() == bounds
+    for b, want in enumerate(expected):
+        start, end = entries.tier_indptr[b, 0].item(), entries.tier_indptr[b, 3].item()
+        assert start == bounds[b] and end - start == len(want)
+        assert list(zip(entries.tier[start:end].tolist(), entries.row[start:end].tolist())) == want
+        assert (entries.tier[end : bounds[b + 1]] == TIER_EMPTY).all(), f"request {b}: region tail not EMPTY"
+        assert (entries.row[end : bounds[b + 1]] == 0).all()
+    # Same tier ranges as the CSR builder, shifted to the regions.
+    by_torch = decode_entries_torch(*args)
+    shift = (entries.tier_indptr[:, :1] - by_torch.tier_indptr[:, :1])
+    assert torch.equal(entries.tier_indptr - shift, by_torch.tier_indptr)
+
+
+def test_region_entries_feed_both_kernels(version, gen, device):
+    """v2 reads the tier ranges; v1 walks whole regions and skips their EMPTY tails."""
+    pool = build_pool(gen, device, key_bits=4, value_bits=2, group_size=32)
+    batch = build_batch([33, 0, 1, 7, 20], gen, device)
+    q = random_queries(5, 7, gen, device)
+    scaling = HEAD_DIM**-0.5
+    entries = region_entries(pool.location[1], *batch)
+    staging, lowbit, guard = layer_tables(pool, 1)
+    out = torch.full(q.shape, float("nan"), dtype=torch.float32, device=device)
+    decode_attention(q, entries.indptr, entries.tier, entries.row, staging, lowbit, guard, scaling, 3,
+                     tier_indptr=entries.tier_indptr, version=version, out=out, block_n=BLOCK_N)
+    check_close(out, reference_decode(pool, 1, q, *batch, scaling), pool)
+
+
+def test_pool_entry_point_with_regions(gen, device):
+    pool = build_pool(gen, device)
+    req_to_token, req_pool_indices, seq_lens = build_batch([20, 1, 33], gen, device)
+    q = random_queries(3, 4, gen, device)
+    scaling = HEAD_DIM**-0.5
+    region_indptr = region_indptr_for(seq_lens.tolist(), device)
+    out = decode_attention_for_pool(pool, 0, q, req_to_token, req_pool_indices, seq_lens, scaling, 2,
+                                    max_entries=int(seq_lens.sum()), region_indptr=region_indptr, block_n=BLOCK_N)
+    check_close(out, reference_decode(pool, 0, q, req_to_token, req_pool_indices, seq_lens, scaling), pool)
+    with pytest.raises(ValueError, match="max_entries"):
+        decode_attention_for_pool(pool, 0, q, req_to_token, req_pool_indices, seq_lens, scaling, 2,
+                                  region_indptr=region_indptr)
 
 
 def test_builders_on_an_empty_batch(device):
