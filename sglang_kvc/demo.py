@@ -1,6 +1,6 @@
 """`sglang-kvc demo`: the same prompts answered with a full and a compressed KV cache.
 
-    sglang-kvc demo [--config configs/qwen_8x.yaml] [--model PATH] [--device cpu|cuda] [--samples 3]
+    sglang-kvc demo [--config configs/qwen_8x_tuned.yaml] [--model PATH] [--device cpu|cuda] [--samples 3]
 
 Loads a local transformers model folder (by default the project's bundled small model,
 `eval/tiny/model`, trained by `python -m eval.tiny.train`), builds a few seeded retrieval
@@ -21,7 +21,7 @@ from sglang_kvc.argtypes import positive_int
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_MODEL_DIR = REPO / "eval" / "tiny" / "model"
-DEFAULT_CONFIG = REPO / "configs" / "qwen_8x.yaml"
+DEFAULT_CONFIG = REPO / "configs" / "qwen_8x_tuned.yaml"
 EXIT_USAGE = 2
 SEED = 20251129
 
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         default=str(DEFAULT_CONFIG),
         metavar="CONFIG",
-        help="compression config YAML (default: configs/qwen_8x.yaml)",
+        help="compression config YAML (default: configs/qwen_8x_tuned.yaml)",
     )
     parser.add_argument(
         "--model",

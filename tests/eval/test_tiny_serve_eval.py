@@ -55,3 +55,17 @@ def test_markdown_reports_relative_accuracy_and_errors():
     table = markdown(report)
     assert "| x | 0.400 | 50.0% | 0.40 | 0.50 | 0.25 | 0.00 | 1/1 |" in table
     assert "| y | error: RuntimeError: boom |" in table
+
+
+def test_compare_matches_servers_to_reference_configs_and_pairs_kernel_paths():
+    from eval.tiny.compare import compare
+
+    reference = {"full": {"kv-1024-0": "1", "kv-1024-1": "2"}, "c": {"kv-1024-0": "1", "kv-1024-1": "9"}}
+    servers = {"bf16": {"kv-1024-0": "1", "kv-1024-1": "2"}, "c": {"kv-1024-0": "1", "kv-1024-1": "2"},
+               "c+triton": {"kv-1024-0": "7", "kv-1024-1": "2"}}
+    rows = {(row["left"], row["right"]): row["agreement"] for row in compare(reference, servers)}
+    assert rows[("transformers full", "server bf16")] == 1.0
+    assert rows[("transformers c", "server c")] == 0.5
+    assert rows[("transformers c", "server c+triton")] == 0.0
+    assert rows[("server c", "server c+triton")] == 0.5
+    assert len(rows) == 4
