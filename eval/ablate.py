@@ -73,7 +73,7 @@ def _budget(base: CompressionConfig) -> list[CompressionConfig]:
             variant(base, "budget pyramid (base)")]
 
 
-QUANTIZE_ONLY_BITS = ((8, 8), (4, 4), (3, 2), (2, 2))
+QUANTIZE_ONLY_BITS = ((8, 8), (4, 4), (4, 2), (2, 4), (3, 2), (2, 2))
 HYBRID_RETAIN = (0.75, 0.5, 0.35, 0.25, 0.18, 0.12)
 
 
