@@ -57,7 +57,7 @@ import triton.testing
 
 from sglang_kvc.attention import attend
 from sglang_kvc.config import CompressionConfig, load_config
-from sglang_kvc.engine import decode_num_splits
+from sglang_kvc.engine import decode_block_n, decode_num_splits
 from sglang_kvc.kernels.decode_attention import (
     TIER_BITS,
     TIER_EVICTED,
@@ -67,7 +67,9 @@ from sglang_kvc.kernels.decode_attention import (
     decode_attention,
     decode_attention_for_pool,
     decode_entries,
+    decode_entries_in_regions,
     layer_tables,
+    region_indptr_for,
 )
 from sglang_kvc.kernels.quantize import write_packed
 from sglang_kvc.planner import KVPlan, ModelShape, plan_for
@@ -103,7 +105,7 @@ SMOKE_PREFILL_TOKENS = 300
 OUR_SPLITS = (4, 16, 64)  # swept next to the engine's choice
 V2_BLOCK_NS = (16, 32, 64)  # v2's BLOCK_N sweep (v1 stays at its shipped 16)
 V1_BLOCK_N = 16
-ENGINE_BLOCK_N = 16  # decode_attention's default, what decode_attention_for_pool runs
+ENGINE_BLOCK_N = 16  # always swept: the 3-bit-key choice of engine.decode_block_n
 SMOKE_V2_BLOCK_NS = (16, 32)
 SGLANG_SPLITS = (8, 16, 64)
 SMOKE_SPLITS = (2,)
@@ -322,6 +324,8 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
         return reference_check(out, expected, value_scale, tolerance)
 
     engine_splits = decode_num_splits(batch.batch_size, shape.kv_heads, batch.tokens, sm_count)
+    engine_block_n = decode_block_n(plan.key_format.bits)
+    region_indptr = region_indptr_for([batch.tokens] * batch.batch_size, batch.q.device)
     splits_options = sorted({engine_splits, *args.splits})
 
     def sweep(version, block_n) -> dict:
@@ -334,36 +338,45 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
     v1 = sweep("v1", V1_BLOCK_N)
     v2_by_block_n = {block_n: guarded(sweep, "v2", block_n) for block_n in args.block_n}
     compiled = {n: variant for n, variant in v2_by_block_n.items() if "error" not in variant}
-    if ENGINE_BLOCK_N not in compiled:
-        raise RuntimeError(f"v2 at the engine's BLOCK_N {ENGINE_BLOCK_N} failed: {v2_by_block_n.get(ENGINE_BLOCK_N)}")
+    if engine_block_n not in compiled:
+        engine_block_n = ENGINE_BLOCK_N  # not swept (a --block-n subset) or failed: fall back
+    if engine_block_n not in compiled:
+        raise RuntimeError(f"v2 at BLOCK_N {engine_block_n} failed: {v2_by_block_n.get(engine_block_n)}")
     best_block_n = min(compiled, key=lambda n: compiled[n]["ms"])
     v2_best = compiled[best_block_n]
 
-    def together(version, splits, block_n):
+    def together(version, splits, block_n, regions=True):
+        """Entry build + attention through decode_attention_for_pool, as the engine calls it
+        (the one-launch region builder), or with the CSR builder (`decode_entries`)."""
+        builder = {"region_indptr": region_indptr} if regions else {}
         return lambda: decode_attention_for_pool(layer, 0, batch.q, batch.req_to_token, batch.req_pool_indices,
                                                  batch.seq_lens, scaling, splits, out=out, version=version,
-                                                 block_n=block_n, **list_sizes, **kernel_options)
+                                                 block_n=block_n, **list_sizes, **builder, **kernel_options)
 
-    # What the engine runs (v2, default BLOCK_N, the engine's split count), v1 the same way,
-    # and v2's best variant if it is another one.
-    together_ms = {"v2": timer(together("v2", engine_splits, ENGINE_BLOCK_N)),
-                   "v1": timer(together("v1", engine_splits, V1_BLOCK_N))}
-    if (best_block_n, v2_best["best_splits"]) != (ENGINE_BLOCK_N, engine_splits):
+    # What the engine runs (v2, its BLOCK_N and split count, region lists), the same with the
+    # CSR builder, v1 on the CSR builder, and v2's best variant if it is another one.
+    together_ms = {"v2": timer(together("v2", engine_splits, engine_block_n)),
+                   "v2_csr_builder": timer(together("v2", engine_splits, engine_block_n, regions=False)),
+                   "v1": timer(together("v1", engine_splits, V1_BLOCK_N, regions=False))}
+    if (best_block_n, v2_best["best_splits"]) != (engine_block_n, engine_splits):
         together_ms["v2_best"] = timer(together("v2", v2_best["best_splits"], best_block_n))
     checks = {"v1": v1["check"], **{f"v2_block_n_{n}": variant["check"] for n, variant in compiled.items()},
-              "engine": check(together("v2", engine_splits, ENGINE_BLOCK_N))}
+              "engine": check(together("v2", engine_splits, engine_block_n)),
+              "v1_on_regions": check(together("v1", engine_splits, V1_BLOCK_N))}
 
     num_bytes = attention_bytes(plan, layer, batch)
     result = {
         "per_request": {"tokens": batch.tokens, "held": layer.held_per_request, "staged": layer.staged_per_request,
                         "guard": layer.guard_per_request, "lowbit": layer.lowbit_per_request},
         "bytes": num_bytes,
-        "entry_build": timer(lambda: decode_entries(*list_args, **list_sizes)),
-        "engine_kernel": {"version": "v2", "block_n": ENGINE_BLOCK_N},
-        # The engine's kernel (v2 at its default BLOCK_N) at every split count.
-        "attention_by_splits": compiled[ENGINE_BLOCK_N]["by_splits"],
+        "entry_build": timer(lambda: decode_entries_in_regions(*list_args, region_indptr,
+                                                               list_sizes["max_entries"])),
+        "entry_build_csr": timer(lambda: decode_entries(*list_args, **list_sizes)),
+        "engine_kernel": {"version": "v2", "block_n": engine_block_n, "entry_lists": "regions"},
+        # The engine's kernel (v2 at its BLOCK_N) at every split count.
+        "attention_by_splits": compiled[engine_block_n]["by_splits"],
         "engine_splits": engine_splits,
-        "best_splits": compiled[ENGINE_BLOCK_N]["best_splits"],
+        "best_splits": compiled[engine_block_n]["best_splits"],
         "attention": {
             "v1": v1,
             "v2": {"by_block_n": v2_by_block_n, "best_block_n": best_block_n,
@@ -477,8 +490,9 @@ def markdown(report: dict) -> str:
         f"{report['copy_bandwidth']['GBps']:.0f} GB/s. Times: ms per layer call ({report['timing']}). "
         f"\"attn\" = attention alone, best split count (v2: best of BLOCK_N {report['v2_block_n']}, "
         f"shown as BLOCK_N / splits; v1: BLOCK_N {report['v1_block_n']}). \"together\" = entry-list build + "
-        f"attention at the engine's split count, as the engine runs them (v2, BLOCK_N {report['engine_block_n']}; "
-        f"v1 in parentheses). GB/s = bytes that must be read / time. Speedups vs SGLang: together.",
+        f"attention at the engine's split count, as the engine runs them (v2, BLOCK_N {report['engine_block_n']}, "
+        f"entry lists in fixed regions, one launch; v1 on the CSR builder in parentheses). \"build ms\": the "
+        f"region builder (CSR builder in parentheses). GB/s = bytes that must be read / time. Speedups vs SGLang: together.",
         "",
         f"Bytes counted: {report['bytes_counted']}",
         "",
@@ -499,7 +513,8 @@ def markdown(report: dict) -> str:
             s = cell["summary"]
             v1, v2 = cell["attention"]["v1"], cell["attention"]["v2"]
             row = [label, name, str(cell["per_request"]["held"]), str(cell["engine_splits"]),
-                   f"{cell['entry_build']['ms']:.3f}", f"{v2['best_block_n']} / {v2['best_splits']}",
+                   f"{cell['entry_build']['ms']:.3f} ({cell['entry_build_csr']['ms']:.3f})",
+                   f"{v2['best_block_n']} / {v2['best_splits']}",
                    f"{v2['ms']:.3f}", f"{v1['ms']:.3f}", f"{s['v2_speedup_vs_v1']['attention_best']:.2f}x",
                    f"{s['attention_best_GBps']:.0f} ({s['attention_v1_best_GBps']:.0f})",
                    f"{cell['together']['v2']['ms']:.3f} ({cell['together']['v1']['ms']:.3f})",
@@ -622,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_stages": args.num_stages,
         "v1_block_n": V1_BLOCK_N,
         "v2_block_n": args.block_n,
-        "engine_block_n": ENGINE_BLOCK_N,
+        "engine_block_n": "engine.decode_block_n: 16 for 3-bit keys, else 64 (per cell: engine_kernel)",
         "timing": "triton.testing.do_bench median (p20/p80 kept), L2 flushed before each run, host launch "
                   "glue included (eager mode)" if device.type == "cuda" else "wall clock, interpreter (meaningless)",
         "bytes_counted": "reads only. ours: payload = held rows (bf16 staging + guard rows + low-bit codes and "
