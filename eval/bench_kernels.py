@@ -448,6 +448,28 @@ def bench_write_packed(plan: KVPlan, layer_index: int, prompt_tokens: int, devic
             "kernel_GBps": gbps(read + written, kernel["ms"]), "speedup_vs_torch": reference["ms"] / kernel["ms"]}
 
 
+# ---- window scores -----------------------------------------------------------------------------
+def bench_window_scores(shape: HeadShape, prompt_tokens: int, window: int, device, timer: Timer) -> dict:
+    """Scoring one layer's staged prompt tokens with the observation window: the Triton
+    two-pass kernel (`kernels/score.py`) against the torch scorer, which holds the
+    [kv_heads, group * W, N] fp32 attention (its size is reported)."""
+    from sglang_kvc.kernels.score import window_scores
+    from sglang_kvc.policy import ObservationWindowScorer
+
+    q = torch.randn(window, shape.q_heads, shape.head_dim, device=device).to(torch.bfloat16)
+    k = torch.randn(prompt_tokens, shape.kv_heads, shape.head_dim, device=device).to(torch.bfloat16)
+    key_positions = torch.arange(prompt_tokens, device=device)
+    window_positions = key_positions[-window:]
+    args = (q, window_positions, k, key_positions)
+    torch_scorer = ObservationWindowScorer()
+    got, expected = window_scores(*args), torch_scorer.per_kv_head(*args)
+    kernel, reference = timer(lambda: window_scores(*args)), timer(lambda: torch_scorer.per_kv_head(*args))
+    return {"prompt_tokens": prompt_tokens, "window": window, "kernel": kernel, "torch_reference": reference,
+            "speedup_vs_torch": reference["ms"] / kernel["ms"],
+            "torch_attention_bytes": shape.q_heads * window * prompt_tokens * 4,
+            "max_abs_error": float((got - expected).abs().max())}
+
+
 # ---- report ----------------------------------------------------------------------------------
 def summarize(result: dict, sglang: dict, copy_gbps: float) -> dict:
     """Throughput and ratios of one (grid, config) cell: attention alone at the best
@@ -543,6 +565,14 @@ def markdown(report: dict) -> str:
             continue
         lines.append(f"| {name} | {w['tokens']} | {w['kernel']['ms']:.3f} | {w['kernel_GBps']:.0f} | "
                      f"{w['torch_reference']['ms']:.3f} | {w['speedup_vs_torch']:.1f}x |")
+    score = report.get("window_scores")
+    if score and "error" not in score:
+        lines += ["", f"Window scores of one layer ({score['prompt_tokens']} staged tokens, W {score['window']}): "
+                      f"kernel {score['kernel']['ms']:.3f} ms, torch {score['torch_reference']['ms']:.3f} ms "
+                      f"({score['speedup_vs_torch']:.1f}x; torch holds {score['torch_attention_bytes'] / 2**20:.0f} MiB "
+                      f"of attention), max abs difference {score['max_abs_error']:.1e}."]
+    elif score:
+        lines += ["", f"Window scores: error: {score['error']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -664,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, plan in plans.items():
         report["write_packed"][name] = guarded(bench_write_packed, plan, middle_layer, prompt_tokens, device, timer)
+    window = next(iter(plans.values())).config.sparsity.observation_window
+    report["window_scores"] = guarded(bench_window_scores, shape, prompt_tokens, window, device, timer)
     write_outputs(report, args.out)
 
     for batch_size, tokens in grids:

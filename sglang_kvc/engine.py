@@ -119,7 +119,8 @@ class CompressedAttention:
         self.pool = pool
         self.req_to_token = req_to_token
         self.config = pool.config
-        self.scorer = scorer or ObservationWindowScorer.from_config(pool.config)
+        # With the Triton kernels the window scores are computed without the attention matrix.
+        self.scorer = scorer or ObservationWindowScorer.from_config(pool.config, implementation=attention_impl)
         self.layer_retain = pool.plan.layer_retain_ratios
         self.window = self.config.sparsity.observation_window
         self.last_layer = pool.layer_num - 1

@@ -39,17 +39,27 @@ class ObservationWindowScorer:
     """SnapKV-style: attention of the prompt's last W queries to each candidate key,
     softmax per query head (at `temperature`), summed over the window and over the
     query heads of each GQA group, then max-pooled along the sequence so that the
-    neighbours of an attended token survive with it."""
+    neighbours of an attended token survive with it.
+
+    `implementation`: "torch" materializes the [kv_heads, group * W, N] attention;
+    "triton" (`sglang_kvc.kernels.score`, what the engine uses with the Triton kernels)
+    computes the same sums in two passes without it."""
 
     temperature: float = 1.0
     pooling_kernel: int = 7
+    implementation: str = "torch"
 
     @classmethod
-    def from_config(cls, config: CompressionConfig) -> "ObservationWindowScorer":
+    def from_config(cls, config: CompressionConfig, implementation: str = "torch") -> "ObservationWindowScorer":
         s = config.sparsity
-        return cls(temperature=s.temperature, pooling_kernel=s.pooling_kernel)
+        return cls(temperature=s.temperature, pooling_kernel=s.pooling_kernel, implementation=implementation)
 
-    def score(self, window_queries, window_positions, keys, key_positions) -> torch.Tensor:
+    def per_kv_head(self, window_queries, window_positions, keys, key_positions) -> torch.Tensor:
+        """[kv_heads, N] fp32: summed softmax attention of each head's window queries."""
+        if self.implementation == "triton":
+            from sglang_kvc.kernels.score import window_scores
+
+            return window_scores(window_queries, window_positions, keys, key_positions, self.temperature)
         num_q_heads, head_dim = window_queries.shape[1], window_queries.shape[2]
         num_kv_heads = keys.shape[1]
         group = num_q_heads // num_kv_heads
@@ -61,7 +71,10 @@ class ObservationWindowScorer:
         causal = key_positions.view(1, 1, -1) > window_positions.repeat(group).view(1, -1, 1)
         logits.masked_fill_(causal, float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
-        per_kv_head = probs.sum(dim=1)  # [kv_heads, N]
+        return probs.sum(dim=1)
+
+    def score(self, window_queries, window_positions, keys, key_positions) -> torch.Tensor:
+        per_kv_head = self.per_kv_head(window_queries, window_positions, keys, key_positions)
         if self.pooling_kernel > 1:
             per_kv_head = F.max_pool1d(
                 per_kv_head.unsqueeze(0),

@@ -191,6 +191,7 @@ def test_bench_kernels_smoke(tmp_path, monkeypatch):
     assert "--smoke" in report["command"]
     config_names = set(report["configs"])
     assert config_names == {"qwen_8x", "qwen_8x_tuned"}
+    assert report["window_scores"]["max_abs_error"] < 1e-4, report["window_scores"]
     assert [grid["status"] for grid in report["grids"]] == ["ok"] * len(bench.SMOKE_GRIDS)
     for grid in report["grids"]:
         assert all("ms" in baseline for baseline in grid["sglang"].values()), grid["sglang"]
