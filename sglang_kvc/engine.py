@@ -25,6 +25,7 @@ are torch only.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -162,16 +163,15 @@ class CompressedAttention:
         if self.candidates is None:
             self.candidates = self._compression_candidates()
         q = pool.rotate(q)
-        out = torch.empty((q.shape[0], q.shape[1], pool.head_dim), dtype=torch.float32, device=q.device)
+        if self.attention_impl == "triton":
+            out = self._extend_triton(layer, q, scaling, logit_cap)
+        else:
+            out = self._extend_torch(layer, q, scaling, logit_cap)
+        # Every request of the pass has attended before any of them compresses.
         offset = 0
-        for i, tokens in enumerate(self.token_rows):
-            extend_len, seq_len = batch.extend_lens[i], batch.seq_lens[i]
+        for i in range(len(self.token_rows)):
+            extend_len = batch.extend_lens[i]
             q_req = q[offset : offset + extend_len]
-            q_pos = self.positions[i][seq_len - extend_len :]
-            k, v, held = pool.gather(layer, tokens, torch.float32)
-            out[offset : offset + extend_len] = attend(
-                q_req, q_pos, k[held], v[held], self.positions[i][held], scaling, logit_cap
-            )
             if batch.last_chunk[i]:
                 self._compress(layer, i, q_req)
             else:
@@ -180,6 +180,56 @@ class CompressedAttention:
         if layer == self.last_layer:
             self._finish_extend()
         return out
+
+    def _extend_torch(self, layer: int, q: torch.Tensor, scaling: float, logit_cap: float) -> torch.Tensor:
+        """The reference: per request, every held token of the layer, dequantized, through
+        `attend` in fp32 (positions make it causal)."""
+        batch, pool = self.batch, self.pool
+        out = torch.empty((q.shape[0], q.shape[1], pool.head_dim), dtype=torch.float32, device=q.device)
+        offset = 0
+        for i, tokens in enumerate(self.token_rows):
+            extend_len, seq_len = batch.extend_lens[i], batch.seq_lens[i]
+            q_pos = self.positions[i][seq_len - extend_len :]
+            k, v, held = pool.gather(layer, tokens, torch.float32)
+            out[offset : offset + extend_len] = attend(
+                q[offset : offset + extend_len], q_pos, k[held], v[held], self.positions[i][held], scaling, logit_cap
+            )
+            offset += extend_len
+        return out
+
+    def _extend_triton(self, layer: int, q: torch.Tensor, scaling: float, logit_cap: float) -> torch.Tensor:
+        """SGLang's Triton extend kernel over the layer's held prefix (dequantized into a
+        transient buffer: prefill, not decode, and only the kept tokens) and the new tokens
+        (staged bf16), causal among the new ones: one launch for the batch."""
+        from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+
+        batch, pool = self.batch, self.pool
+        # bf16 as SGLang's own prefill on the GPU; fp32 in the interpreter (tests), whose
+        # bf16 dots are not exact.
+        dtype = q.dtype if q.is_cuda else torch.float32
+        prefix_k, prefix_v, extend_k, extend_v = [], [], [], []
+        prefix_counts = []
+        for i, tokens in enumerate(self.token_rows):
+            prefix_len = batch.seq_lens[i] - batch.extend_lens[i]
+            k, v, held = pool.gather(layer, tokens, dtype)
+            held_prefix = held[:prefix_len]
+            prefix_k.append(k[:prefix_len][held_prefix])
+            prefix_v.append(v[:prefix_len][held_prefix])
+            extend_k.append(k[prefix_len:])  # just written to staging by set_kv_buffer: all held
+            extend_v.append(v[prefix_len:])
+            prefix_counts.append(int(held_prefix.sum()))
+        device = q.device
+        k_buffer, v_buffer = torch.cat(prefix_k), torch.cat(prefix_v)
+        qo_indptr = torch.tensor([0, *itertools.accumulate(batch.extend_lens)], dtype=torch.int32, device=device)
+        kv_indptr = torch.tensor([0, *itertools.accumulate(prefix_counts)], dtype=torch.int32, device=device)
+        kv_indices = torch.arange(k_buffer.shape[0], dtype=torch.int64, device=device)
+        out = torch.empty((q.shape[0], q.shape[1], pool.head_dim), dtype=dtype, device=device)
+        extend_attention_fwd(
+            q.to(dtype).contiguous(), torch.cat(extend_k), torch.cat(extend_v), out, k_buffer, v_buffer,
+            qo_indptr, kv_indptr, kv_indices, None, True, None, max(batch.extend_lens, default=0), 1.0, 1.0,
+            sm_scale=scaling, logit_cap=logit_cap,
+        )
+        return out.float()
 
     def _compression_candidates(self) -> list[torch.Tensor | None]:
         """Per request finishing its prompt: positions of its still-staged tokens. A staged

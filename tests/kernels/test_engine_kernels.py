@@ -1,5 +1,6 @@
 """The kernels wired into the engine: `CompressedAttention(attention_impl="triton")`
-against its torch reference path, driven through real SGLang objects by the scheduler
+(decode kernels, window-score kernel, SGLang's extend kernel for prefill) against its
+torch reference path, driven through real SGLang objects by the scheduler
 simulator (tests/sim.py); `PackedStore.write` on CUDA; and a smoke run of
 eval/bench_kernels.py so that the GPU benchmark script does not rot.
 
@@ -43,13 +44,19 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 
 
 class RecordingAttention(CompressedAttention):
-    """Keeps every decode output (the simulator drops them); optionally decodes with a
-    logit soft-cap, which the simulator never passes."""
+    """Keeps every extend and decode output (the simulator drops them); optionally decodes
+    with a logit soft-cap, which the simulator never passes."""
 
     def __init__(self, *args, logit_cap: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.logit_cap = logit_cap
         self.decode_outputs: list[torch.Tensor] = []
+        self.extend_outputs: list[torch.Tensor] = []
+
+    def extend(self, layer_id, q, scaling, logit_cap=0.0):
+        out = super().extend(layer_id, q, scaling, logit_cap)
+        self.extend_outputs.append(out.clone())
+        return out
 
     def decode(self, layer_id, q, scaling, logit_cap=0.0):
         out = super().decode(layer_id, q, scaling, logit_cap or self.logit_cap)
@@ -116,6 +123,13 @@ def test_triton_decode_matches_torch_reference(q_heads, guard_bits, seed):
     first = triton.live[0].req  # its first decode token left the window and was migrated
     first_decode_token = triton.req_to_token_pool.req_to_token[first.req_pool_idx, len(first.origin_input_ids)]
     assert (tier_of(triton.pool.location[:, int(first_decode_token)]) == Tier.LOWBIT).all()
+
+    # Prefill: SGLang's extend kernel over the held prefix + the new tokens (fp32 in the
+    # interpreter) against `attend`: every chunk, incl. the radix-shared compressed prefix.
+    extends, expected_extends = triton.engine.extend_outputs, reference.engine.extend_outputs
+    assert len(extends) == len(expected_extends) > 0
+    for call, (out, want) in enumerate(zip(extends, expected_extends)):
+        torch.testing.assert_close(out, want, atol=DECODE_ATOL, rtol=0, msg=lambda m: f"extend call {call}: {m}")
 
     outputs, expected = triton.engine.decode_outputs, reference.engine.decode_outputs
     assert len(outputs) == len(expected) == DECODE_STEPS * triton.num_layers
