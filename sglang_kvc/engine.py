@@ -198,34 +198,47 @@ class CompressedAttention:
         return out
 
     def _extend_triton(self, layer: int, q: torch.Tensor, scaling: float, logit_cap: float) -> torch.Tensor:
-        """SGLang's Triton extend kernel over the layer's held prefix (dequantized into a
-        transient buffer: prefill, not decode, and only the kept tokens) and the new tokens
-        (staged bf16), causal among the new ones: one launch for the batch."""
+        """SGLang's Triton extend kernel over the layer's held prefix and the new tokens
+        (staged bf16), causal among the new ones: one launch for the batch. The prefix is
+        dequantized into a transient buffer (prefill only, and only the kept tokens): the
+        Triton entry builder lists each request's held prefix tokens (one pass over the
+        batch, no loop over requests), and each tier is read once for the whole batch."""
         from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
 
+        from sglang_kvc.kernels.decode_attention import decode_entries
+
         batch, pool = self.batch, self.pool
+        device = q.device
         # bf16 as SGLang's own prefill on the GPU; fp32 in the interpreter (tests), whose
         # bf16 dots are not exact.
         dtype = q.dtype if q.is_cuda else torch.float32
-        prefix_k, prefix_v, extend_k, extend_v = [], [], [], []
-        prefix_counts = []
-        for i, tokens in enumerate(self.token_rows):
-            prefix_len = batch.seq_lens[i] - batch.extend_lens[i]
-            k, v, held = pool.gather(layer, tokens, dtype)
-            held_prefix = held[:prefix_len]
-            prefix_k.append(k[:prefix_len][held_prefix])
-            prefix_v.append(v[:prefix_len][held_prefix])
-            extend_k.append(k[prefix_len:])  # just written to staging by set_kv_buffer: all held
-            extend_v.append(v[prefix_len:])
-            prefix_counts.append(int(held_prefix.sum()))
-        device = q.device
-        k_buffer, v_buffer = torch.cat(prefix_k), torch.cat(prefix_v)
+        prefix_lens = [seq_len - extend_len for seq_len, extend_len in zip(batch.seq_lens, batch.extend_lens)]
+        capacity = sum(prefix_lens)  # held prefix tokens <= prefix tokens
+        shape = (capacity, pool.head_num, pool.head_dim)
+        k_buffer = torch.zeros(shape, dtype=dtype, device=device)
+        v_buffer = torch.zeros(shape, dtype=dtype, device=device)
+        kv_indptr = torch.zeros(len(prefix_lens) + 1, dtype=torch.int32, device=device)
+        if capacity:
+            entries = decode_entries(
+                pool.location[layer], self.req_to_token,
+                torch.tensor(batch.req_pool_indices, dtype=torch.int64, device=device),
+                torch.tensor(prefix_lens, dtype=torch.int32, device=device),
+                max_seq_len=max(prefix_lens), max_entries=capacity,
+            )
+            listed = torch.arange(capacity, device=device) < entries.indptr[-1]  # slots past it: unspecified
+            for tier, store in pool.stores.items():
+                slots = ((entries.tier == int(tier)) & listed).nonzero().squeeze(1)
+                if slots.numel():
+                    k_buffer[slots], v_buffer[slots] = store.read(layer, entries.row[slots].to(torch.int64), dtype)
+            kv_indptr = entries.indptr
+        kv_indices = torch.arange(capacity, dtype=torch.int64, device=device)
+        new_tokens = torch.cat([tokens[prefix:] for tokens, prefix in zip(self.token_rows, prefix_lens)])
+        # Just written to staging by set_kv_buffer: every new token is held there.
+        k_extend, v_extend = pool.staging.read(layer, pool.staging_row[new_tokens], dtype)
         qo_indptr = torch.tensor([0, *itertools.accumulate(batch.extend_lens)], dtype=torch.int32, device=device)
-        kv_indptr = torch.tensor([0, *itertools.accumulate(prefix_counts)], dtype=torch.int32, device=device)
-        kv_indices = torch.arange(k_buffer.shape[0], dtype=torch.int64, device=device)
         out = torch.empty((q.shape[0], q.shape[1], pool.head_dim), dtype=dtype, device=device)
         extend_attention_fwd(
-            q.to(dtype).contiguous(), torch.cat(extend_k), torch.cat(extend_v), out, k_buffer, v_buffer,
+            q.to(dtype).contiguous(), k_extend.contiguous(), v_extend.contiguous(), out, k_buffer, v_buffer,
             qo_indptr, kv_indptr, kv_indices, None, True, None, max(batch.extend_lens, default=0), 1.0, 1.0,
             sm_scale=scaling, logit_cap=logit_cap,
         )
