@@ -214,7 +214,9 @@ class CompressedAttention:
         dtype = q.dtype if q.is_cuda else torch.float32
         prefix_lens = [seq_len - extend_len for seq_len, extend_len in zip(batch.seq_lens, batch.extend_lens)]
         capacity = sum(prefix_lens)  # held prefix tokens <= prefix tokens
-        shape = (capacity, pool.head_num, pool.head_dim)
+        # At least one row: a fresh prompt has no prefix, and Triton rejects the null
+        # pointer of an empty CUDA tensor (kv_indptr keeps the kernel off the dummy row).
+        shape = (max(capacity, 1), pool.head_num, pool.head_dim)
         k_buffer = torch.zeros(shape, dtype=dtype, device=device)
         v_buffer = torch.zeros(shape, dtype=dtype, device=device)
         kv_indptr = torch.zeros(len(prefix_lens) + 1, dtype=torch.int32, device=device)
@@ -231,7 +233,7 @@ class CompressedAttention:
                 if slots.numel():
                     k_buffer[slots], v_buffer[slots] = store.read(layer, entries.row[slots].to(torch.int64), dtype)
             kv_indptr = entries.indptr
-        kv_indices = torch.arange(capacity, dtype=torch.int64, device=device)
+        kv_indices = torch.arange(max(capacity, 1), dtype=torch.int64, device=device)
         new_tokens = torch.cat([tokens[prefix:] for tokens, prefix in zip(self.token_rows, prefix_lens)])
         # Just written to staging by set_kv_buffer: every new token is held there.
         k_extend, v_extend = pool.staging.read(layer, pool.staging_row[new_tokens], dtype)
