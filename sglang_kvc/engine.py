@@ -45,9 +45,11 @@ _MAX_SAVED_WINDOWS = 16
 
 ATTENTION_IMPLS = ("auto", "torch", "triton")
 
-# Split-K factor of the Triton decode kernel (see `decode_num_splits`). Predictions, not
-# yet tuned on a GPU: eval/bench_kernels.py reports this choice next to the best of a sweep.
-_PROGRAMS_PER_SM = 4  # ~180 registers x 128 threads: 2 resident programs per SM, 2 waves
+# Split-K factor of the Triton decode kernel (see `decode_num_splits`). Set from the H200
+# sweep of 2026-11-29 (docs/results/bench-kernels-2026-11-29-v2.json, v2 at the engine's
+# BLOCK_N): with 6 programs per SM the choice is within 8% of the fastest split count for
+# every grid and config (the fastest in most); 4 picked 2 splits at 48x32K, 10% slower than 4.
+_PROGRAMS_PER_SM = 6
 _MIN_TOKENS_PER_SPLIT = 512  # logical tokens; ~60 held entries at retain 0.12
 _MAX_SPLITS = 64
 _DEFAULT_SM_COUNT = 132  # H100 / H200, for pools not on CUDA (the interpreter)
