@@ -30,12 +30,14 @@ _LOG2_E = 1.4426950408889634
 @triton.jit
 def _logits_block(q_ptr, k_ptr, q_rows, row_mask, keys, key_mask, kv_head, dims, dim_mask,
                   stride_q_row, stride_k_token, stride_k_head, qk_scale):
-    """[BLOCK_M, BLOCK_N] base-2 logits of a block of rows against a block of keys."""
+    """[BLOCK_M, BLOCK_N] base-2 logits of a block of rows against a block of keys. tf32
+    operands (the interpreter computes fp32): plenty to rank tokens, and an "ieee" fp32 dot
+    spilled ~6 KB per thread at these tiles (sm_90 ptxas), tf32 none."""
     q = tl.load(q_ptr + q_rows[:, None] * stride_q_row + dims[None, :],
                 mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
     k = tl.load(k_ptr + keys[:, None].to(tl.int64) * stride_k_token + kv_head * stride_k_head + dims[None, :],
                 mask=key_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
-    return tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    return tl.dot(q, tl.trans(k), input_precision="tf32") * qk_scale
 
 
 @triton.jit
