@@ -125,6 +125,7 @@ class CompressedAttention:
         # With the Triton kernels the window scores are computed without the attention matrix.
         self.scorer = scorer or ObservationWindowScorer.from_config(pool.config, implementation=attention_impl)
         self.layer_retain = pool.plan.layer_retain_ratios
+        self.decode_kernel_block_n = decode_block_n(pool.lowbit.key_format.bits)
         self.window = self.config.sparsity.observation_window
         self.last_layer = pool.layer_num - 1
         self.saved_windows: dict[str, list[torch.Tensor | None]] = {}
@@ -141,10 +142,15 @@ class CompressedAttention:
         # Decided at the first layer, after its write staged this pass's new tokens.
         self.candidates: list[torch.Tensor | None] | None = None
         self.migrating: torch.Tensor | None = None
-        if batch.is_decode and self.attention_impl == "triton":
-            # What every layer's entry-list build needs, on the device once per pass.
-            device = self.pool.location.device
-            self.decode_req_pool_indices = torch.tensor(batch.req_pool_indices, dtype=torch.int64, device=device)
+        if self.attention_impl != "triton":
+            return
+        # What every layer's entry-list build needs, on the device once per pass.
+        device = self.pool.location.device
+        self.req_pool_indices_device = torch.tensor(batch.req_pool_indices, dtype=torch.int64, device=device)
+        if not batch.is_decode:
+            self.prefix_lens = [seq - ext for seq, ext in zip(batch.seq_lens, batch.extend_lens)]
+            self.prefix_lens_device = torch.tensor(self.prefix_lens, dtype=torch.int32, device=device)
+        else:
             self.decode_seq_lens = torch.tensor(batch.seq_lens, dtype=torch.int32, device=device)
             self.decode_max_seq_len = max(batch.seq_lens, default=0)
             self.decode_entry_capacity = sum(batch.seq_lens)  # SGLang's seq_lens_sum: a tight bound
@@ -214,7 +220,7 @@ class CompressedAttention:
         # bf16 as SGLang's own prefill on the GPU; fp32 in the interpreter (tests), whose
         # bf16 dots are not exact.
         dtype = q.dtype if q.is_cuda else torch.float32
-        prefix_lens = [seq_len - extend_len for seq_len, extend_len in zip(batch.seq_lens, batch.extend_lens)]
+        prefix_lens = self.prefix_lens
         capacity = sum(prefix_lens)  # held prefix tokens <= prefix tokens
         # At least one row: a fresh prompt has no prefix, and Triton rejects the null
         # pointer of an empty CUDA tensor (kv_indptr keeps the kernel off the dummy row).
@@ -224,9 +230,7 @@ class CompressedAttention:
         kv_indptr = torch.zeros(len(prefix_lens) + 1, dtype=torch.int32, device=device)
         if capacity:
             entries = decode_entries(
-                pool.location[layer], self.req_to_token,
-                torch.tensor(batch.req_pool_indices, dtype=torch.int64, device=device),
-                torch.tensor(prefix_lens, dtype=torch.int32, device=device),
+                pool.location[layer], self.req_to_token, self.req_pool_indices_device, self.prefix_lens_device,
                 max_seq_len=max(prefix_lens), max_entries=capacity,
             )
             listed = torch.arange(capacity, device=device) < entries.indptr[-1]  # slots past it: unspecified
@@ -341,11 +345,11 @@ class CompressedAttention:
             layer,
             q,
             self.req_to_token,
-            self.decode_req_pool_indices,
+            self.req_pool_indices_device,
             self.decode_seq_lens,
             scaling,
             num_splits=self.decode_splits,
-            block_n=decode_block_n(self.pool.lowbit.key_format.bits),
+            block_n=self.decode_kernel_block_n,
             max_seq_len=self.decode_max_seq_len,
             max_entries=self.decode_entry_capacity,
             region_indptr=self.decode_region_indptr,
