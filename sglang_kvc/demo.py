@@ -32,12 +32,13 @@ SEED = 20251129
 DEMO_TASKS = ("passkey", "kv")
 
 
-def _import_tiny_tasks():
+def _import_tiny():
+    """(eval.tiny.tasks, eval.tiny.quality): the task formats and the model loader."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from eval.tiny import tasks
+    from eval.tiny import quality, tasks
 
-    return tasks
+    return tasks, quality
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -89,24 +90,18 @@ def main(args: argparse.Namespace) -> int:
             return _error(f"--model: no model folder at {model_dir}")
 
     import torch
-    from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as transformers_logging
 
     from sglang_kvc.hf_reference import generate_with_cache, model_shape
     from sglang_kvc.planner import plan_for
 
-    tasks = _import_tiny_tasks()
-    transformers_logging.disable_progress_bar()
+    tasks, quality = _import_tiny()
     if args.device == "cuda" and not torch.cuda.is_available():
         return _error("--device cuda: no CUDA device is available")
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     try:
-        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
+        loaded = quality.TinyEvaluator(model_dir, args.device)
     except (OSError, ValueError) as exc:
         return _error(f"cannot load a model and tokenizer.json from {model_dir}: {exc}")
-    end_of_answer = tokenizer.token_to_id("<|im_end|>")
+    model, tokenizer, encode, end_of_answer = loaded.model, loaded.tokenizer, loaded.encode, loaded.end_of_answer
 
     shape = model_shape(model.config)
     plan_for(config, shape)  # a config that does not fit the model (group size, Hadamard) stops here
@@ -118,7 +113,6 @@ def main(args: argparse.Namespace) -> int:
         f"{shape.kv_heads} KV heads, head_dim {shape.head_dim}), config {config.name}, "
         f"device {args.device}"
     )
-    encode = tasks.TokenizerPieceEncoder(tokenizer)
     correct = {"full": 0, "compressed": 0}
     for index in range(args.samples):
         task = DEMO_TASKS[index % len(DEMO_TASKS)]
