@@ -395,6 +395,7 @@ def decode_entries_in_regions(
     _region_entries_kernel[(batch,)](
         location, req_to_token, req_pool_indices.to(device), seq_lens.to(device=device, dtype=torch.int32),
         region_indptr, entry_tier, entry_row, tier_indptr, req_to_token.stride(0), BLOCK=block,
+        num_warps=8,  # 4096-wide blocks: with 4 warps ptxas spilled (eval/compile_kernels.py)
     )
     return DecodeEntries(region_indptr, entry_tier, entry_row, tier_indptr)
 

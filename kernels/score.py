@@ -29,15 +29,15 @@ _LOG2_E = 1.4426950408889634
 
 @triton.jit
 def _logits_block(q_ptr, k_ptr, q_rows, row_mask, keys, key_mask, kv_head, dims, dim_mask,
-                  stride_q_row, stride_k_token, stride_k_head, qk_scale):
-    """[BLOCK_M, BLOCK_N] base-2 logits of a block of rows against a block of keys. tf32
-    operands (the interpreter computes fp32): plenty to rank tokens, and an "ieee" fp32 dot
-    spilled ~6 KB per thread at these tiles (sm_90 ptxas), tf32 none."""
+                  stride_q_row, stride_k_token, stride_k_head, qk_scale, DOT_PRECISION: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] base-2 logits of a block of rows against a block of keys.
+    `window_scores` passes tf32 (the interpreter computes fp32): plenty to rank tokens, and
+    an "ieee" fp32 dot spills at these tiles (eval/compile_kernels.py shows both)."""
     q = tl.load(q_ptr + q_rows[:, None] * stride_q_row + dims[None, :],
                 mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
     k = tl.load(k_ptr + keys[:, None].to(tl.int64) * stride_k_token + kv_head * stride_k_head + dims[None, :],
                 mask=key_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
-    return tl.dot(q, tl.trans(k), input_precision="tf32") * qk_scale
+    return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
 
 
 @triton.jit
@@ -64,6 +64,7 @@ def _row_stats_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     row_block = tl.program_id(1)
@@ -81,7 +82,7 @@ def _row_stats_kernel(
         key_mask = keys < num_keys
         key_positions = tl.load(key_positions_ptr + keys, mask=key_mask, other=0)
         logits = _logits_block(q_ptr, k_ptr, q_rows, row_mask, keys, key_mask, kv_head, dims, dim_mask,
-                               stride_q_row, stride_k_token, stride_k_head, qk_scale)
+                               stride_q_row, stride_k_token, stride_k_head, qk_scale, DOT_PRECISION)
         logits = tl.where(_visible(row_positions, key_positions, row_mask, key_mask), logits, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))
         # A row that has seen no visible key yet keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
@@ -112,6 +113,7 @@ def _key_scores_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     key_block = tl.program_id(1)
@@ -130,7 +132,7 @@ def _key_scores_kernel(
         row_max = tl.load(row_max_ptr + q_rows, mask=row_mask, other=0.0)
         row_sum = tl.load(row_sum_ptr + q_rows, mask=row_mask, other=1.0)
         logits = _logits_block(q_ptr, k_ptr, q_rows, row_mask, keys, key_mask, kv_head, dims, dim_mask,
-                               stride_q_row, stride_k_token, stride_k_head, qk_scale)
+                               stride_q_row, stride_k_token, stride_k_head, qk_scale, DOT_PRECISION)
         visible = _visible(row_positions, key_positions, row_mask, key_mask)
         safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
         safe_sum = tl.where(row_sum > 0, row_sum, 1.0)
@@ -175,7 +177,8 @@ def window_scores(
     row_sum = torch.empty_like(row_max)
     qk_scale = _LOG2_E / (head_dim**0.5 * temperature)
     block_d = triton.next_power_of_2(head_dim)
-    common = dict(ROWS_PER_HEAD=rows_per_head, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+    common = dict(ROWS_PER_HEAD=rows_per_head, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                  DOT_PRECISION="tf32")
     _row_stats_kernel[(kv_heads, triton.cdiv(rows_per_head, block_m))](
         rows, row_positions, keys, key_positions, row_max, row_sum, num_keys, qk_scale,
         rows.stride(0), keys.stride(0), keys.stride(1), **common,

@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Compile the project's Triton kernels for the H200 (sm_90) without a GPU and report what
+ptxas says: registers per thread, spill stores / loads (bytes), shared memory.
+
+    python eval/compile_kernels.py --out DIR      # DIR/compile_kernels.{json,md}
+
+Why: a register or spill problem shows here in seconds, before a GPU call is spent on it
+(the score kernel's fp32 "ieee" dot spilled ~6 KB per thread; tf32 does not). Shapes are
+Qwen2.5-7B's (28 query heads, 4 KV heads, head_dim 128) unless a case says otherwise;
+the configs are the shipped ones' formats. Nothing here runs a kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile, not interpret, whatever the caller set
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import sglang_kvc.kernels.decode_attention as decode_module  # noqa: E402
+import sglang_kvc.kernels.score as score_module  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+Q_HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128
+
+# name: (key bits, value bits, group size, guard bits), as configs/*.yaml store them.
+DECODE_FORMATS = {
+    "qwen_12x": (2, 2, 64, 16),
+    "qwen_8x": (3, 2, 32, 16),
+    "qwen_8x_aggressive": (2, 2, 32, 16),
+    "tuned (K4V2 g64)": (4, 2, 64, 16),
+    "8-bit guard (K2V2 g32)": (2, 2, 32, 8),
+}
+
+
+def compile_and_measure(kernel, pointer_types: dict[str, str], constexprs: dict, int_values: dict | None = None,
+                        num_warps=4, num_stages=3) -> dict:
+    """Every argument not in `constexprs` is a pointer (type from `pointer_types`, else
+    *i32; 16-byte aligned) or a scalar: fp32 for qk_scale, else int32. Integers with a
+    representative value in `int_values` are specialized as Triton's launcher does (1 ->
+    constexpr, a multiple of 16 -> divisibility 16), so strides compile as in a real call."""
+    signature, attributes, constexprs = {}, {}, dict(constexprs)
+    for index, name in enumerate(kernel.arg_names):
+        value = (int_values or {}).get(name)
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_types.get(name, "*i32")
+            attributes[(index,)] = [["tt.divisibility", 16]]
+        elif value == 1:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            signature[name] = "fp32" if name == "qk_scale" else "i32"
+            if value is not None and value % 16 == 0:
+                attributes[(index,)] = [["tt.divisibility", 16]]
+    try:
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attributes), target=TARGET,
+                                  options={"num_warps": num_warps, "num_stages": num_stages})
+    except Exception as exc:  # noqa: BLE001 - recorded, the next case still compiles
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as ptx:
+        ptx.write(compiled.asm["ptx"])
+    report = subprocess.run([str(PTXAS), "-v", "--gpu-name", "sm_90a", ptx.name, "-o", os.devnull],
+                            capture_output=True, text=True).stderr
+    os.unlink(ptx.name)
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    return {"registers": int(registers.group(1)) if registers else None,
+            "spill_store_bytes": int(spills.group(1)) if spills else None,
+            "spill_load_bytes": int(spills.group(2)) if spills else None,
+            "shared_bytes": compiled.metadata.shared, "num_warps": num_warps, "num_stages": num_stages}
+
+
+def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD_DIM, query_group: int = 7) -> dict:
+    key_bits, value_bits, group, guard_bits = formats
+    kernel = decode_module._decode_split_kernel if version == "v1" else decode_module._decode_split_kernel_v2
+    guard_packed = guard_bits != 16
+    pointers = {"q_ptr": "*bf16", "staging_k_ptr": "*bf16", "staging_v_ptr": "*bf16", "entry_tier_ptr": "*i8",
+                "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32"}
+    if not guard_packed:
+        pointers.update({name: "*bf16" for name in ("guard_k_ptr", "guard_v_ptr", "guard_k_pairs_ptr", "guard_v_pairs_ptr")})
+    constexprs = {"QUERY_GROUP": query_group, "HEAD_DIM": head_dim, "NUM_SPLITS": 16, "KEY_BITS": key_bits,
+                  "KEY_GROUP_SIZE": group, "VALUE_BITS": value_bits, "VALUE_GROUP_SIZE": group,
+                  "GUARD_PACKED": guard_packed, "GUARD_BITS": guard_bits,
+                  "GUARD_GROUP_SIZE": group if guard_packed else head_dim, "BLOCK_G": 16,
+                  "BLOCK_D": triton.next_power_of_2(head_dim), "BLOCK_N": block_n, "DOT_PRECISION": "tf32"}
+    q_heads, kv_heads = query_group * KV_HEADS, KV_HEADS
+
+    def words(bits):  # int32 words per row and head (quant.PackedFormat)
+        return -(-head_dim // (32 // bits))
+
+    groups = head_dim // group
+    strides = {"stride_q_batch": q_heads * head_dim, "stride_q_head": head_dim,
+               "stride_staging_row": kv_heads * head_dim, "stride_staging_head": head_dim,
+               "stride_lk_row": kv_heads * words(key_bits), "stride_lk_head": words(key_bits),
+               "stride_lk_pairs_row": kv_heads * groups, "stride_lk_pairs_head": groups,
+               "stride_lv_row": kv_heads * words(value_bits), "stride_lv_head": words(value_bits),
+               "stride_lv_pairs_row": kv_heads * groups, "stride_lv_pairs_head": groups,
+               "stride_po_batch": q_heads * 16 * head_dim, "stride_po_head": 16 * head_dim, "stride_po_split": head_dim,
+               "stride_pl_batch": q_heads * 16, "stride_pl_head": 16,
+               "stride_tier_indptr_batch": 4, "stride_tier_indptr_tier": 1}
+    if guard_packed:
+        strides.update(stride_guard_row=kv_heads * words(guard_bits), stride_guard_head=words(guard_bits),
+                       stride_guard_pairs_row=kv_heads * groups, stride_guard_pairs_head=groups)
+    else:
+        strides.update(stride_guard_row=kv_heads * head_dim, stride_guard_head=head_dim,
+                       stride_guard_pairs_row=0, stride_guard_pairs_head=0)
+    return compile_and_measure(kernel, pointers, constexprs, strides)
+
+
+def region_builder_case() -> dict:
+    return compile_and_measure(decode_module._region_entries_kernel,
+                               {"req_pool_indices_ptr": "*i64", "entry_tier_ptr": "*i8"}, {"BLOCK": 4096},
+                               {"stride_req_to_token": 32768}, num_warps=8)  # as decode_entries_in_regions launches it
+
+
+def score_case(kernel, dot_precision: str = "tf32") -> dict:
+    pointers = {"q_ptr": "*fp32", "row_positions_ptr": "*i64", "k_ptr": "*bf16", "key_positions_ptr": "*i64",
+                "row_max_ptr": "*fp32", "row_sum_ptr": "*fp32", "scores_ptr": "*fp32"}
+    constexprs = {"ROWS_PER_HEAD": 7 * 32, "HEAD_DIM": HEAD_DIM, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_D": HEAD_DIM,
+                  "DOT_PRECISION": dot_precision}
+    strides = {"stride_q_row": HEAD_DIM, "stride_k_token": KV_HEADS * HEAD_DIM, "stride_k_head": HEAD_DIM,
+               "stride_scores_head": 32768}
+    return compile_and_measure(kernel, pointers, constexprs, strides)
+
+
+def cases() -> list[tuple[str, callable]]:
+    result = []
+    for name, formats in DECODE_FORMATS.items():
+        result.append((f"decode v1 {name} BLOCK_N 16", lambda f=formats: decode_case("v1", f, 16)))
+        for block_n in (16, 32, 64):
+            result.append((f"decode v2 {name} BLOCK_N {block_n}", lambda f=formats, b=block_n: decode_case("v2", f, b)))
+    result.append(("decode v2 tuned (K4V2 g64) BLOCK_N 64, tiny model (head_dim 64, group 4)",
+                   lambda: decode_case("v2", DECODE_FORMATS["tuned (K4V2 g64)"], 64, head_dim=64, query_group=4)))
+    result.append(("entry builder in regions (BLOCK 4096, 8 warps)", region_builder_case))
+    result.append(("window scores: row statistics (W 32, group 7)", lambda: score_case(score_module._row_stats_kernel)))
+    result.append(("window scores: key scores (W 32, group 7)", lambda: score_case(score_module._key_scores_kernel)))
+    for kernel in (score_module._row_stats_kernel, score_module._key_scores_kernel):  # why tf32
+        result.append((f"window scores: {kernel.fn.__name__} with fp32 'ieee' dots (not used)",
+                       lambda k=kernel: score_case(k, "ieee")))
+    return result
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Triton kernels compiled for sm_90 ({report['date']}, no GPU)", "", f"`{report['command']}`", "",
+             f"triton {report['triton']}, ptxas from triton's bundle. 4 warps, 3 stages unless noted; strides "
+             f"specialized as Triton's launcher does for Qwen2.5-7B-shaped tables. "
+             f"Registers per thread; spills in bytes.", "",
+             "| kernel | registers | spill stores / loads | shared memory |", "|---|---:|---:|---:|"]
+    for name, result in report["cases"].items():
+        if "error" in result:
+            lines.append(f"| {name} | error: {result['error']} | | |")
+        else:
+            lines.append(f"| {name} | {result['registers']} | {result['spill_store_bytes']} / "
+                         f"{result['spill_load_bytes']} | {result['shared_bytes']:,} B |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": shlex.join(["python", "eval/compile_kernels.py", *argv]),
+              "triton": triton.__version__, "target": "sm_90a", "cases": {}}
+    for name, compile_case in cases():
+        report["cases"][name] = compile_case()
+        print(name, report["cases"][name], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "compile_kernels.json").write_text(json.dumps(report, indent=1))
+    (args.out / "compile_kernels.md").write_text(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
