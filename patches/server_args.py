@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from sglang_kvc.config import ConfigError, load_config
-from sglang_kvc.runtime import active_config, set_active_config_path
+from sglang_kvc.runtime import active_config, set_active_config_path, triton_kernels_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +74,16 @@ def enforce_supported(self, *args, **kwargs):
         raise UnsupportedConfiguration("--kv-compress cannot run with: " + "; ".join(problems))
     forced = {
         "attention_backend": "triton",
-        # The reference attention path gathers variable-length index lists per layer; CUDA
-        # graphs come back with the Triton decode kernel (issue: kernels).
-        "disable_cuda_graph": True,
+        # Prefill compresses prompts with host-side bookkeeping between layers: never in a graph.
         "disable_prefill_cuda_graph": True,
-        "disable_decode_cuda_graph": True,
         # free() returns rows whose count depends on which tokens each layer evicted; the
         # scheduler reads that count right away, so it must not race the next forward.
         "disable_overlap_schedule": True,
     }
+    if not triton_kernels_enabled():
+        # Decode graphs need the Triton path (backend.CompressedAttnBackend); the torch
+        # reference path loops over requests on the host.
+        forced.update(disable_cuda_graph=True, disable_decode_cuda_graph=True)
     changed = {k: v for k, v in forced.items() if getattr(self, k) != v}
     for field, value in forced.items():
         setattr(self, field, value)

@@ -6,9 +6,13 @@ the two forward paths: K/V go to the pool's staging tier, attention reads every 
 through the location map (engine.CompressedAttention), and prompts are compressed when
 their prefill completes.
 
-On CUDA, decode attention runs the Triton kernel of `sglang_kvc.kernels.decode_attention`
-on the packed codes; extend attention and scoring still run the torch reference path.
-CUDA graphs stay off until the decode metadata lives in capture-stable buffers.
+Decode runs in SGLang's CUDA graphs when the engine takes the Triton path: SGLang's
+three-method graph contract maps onto the engine as
+    init_cuda_graph_state            nothing to allocate (entry arrays live in the graph pool)
+    init_forward_metadata_out_graph  capture: engine.capture_decode on the static buffers;
+                                     replay: engine.prepare_replay (host bookkeeping)
+    init_forward_metadata_in_graph   nothing (the entry lists are built per layer, in the graph)
+Prefill stays eager (server_args keeps the prefill graph off).
 """
 
 from __future__ import annotations
@@ -70,12 +74,33 @@ class CompressedAttnBackend(TritonAttnBackend):
                 # treat its prompts as complete.
                 logger.info("kv-compress: an extend pass without last-chunk flags; compressing its prompts")
                 self._warned_missing_flags = True
-        self.engine.begin(BatchInfo.from_forward_batch(forward_batch, last_chunk))
+        self.engine.begin(BatchInfo.from_forward_batch(forward_batch, last_chunk), forward_batch.out_cache_loc)
 
-    def init_cuda_graph_state(self, *args, **kwargs):
-        raise NotImplementedError(
-            "--kv-compress runs with CUDA graphs off until its decode metadata is capture-stable"
+    # ---- CUDA graphs (decode) ----------------------------------------------------------------
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, kv_indices_buf=None, cuda_graph_num_kv_splits_buf=None):
+        if self.engine.attention_impl != "triton":
+            raise RuntimeError(
+                "--kv-compress decodes in CUDA graphs only on its Triton path "
+                f"(this server runs {self.engine.attention_impl!r}); pass --disable-cuda-graph"
+            )
+        self.graph_max_bs = max_bs
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        mode = forward_batch.forward_mode
+        if not mode.is_decode():
+            raise NotImplementedError(f"--kv-compress captures decode graphs only, not {mode.name}")
+        if in_capture:
+            self.engine.capture_decode(forward_batch.req_pool_indices, forward_batch.seq_lens, self.max_context_len)
+            return
+        # A replay view: its tensors are the static buffers padded to the graph's batch
+        # size; out_cache_loc is the real batch's (padded slots are 0 in the graph's copy).
+        real = forward_batch.batch_size - getattr(forward_batch, "num_padding", 0)
+        self.engine.prepare_replay(
+            forward_batch.req_pool_indices[:real], forward_batch.seq_lens[:real], forward_batch.out_cache_loc
         )
+
+    def init_forward_metadata_in_graph(self, forward_batch):
+        pass
 
     # ---- forward ---------------------------------------------------------------------------
     def _check_supported(self, layer, sinks, score_mod):

@@ -13,14 +13,21 @@ Per layer of an EXTEND pass:
      short last chunk), and each layer keeps its budget (pool.compress);
      otherwise the chunk's last W queries are saved for that later scoring;
   4. after the last layer the staging rows of compressed tokens are released.
-Per layer of a DECODE pass: attention, then the token that just left the decode window
-moves from staging to the low-bit tier. Decode attention has two implementations
+Before every pass (`begin`, host side): the pass's new tokens get staging rows, and in a
+DECODE pass the token of each request that has left the decode window moves from staging
+to the low-bit tier in all layers (`pool.seal`). Per layer of a DECODE pass: the new K/V
+are written to staging, then attention. Decode attention has two implementations
 (`attention_impl`): "triton" builds the layer's entry lists for the whole batch in one
-call and runs the split-K kernel of `sglang_kvc.kernels` on the packed tiers; "torch"
+launch and runs the split-K kernel of `sglang_kvc.kernels` on the packed tiers; "torch"
 gathers and dequantizes per request (`pool.gather` + `attend`) and is the numerical
-reference. "auto" picks triton when the pool is on CUDA and SGLANG_KVC_TRITON=1 (opt-in
-until the kernels have been validated inside the server on a GPU). Extend attention and scoring
-are torch only.
+reference. "auto" picks triton when the pool is on CUDA and the kernels are enabled
+(runtime.triton_kernels_enabled).
+
+CUDA graphs (decode only, Triton path): `capture_decode` sets the pass up from SGLang's
+static buffers (request slots, sequence lengths) with one fixed entry region per
+request slot of `max_context_len` entries, so that every launch of a layer has shapes
+fixed by the batch size; before each replay `prepare_replay` does the host side of
+`begin` (staging rows, decode-window moves) for the real requests of the batch.
 """
 
 from __future__ import annotations
@@ -72,6 +79,17 @@ def decode_num_splits(batch_size: int, kv_heads: int, max_seq_len: int, sm_count
     wanted = math.ceil(_PROGRAMS_PER_SM * sm_count / max(1, batch_size * kv_heads))
     splits = max(1, min(wanted, max_seq_len // _MIN_TOKENS_PER_SPLIT, _MAX_SPLITS))
     return 1 << (splits.bit_length() - 1)
+
+
+@dataclass(frozen=True)
+class CapturedDecode:
+    """What the layers of a captured decode pass read (see `CompressedAttention.capture_decode`)."""
+
+    req_pool_indices: torch.Tensor  # SGLang's static buffer slice [B]
+    seq_lens: torch.Tensor  # SGLang's static buffer slice [B]
+    region_indptr: torch.Tensor  # [B + 1] int32: slot b owns b * max_context_len onwards
+    entry_capacity: int
+    num_splits: int
 
 
 @dataclass(frozen=True)
@@ -130,22 +148,33 @@ class CompressedAttention:
         self.last_layer = pool.layer_num - 1
         self.saved_windows: dict[str, list[torch.Tensor | None]] = {}
         self.batch: BatchInfo | None = None
+        self.captured: CapturedDecode | None = None  # the decode pass being captured
+        self.graphs_captured: dict[int, CapturedDecode] = {}  # by batch size
 
     # ---- per forward pass -------------------------------------------------------------------
-    def begin(self, batch: BatchInfo) -> None:
+    def begin(self, batch: BatchInfo, new_tokens: torch.Tensor | None = None) -> None:
+        """An eager pass. `new_tokens`: the logical ids whose K/V the pass writes (SGLang's
+        out_cache_loc), staged here."""
         self.batch = batch
+        self.captured = None
+        if new_tokens is not None:
+            self.pool.stage(new_tokens)
+        device = self.pool.location.device
+        if batch.is_decode:
+            self._advance_decode_window(
+                torch.tensor(batch.req_pool_indices, dtype=torch.int64, device=device),
+                torch.tensor(batch.seq_lens, dtype=torch.int64, device=device),
+            )
         self.token_rows = [
             self.req_to_token[rpi, :seq_len].to(torch.int64)
             for rpi, seq_len in zip(batch.req_pool_indices, batch.seq_lens)
         ]
         self.positions = [torch.arange(len(t), device=t.device) for t in self.token_rows]
-        # Decided at the first layer, after its write staged this pass's new tokens.
+        # Decided at the first layer (the pass's new tokens are staged by then).
         self.candidates: list[torch.Tensor | None] | None = None
-        self.migrating: torch.Tensor | None = None
         if self.attention_impl != "triton":
             return
         # What every layer's entry-list build needs, on the device once per pass.
-        device = self.pool.location.device
         self.req_pool_indices_device = torch.tensor(batch.req_pool_indices, dtype=torch.int64, device=device)
         if not batch.is_decode:
             self.prefix_lens = [seq - ext for seq, ext in zip(batch.seq_lens, batch.extend_lens)]
@@ -162,6 +191,49 @@ class CompressedAttention:
             self.decode_splits = decode_num_splits(
                 len(batch.seq_lens), self.pool.head_num, self.decode_max_seq_len, self.sm_count
             )
+
+    def capture_decode(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, max_context_len: int) -> None:
+        """A decode pass recorded into a CUDA graph. `req_pool_indices` / `seq_lens` are
+        SGLang's static input buffers (refilled in place before every replay), so the
+        recorded launches read each replay's batch; nothing here may depend on their
+        values. Request slot b owns entries [b * max_context_len, (b + 1) * max_context_len)
+        of every layer's entry arrays."""
+        if self.attention_impl != "triton":
+            raise RuntimeError(
+                "kv-compress: CUDA-graph decode needs the Triton attention path "
+                f"(this engine runs {self.attention_impl!r}); pass --disable-cuda-graph"
+            )
+        batch_size = req_pool_indices.numel()
+        device = self.pool.location.device
+        # No host-side per-request state inside a graph: fail loudly if a layer reached for it.
+        self.batch = self.token_rows = self.positions = None
+        self.captured = CapturedDecode(
+            req_pool_indices=req_pool_indices,
+            seq_lens=seq_lens,
+            region_indptr=torch.arange(batch_size + 1, dtype=torch.int32, device=device) * max_context_len,
+            entry_capacity=batch_size * max_context_len,
+            # Sized for the longest possible requests: the split count is baked into the graph.
+            num_splits=decode_num_splits(batch_size, self.pool.head_num, max_context_len, self.sm_count),
+        )
+        # The graph reads region_indptr at every replay: it must outlive this capture.
+        self.graphs_captured[batch_size] = self.captured
+
+    def prepare_replay(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, new_tokens: torch.Tensor) -> None:
+        """The host side of a captured decode pass, before its replay: the real (unpadded)
+        requests' new tokens get staging rows and their oldest decode-window tokens move
+        to the low-bit tier."""
+        self.pool.stage(new_tokens)
+        self._advance_decode_window(req_pool_indices.to(torch.int64), seq_lens.to(torch.int64))
+
+    def _advance_decode_window(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        """Before a decode step whose sequences (new token included) are `seq_lens` long:
+        each request keeps its last `decode_window` tokens before the new one in staging;
+        the one just older (position seq_len - 2 - decode_window) moves to the low-bit
+        tier in every layer, if it is still staged (prompt tokens were placed at prefill)."""
+        positions = seq_lens - 2 - self.config.quantization.decode_window
+        leaving = positions >= 0
+        tokens = self.req_to_token[req_pool_indices[leaving], positions[leaving]].to(torch.int64)
+        self.pool.seal(tokens)
 
     # ---- extend ---------------------------------------------------------------------------------
     def extend(self, layer_id: int, q: torch.Tensor, scaling: float, logit_cap: float = 0.0) -> torch.Tensor:
@@ -320,18 +392,14 @@ class CompressedAttention:
         """q: [batch, q_heads, head_dim] -> [batch, q_heads, v_head_dim]."""
         pool = self.pool
         layer = layer_id - pool.start_layer
-        if self.migrating is None:
-            self.migrating = self._leaving_decode_window()
         q = pool.rotate(q)
+        if self.captured is not None:
+            if logit_cap > 0:
+                raise RuntimeError("kv-compress: the Triton decode kernel has no logit soft-cap; pass --disable-cuda-graph")
+            return self._decode_captured(layer, q, scaling)
         if self.attention_impl == "triton" and not self._needs_logit_cap(logit_cap):
-            out = self._decode_triton(layer, q, scaling)
-        else:
-            out = self._decode_torch(layer, q, scaling, logit_cap)
-        if self.migrating.numel():
-            pool.migrate(layer, self.migrating)
-            if layer == self.last_layer:
-                pool.release_staging(self.migrating)
-        return out
+            return self._decode_triton(layer, q, scaling)
+        return self._decode_torch(layer, q, scaling, logit_cap)
 
     def _decode_triton(self, layer: int, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """One entry-list build for the whole batch in the step's fixed regions (this layer's
@@ -353,6 +421,26 @@ class CompressedAttention:
             max_seq_len=self.decode_max_seq_len,
             max_entries=self.decode_entry_capacity,
             region_indptr=self.decode_region_indptr,
+        )
+
+    def _decode_captured(self, layer: int, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        """`_decode_triton` over the static buffers of `capture_decode`: shapes fixed by the
+        batch size, no host reads, so the launches can be recorded into a CUDA graph."""
+        from sglang_kvc.kernels.decode_attention import decode_attention_for_pool
+
+        captured = self.captured
+        return decode_attention_for_pool(
+            self.pool,
+            layer,
+            q,
+            self.req_to_token,
+            captured.req_pool_indices,
+            captured.seq_lens,
+            scaling,
+            num_splits=captured.num_splits,
+            block_n=self.decode_kernel_block_n,
+            max_entries=captured.entry_capacity,
+            region_indptr=captured.region_indptr,
         )
 
     def _decode_torch(self, layer: int, q: torch.Tensor, scaling: float, logit_cap: float) -> torch.Tensor:
@@ -377,12 +465,3 @@ class CompressedAttention:
             )
             self._warned_logit_cap = True
         return True
-
-    def _leaving_decode_window(self) -> torch.Tensor:
-        """Tokens exactly `decode_window` steps old: each decode step moves one per request."""
-        window = self.config.quantization.decode_window
-        leaving = [t[len(t) - 1 - window : len(t) - window] for t in self.token_rows if len(t) > window]
-        if not leaving:
-            return torch.empty(0, dtype=torch.int64, device=self.pool.location.device)
-        tokens = torch.cat(leaving).unique()
-        return tokens[self.pool.staged_mask(tokens)]

@@ -184,19 +184,19 @@ class CompressedKVPool(MHATokenToKVPool):
         layer_id_override=None,
         dcp_kv_mask=None,
     ):
-        """New tokens always land in staging; a token's first write (at the first layer)
-        takes its staging row for all layers."""
+        """Write new tokens' K/V to their staging rows, which `stage` gave them before the
+        pass. Only device ops with the shapes of `loc`: this runs inside SGLang's captured
+        decode graph (padded slots are id 0, whose staging row 0 absorbs the write)."""
         if k_scale is not None or v_scale is not None or dcp_kv_mask is not None:
             raise NotImplementedError("--kv-compress does not take KV scales or DCP masks")
         loc, _, _ = unwrap_write_loc(loc_info)
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
-        local = layer_id - self.start_layer
-        if local == 0:
-            self._stage(loc)
         rows = self.staging_row[loc]
-        self.staging.write(local, rows, self.rotate(cache_k), cache_v)
+        self.staging.write(layer_id - self.start_layer, rows, self.rotate(cache_k), cache_v)
 
-    def _stage(self, tokens: torch.Tensor) -> None:
+    def stage(self, tokens: torch.Tensor) -> None:
+        """Give a forward pass's new tokens a staging row (the same in every layer), before
+        the pass: the allocation is host bookkeeping, so it cannot run inside a CUDA graph."""
         count = tokens.numel()
         if count > self.staging_free.available():
             raise RuntimeError(
@@ -272,9 +272,10 @@ class CompressedKVPool(MHATokenToKVPool):
         self.staged_count -= tokens.numel()
 
     def seal(self, tokens: torch.Tensor) -> None:
-        """Outside a forward pass: quantize whatever of `tokens` is still staged (the last
-        decode tokens of a finished request, a prompt whose prefill was aborted), so
-        tokens kept by the radix tree never pin staging rows."""
+        """Outside a forward pass: quantize whatever of `tokens` is still staged, in every
+        layer, and release their staging rows: decode tokens leaving the decode window
+        (before each decode step), the last decode tokens of a finished request, a prompt
+        whose prefill was aborted; so tokens kept by the radix tree never pin staging rows."""
         staged = tokens[self.staged_mask(tokens)].unique()
         if staged.numel() == 0:
             return

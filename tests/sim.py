@@ -175,7 +175,7 @@ class Simulator:
             sim.outputs += 1
 
     def _forward(self, batch: BatchInfo, loc: torch.Tensor) -> None:
-        self.engine.begin(batch)
+        self.engine.begin(batch, loc)
         tokens = loc.numel()
         for layer in self.layers:
             k = torch.randn(tokens, self.kv_heads, self.head_dim, generator=self.generator)

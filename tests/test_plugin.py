@@ -77,18 +77,29 @@ def test_flag_sets_what_compression_needs_and_rejects_what_it_cannot_run_with():
         plain = prepare_server_args(base)
         print("PLAIN", plain.disable_overlap_schedule, plain.disable_cuda_graph)
         args = prepare_server_args(base + ["--kv-compress", {str(REPO / "configs/qwen_8x.yaml")!r}])
-        print("KVC", args.attention_backend, args.disable_overlap_schedule, args.disable_cuda_graph)
+        print("KVC", args.attention_backend, args.disable_overlap_schedule, args.disable_cuda_graph, args.disable_prefill_cuda_graph)
+        import os
+        os.environ["SGLANG_KVC_TRITON"] = "1"
+        args = prepare_server_args(base + ["--kv-compress", {str(REPO / "configs/qwen_8x.yaml")!r}])
+        print("KVC_TRITON", args.disable_cuda_graph, args.disable_decode_cuda_graph, args.disable_prefill_cuda_graph)
         try:
             prepare_server_args(base + ["--kv-compress", {str(REPO / "configs/qwen_8x.yaml")!r}, "--page-size", "16"])
         except ValueError as exc:
             print("REJECTED", exc)
-        """
+        """,
+        env_extra={"SGLANG_KVC_TRITON": "0"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.split(" ", 1)[0] in {"PLAIN", "KVC", "REJECTED"})
+    lines = dict(
+        line.split(" ", 1)
+        for line in result.stdout.splitlines()
+        if line.split(" ", 1)[0] in {"PLAIN", "KVC", "KVC_TRITON", "REJECTED"}
+    )
     # Without the flag the plugin changes nothing (that run happened first, in the same process).
     assert lines["PLAIN"] == "False False"
-    assert lines["KVC"] == "triton True True"
+    # The torch reference path decodes eagerly; the Triton path keeps SGLang's decode graphs.
+    assert lines["KVC"] == "triton True True True"
+    assert lines["KVC_TRITON"] == "False False True"
     assert "page_size=16 (allowed: [None, 1]" in lines["REJECTED"]
 
 

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ from sglang_kvc.stores import PackedStore
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # conftest.py sets it first
 REPO = Path(__file__).resolve().parents[2]
-DECODE_STEPS = 3  # decode_window (2) + 1: the first decode token migrates to low-bit at the last step
+# decode_window (2) + 2: before the last step the first decode token leaves the window for low-bit.
+DECODE_STEPS = 4
 # Both paths read the same fp32 values (codes dequantize as code * scale + minimum in
 # fp32 in both; bf16 rows are exact in fp32) and the interpreter computes the kernel's
 # dots in fp32, so outputs differ only by summation order over < 64 tokens and 32 dims:
@@ -68,7 +70,9 @@ def prompt(length: int, start: int) -> list[int]:
     return list(range(start, start + length))
 
 
-def simulate(attention_impl: str, q_heads: int, guard_bits: int, seed: int, logit_cap: float = 0.0) -> Simulator:
+def simulate(
+    attention_impl: str, q_heads: int, guard_bits: int, seed: int, logit_cap: float = 0.0, captured: bool = False
+) -> Simulator:
     """Four requests through prefill and DECODE_STEPS decode steps of one batch:
     a compressed prompt; one below min_prompt_len (quantized, nothing evicted); a chunked
     prompt compressed at its last chunk; and one whose first 32 tokens come from the
@@ -79,6 +83,8 @@ def simulate(attention_impl: str, q_heads: int, guard_bits: int, seed: int, logi
     sim.engine = RecordingAttention(
         sim.pool, sim.req_to_token_pool.req_to_token, attention_impl=attention_impl, logit_cap=logit_cap
     )
+    if captured:
+        sim._forward = types.MethodType(_captured_graph_forward, sim)
     requests = [
         sim.new_request(prompt(40, 100), DECODE_STEPS),
         sim.new_request(prompt(10, 300), DECODE_STEPS),
@@ -136,6 +142,78 @@ def test_triton_decode_matches_torch_reference(q_heads, guard_bits, seed):
     for call, (out, want) in enumerate(zip(outputs, expected)):
         assert out.shape == want.shape == (len(triton.live), q_heads, triton.head_dim)
         torch.testing.assert_close(out, want, atol=DECODE_ATOL, rtol=0, msg=lambda m: f"decode call {call}: {m}")
+
+
+GRAPH_PADDING = 3  # SGLang pads a decode batch up to the next captured batch size
+GRAPH_MAX_BS = 16
+
+
+def _captured_graph_forward(sim: Simulator, batch, loc: torch.Tensor) -> None:
+    """Simulator._forward, but a DECODE pass runs as SGLang's decode CUDA-graph runner
+    drives the backend: `capture_decode` is handed slices of static buffers that hold no
+    data yet (a graph records launches, not values); the runner then refills the buffers
+    in place (padded slots: request slot 0, sequence length 1, token id 0), the backend's
+    replay preparation runs on the real requests, and the layers run on the padded batch."""
+    if not batch.is_decode:
+        Simulator._forward(sim, batch, loc)
+        return
+    if not hasattr(sim, "graph_buffers"):
+        sim.graph_buffers = {
+            "req_pool_indices": torch.zeros(GRAPH_MAX_BS, dtype=torch.int64),
+            "seq_lens": torch.ones(GRAPH_MAX_BS, dtype=torch.int64),
+            "out_cache_loc": torch.zeros(GRAPH_MAX_BS, dtype=torch.int64),
+        }
+    buffers = sim.graph_buffers
+    real = len(batch.seq_lens)
+    padded = real + GRAPH_PADDING
+    views = {name: buffer[:padded] for name, buffer in buffers.items()}
+    for buffer in buffers.values():  # stale values from an earlier step must not leak in
+        buffer.fill_(-1)
+    sim.engine.capture_decode(views["req_pool_indices"], views["seq_lens"], sim.context_len)
+
+    views["req_pool_indices"].zero_()
+    views["req_pool_indices"][:real] = torch.tensor(batch.req_pool_indices)
+    views["seq_lens"].fill_(1)
+    views["seq_lens"][:real] = torch.tensor(batch.seq_lens)
+    views["out_cache_loc"].zero_()
+    views["out_cache_loc"][:real] = loc
+    sim.engine.prepare_replay(views["req_pool_indices"][:real], views["seq_lens"][:real], loc)
+
+    padding = torch.Generator().manual_seed(12345)  # keeps the simulator's own stream in step
+    for layer in sim.layers:
+        k = torch.randn(real, sim.kv_heads, sim.head_dim, generator=sim.generator)
+        v = torch.randn(real, sim.kv_heads, sim.head_dim, generator=sim.generator)
+        q = torch.randn(real, sim.q_heads, sim.head_dim, generator=sim.generator)
+        k, v, q = (
+            torch.cat((x, torch.randn(GRAPH_PADDING, *x.shape[1:], generator=padding))) for x in (k, v, q)
+        )
+        sim.pool.set_kv_buffer(layer, views["out_cache_loc"], k, v)
+        sim.engine.decode(layer.layer_id, q, sim.head_dim**-0.5)
+
+
+@needs_interpreter
+def test_captured_decode_matches_eager_decode(seed):
+    """The CUDA-graph decode path (static buffers, fixed regions, padded batch) gives the
+    eager Triton path's outputs for the real requests and leaves the pool in the same state."""
+    eager = simulate("triton", 14, 16, seed)
+    captured = simulate("triton", 14, 16, seed, captured=True)
+    assert torch.equal(captured.pool.location, eager.pool.location)
+    assert torch.equal(captured.pool.staging_row, eager.pool.staging_row)
+    assert captured.pool.staging.k[0][0].abs().sum() > 0  # the padded slots wrote to the scratch row
+    real = len(eager.live)
+    outputs, expected = captured.engine.decode_outputs, eager.engine.decode_outputs
+    assert len(outputs) == len(expected) == DECODE_STEPS * eager.num_layers
+    for call, (out, want) in enumerate(zip(outputs, expected)):
+        assert out.shape[0] == real + GRAPH_PADDING
+        assert torch.isfinite(out).all()  # padded requests too: they flow through the model
+        torch.testing.assert_close(out[:real], want, atol=DECODE_ATOL, rtol=0, msg=lambda m: f"decode call {call}: {m}")
+
+
+def test_capture_needs_the_triton_path():
+    sim = Simulator(num_layers=1)
+    engine = CompressedAttention(sim.pool, sim.req_to_token_pool.req_to_token, attention_impl="torch")
+    with pytest.raises(RuntimeError, match="--disable-cuda-graph"):
+        engine.capture_decode(torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.int64), 64)
 
 
 @needs_interpreter
