@@ -1,17 +1,27 @@
 #!/usr/bin/env python3
-"""Start SGLang once per KV config and measure what it holds and whether it answers.
+"""Start SGLang once per KV config and measure what it holds, how fast it runs, and
+whether it answers like stock SGLang.
 
 For each config (`bf16` = stock SGLang, otherwise a --kv-compress YAML) this script:
 launches `python -m sglang.launch_server` with dummy weights, waits for /health, reads
-`max_total_num_tokens` (and the plugin's own report) from /server_info, sends
-`input_ids` requests of each prompt length, sends one prompt twice to check that the
-radix cache reuses the (compressed) prefix, records GPU memory, stops the server, and
-appends everything to a JSON file (rewritten after every config, so a timeout keeps
-what was measured).
+`max_total_num_tokens` (and the plugin's own report) from /server_info, and then
+  - per prompt length: one request for a single token (its latency is the prefill time)
+    and one for --max-new-tokens (the difference, per token, is the decode time);
+  - sends the last prompt twice to check that the radix cache reuses the (compressed) prefix;
+  - optionally (--batch-decode B P N): B requests at once, first for 1 token, then for N
+    (fresh prompts); the difference gives the batch's decode tokens per second;
+  - optionally (--fidelity-samples K): K fixed prompts, greedy, with log-probabilities; after
+    all configs, each one's tokens and log-probabilities are compared with the bf16 run's;
+  - optionally (--concurrent): many requests at once, then checks the server is healthy;
+records GPU memory, stops the server, and appends everything to a JSON file (rewritten
+after every config, so a timeout keeps what was measured).
 
     python eval/server_capacity.py --model-path M --configs bf16 configs/qwen_8x.yaml \
         --prompt-lens 8192 32704 --out results.json
 
+The stock server runs with the graph and scheduler settings --kv-compress forces (prefill
+graph and overlap scheduling off; decode graphs off too unless SGLANG_KVC_TRITON=1, which
+--kv-compress needs for them), so the two differ only in the KV pool and its attention.
 Stdlib only on the client side, so it runs in the GPU image as is.
 """
 
@@ -39,10 +49,15 @@ COMMON_SERVER_ARGS = [
     "--sampling-backend", "pytorch",
     "--host", "127.0.0.1",
 ]
-# Stock runs use the same graph and scheduler settings --kv-compress forces, so the
-# two differ only in the KV pool.
-STOCK_SAME_AS_COMPRESSED = ["--disable-decode-cuda-graph", "--disable-prefill-cuda-graph", "--disable-overlap-schedule"]
 VOCAB = 150_000
+
+
+def stock_settings_like_compressed() -> list[str]:
+    """The settings patches.server_args forces with --kv-compress, for the stock run."""
+    flags = ["--disable-prefill-cuda-graph", "--disable-overlap-schedule"]
+    if os.environ.get("SGLANG_KVC_TRITON", "0") != "1":
+        flags.append("--disable-decode-cuda-graph")
+    return flags
 
 
 def http_json(url: str, payload: dict | None = None, timeout: float = 900) -> dict:
@@ -67,22 +82,124 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> float:
     raise TimeoutError(f"not healthy after {timeout} s")
 
 
-def generate(url: str, input_ids: list[int], max_new_tokens: int) -> dict:
+def generate(url: str, input_ids: list[int], max_new_tokens: int, logprobs: bool = False) -> dict:
     payload = {
         "input_ids": input_ids,
         "sampling_params": {"max_new_tokens": max_new_tokens, "ignore_eos": True, "temperature": 0},
+        "return_logprob": logprobs,
     }
     start = time.perf_counter()
     result = http_json(url + "/generate", payload)
     elapsed = time.perf_counter() - start
     meta = result.get("meta_info", {})
-    return {
+    record = {
         "prompt_tokens": meta.get("prompt_tokens"),
         "cached_tokens": meta.get("cached_tokens"),
         "completion_tokens": meta.get("completion_tokens", len(result.get("output_ids", []))),
         "finish_reason": meta.get("finish_reason"),
-        "latency_s": round(elapsed, 3),
+        "latency_s": round(elapsed, 4),
         "output_ids_head": result.get("output_ids", [])[:8],
+    }
+    if logprobs:
+        record["output_ids"] = result.get("output_ids", [])
+        record["output_logprobs"] = [entry[0] for entry in meta.get("output_token_logprobs", [])]
+    return record
+
+
+def random_prompt(rng: random.Random, length: int) -> list[int]:
+    return [rng.randrange(VOCAB) for _ in range(length)]
+
+
+def timed_prompt(url: str, rng: random.Random, prompt_len: int, max_new_tokens: int) -> dict:
+    """A prompt for one token (prefill time) and another of the same length for
+    max_new_tokens: the difference per extra token is the decode time per token. Fresh
+    random prompts, so neither hits the radix cache."""
+    prefill = generate(url, random_prompt(rng, prompt_len), 1)
+    ids = random_prompt(rng, prompt_len)
+    result = generate(url, ids, max_new_tokens)
+    result["ids"] = ids
+    result["prefill_s"] = prefill["latency_s"]
+    if max_new_tokens > 1:
+        result["decode_ms_per_token"] = round(
+            (result["latency_s"] - prefill["latency_s"]) / (max_new_tokens - 1) * 1000, 2
+        )
+    result["ok"] = (
+        result["completion_tokens"] == max_new_tokens
+        and result["prompt_tokens"] == prompt_len
+        and prefill["completion_tokens"] == 1
+    )
+    return result
+
+
+def concurrently(url: str, prompts: list[list[int]], max_new_tokens: int) -> tuple[float, list[dict]]:
+    """Send all prompts at once; (wall seconds, results; failures as {"error": ...})."""
+    results: list[dict] = [{} for _ in prompts]
+
+    def send(i: int) -> None:
+        try:
+            results[i] = generate(url, prompts[i], max_new_tokens)
+        except Exception as exc:  # noqa: BLE001 - counted as a failed request
+            results[i] = {"error": f"{type(exc).__name__}: {exc}"}
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start, results
+
+
+def batch_decode(url: str, rng: random.Random, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
+    """`batch` requests at once for one token, then `batch` fresh ones for max_new_tokens:
+    the extra wall time is the batch decoding max_new_tokens - 1 steps."""
+    prefill_wall, prefill_results = concurrently(url, [random_prompt(rng, prompt_len) for _ in range(batch)], 1)
+    full_wall, full_results = concurrently(url, [random_prompt(rng, prompt_len) for _ in range(batch)], max_new_tokens)
+    completed = sum(1 for r in full_results if r.get("completion_tokens") == max_new_tokens)
+    decode_s = full_wall - prefill_wall
+    summary = {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "max_new_tokens": max_new_tokens,
+        "prefill_wall_s": round(prefill_wall, 3),
+        "full_wall_s": round(full_wall, 3),
+        "completed": completed,
+        "decode_tokens_per_s": round(batch * (max_new_tokens - 1) / decode_s, 1) if decode_s > 0 else None,
+        "errors": [r["error"] for r in prefill_results + full_results if "error" in r][:5],
+    }
+    summary["ok"] = completed == batch and not summary["errors"]
+    return summary
+
+
+def fidelity_samples(url: str, seed: int, count: int, prompt_len: int, max_new_tokens: int) -> list[dict]:
+    """The same `count` prompts for every config (seeded), greedy, with log-probabilities."""
+    rng = random.Random(seed + 7)
+    samples = []
+    for _ in range(count):
+        result = generate(url, random_prompt(rng, prompt_len), max_new_tokens, logprobs=True)
+        samples.append({key: result[key] for key in ("output_ids", "output_logprobs", "cached_tokens")})
+    return samples
+
+
+def compare_with_stock(samples: list[dict], stock: list[dict]) -> dict:
+    """Greedy agreement with the stock run: per sample, how many leading tokens match (the
+    contexts are identical up to the first difference, so only there are log-probabilities
+    comparable) and |log-prob difference| of the tokens in that matching prefix."""
+    matched, compared, diffs = [], [], []
+    for ours, theirs in zip(samples, stock, strict=True):
+        length = min(len(ours["output_ids"]), len(theirs["output_ids"]))
+        prefix = next((i for i in range(length) if ours["output_ids"][i] != theirs["output_ids"][i]), length)
+        matched.append(prefix)
+        compared.append(length)
+        diffs += [abs(a - b) for a, b in zip(ours["output_logprobs"][:prefix], theirs["output_logprobs"][:prefix])]
+    return {
+        "samples": len(samples),
+        "identical_samples": sum(m == c for m, c in zip(matched, compared)),
+        "matching_prefix_fraction": round(sum(matched) / max(1, sum(compared)), 4),
+        "first_difference_at": [m if m < c else None for m, c in zip(matched, compared)],
+        "logprob_abs_diff_mean": round(sum(diffs) / len(diffs), 5) if diffs else None,
+        "logprob_abs_diff_max": round(max(diffs), 5) if diffs else None,
+        "tokens_compared": len(diffs),
     }
 
 
@@ -97,23 +214,9 @@ def pressure(url: str, process: subprocess.Popen, args) -> dict:
         tail_len = args.pressure_len - (len(shared_prefix) if i % 2 else 0)
         head = shared_prefix if i % 2 else []
         prompts.append(head + [rng.randrange(VOCAB) for _ in range(tail_len)])
-    results: list[dict | None] = [None] * len(prompts)
-
-    def send(i: int) -> None:
-        try:
-            results[i] = generate(url, prompts[i], args.max_new_tokens)
-        except Exception as exc:  # noqa: BLE001 - counted as a failed request
-            results[i] = {"error": f"{type(exc).__name__}: {exc}"}
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
+    wall, results = concurrently(url, prompts, args.max_new_tokens)
     time.sleep(5)  # let the scheduler go idle and run its leak check
-    completed = sum(1 for r in results if r and r.get("completion_tokens") == args.max_new_tokens)
+    completed = sum(1 for r in results if r.get("completion_tokens") == args.max_new_tokens)
     alive = process.poll() is None
     try:
         with urllib.request.urlopen(url + "/health", timeout=30) as response:
@@ -125,10 +228,10 @@ def pressure(url: str, process: subprocess.Popen, args) -> dict:
         "prompt_len": args.pressure_len,
         "completed": completed,
         "wall_s": round(wall, 1),
-        "cached_tokens_total": sum((r or {}).get("cached_tokens") or 0 for r in results),
+        "cached_tokens_total": sum(r.get("cached_tokens") or 0 for r in results),
         "server_alive": alive,
         "healthy_after": healthy,
-        "errors": [r["error"] for r in results if r and "error" in r][:5],
+        "errors": [r["error"] for r in results if "error" in r][:5],
     }
     summary["ok"] = completed == len(prompts) and alive and healthy
     print(f"[pressure] {summary}", flush=True)
@@ -164,7 +267,7 @@ def run_one(args, config: str, log_dir: Path) -> dict:
     # package (whose kernels/ and patches/ are mapped into it).
     command = [sys.executable, "-m", "sglang.launch_server", "--model-path", os.path.abspath(args.model_path),
                "--port", str(args.port), *COMMON_SERVER_ARGS, *args.server_args]
-    command += STOCK_SAME_AS_COMPRESSED if config == "bf16" else ["--kv-compress", os.path.abspath(config)]
+    command += stock_settings_like_compressed() if config == "bf16" else ["--kv-compress", os.path.abspath(config)]
     record: dict = {"config": name, "command": " ".join(command)}
     log_path = log_dir / f"server-{name}.log"
     with open(log_path, "w") as log:
@@ -179,12 +282,14 @@ def run_one(args, config: str, log_dir: Path) -> dict:
         record["max_running_requests"] = info.get("max_running_requests")
         record["kv_compress"] = info.get("kv_compress")
         record["gpu_memory_used_mib"] = gpu_memory_used_mib()
+        record["cuda_graph"] = {key: info.get(key) for key in
+                                ("disable_cuda_graph", "disable_decode_cuda_graph", "disable_prefill_cuda_graph",
+                                 "cuda_graph_max_bs")}
         rng = random.Random(args.seed)
         requests = []
         for prompt_len in args.prompt_lens:
-            ids = [rng.randrange(VOCAB) for _ in range(prompt_len)]
-            result = generate(url, ids, args.max_new_tokens)
-            result["ok"] = result["completion_tokens"] == args.max_new_tokens and result["prompt_tokens"] == prompt_len
+            result = timed_prompt(url, rng, prompt_len, args.max_new_tokens)
+            ids = result.pop("ids")
             requests.append(result)
             print(f"[{name}] prompt {prompt_len}: {result}", flush=True)
         # The same prompt again: its prefix must come from the radix cache.
@@ -194,6 +299,15 @@ def run_one(args, config: str, log_dir: Path) -> dict:
         print(f"[{name}] repeated prompt: {repeat}", flush=True)
         record["requests"] = requests
         record["ok"] = all(r["ok"] for r in requests) and repeat["ok"]
+        if args.batch_decode:
+            batch, prompt_len, max_new = args.batch_decode
+            record["batch_decode"] = batch_decode(url, rng, batch, prompt_len, max_new)
+            print(f"[{name}] batch decode: {record['batch_decode']}", flush=True)
+            record["ok"] = record["ok"] and record["batch_decode"]["ok"]
+        if args.fidelity_samples:
+            record["fidelity_samples"] = fidelity_samples(
+                url, args.seed, args.fidelity_samples, args.fidelity_len, args.fidelity_new_tokens
+            )
         if args.concurrent:
             record["pressure"] = pressure(url, process, args)
             record["ok"] = record["ok"] and record["pressure"]["ok"]
@@ -216,6 +330,11 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--startup-timeout", type=float, default=300)
+    parser.add_argument("--batch-decode", type=int, nargs=3, metavar=("BATCH", "PROMPT_LEN", "NEW_TOKENS"),
+                        help="decode throughput of BATCH requests at once")
+    parser.add_argument("--fidelity-samples", type=int, default=0, help="greedy prompts compared with the bf16 run")
+    parser.add_argument("--fidelity-len", type=int, default=4096)
+    parser.add_argument("--fidelity-new-tokens", type=int, default=32)
     parser.add_argument("--concurrent", type=int, default=0, help="then send this many requests at once")
     parser.add_argument("--pressure-len", type=int, default=8192, help="prompt length of those requests")
     parser.add_argument("--out", required=True)
@@ -234,8 +353,17 @@ def main() -> int:
         "sglang_version": package_version("sglang"),
         "runs": [],
     }
+    if args.fidelity_samples and "bf16" not in args.configs:
+        parser.error("--fidelity-samples compares with the stock run: include bf16 in --configs")
     for config in args.configs:
         report["runs"].append(run_one(args, config, log_dir))
+        out.write_text(json.dumps(report, indent=1))
+    stock = next((r for r in report["runs"] if r["config"] == "bf16"), None)
+    if args.fidelity_samples and stock and "fidelity_samples" in stock:
+        for run in report["runs"]:
+            if run is not stock and "fidelity_samples" in run:
+                run["fidelity"] = compare_with_stock(run["fidelity_samples"], stock["fidelity_samples"])
+                print(f"[{run['config']}] against bf16: {run['fidelity']}", flush=True)
         out.write_text(json.dumps(report, indent=1))
     return 0 if all(r["ok"] for r in report["runs"]) else 1
 

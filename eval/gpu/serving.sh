@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One device call: SGLang servers on dummy Qwen2.5-7B with the Triton path and SGLang's
+# decode CUDA graphs on (stock bf16 runs with the same graph settings), one after another:
+# per prompt length the prefill time and decode ms/token, the decode throughput of a batch,
+# and greedy token / log-probability agreement with stock (eval/server_capacity.py).
+# JSON and each server's log to $OUT.
+#   run(command="bash eval/gpu/serving.sh [CONFIG...]", carry=[".gpu-rig"])
+set -u
+source eval/gpu/setup.sh || exit 1
+export SGLANG_KVC_TRITON=${SGLANG_KVC_TRITON:-1}
+CONFIGS=("$@")
+[ ${#CONFIGS[@]} -eq 0 ] && CONFIGS=(configs/qwen_8x_tuned.yaml eval/configs/retain_all_8bit.yaml bf16 configs/qwen_8x_aggressive.yaml)
+# Stop before the device call's 600 s limit: server_capacity.py rewrites the JSON after
+# every config, so what finished is kept.
+timeout "${BUDGET_S:-560}" python3 eval/server_capacity.py --model-path .gpu-rig/qwen2.5-7b-dummy \
+  --configs "${CONFIGS[@]}" --prompt-lens ${PROMPT_LENS:-8192 32704} --max-new-tokens "${MAX_NEW:-64}" \
+  --batch-decode ${BATCH_DECODE:-16 4096 64} --fidelity-samples "${FIDELITY:-8}" \
+  --out "$OUT/serving.json" --log-dir "$OUT" --server-args --cuda-graph-max-bs "${GRAPH_MAX_BS:-32}"
