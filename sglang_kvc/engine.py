@@ -13,9 +13,9 @@ Per layer of an EXTEND pass:
      short last chunk), and each layer keeps its budget (pool.compress);
      otherwise the chunk's last W queries are saved for that later scoring;
   4. after the last layer the staging rows of compressed tokens are released.
-Before every pass (`begin`, host side): the pass's new tokens get staging rows, and in a
-DECODE pass the token of each request that has left the decode window moves from staging
-to the low-bit tier in all layers (`pool.seal`). Per layer of a DECODE pass: the new K/V
+Before every pass (`begin`, host side): the pass's new tokens get staging rows, and every
+few DECODE passes the tokens that have left the decode window move from staging to the
+low-bit tier in all layers (`pool.seal`, see `_advance_decode_window`). Per layer of a DECODE pass: the new K/V
 are written to staging, then attention. Decode attention has two implementations
 (`attention_impl`): "triton" builds the layer's entry lists for the whole batch in one
 launch and runs the split-K kernel of `sglang_kvc.kernels` on the packed tiers; "torch"
@@ -145,6 +145,8 @@ class CompressedAttention:
         self.layer_retain = pool.plan.layer_retain_ratios
         self.decode_kernel_block_n = decode_block_n(pool.lowbit.key_format.bits)
         self.window = self.config.sparsity.observation_window
+        self.seal_interval = max(1, self.config.quantization.decode_window // 2)
+        self.decode_steps = 0
         self.last_layer = pool.layer_num - 1
         self.saved_windows: dict[str, list[torch.Tensor | None]] = {}
         self.batch: BatchInfo | None = None
@@ -157,14 +159,14 @@ class CompressedAttention:
         out_cache_loc), staged here."""
         self.batch = batch
         self.captured = None
-        if new_tokens is not None:
-            self.pool.stage(new_tokens)
         device = self.pool.location.device
         if batch.is_decode:
             self._advance_decode_window(
                 torch.tensor(batch.req_pool_indices, dtype=torch.int64, device=device),
                 torch.tensor(batch.seq_lens, dtype=torch.int64, device=device),
             )
+        if new_tokens is not None:
+            self.pool.stage(new_tokens)
         self.token_rows = [
             self.req_to_token[rpi, :seq_len].to(torch.int64)
             for rpi, seq_len in zip(batch.req_pool_indices, batch.seq_lens)
@@ -222,17 +224,30 @@ class CompressedAttention:
         """The host side of a captured decode pass, before its replay: the real (unpadded)
         requests' new tokens get staging rows and their oldest decode-window tokens move
         to the low-bit tier."""
-        self.pool.stage(new_tokens)
         self._advance_decode_window(req_pool_indices.to(torch.int64), seq_lens.to(torch.int64))
+        self.pool.stage(new_tokens)
 
     def _advance_decode_window(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> None:
-        """Before a decode step whose sequences (new token included) are `seq_lens` long:
-        each request keeps its last `decode_window` tokens before the new one in staging;
-        the one just older (position seq_len - 2 - decode_window) moves to the low-bit
-        tier in every layer, if it is still staged (prompt tokens were placed at prefill)."""
-        positions = seq_lens - 2 - self.config.quantization.decode_window
-        leaving = positions >= 0
-        tokens = self.req_to_token[req_pool_indices[leaving], positions[leaving]].to(torch.int64)
+        """Before a decode step whose sequences (new token included) are `seq_lens` long,
+        before its new tokens are staged. Every `seal_interval` (k) steps, each request's
+        staged tokens at positions <= seq_len - 3 - decode_window + k move to the low-bit
+        tier in every layer (`pool.seal`): the step then attends to between
+        decode_window - k + 1 and decode_window earlier decode tokens in bf16 (with k = 1,
+        always decode_window), and a request never holds more than decode_window + 1 staged
+        decode tokens, which is what the planner sizes staging for. Sealing costs a few
+        launches per layer plus host syncs; every k steps instead of every step amortizes it.
+        The 2k positions up to that bound cover the k due now and the k of the previous seal
+        (a request that joined the batch in between); prompt tokens among them were placed
+        at prefill and are skipped."""
+        self.decode_steps += 1
+        if self.decode_steps % self.seal_interval:
+            return
+        window, interval = self.config.quantization.decode_window, self.seal_interval
+        offsets = torch.arange(2 * interval, device=seq_lens.device)
+        positions = (seq_lens - 2 - window - interval)[:, None] + offsets[None, :]
+        due = positions >= 0
+        rows = req_pool_indices[:, None].expand_as(positions)
+        tokens = self.req_to_token[rows[due], positions[due]].to(torch.int64)
         self.pool.seal(tokens)
 
     # ---- extend ---------------------------------------------------------------------------------

@@ -63,6 +63,43 @@ def test_chunked_prefill_decode_finish_and_eviction_free_every_row():
     assert_fully_free(sim)
 
 
+@given(window=st.sampled_from([0, 1, 5, 6]), joins=st.integers(0, 7))
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_decode_tokens_leave_staging_in_batches_within_the_window(window, joins):
+    """Sealing runs every max(1, window // 2) steps: a decode token is bf16 for at most
+    `decode_window` steps after its own, no request holds more than window + 1 staged decode
+    tokens (what the planner sizes staging for), and a request that joins the decode batch
+    mid-interval is covered too."""
+    quantization = {**SMALL_CONFIG["quantization"], "decode_window": window}
+    sim = Simulator(config=config_from_dict({**SMALL_CONFIG, "quantization": quantization}))
+    first = sim.new_request(prompt(40), max_new_tokens=30)
+    second = sim.new_request(prompt(24, 500), max_new_tokens=30)
+    for request in (first, second):
+        assert sim.admit(request)
+        while not request.prompt_done:
+            sim.prefill_chunk(request)
+    batch = [first]
+    for step in range(24):
+        if step == joins:
+            batch.append(second)
+        sim.decode_step(batch)
+        sim.check()
+        for request in batch:
+            req = request.req
+            tokens = sim.req_to_token_pool.req_to_token[req.req_pool_idx, : req.kv_committed_len].long()
+            staged = sim.pool.staged_mask(tokens).nonzero().squeeze(1)
+            prompt_len = len(req.origin_input_ids)
+            assert staged.numel() <= window + 1
+            assert (staged >= prompt_len).all()  # prompt tokens were placed at prefill
+            # The newest staged token is this step's; the oldest at most `window` steps older.
+            newest = req.kv_committed_len - 1
+            assert staged.numel() and int(staged.max()) == newest
+            assert int(staged.min()) >= newest - window
+    sim.finish(first)
+    sim.finish(second)
+    assert sim.pool.staged_count == 0
+
+
 def test_each_layer_keeps_exactly_its_budget_and_guard_share():
     sim = Simulator()
     prompt_len = 120
