@@ -112,8 +112,10 @@ def random_prompt(rng: random.Random, length: int) -> list[int]:
 
 def timed_prompt(url: str, rng: random.Random, prompt_len: int, max_new_tokens: int) -> dict:
     """A prompt for one token (prefill time) and another of the same length for
-    max_new_tokens: the difference per extra token is the decode time per token. Fresh
-    random prompts, so neither hits the radix cache."""
+    max_new_tokens: the difference per extra token is the decode time per token. A first
+    request of that length warms the server up (Triton compiles kernels for new shapes on
+    first use). Fresh random prompts, so none hits the radix cache."""
+    generate(url, random_prompt(rng, prompt_len), 2)
     prefill = generate(url, random_prompt(rng, prompt_len), 1)
     ids = random_prompt(rng, prompt_len)
     result = generate(url, ids, max_new_tokens)
@@ -153,6 +155,7 @@ def concurrently(url: str, prompts: list[list[int]], max_new_tokens: int) -> tup
 def batch_decode(url: str, rng: random.Random, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
     """`batch` requests at once for one token, then `batch` fresh ones for max_new_tokens:
     the extra wall time is the batch decoding max_new_tokens - 1 steps."""
+    concurrently(url, [random_prompt(rng, prompt_len) for _ in range(batch)], 2)  # warm-up
     prefill_wall, prefill_results = concurrently(url, [random_prompt(rng, prompt_len) for _ in range(batch)], 1)
     full_wall, full_results = concurrently(url, [random_prompt(rng, prompt_len) for _ in range(batch)], max_new_tokens)
     completed = sum(1 for r in full_results if r.get("completion_tokens") == max_new_tokens)

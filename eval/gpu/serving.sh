@@ -9,10 +9,10 @@ set -u
 source eval/gpu/setup.sh || exit 1
 export SGLANG_KVC_TRITON=${SGLANG_KVC_TRITON:-1}
 CONFIGS=("$@")
-[ ${#CONFIGS[@]} -eq 0 ] && CONFIGS=(configs/qwen_8x_tuned.yaml eval/configs/retain_all_8bit.yaml bf16 configs/qwen_8x_aggressive.yaml)
+[ ${#CONFIGS[@]} -eq 0 ] && CONFIGS=(bf16 eval/configs/retain_all_8bit.yaml configs/qwen_8x_tuned.yaml configs/qwen_8x_aggressive.yaml configs/qwen_8x.yaml)
 # Stop before the device call's 600 s limit: server_capacity.py rewrites the JSON after
 # every config, so what finished is kept.
 timeout "${BUDGET_S:-560}" python3 eval/server_capacity.py --model-path .gpu-rig/qwen2.5-7b-dummy \
-  --configs "${CONFIGS[@]}" --prompt-lens ${PROMPT_LENS:-8192 32704} --max-new-tokens "${MAX_NEW:-64}" \
-  --batch-decode ${BATCH_DECODE:-16 4096 64} --fidelity-samples "${FIDELITY:-8}" \
-  --out "$OUT/serving.json" --log-dir "$OUT" --server-args --cuda-graph-max-bs "${GRAPH_MAX_BS:-32}"
+  --configs "${CONFIGS[@]}" --prompt-lens ${PROMPT_LENS:-8192 32448} --max-new-tokens "${MAX_NEW:-256}" \
+  --batch-decode ${BATCH_DECODE:-16 4096 128} --fidelity-samples "${FIDELITY:-8}" \
+  --out "$OUT/serving.json" --log-dir "$OUT" --server-args --cuda-graph-max-bs "${GRAPH_MAX_BS:-16}"
