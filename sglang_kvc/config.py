@@ -22,6 +22,7 @@ import yaml
 
 BudgetStrategy = Literal["uniform", "pyramid"]
 KeyTransform = Literal["none", "hadamard"]
+ScoringMode = Literal["window", "context"]
 
 ALLOWED_BITS = (2, 3, 4, 8)
 ALLOWED_GUARD_BITS = (8, 16)
@@ -42,6 +43,11 @@ class SparsityConfig:
     pyramid_slope: float = 0.5
     # Number of final prompt queries whose attention scores the prompt's tokens.
     observation_window: int = 32
+    # Which queries score the prompt: `window` = its last `observation_window` queries
+    # (SnapKV); `context` = at most 2 * observation_window queries sampled across the whole
+    # prompt at a power-of-two stride, each key scored by the mean attention it receives
+    # from the sampled queries that see it (question-independent, nearly prefix-safe).
+    scoring: ScoringMode = "window"
     # The first tokens of a prompt: always kept (attention sinks).
     sink_tokens: int = 4
     # The last tokens of a prompt: always kept.

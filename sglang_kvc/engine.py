@@ -40,13 +40,14 @@ from dataclasses import dataclass
 import torch
 
 from sglang_kvc.attention import attend
-from sglang_kvc.policy import ObservationWindowScorer, TokenScorer, select_for_layer
+from sglang_kvc.context_queries import StridedQuerySampler
+from sglang_kvc.policy import TokenScorer, scorer_from_config, select_for_layer
 from sglang_kvc.pool import CompressedKVPool
 from sglang_kvc.runtime import triton_kernels_enabled
 
 logger = logging.getLogger(__name__)
 
-# Chunked requests whose last chunk never came (aborted) leave saved windows behind;
+# Chunked requests whose last chunk never came (aborted) leave scoring queries behind;
 # SGLang prefills one chunked request at a time, so a handful is plenty.
 _MAX_SAVED_WINDOWS = 16
 
@@ -79,6 +80,30 @@ def decode_num_splits(batch_size: int, kv_heads: int, max_seq_len: int, sm_count
     wanted = math.ceil(_PROGRAMS_PER_SM * sm_count / max(1, batch_size * kv_heads))
     splits = max(1, min(wanted, max_seq_len // _MIN_TOKENS_PER_SPLIT, _MAX_SPLITS))
     return 1 << (splits.bit_length() - 1)
+
+
+class RecentQueries:
+    """Window scoring (`sparsity.scoring: window`): the last `window` queries of a prompt,
+    collected chunk by chunk (a short last chunk is topped up from the one before). Same
+    interface as `context_queries.StridedQuerySampler`, the context-mode collector."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self._queries: torch.Tensor | None = None
+        self._end = 0
+
+    def add(self, queries: torch.Tensor, positions: range) -> None:
+        if self._queries is not None and queries.shape[0] < self.window:
+            queries = torch.cat((self._queries, queries))
+        self._queries = queries[-self.window :].detach().clone()
+        self._end = positions.stop
+
+    def queries(self) -> torch.Tensor | None:
+        return self._queries
+
+    def positions(self) -> torch.Tensor:
+        count = self._queries.shape[0]
+        return torch.arange(self._end - count, self._end, dtype=torch.int64, device=self._queries.device)
 
 
 @dataclass(frozen=True)
@@ -141,14 +166,15 @@ class CompressedAttention:
         self.req_to_token = req_to_token
         self.config = pool.config
         # With the Triton kernels the window scores are computed without the attention matrix.
-        self.scorer = scorer or ObservationWindowScorer.from_config(pool.config, implementation=attention_impl)
+        self.scorer = scorer or scorer_from_config(pool.config, implementation=attention_impl)
         self.layer_retain = pool.plan.layer_retain_ratios
         self.decode_kernel_block_n = decode_block_n(pool.lowbit.key_format.bits)
         self.window = self.config.sparsity.observation_window
         self.seal_interval = max(1, self.config.quantization.decode_window // 2)
         self.decode_steps = 0
         self.last_layer = pool.layer_num - 1
-        self.saved_windows: dict[str, list[torch.Tensor | None]] = {}
+        # Per request still in prefill, per layer: the queries that will score its prompt.
+        self.scoring_queries: dict[str, list[RecentQueries | StridedQuerySampler | None]] = {}
         self.batch: BatchInfo | None = None
         self.captured: CapturedDecode | None = None  # the decode pass being captured
         self.graphs_captured: dict[int, CapturedDecode] = {}  # by batch size
@@ -265,12 +291,11 @@ class CompressedAttention:
         # Every request of the pass has attended before any of them compresses.
         offset = 0
         for i in range(len(self.token_rows)):
-            extend_len = batch.extend_lens[i]
-            q_req = q[offset : offset + extend_len]
+            extend_len, seq_len = batch.extend_lens[i], batch.seq_lens[i]
+            scoring = self._scoring_queries(layer, batch.rids[i])
+            scoring.add(q[offset : offset + extend_len], range(seq_len - extend_len, seq_len))
             if batch.last_chunk[i]:
-                self._compress(layer, i, q_req)
-            else:
-                self._save_window(layer, batch.rids[i], q_req)
+                self._compress(layer, i, scoring)
             offset += extend_len
         if layer == self.last_layer:
             self._finish_extend()
@@ -357,32 +382,29 @@ class CompressedAttention:
             result.append(positions)
         return result
 
-    def _window_queries(self, layer: int, rid: str, q_req: torch.Tensor) -> torch.Tensor:
-        saved = self.saved_windows.get(rid)
-        if saved is not None and saved[layer] is not None and q_req.shape[0] < self.window:
-            q_req = torch.cat((saved[layer], q_req))
-        return q_req[-self.window :]
+    def _scoring_queries(self, layer: int, rid: str) -> "RecentQueries | StridedQuerySampler":
+        """The queries that will score request `rid`'s prompt in `layer`, collected chunk by
+        chunk (a chunked prompt is scored at its last chunk)."""
+        per_layer = self.scoring_queries.get(rid)
+        if per_layer is None:
+            while len(self.scoring_queries) >= _MAX_SAVED_WINDOWS:
+                self.scoring_queries.pop(next(iter(self.scoring_queries)))
+            per_layer = self.scoring_queries[rid] = [None] * self.pool.layer_num
+        if per_layer[layer] is None:
+            context = self.config.sparsity.scoring == "context"
+            per_layer[layer] = StridedQuerySampler(self.window) if context else RecentQueries(self.window)
+        return per_layer[layer]
 
-    def _save_window(self, layer: int, rid: str, q_req: torch.Tensor) -> None:
-        saved = self.saved_windows.get(rid)
-        if saved is None:
-            while len(self.saved_windows) >= _MAX_SAVED_WINDOWS:
-                self.saved_windows.pop(next(iter(self.saved_windows)))
-            saved = self.saved_windows[rid] = [None] * self.pool.layer_num
-        self.saved_windows[rid][layer] = self._window_queries(layer, rid, q_req).detach().clone()
-
-    def _compress(self, layer: int, i: int, q_req: torch.Tensor) -> None:
+    def _compress(self, layer: int, i: int, scoring: "RecentQueries | StridedQuerySampler") -> None:
         positions = self.candidates[i]
         if positions.numel() == 0:
             return
         batch, pool = self.batch, self.pool
         tokens = self.token_rows[i][positions]
-        seq_len = batch.seq_lens[i]
-        window_q = self._window_queries(layer, batch.rids[i], q_req)
-        window_pos = self.positions[i][seq_len - window_q.shape[0] :]
         keys, _ = pool.staging.read(layer, pool.staging_row[tokens], torch.float32)
         selection = select_for_layer(
-            self.config, self.scorer, self.layer_retain[layer], window_q, window_pos, keys, positions, seq_len
+            self.config, self.scorer, self.layer_retain[layer], scoring.queries(), scoring.positions(),
+            keys, positions, batch.seq_lens[i],
         )
         pool.compress(layer, tokens, selection)
 
@@ -400,7 +422,7 @@ class CompressedAttention:
             )
         for i, rid in enumerate(self.batch.rids):
             if self.batch.last_chunk[i]:
-                self.saved_windows.pop(rid, None)
+                self.scoring_queries.pop(rid, None)
 
     # ---- decode -----------------------------------------------------------------------------------
     def decode(self, layer_id: int, q: torch.Tensor, scaling: float, logit_cap: float = 0.0) -> torch.Tensor:

@@ -12,7 +12,9 @@ or `generate_with_cache(model, ids, config, max_new_tokens)` (prefill + greedy d
 What happens, as in SGLang:
   * the prompt's forward attends to every prompt token (bf16, like SGLang's staging tier);
   * right after it, each layer scores the prompt with its last `observation_window`
-    queries (`ObservationWindowScorer`), keeps `config.layer_budget(retain_l, N)` tokens
+    queries (`ObservationWindowScorer`; with `sparsity.scoring: context`, with at most
+    2W queries sampled across the prompt, `ContextScorer` and `context_queries.py`),
+    keeps `config.layer_budget(retain_l, N)` tokens
     (`select_tokens`: sinks and recent window forced in), stores the `guard_count` best
     at guard precision and the rest through the low-bit quantizer; evicted tokens are
     dropped from the layer's tensors. Kept keys keep their original RoPE (keys are
@@ -23,8 +25,9 @@ How this maps onto transformers 5.x:
   * Window queries: a forward pre-hook on every attention module recomputes the last W
     queries of the prompt from the hidden states the module receives (its own `q_proj`,
     optional `q_norm`, and its modeling file's `apply_rotary_pos_emb` on the W rows only),
-    before the module calls `past_key_values.update`. The hook is installed once per model
-    and does nothing for other caches.
+    before the module calls `past_key_values.update`. In context mode it recomputes the
+    sampled rows instead (`context_query_positions(0, N, W)`: the prompt is one piece
+    here). The hook is installed once per model and does nothing for other caches.
   * Quantization error: the cache stores, in the model dtype, what attention would read
     back from the pool: `H^T . dequant(quant(H . k))` for keys under the Hadamard transform
     (H is orthonormal and symmetric), `dequant(quant(v))` for values. Attention then needs
@@ -49,8 +52,9 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from sglang_kvc.config import CompressionConfig
+from sglang_kvc.context_queries import context_query_positions
 from sglang_kvc.planner import FREE_LIST_ENTRY_BYTES, LOCATION_BYTES, KVPlan, ModelShape, plan_for
-from sglang_kvc.policy import ObservationWindowScorer, select_for_layer
+from sglang_kvc.policy import TokenScorer, scorer_from_config, select_for_layer
 from sglang_kvc.quant import PackedFormat, dequantize, hadamard_matrix, quantize
 
 # The pool stores every bf16 tier (staging, guard at 16 bits) as bfloat16, whatever the
@@ -95,7 +99,7 @@ class _LayerPolicy:
 
     config: CompressionConfig
     plan: KVPlan
-    scorer: ObservationWindowScorer
+    scorer: TokenScorer
     key_rotation: torch.Tensor | None  # float32 Hadamard matrix, or None
 
     def key_readback(self, k: torch.Tensor, fmt: PackedFormat) -> torch.Tensor:
@@ -142,6 +146,7 @@ class CompressedLayer(CacheLayerMixin):
         self.tiers = torch.empty(0, dtype=torch.int8)
         self.seen_tokens = 0  # logical tokens: prompt + decode, evicted ones included
         self.window_queries: torch.Tensor | None = None  # set by the pre-hook for the prompt
+        self.window_positions: range | None = None  # their prompt positions (set with them)
         self.prompt_scores: torch.Tensor | None = None  # kept for inspection and cross-checks
 
     @property
@@ -201,17 +206,18 @@ class CompressedLayer(CacheLayerMixin):
     def _compress_prompt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         if self.window_queries is None:
             raise RuntimeError(
-                f"layer {self.layer_idx}: no observation-window queries were captured; build "
+                f"layer {self.layer_idx}: no scoring queries were captured; build "
                 f"the cache with the model that runs it: CompressedCache(config, model)"
             )
         policy = self.policy
         num_tokens = keys.shape[-2]
         positions = torch.arange(num_tokens, device=keys.device)
         window_q = self.window_queries[0].transpose(0, 1)  # [W, q_heads, head_dim]
-        self.window_queries = None
+        span = self.window_positions  # a range: the last W positions, or the sampled ones
+        window_positions = positions[span.start : span.stop : span.step]
+        self.window_queries = self.window_positions = None
         token_keys = keys[0].transpose(0, 1)  # [N, kv_heads, head_dim]
         token_values = values[0].transpose(0, 1)
-        window_positions = positions[num_tokens - window_q.shape[0] :]
         selection = select_for_layer(
             policy.config, policy.scorer, self.retain_ratio, window_q, window_positions, token_keys, positions, num_tokens
         )
@@ -277,7 +283,7 @@ class CompressedCache(Cache):
             if config.quantization.key_transform == "hadamard"
             else None
         )
-        policy = _LayerPolicy(config, self.plan, ObservationWindowScorer.from_config(config), rotation)
+        policy = _LayerPolicy(config, self.plan, scorer_from_config(config), rotation)
         retain = self.plan.layer_retain_ratios
         super().__init__(layers=[CompressedLayer(policy, i, retain[i]) for i in range(self.model_shape.num_layers)])
         attach_window_query_hooks(model)
@@ -325,8 +331,9 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def attach_window_query_hooks(model: torch.nn.Module) -> None:
-    """Install (once) the pre-hook that hands each attention module's prompt window
-    queries to a CompressedCache. It returns at once for any other cache."""
+    """Install (once) the pre-hook that hands each attention module's prompt scoring
+    queries (the last W, or in context mode the sampled ones) to a CompressedCache. It
+    returns at once for any other cache."""
     modules = _attention_modules(model)
     if len(modules) != model_shape(model.config).num_layers:
         raise TypeError(
@@ -368,16 +375,32 @@ def _capture_window_queries(module: torch.nn.Module, args: tuple, kwargs: dict) 
         return
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
-    window = min(cache.config.sparsity.observation_window, hidden.shape[1])
+    sparsity = cache.config.sparsity
+    num_tokens = hidden.shape[1]
+    if sparsity.scoring == "context":
+        # The prompt's first forward: hidden row i is position i.
+        positions = context_query_positions(0, num_tokens, sparsity.observation_window)
+        index = torch.arange(positions.start, positions.stop, positions.step, device=hidden.device)
+
+        def pick(x: torch.Tensor) -> torch.Tensor:
+            return x.index_select(1, index)
+    else:
+        window = min(sparsity.observation_window, num_tokens)
+        positions = range(num_tokens - window, num_tokens)
+
+        def pick(x: torch.Tensor) -> torch.Tensor:
+            return x[:, -window:]
+
     with torch.no_grad():
-        # The module's own projection (and q_norm, as in Qwen3) and RoPE, on W rows only.
-        rows = hidden[:, -window:]
+        # The module's own projection (and q_norm, as in Qwen3) and RoPE, on those rows only.
+        rows = pick(hidden)
         queries = module.q_proj(rows).view(*rows.shape[:-1], -1, module.head_dim)
         if getattr(module, "q_norm", None) is not None:
             queries = module.q_norm(queries)
         queries = queries.transpose(1, 2)
-        queries, _ = _rotary_function(module)(queries, queries, cos[:, -window:], sin[:, -window:])
+        queries, _ = _rotary_function(module)(queries, queries, pick(cos), pick(sin))
     layer.window_queries = queries  # [1, q_heads, W, head_dim]
+    layer.window_positions = positions
 
 
 # ---- prefill + greedy decode ---------------------------------------------------------------------

@@ -3,6 +3,9 @@
 One scorer class per policy behind one interface (as NVIDIA kvpress does with presses),
 plus one selection function shared by all of them:
 
+    scorer_from_config(config) -> the scorer `config.sparsity.scoring` names:
+        "window"  ObservationWindowScorer (the prompt's last W queries, SnapKV)
+        "context" ContextScorer (queries sampled across the prompt, context_queries.py)
     scorer.score(...) -> one importance value per candidate token
     select_tokens(...) -> indices kept (sinks and recent window forced in) and the
                           guarded subset (highest scores)
@@ -15,12 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from sglang_kvc.config import CompressionConfig
+from sglang_kvc.config import CompressionConfig, ConfigError
 
 
 class TokenScorer(Protocol):
@@ -49,9 +52,22 @@ class ObservationWindowScorer:
     pooling_kernel: int = 7
     implementation: str = "torch"
 
+    scoring: ClassVar[str] = "window"  # the `sparsity.scoring` value this class implements
+
     @classmethod
     def from_config(cls, config: CompressionConfig, implementation: str = "torch") -> "ObservationWindowScorer":
+        """This class, with the config's temperature and pooling kernel. A config whose
+        `sparsity.scoring` asks for another scorer is refused: `scorer_from_config` picks
+        the class, and a caller that builds the window scorer by name must not score a
+        context-mode config with the wrong queries."""
         s = config.sparsity
+        if s.scoring != cls.scoring:
+            raise ConfigError(
+                f"sparsity.scoring={s.scoring!r} is not scored by {cls.__name__} "
+                f"(sparsity.scoring={cls.scoring!r}); build the scorer with "
+                f"sglang_kvc.policy.scorer_from_config, and feed it the queries that mode samples "
+                f"(context: sglang_kvc.context_queries.StridedQuerySampler)"
+            )
         return cls(temperature=s.temperature, pooling_kernel=s.pooling_kernel, implementation=implementation)
 
     def per_kv_head(self, window_queries, window_positions, keys, key_positions) -> torch.Tensor:
@@ -83,6 +99,49 @@ class ObservationWindowScorer:
                 padding=self.pooling_kernel // 2,
             ).squeeze(0)
         return per_kv_head.sum(dim=0)
+
+
+@dataclass(frozen=True)
+class ContextScorer(ObservationWindowScorer):
+    """Nearly question-independent scoring (`sparsity.scoring: context`): the queries are sampled
+    across the whole prompt (`sglang_kvc.context_queries`: at most 2W, at a power-of-two
+    stride), and each key's score is the mean attention it receives from the sampled queries
+    that can see it: softmax per query head over the keys at or before the query's position
+    (at `temperature`), summed over those queries and divided by how many of them there are
+    (otherwise early keys win by being seen by more queries). Then, as in the window scorer,
+    the query heads of a GQA group are summed, the result max-pooled along the sequence and
+    summed over KV heads.
+
+    Same code path as `ObservationWindowScorer` (which masks causally by the queries' own
+    positions, so any sampled positions work), divided per key by the count of queries at or
+    after it. That includes `implementation="triton"`: `kernels/score.py` masks by the
+    positions it is given too, so the division applies to its sums unchanged.
+
+    A key after the last sampled query (at most stride - 1 of a prompt's final tokens) is
+    seen by none and scores 0: kept only if forced (`recent_window` >= stride keeps them all;
+    at 32K tokens and W 32 the stride is 512) or reached by the pooling of a scored neighbour."""
+
+    scoring: ClassVar[str] = "context"
+
+    def per_kv_head(self, window_queries, window_positions, keys, key_positions) -> torch.Tensor:
+        """[kv_heads, N] fp32: per KV head, each key's attention summed over the query heads
+        of its group, averaged over the sampled query positions that can see the key."""
+        summed = super().per_kv_head(window_queries, window_positions, keys, key_positions)
+        key_positions = key_positions.to(device=summed.device, dtype=torch.int64).contiguous()
+        query_positions = torch.sort(window_positions.to(device=summed.device, dtype=torch.int64)).values
+        seen_by = query_positions.numel() - torch.searchsorted(query_positions, key_positions, side="left")
+        return summed / seen_by.clamp(min=1).to(summed.dtype)
+
+
+SCORERS: dict[str, type[ObservationWindowScorer]] = {
+    ObservationWindowScorer.scoring: ObservationWindowScorer,
+    ContextScorer.scoring: ContextScorer,
+}
+
+
+def scorer_from_config(config: CompressionConfig, implementation: str = "torch") -> ObservationWindowScorer:
+    """The scorer `config.sparsity.scoring` asks for ("window" or "context")."""
+    return SCORERS[config.sparsity.scoring].from_config(config, implementation=implementation)
 
 
 @dataclass(frozen=True)
@@ -123,7 +182,9 @@ def select_for_layer(
     prompt_len: int,
 ) -> Selection:
     """One layer's decision at the end of a prompt: score the candidate tokens (`keys` at
-    `positions`) with the observation window, keep the layer's budget, guard the best.
+    `positions`) with the scoring queries (`window_queries` at `window_positions`: the
+    prompt's last W in window mode, the sampled ones in context mode), keep the layer's
+    budget, guard the best.
     Shared by the SGLang path (engine.py) and the transformers reference (hf_reference.py)."""
     s = config.sparsity
     scores = scorer.score(window_queries, window_positions, keys, positions)

@@ -170,10 +170,29 @@ def test_wrong_type_names_key_and_expected_type(key, value, expected):
         ("sparsity.budget", "linear", "['uniform', 'pyramid']"),
         ("sparsity.budget", 1, "['uniform', 'pyramid']"),
         ("quantization.key_transform", "rotate", "['none', 'hadamard']"),
+        ("sparsity.scoring", "snapkv", "['window', 'context']"),
+        ("sparsity.scoring", "Context", "['window', 'context']"),
+        ("sparsity.scoring", None, "['window', 'context']"),
     ],
 )
 def test_literal_names_key_and_allowed_values(key, value, allowed):
     assert_config_error(with_value(key, value), key, allowed)
+
+
+def test_scoring_defaults_to_window_and_accepts_context(tmp_path):
+    """Every shipped YAML (none sets the key) keeps today's window scoring; `context`
+    loads from a file and survives the dict round trip."""
+    for path in CONFIGS.glob("*.yaml"):
+        assert "scoring" not in yaml.safe_load(path.read_text())["sparsity"]
+        assert load_config(path).sparsity.scoring == "window"
+    raw = valid_raw()
+    raw["sparsity"]["scoring"] = "context"
+    path = tmp_path / "context.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = load_config(path)
+    assert config.sparsity.scoring == "context"
+    assert config_from_dict(config_to_dict(config)) == config
+    assert config_from_dict(with_value("sparsity.scoring", "window")).sparsity.scoring == "window"
 
 
 def test_name_must_be_a_string():

@@ -10,6 +10,7 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 from sglang_kvc import demo
 from sglang_kvc.cli import main as cli_main
 from sglang_kvc.config import CompressionConfig, config_from_dict
+from sglang_kvc.context_queries import context_query_positions
 from sglang_kvc.hf_reference import (
     CompressedCache,
     TokenTier,
@@ -228,6 +229,46 @@ def test_window_queries_are_the_queries_the_model_attends_with():
     attentions = model(input_ids=ids, past_key_values=cache, output_attentions=True).attentions
     for layer, probs in zip(cache.layers, attentions):
         torch.testing.assert_close(layer.prompt_scores, probs[0, :, -8:, :].sum(dim=(0, 1)))
+
+
+@torch.no_grad()
+def test_context_mode_scores_with_the_sampled_queries_the_model_attends_with():
+    """`scoring: context`: the scores are the attention probabilities of the queries at
+    `context_query_positions(0, N, W)` (here W 8 -> 16 queries at most: stride 8 for 120
+    tokens), summed over heads and those queries, divided per key by how many of them see it."""
+    model, ids = tiny_model(), prompt_ids(120)
+    config = compression(sparsity=dict(observation_window=8, pooling_kernel=1, min_prompt_len=0, scoring="context"))
+    sampled = list(context_query_positions(0, 120, 8))
+    assert sampled == list(range(0, 120, 8))
+    cache = CompressedCache(config, model)
+    attentions = model(input_ids=ids, past_key_values=cache, output_attentions=True).attentions
+    seen_by = (torch.tensor(sampled).view(1, -1) >= torch.arange(120).view(-1, 1)).sum(dim=1)
+    for layer, probs in zip(cache.layers, attentions):
+        expected = probs[0, :, sampled, :].sum(dim=(0, 1)) / seen_by.clamp(min=1)
+        torch.testing.assert_close(layer.prompt_scores, expected)
+        assert torch.equal(layer.prompt_scores[sampled[-1] + 1 :], torch.zeros(120 - sampled[-1] - 1))
+        # ... and not what the last W queries would give (window mode).
+        assert not torch.allclose(layer.prompt_scores, probs[0, :, -8:, :].sum(dim=(0, 1)))
+
+
+@torch.no_grad()
+def test_context_mode_generates_and_keeps_each_layers_budget():
+    model, ids, steps = tiny_model(), prompt_ids(300), 5
+    config = compression(sparsity=dict(COMPRESSING["sparsity"], scoring="context"),
+                         quantization=COMPRESSING["quantization"])
+    result = generate_with_cache(model, ids, config, steps)
+    assert len(result.token_ids) == steps
+    cache = result.cache
+    for layer in cache.layers:
+        budget = config.layer_budget(layer.retain_ratio, 300)
+        held = sum(layer.count(tier) for tier in (TokenTier.GUARD, TokenTier.LOWBIT, TokenTier.STAGING))
+        assert held == budget + steps - 1  # the prompt's budget, then one token per decode step
+        assert set(range(4)) | set(range(292, 300)) <= set(layer.positions.tolist())  # sinks, recent window
+    # The same config with window scoring keeps different tokens (the scores differ).
+    window = generate_with_cache(model, ids, compression(**COMPRESSING), steps).cache
+    assert any(
+        not torch.equal(c.positions, w.positions) for c, w in zip(cache.layers, window.layers)
+    )
 
 
 # ---- (c) a planted token -------------------------------------------------------------------------
