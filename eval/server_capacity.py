@@ -20,9 +20,9 @@ after every config, so a timeout keeps what was measured).
         --prompt-lens 8192 32704 --out results.json
 
 The stock server runs with the graph and scheduler settings --kv-compress forces (prefill
-graph and overlap scheduling off; decode graphs off too unless SGLANG_KVC_TRITON=1, which
---kv-compress needs for them), so the two differ only in the KV pool and its attention.
-Stdlib only on the client side, so it runs in the GPU image as is.
+graph and overlap scheduling off; decode graphs off too with SGLANG_KVC_TRITON=0, the torch
+reference path), so the two differ only in the KV pool and its attention. Stdlib and
+sglang_kvc only on the client side, so it runs in the GPU image as is.
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ VOCAB = 150_000
 
 def stock_settings_like_compressed() -> list[str]:
     """The settings patches.server_args forces with --kv-compress, for the stock run."""
+    from sglang_kvc.runtime import triton_kernels_enabled
+
     flags = ["--disable-prefill-cuda-graph", "--disable-overlap-schedule"]
-    if os.environ.get("SGLANG_KVC_TRITON", "0") != "1":
+    if not triton_kernels_enabled():
         flags.append("--disable-decode-cuda-graph")
     return flags
 

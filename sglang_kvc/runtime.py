@@ -14,8 +14,10 @@ import os
 from sglang_kvc.config import CompressionConfig, load_config
 
 CONFIG_ENV_VAR = "SGLANG_KVC_CONFIG"
-# The Triton decode and quantize kernels pass their interpreter tests but have not yet run
-# on a GPU inside the server; until a GPU session validates them they are opt-in.
+# On by default since 2026-11-29: every shipped config served dummy Qwen2.5-7B through the
+# Triton kernels inside SGLang's decode CUDA graphs, and at 8 bits with every token kept gave
+# stock SGLang's greedy tokens (docs/results/serving-graphs-2026-11-29.md). "0" selects the
+# torch reference path (eager, CUDA graphs off), e.g. to compare against it.
 TRITON_ENV_VAR = "SGLANG_KVC_TRITON"
 
 
@@ -38,5 +40,9 @@ def _load(path: str) -> CompressionConfig:
 
 
 def triton_kernels_enabled() -> bool:
-    """SGLANG_KVC_TRITON=1 lets CUDA pools use the Triton kernels (decode attention, quantize)."""
-    return os.environ.get(TRITON_ENV_VAR, "0") == "1"
+    """Whether CUDA pools use the Triton kernels (decode attention in CUDA graphs, extend,
+    window scores, quantize): yes unless SGLANG_KVC_TRITON=0."""
+    value = os.environ.get(TRITON_ENV_VAR, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{TRITON_ENV_VAR}={value!r}; allowed: '0' (torch reference path) or '1' (Triton kernels)")
+    return value == "1"

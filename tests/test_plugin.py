@@ -130,3 +130,13 @@ def test_launcher_refuses_a_scheduler_that_did_not_load_the_plugin(monkeypatch, 
     monkeypatch.delenv(CONFIG_ENV_VAR)
     # Without --kv-compress a stock scheduler is exactly what is expected.
     scheduler_hooks.require_compressed_schedulers([{"status": "ready"}])
+
+
+def test_triton_switch_rejects_other_values(monkeypatch):
+    from sglang_kvc.runtime import triton_kernels_enabled
+
+    monkeypatch.delenv("SGLANG_KVC_TRITON", raising=False)
+    assert triton_kernels_enabled()  # the default since the H200 serving run
+    monkeypatch.setenv("SGLANG_KVC_TRITON", "yes")
+    with pytest.raises(ValueError, match="allowed: '0'"):
+        triton_kernels_enabled()

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# One device call: SGLang servers on dummy Qwen2.5-7B with the Triton path and SGLang's
-# decode CUDA graphs on (stock bf16 runs with the same graph settings), one after another:
+# One device call: SGLang servers on dummy Qwen2.5-7B, one after another, with the Triton
+# path and SGLang's decode CUDA graphs on (the default; SGLANG_KVC_TRITON=0 runs the torch
+# path with graphs off); stock bf16 runs with the same graph settings. Measures:
 # per prompt length the prefill time and decode ms/token, the decode throughput of a batch,
 # and greedy token / log-probability agreement with stock (eval/server_capacity.py).
 # JSON and each server's log to $OUT.
 #   run(command="bash eval/gpu/serving.sh [CONFIG...]", carry=[".gpu-rig"])
 set -u
 source eval/gpu/setup.sh || exit 1
-export SGLANG_KVC_TRITON=${SGLANG_KVC_TRITON:-1}
 CONFIGS=("$@")
 [ ${#CONFIGS[@]} -eq 0 ] && CONFIGS=(bf16 eval/configs/retain_all_8bit.yaml configs/qwen_8x_tuned.yaml configs/qwen_8x_aggressive.yaml configs/qwen_8x.yaml)
 # Stop before the device call's 600 s limit: server_capacity.py rewrites the JSON after

@@ -6,8 +6,8 @@
 
 Per config it starts `python -m sglang.launch_server` on the bundled model (with
 `--kv-compress CONFIG`, or stock for `bf16`; a name:path form such as
-`qwen_8x+triton:configs/qwen_8x.yaml` with SGLANG_KVC_TRITON=1 set for the server when the
-name ends in `+triton`), then:
+`qwen_8x+torch:configs/qwen_8x.yaml` with SGLANG_KVC_TRITON=0 set for the server when the
+name ends in `+torch`, =1 for `+triton`; the default is the Triton path), then:
 
   * suite: the held-out samples of eval/tiny/quality.py (same token ids, same seed), sent as
     `input_ids` to /generate, greedy, stopped at <|im_end|>; exact match of the first line.
@@ -170,6 +170,8 @@ def run_config(args, name: str, config: str | None, samples, groups, tokenizer, 
     env = dict(os.environ)
     if name.endswith("+triton"):
         env["SGLANG_KVC_TRITON"] = "1"
+    elif name.endswith("+torch"):
+        env["SGLANG_KVC_TRITON"] = "0"
     record: dict = {"name": name, "config": config, "command": shlex.join(command),
                     "env": {"SGLANG_KVC_TRITON": env.get("SGLANG_KVC_TRITON", "")}}
     log_path = args.log_dir / f"server-{name.replace('+', '-')}.log"

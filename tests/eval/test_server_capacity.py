@@ -49,3 +49,4 @@ def test_stock_server_mirrors_the_graph_settings_of_compressed_ones(capacity, mo
     monkeypatch.setenv("SGLANG_KVC_TRITON", "1")
     flags = capacity.stock_settings_like_compressed()
     assert "--disable-decode-cuda-graph" not in flags and "--disable-prefill-cuda-graph" in flags
+
