@@ -370,7 +370,7 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
                         "guard": layer.guard_per_request, "lowbit": layer.lowbit_per_request},
         "bytes": num_bytes,
         "entry_build": timer(lambda: decode_entries_in_regions(*list_args, region_indptr,
-                                                               list_sizes["max_entries"])),
+                                                               list_sizes["max_entries"], batch.tokens)),
         "entry_build_csr": timer(lambda: decode_entries(*list_args, **list_sizes)),
         "engine_kernel": {"version": "v2", "block_n": engine_block_n, "entry_lists": "regions"},
         # The engine's kernel (v2 at its BLOCK_N) at every split count.

@@ -122,10 +122,18 @@ def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD
     return compile_and_measure(kernel, pointers, constexprs, strides)
 
 
-def region_builder_case() -> dict:
-    return compile_and_measure(decode_module._region_entries_kernel,
-                               {"req_pool_indices_ptr": "*i64", "entry_tier_ptr": "*i8"}, {"BLOCK": 4096},
-                               {"stride_req_to_token": 32768}, num_warps=8)  # as decode_entries_in_regions launches it
+def region_builder_cases() -> list[tuple[str, callable]]:
+    """The two launches of decode_entries_in_regions as it makes them (BLOCK 1024, 4 warps;
+    32 position blocks: a 32K context)."""
+    pointers = {"req_pool_indices_ptr": "*i64", "entry_tier_ptr": "*i8"}
+    strides = {"stride_req_to_token": 32768, "num_blocks": 32}
+    return [
+        ("entry builder in regions: count (BLOCK 1024)",
+         lambda: compile_and_measure(decode_module._count_held_kernel, pointers, {"BLOCK": 1024}, strides)),
+        ("entry builder in regions: scatter (BLOCK 1024, 32 blocks)",
+         lambda: compile_and_measure(decode_module._region_scatter_kernel, pointers,
+                                     {"BLOCK": 1024, "BLOCKS_POW2": 32}, strides)),
+    ]
 
 
 def score_case(kernel, dot_precision: str = "tf32") -> dict:
@@ -146,7 +154,7 @@ def cases() -> list[tuple[str, callable]]:
             result.append((f"decode v2 {name} BLOCK_N {block_n}", lambda f=formats, b=block_n: decode_case("v2", f, b)))
     result.append(("decode v2 tuned (K4V2 g64) BLOCK_N 64, tiny model (head_dim 64, group 4)",
                    lambda: decode_case("v2", DECODE_FORMATS["tuned (K4V2 g64)"], 64, head_dim=64, query_group=4)))
-    result.append(("entry builder in regions (BLOCK 4096, 8 warps)", region_builder_case))
+    result += region_builder_cases()
     result.append(("window scores: row statistics (W 32, group 7)", lambda: score_case(score_module._row_stats_kernel)))
     result.append(("window scores: key scores (W 32, group 7)", lambda: score_case(score_module._key_scores_kernel)))
     for kernel in (score_module._row_stats_kernel, score_module._key_scores_kernel):  # why tf32

@@ -298,61 +298,73 @@ def decode_entries(
 
 
 @triton.jit
-def _region_entries_kernel(
+def _scatter_tier_block(entry_tier_ptr, entry_row_ptr, in_sequence, tiers, rows, tier, first):
+    """Entries `first`, `first + 1`, ... get this block's held tokens of `tier`, in position order."""
+    selected = (in_sequence & (tiers == tier)).to(tl.int32)
+    rank = tl.cumsum(selected, axis=0) - selected  # exclusive
+    tl.store(entry_tier_ptr + first + rank, tiers.to(tl.int8), mask=selected > 0)
+    tl.store(entry_row_ptr + first + rank, rows, mask=selected > 0)
+
+
+@triton.jit
+def _region_scatter_kernel(
     location_ptr,
     req_to_token_ptr,
     req_pool_indices_ptr,
     seq_lens_ptr,
-    region_indptr_ptr,  # [B + 1]: request b's region is region_indptr[b] : + seq_lens[b]
+    region_indptr_ptr,  # [B + 1]: request b's region starts at region_indptr[b], seq_lens[b] slots
+    block_counts_ptr,  # [B, num_blocks, 3] int32 from _count_held_kernel
     entry_tier_ptr,
     entry_row_ptr,
     tier_indptr_ptr,  # [B, 4] out
     stride_req_to_token,
+    num_blocks,
     BLOCK: tl.constexpr,
+    BLOCKS_POW2: tl.constexpr,
 ):
-    """One program per request, three passes over its positions: count held tokens per
-    tier, scatter them tier-grouped to the start of the request's region, mark the rest
-    of the region EMPTY (so that v1, which walks whole regions, skips it)."""
+    """Grid (request, block of BLOCK positions). Each program finds where its block's held
+    tokens go from the per-block counts of its request (a prefix over at most BLOCKS_POW2
+    counts, no separate scan launch), scatters them tier-grouped from the region's start,
+    and marks EMPTY the region slots of its block's range past the request's entries (so
+    that v1, which walks whole regions, skips them). Block 0 writes the tier ranges."""
     request = tl.program_id(0)
+    block = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + request)
+    if block > 0 and block * BLOCK >= seq_len:
+        return  # past the request: nothing to place, no region slot to mark
     region_start = tl.load(region_indptr_ptr + request)
-    num_blocks = tl.cdiv(seq_len, BLOCK)
-    offs_tier = tl.arange(0, 4)  # the three held tiers, padded to a power of two
-    held_lane = offs_tier < 3
+    offs_block = tl.arange(0, BLOCKS_POW2)
+    counted = offs_block < num_blocks
+    earlier = offs_block < block
+    counts_row = block_counts_ptr + request.to(tl.int64) * num_blocks * 3 + offs_block * 3
+    staging = tl.load(counts_row + 0, mask=counted, other=0)
+    lowbit = tl.load(counts_row + 1, mask=counted, other=0)
+    guard = tl.load(counts_row + 2, mask=counted, other=0)
+    staging_start = region_start
+    lowbit_start = staging_start + tl.sum(staging, axis=0)
+    guard_start = lowbit_start + tl.sum(lowbit, axis=0)
+    entries_end = guard_start + tl.sum(guard, axis=0)
+    if block == 0:
+        tl.store(tier_indptr_ptr + request * 4 + 0, staging_start)
+        tl.store(tier_indptr_ptr + request * 4 + 1, lowbit_start)
+        tl.store(tier_indptr_ptr + request * 4 + 2, guard_start)
+        tl.store(tier_indptr_ptr + request * 4 + 3, entries_end)
 
-    counts = tl.zeros([4], dtype=tl.int32)
-    for block in range(0, num_blocks):
-        in_sequence, locations = _block_locations(location_ptr, req_to_token_ptr, req_pool_indices_ptr, seq_lens_ptr,
-                                                  stride_req_to_token, request, block, BLOCK)
-        tiers = locations & _TIER_MASK
-        in_tier = in_sequence[:, None] & (tiers[:, None] == (offs_tier + _STAGING)[None, :]) & held_lane[None, :]
-        counts += tl.sum(in_tier.to(tl.int32), axis=0)
-    # Lane t < 3: first entry of tier t; lane 3: the end of the request's entries.
-    starts = region_start + tl.cumsum(counts, axis=0) - counts
-    tl.store(tier_indptr_ptr + request * 4 + offs_tier, starts)
+    in_sequence, locations = _block_locations(location_ptr, req_to_token_ptr, req_pool_indices_ptr, seq_lens_ptr,
+                                              stride_req_to_token, request, block, BLOCK)
+    tiers = locations & _TIER_MASK
+    rows = locations >> _TIER_BITS
+    _scatter_tier_block(entry_tier_ptr, entry_row_ptr, in_sequence, tiers, rows, _STAGING,
+                        staging_start + tl.sum(tl.where(earlier, staging, 0), axis=0))
+    _scatter_tier_block(entry_tier_ptr, entry_row_ptr, in_sequence, tiers, rows, _STAGING + 1,
+                        lowbit_start + tl.sum(tl.where(earlier, lowbit, 0), axis=0))
+    _scatter_tier_block(entry_tier_ptr, entry_row_ptr, in_sequence, tiers, rows, _STAGING + 2,
+                        guard_start + tl.sum(tl.where(earlier, guard, 0), axis=0))
 
-    next_slot = starts
-    for block in range(0, num_blocks):
-        in_sequence, locations = _block_locations(location_ptr, req_to_token_ptr, req_pool_indices_ptr, seq_lens_ptr,
-                                                  stride_req_to_token, request, block, BLOCK)
-        tiers = locations & _TIER_MASK
-        rows = locations >> _TIER_BITS
-        for tier_index in tl.static_range(3):
-            selected = (in_sequence & (tiers == tier_index + _STAGING)).to(tl.int32)
-            rank = tl.cumsum(selected, axis=0) - selected  # exclusive: keeps position order
-            first = tl.sum(tl.where(offs_tier == tier_index, next_slot, 0), axis=0)
-            destination = first + rank
-            tl.store(entry_tier_ptr + destination, tiers.to(tl.int8), mask=selected > 0)
-            tl.store(entry_row_ptr + destination, rows, mask=selected > 0)
-            next_slot += tl.where(offs_tier == tier_index, tl.sum(selected, axis=0), 0)
-
-    entries_end = tl.sum(tl.where(offs_tier == 3, starts, 0), axis=0)
-    region_end = region_start + seq_len
-    for tail_start in range(entries_end, region_end, BLOCK):
-        slots = tail_start + tl.arange(0, BLOCK)
-        in_tail = slots < region_end
-        tl.store(entry_tier_ptr + slots, tl.zeros([BLOCK], dtype=tl.int8), mask=in_tail)
-        tl.store(entry_row_ptr + slots, tl.zeros([BLOCK], dtype=tl.int32), mask=in_tail)
+    slots = region_start + block * BLOCK + tl.arange(0, BLOCK)
+    in_tail = (slots >= entries_end) & (slots < region_start + seq_len)
+    tl.store(entry_tier_ptr + slots, tl.zeros([BLOCK], dtype=tl.int8), mask=in_tail)
+    tl.store(entry_row_ptr + slots, tl.zeros([BLOCK], dtype=tl.int32), mask=in_tail)
 
 
 def region_indptr_for(seq_lens: list[int], device) -> torch.Tensor:
@@ -371,16 +383,21 @@ def decode_entries_in_regions(
     seq_lens: torch.Tensor,
     region_indptr: torch.Tensor,
     capacity: int,
-    block: int = 4096,
+    max_seq_len: int,
+    block: int = 1024,
 ) -> DecodeEntries:
-    """The entry lists of one layer in a single launch and no host glue (the per-layer cost
-    of `decode_entries` on the H200 was 0.25-0.7 ms: launches and glue rather than bytes).
+    """The entry lists of one layer in two launches over (request, block of positions) and
+    no host glue, so it can be recorded into a CUDA graph: count held tokens per tier and
+    block, then place them (each program scans its request's block counts itself).
 
-    Request b owns the fixed region `region_indptr[b] : region_indptr[b + 1]` of seq_len
-    slots (`region_indptr_for`, once per step; `capacity` = its last value, SGLang's
-    `seq_lens_sum`): its held tokens come first, tier-grouped as `tier_indptr[b]` says, and
-    the rest of the region is EMPTY. So `indptr` = `region_indptr` also serves v1 (which
-    skips EMPTY entries, at the cost of walking whole regions); v2 reads `tier_indptr` only."""
+    Request b owns the fixed region `region_indptr[b] :` + seq_lens[b] of the entry arrays
+    (`capacity` slots in all; eager: `region_indptr_for`, regions back to back; CUDA graph:
+    one region of context_len slots per request slot): its held tokens come first,
+    tier-grouped as `tier_indptr[b]` says, the rest of its seq_len slots are EMPTY. So
+    `indptr` = `region_indptr` also serves v1 (which skips EMPTY entries, at the cost of
+    walking whole regions); v2 reads `tier_indptr` only. `max_seq_len` bounds the grid
+    (programs past a request's length return at once): the batch's longest sequence, or
+    the context length in a graph."""
     device = location.device
     batch = req_pool_indices.numel()
     entry_tier = torch.empty(capacity, dtype=torch.int8, device=device)
@@ -392,10 +409,19 @@ def decode_entries_in_regions(
         return DecodeEntries(region_indptr, entry_tier, entry_row, tier_indptr)
     if req_to_token.stride(-1) != 1:
         raise ValueError("req_to_token rows must be contiguous")
-    _region_entries_kernel[(batch,)](
-        location, req_to_token, req_pool_indices.to(device), seq_lens.to(device=device, dtype=torch.int32),
-        region_indptr, entry_tier, entry_row, tier_indptr, req_to_token.stride(0), BLOCK=block,
-        num_warps=8,  # 4096-wide blocks: with 4 warps ptxas spilled (eval/compile_kernels.py)
+    num_blocks = max(1, triton.cdiv(max_seq_len, block))
+    seq_lens = seq_lens.to(device=device, dtype=torch.int32)
+    req_pool_indices = req_pool_indices.to(device)
+    block_counts = torch.empty((batch, num_blocks, 3), dtype=torch.int32, device=device)
+    grid = (batch, num_blocks)
+    _count_held_kernel[grid](
+        location, req_to_token, req_pool_indices, seq_lens, block_counts,
+        req_to_token.stride(0), num_blocks, BLOCK=block,
+    )
+    _region_scatter_kernel[grid](
+        location, req_to_token, req_pool_indices, seq_lens, region_indptr, block_counts,
+        entry_tier, entry_row, tier_indptr, req_to_token.stride(0), num_blocks,
+        BLOCK=block, BLOCKS_POW2=triton.next_power_of_2(num_blocks),
     )
     return DecodeEntries(region_indptr, entry_tier, entry_row, tier_indptr)
 
@@ -1106,14 +1132,16 @@ def decode_attention_for_pool(
 ) -> torch.Tensor:
     """Entries of one layer of a CompressedKVPool + `decode_attention` (v2, from the
     builder's tier ranges, unless `version="v1"` is passed). With `region_indptr` (and
-    `max_entries` = its last value) the one-launch `decode_entries_in_regions` builds
-    them, else `decode_entries`. `layer` is the pool-local layer index; q must already be
+    `max_entries`: the entry arrays' size, `max_seq_len`: the grid bound)
+    `decode_entries_in_regions` builds them, else `decode_entries`. `layer` is the pool-local layer index; q must already be
     rotated (pool.rotate)."""
     if region_indptr is not None:
         if max_entries is None:
             raise ValueError("region_indptr needs max_entries = region_indptr[-1] (the sum of seq_lens)")
+        if max_seq_len is None:
+            raise ValueError("region_indptr needs max_seq_len (it bounds the builder's grid)")
         entries = decode_entries_in_regions(pool.location[layer], req_to_token, req_pool_indices, seq_lens,
-                                            region_indptr, max_entries)
+                                            region_indptr, max_entries, max_seq_len)
     else:
         entries = decode_entries(pool.location[layer], req_to_token, req_pool_indices, seq_lens,
                                  max_seq_len, max_entries)

@@ -114,6 +114,7 @@ class CapturedDecode:
     seq_lens: torch.Tensor  # SGLang's static buffer slice [B]
     region_indptr: torch.Tensor  # [B + 1] int32: slot b owns b * max_context_len onwards
     entry_capacity: int
+    max_context_len: int  # bounds the entry builder's grid
     num_splits: int
 
 
@@ -212,7 +213,7 @@ class CompressedAttention:
             self.decode_max_seq_len = max(batch.seq_lens, default=0)
             self.decode_entry_capacity = sum(batch.seq_lens)  # SGLang's seq_lens_sum: a tight bound
             # Each request's slots in every layer's entry arrays: fixed for the step, so each
-            # layer's build is one launch with no host glue (kernels.decode_entries_in_regions).
+            # layer's build is two launches with no host glue (kernels.decode_entries_in_regions).
             from sglang_kvc.kernels.decode_attention import region_indptr_for
 
             self.decode_region_indptr = region_indptr_for(batch.seq_lens, device)
@@ -240,6 +241,7 @@ class CompressedAttention:
             seq_lens=seq_lens,
             region_indptr=torch.arange(batch_size + 1, dtype=torch.int32, device=device) * max_context_len,
             entry_capacity=batch_size * max_context_len,
+            max_context_len=max_context_len,
             # Sized for the longest possible requests: the split count is baked into the graph.
             num_splits=decode_num_splits(batch_size, self.pool.head_num, max_context_len, self.sm_count),
         )
@@ -476,6 +478,7 @@ class CompressedAttention:
             scaling,
             num_splits=captured.num_splits,
             block_n=self.decode_kernel_block_n,
+            max_seq_len=captured.max_context_len,
             max_entries=captured.entry_capacity,
             region_indptr=captured.region_indptr,
         )

@@ -458,7 +458,7 @@ def region_entries(location, req_to_token, req_pool_indices, seq_lens, block=8):
     be written: held entries, then EMPTY)."""
     region_indptr = region_indptr_for(seq_lens.tolist(), location.device)
     entries = decode_entries_in_regions(location, req_to_token, req_pool_indices, seq_lens, region_indptr,
-                                        int(seq_lens.sum()), block=block)
+                                        int(seq_lens.sum()), max(seq_lens.tolist(), default=0), block=block)
     return entries
 
 
@@ -486,6 +486,23 @@ def test_region_builder_fills_each_request_region(gen, device, monkeypatch):
     assert torch.equal(entries.tier_indptr - shift, by_torch.tier_indptr)
 
 
+def test_region_builder_in_fixed_slot_regions(gen, device):
+    """As a captured CUDA graph calls it: request b owns slots b * MAX_CONTEXT onwards, the
+    grid is sized for MAX_CONTEXT whatever the lengths, and blocks past a request's length
+    do nothing (the slots between regions stay as they were)."""
+    pool = build_pool(gen, device, layers=1)
+    req_to_token, req_pool_indices, seq_lens = build_batch([1, 33, 0, 20], gen, device)
+    args = (pool.location[0], req_to_token, req_pool_indices, seq_lens)
+    batch = len(seq_lens)
+    region_indptr = torch.arange(batch + 1, dtype=torch.int32, device=device) * MAX_CONTEXT
+    entries = decode_entries_in_regions(*args, region_indptr, batch * MAX_CONTEXT, MAX_CONTEXT, block=8)
+    for b, want in enumerate(expected_entries(*args)):
+        start, end = entries.tier_indptr[b, 0].item(), entries.tier_indptr[b, 3].item()
+        assert start == b * MAX_CONTEXT and end - start == len(want)
+        assert list(zip(entries.tier[start:end].tolist(), entries.row[start:end].tolist())) == want
+        assert (entries.tier[end : start + int(seq_lens[b])] == TIER_EMPTY).all()
+
+
 def test_region_entries_feed_both_kernels(version, gen, device):
     """v2 reads the tier ranges; v1 walks whole regions and skips their EMPTY tails."""
     pool = build_pool(gen, device, key_bits=4, value_bits=2, group_size=32)
@@ -507,11 +524,15 @@ def test_pool_entry_point_with_regions(gen, device):
     scaling = HEAD_DIM**-0.5
     region_indptr = region_indptr_for(seq_lens.tolist(), device)
     out = decode_attention_for_pool(pool, 0, q, req_to_token, req_pool_indices, seq_lens, scaling, 2,
-                                    max_entries=int(seq_lens.sum()), region_indptr=region_indptr, block_n=BLOCK_N)
+                                    max_seq_len=int(seq_lens.max()), max_entries=int(seq_lens.sum()),
+                                    region_indptr=region_indptr, block_n=BLOCK_N)
     check_close(out, reference_decode(pool, 0, q, req_to_token, req_pool_indices, seq_lens, scaling), pool)
     with pytest.raises(ValueError, match="max_entries"):
         decode_attention_for_pool(pool, 0, q, req_to_token, req_pool_indices, seq_lens, scaling, 2,
-                                  region_indptr=region_indptr)
+                                  max_seq_len=33, region_indptr=region_indptr)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        decode_attention_for_pool(pool, 0, q, req_to_token, req_pool_indices, seq_lens, scaling, 2,
+                                  max_entries=int(seq_lens.sum()), region_indptr=region_indptr)
 
 
 def test_builders_on_an_empty_batch(device):
