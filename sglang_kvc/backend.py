@@ -78,12 +78,13 @@ class CompressedAttnBackend(TritonAttnBackend):
 
     # ---- CUDA graphs (decode) ----------------------------------------------------------------
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, kv_indices_buf=None, cuda_graph_num_kv_splits_buf=None):
+        """Nothing to allocate: each captured pass allocates its entry arrays and split-K
+        partials from the graph's memory pool while it is recorded."""
         if self.engine.attention_impl != "triton":
             raise RuntimeError(
                 "--kv-compress decodes in CUDA graphs only on its Triton path "
                 f"(this server runs {self.engine.attention_impl!r}); pass --disable-cuda-graph"
             )
-        self.graph_max_bs = max_bs
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         mode = forward_batch.forward_mode

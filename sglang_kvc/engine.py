@@ -107,14 +107,17 @@ class RecentQueries:
 
 
 @dataclass(frozen=True)
-class CapturedDecode:
-    """What the layers of a captured decode pass read (see `CompressedAttention.capture_decode`)."""
+class DecodeLaunch:
+    """What every layer's Triton decode launches read in one decode pass: set by `begin`
+    (eager: tight regions back to back, this batch's split count) or by `capture_decode`
+    (CUDA graph: SGLang's static buffers, one region of max_context_len entries per request
+    slot, a split count for the longest possible requests)."""
 
-    req_pool_indices: torch.Tensor  # SGLang's static buffer slice [B]
-    seq_lens: torch.Tensor  # SGLang's static buffer slice [B]
-    region_indptr: torch.Tensor  # [B + 1] int32: slot b owns b * max_context_len onwards
-    entry_capacity: int
-    max_context_len: int  # bounds the entry builder's grid
+    req_pool_indices: torch.Tensor  # [B] int64 on the device
+    seq_lens: torch.Tensor  # [B] on the device
+    region_indptr: torch.Tensor  # [B + 1] int32: request b's entry slots start here
+    entry_capacity: int  # entry slots in all
+    max_seq_len: int  # bounds the entry builder's grid
     num_splits: int
 
 
@@ -177,15 +180,16 @@ class CompressedAttention:
         # Per request still in prefill, per layer: the queries that will score its prompt.
         self.scoring_queries: dict[str, list[RecentQueries | StridedQuerySampler | None]] = {}
         self.batch: BatchInfo | None = None
-        self.captured: CapturedDecode | None = None  # the decode pass being captured
-        self.graphs_captured: dict[int, CapturedDecode] = {}  # by batch size
+        self.capturing = False  # is the current decode pass being recorded into a CUDA graph?
+        self.decode_launch: DecodeLaunch | None = None
+        self.graphs_captured: dict[int, DecodeLaunch] = {}  # by batch size
 
     # ---- per forward pass -------------------------------------------------------------------
     def begin(self, batch: BatchInfo, new_tokens: torch.Tensor | None = None) -> None:
         """An eager pass. `new_tokens`: the logical ids whose K/V the pass writes (SGLang's
         out_cache_loc), staged here."""
         self.batch = batch
-        self.captured = None
+        self.capturing = False
         device = self.pool.location.device
         if batch.is_decode:
             self._advance_decode_window(
@@ -209,16 +213,18 @@ class CompressedAttention:
             self.prefix_lens = [seq - ext for seq, ext in zip(batch.seq_lens, batch.extend_lens)]
             self.prefix_lens_device = torch.tensor(self.prefix_lens, dtype=torch.int32, device=device)
         else:
-            self.decode_seq_lens = torch.tensor(batch.seq_lens, dtype=torch.int32, device=device)
-            self.decode_max_seq_len = max(batch.seq_lens, default=0)
-            self.decode_entry_capacity = sum(batch.seq_lens)  # SGLang's seq_lens_sum: a tight bound
             # Each request's slots in every layer's entry arrays: fixed for the step, so each
             # layer's build is two launches with no host glue (kernels.decode_entries_in_regions).
             from sglang_kvc.kernels.decode_attention import region_indptr_for
 
-            self.decode_region_indptr = region_indptr_for(batch.seq_lens, device)
-            self.decode_splits = decode_num_splits(
-                len(batch.seq_lens), self.pool.head_num, self.decode_max_seq_len, self.sm_count
+            max_seq_len = max(batch.seq_lens, default=0)
+            self.decode_launch = DecodeLaunch(
+                req_pool_indices=self.req_pool_indices_device,
+                seq_lens=torch.tensor(batch.seq_lens, dtype=torch.int32, device=device),
+                region_indptr=region_indptr_for(batch.seq_lens, device),
+                entry_capacity=sum(batch.seq_lens),  # SGLang's seq_lens_sum: a tight bound
+                max_seq_len=max_seq_len,
+                num_splits=decode_num_splits(len(batch.seq_lens), self.pool.head_num, max_seq_len, self.sm_count),
             )
 
     def capture_decode(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, max_context_len: int) -> None:
@@ -236,17 +242,18 @@ class CompressedAttention:
         device = self.pool.location.device
         # No host-side per-request state inside a graph: fail loudly if a layer reached for it.
         self.batch = self.token_rows = self.positions = None
-        self.captured = CapturedDecode(
+        self.capturing = True
+        self.decode_launch = DecodeLaunch(
             req_pool_indices=req_pool_indices,
             seq_lens=seq_lens,
             region_indptr=torch.arange(batch_size + 1, dtype=torch.int32, device=device) * max_context_len,
             entry_capacity=batch_size * max_context_len,
-            max_context_len=max_context_len,
+            max_seq_len=max_context_len,
             # Sized for the longest possible requests: the split count is baked into the graph.
             num_splits=decode_num_splits(batch_size, self.pool.head_num, max_context_len, self.sm_count),
         )
         # The graph reads region_indptr at every replay: it must outlive this capture.
-        self.graphs_captured[batch_size] = self.captured
+        self.graphs_captured[batch_size] = self.decode_launch
 
     def prepare_replay(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, new_tokens: torch.Tensor) -> None:
         """The host side of a captured decode pass, before its replay: the real (unpadded)
@@ -432,55 +439,36 @@ class CompressedAttention:
         pool = self.pool
         layer = layer_id - pool.start_layer
         q = pool.rotate(q)
-        if self.captured is not None:
+        if self.capturing:
             if logit_cap > 0:
                 raise RuntimeError("kv-compress: the Triton decode kernel has no logit soft-cap; pass --disable-cuda-graph")
-            return self._decode_captured(layer, q, scaling)
+            return self._decode_triton(layer, q, scaling)
         if self.attention_impl == "triton" and not self._needs_logit_cap(logit_cap):
             return self._decode_triton(layer, q, scaling)
         return self._decode_torch(layer, q, scaling, logit_cap)
 
     def _decode_triton(self, layer: int, q: torch.Tensor, scaling: float) -> torch.Tensor:
-        """One entry-list build for the whole batch in the step's fixed regions (this layer's
-        location map: every layer evicts different tokens), then the split-K kernel."""
+        """The layer's entry lists for the whole batch in the pass's fixed regions (each
+        layer evicts different tokens), then the split-K kernel; reads only `decode_launch`
+        and device tables, so a captured pass records it as is."""
         # Imported on first use: triton.jit fixes at import whether kernels are interpreted
         # (tests/kernels/conftest.py sets that first), and torch-only runs need no Triton.
         from sglang_kvc.kernels.decode_attention import decode_attention_for_pool
 
+        launch = self.decode_launch
         return decode_attention_for_pool(
             self.pool,
             layer,
             q,
             self.req_to_token,
-            self.req_pool_indices_device,
-            self.decode_seq_lens,
+            launch.req_pool_indices,
+            launch.seq_lens,
             scaling,
-            num_splits=self.decode_splits,
+            num_splits=launch.num_splits,
             block_n=self.decode_kernel_block_n,
-            max_seq_len=self.decode_max_seq_len,
-            max_entries=self.decode_entry_capacity,
-            region_indptr=self.decode_region_indptr,
-        )
-
-    def _decode_captured(self, layer: int, q: torch.Tensor, scaling: float) -> torch.Tensor:
-        """`_decode_triton` over the static buffers of `capture_decode`: shapes fixed by the
-        batch size, no host reads, so the launches can be recorded into a CUDA graph."""
-        from sglang_kvc.kernels.decode_attention import decode_attention_for_pool
-
-        captured = self.captured
-        return decode_attention_for_pool(
-            self.pool,
-            layer,
-            q,
-            self.req_to_token,
-            captured.req_pool_indices,
-            captured.seq_lens,
-            scaling,
-            num_splits=captured.num_splits,
-            block_n=self.decode_kernel_block_n,
-            max_seq_len=captured.max_context_len,
-            max_entries=captured.entry_capacity,
-            region_indptr=captured.region_indptr,
+            max_seq_len=launch.max_seq_len,
+            max_entries=launch.entry_capacity,
+            region_indptr=launch.region_indptr,
         )
 
     def _decode_torch(self, layer: int, q: torch.Tensor, scaling: float, logit_cap: float) -> torch.Tensor:
