@@ -253,6 +253,17 @@ def _scatter_entries_kernel(
         tl.store(entry_row_ptr + destination, rows, mask=selected > 0)
 
 
+def _held_per_block(location, req_to_token, req_pool_indices, seq_lens, grid, block) -> torch.Tensor:
+    """[B, blocks, 3] int32 held tokens per tier in each block of `block` positions (both
+    builders' first launch)."""
+    block_counts = torch.empty((*grid, 3), dtype=torch.int32, device=location.device)
+    _count_held_kernel[grid](
+        location, req_to_token, req_pool_indices, seq_lens, block_counts,
+        req_to_token.stride(0), grid[1], BLOCK=block,
+    )
+    return block_counts
+
+
 def decode_entries(
     location: torch.Tensor,
     req_to_token: torch.Tensor,
@@ -280,12 +291,8 @@ def decode_entries(
         raise ValueError("req_to_token rows must be contiguous")
     seq_lens = seq_lens.to(device=device, dtype=torch.int32)
     req_pool_indices = req_pool_indices.to(device)
-    block_counts = torch.empty((batch, num_blocks, 3), dtype=torch.int32, device=device)
     grid = (batch, num_blocks)
-    _count_held_kernel[grid](
-        location, req_to_token, req_pool_indices, seq_lens, block_counts,
-        req_to_token.stride(0), num_blocks, BLOCK=block,
-    )
+    block_counts = _held_per_block(location, req_to_token, req_pool_indices, seq_lens, grid, block)
     tier_counts = block_counts.sum(1)  # [B, 3]
     indptr[1:] = tier_counts.sum(1).cumsum(0)
     tier_start = indptr[:-1, None] + tier_counts.cumsum(1) - tier_counts
@@ -412,12 +419,8 @@ def decode_entries_in_regions(
     num_blocks = max(1, triton.cdiv(max_seq_len, block))
     seq_lens = seq_lens.to(device=device, dtype=torch.int32)
     req_pool_indices = req_pool_indices.to(device)
-    block_counts = torch.empty((batch, num_blocks, 3), dtype=torch.int32, device=device)
     grid = (batch, num_blocks)
-    _count_held_kernel[grid](
-        location, req_to_token, req_pool_indices, seq_lens, block_counts,
-        req_to_token.stride(0), num_blocks, BLOCK=block,
-    )
+    block_counts = _held_per_block(location, req_to_token, req_pool_indices, seq_lens, grid, block)
     _region_scatter_kernel[grid](
         location, req_to_token, req_pool_indices, seq_lens, region_indptr, block_counts,
         entry_tier, entry_row, tier_indptr, req_to_token.stride(0), num_blocks,
