@@ -41,7 +41,7 @@ import torch
 
 from sglang_kvc.attention import attend
 from sglang_kvc.context_queries import StridedQuerySampler
-from sglang_kvc.policy import TokenScorer, scorer_from_config, select_for_layer
+from sglang_kvc.policy import Selection, TokenScorer, scorer_from_config, select_for_layer
 from sglang_kvc.pool import CompressedKVPool
 from sglang_kvc.runtime import triton_kernels_enabled
 
@@ -297,15 +297,19 @@ class CompressedAttention:
             out = self._extend_triton(layer, q, scaling, logit_cap)
         else:
             out = self._extend_torch(layer, q, scaling, logit_cap)
-        # Every request of the pass has attended before any of them compresses.
+        # Every request of the pass has attended before any of them compresses; the layer's
+        # decisions for all of them then go to the pool at once.
         offset = 0
+        finishing = []
         for i in range(len(self.token_rows)):
             extend_len, seq_len = batch.extend_lens[i], batch.seq_lens[i]
             scoring = self._scoring_queries(layer, batch.rids[i])
             scoring.add(q[offset : offset + extend_len], range(seq_len - extend_len, seq_len))
-            if batch.last_chunk[i]:
-                self._compress(layer, i, scoring)
+            if batch.last_chunk[i] and self.candidates[i].numel():
+                finishing.append((i, scoring))
             offset += extend_len
+        if finishing:
+            self._compress(layer, finishing)
         if layer == self.last_layer:
             self._finish_extend()
         return out
@@ -404,18 +408,23 @@ class CompressedAttention:
             per_layer[layer] = StridedQuerySampler(self.window) if context else RecentQueries(self.window)
         return per_layer[layer]
 
-    def _compress(self, layer: int, i: int, scoring: "RecentQueries | StridedQuerySampler") -> None:
-        positions = self.candidates[i]
-        if positions.numel() == 0:
-            return
+    def _compress(self, layer: int, finishing: list[tuple[int, "RecentQueries | StridedQuerySampler"]]) -> None:
+        """Score and select each finishing request's staged tokens (its own queries and
+        budget), then place or evict them all with one `pool.compress` call: its reads,
+        quantize launches and map updates are per layer, not per request."""
         batch, pool = self.batch, self.pool
-        tokens = self.token_rows[i][positions]
+        tokens = torch.cat([self.token_rows[i][self.candidates[i]] for i, _ in finishing])
         keys, _ = pool.staging.read(layer, pool.staging_row[tokens], torch.float32)
-        selection = select_for_layer(
-            self.config, self.scorer, self.layer_retain[layer], scoring.queries(), scoring.positions(),
-            keys, positions, batch.seq_lens[i],
-        )
-        pool.compress(layer, tokens, selection)
+        selections, start = [], 0
+        for i, scoring in finishing:
+            positions = self.candidates[i]
+            end = start + positions.numel()
+            selections.append(select_for_layer(
+                self.config, self.scorer, self.layer_retain[layer], scoring.queries(), scoring.positions(),
+                keys[start:end], positions, batch.seq_lens[i],
+            ))
+            start = end
+        pool.compress(layer, tokens, Selection.concatenate(selections), keys=keys)
 
     def _finish_extend(self) -> None:
         compressed = [

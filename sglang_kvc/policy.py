@@ -151,6 +151,22 @@ class Selection:
     lowbit: torch.Tensor  # the rest of `kept`
     scores: torch.Tensor  # every candidate's score (for inspection and cross-checks)
 
+    @classmethod
+    def concatenate(cls, selections: "list[Selection]") -> "Selection":
+        """The selections of consecutive candidate lists as one over their concatenation
+        (indices shifted by the candidates before each), so that one pool call places them."""
+        if len(selections) == 1:
+            return selections[0]
+        offsets = [0]
+        for selection in selections[:-1]:
+            offsets.append(offsets[-1] + selection.scores.numel())
+
+        def joined(field: str) -> torch.Tensor:
+            return torch.cat([getattr(sel, field) + offset for sel, offset in zip(selections, offsets)])
+
+        return cls(kept=joined("kept"), guarded=joined("guarded"), lowbit=joined("lowbit"),
+                   scores=torch.cat([sel.scores for sel in selections]))
+
 
 def select_tokens(
     scores: torch.Tensor,

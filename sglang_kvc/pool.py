@@ -229,10 +229,15 @@ class CompressedKVPool(MHATokenToKVPool):
         return self.staging_row[tokens] > 0
 
     # ---- compression ---------------------------------------------------------------------------
-    def compress(self, layer: int, tokens: torch.Tensor, selection: Selection) -> None:
+    def compress(self, layer: int, tokens: torch.Tensor, selection: Selection, keys: torch.Tensor | None = None) -> None:
         """Place the selected staged `tokens` of one layer in the guard / low-bit tiers and
-        mark the rest evicted. Staging rows stay until `release_staging`."""
-        k, v = self.staging.read(layer, self.staging_row[tokens], torch.float32)
+        mark the rest evicted. Staging rows stay until `release_staging`. `keys`: their
+        staged keys in fp32 if the caller has read them already (for scoring)."""
+        rows = self.staging_row[tokens]
+        if keys is None:
+            k, v = self.staging.read(layer, rows, torch.float32)
+        else:
+            k, v = keys, self.staging.read_values(layer, rows, torch.float32)
         evicted = torch.ones(tokens.numel(), dtype=torch.bool, device=tokens.device)
         evicted[selection.kept] = False
         self.location[layer, tokens[evicted]] = int(Tier.EVICTED)

@@ -64,7 +64,10 @@ class DenseStore:
         self.v[layer][rows] = v.to(self.dtype)
 
     def read(self, layer: int, rows: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[layer][rows].to(dtype), self.v[layer][rows].to(dtype)
+        return self.k[layer][rows].to(dtype), self.read_values(layer, rows, dtype)
+
+    def read_values(self, layer: int, rows: torch.Tensor, dtype) -> torch.Tensor:
+        return self.v[layer][rows].to(dtype)
 
     def key_tensors(self) -> list[torch.Tensor]:
         return list(self.k)

@@ -133,3 +133,58 @@ def test_quantized_store_roundtrip_matches_the_reference_format(seeded):
     codes, scale_min = quantize(x, PackedFormat(4, DIM, 16))
     assert torch.equal(pool.lowbit.k_codes[0][rows], codes)
     assert torch.equal(pool.lowbit.k_scale_min[0][rows], scale_min)
+
+
+def _prefill(pool, engine, req_to_token, prompts, passes, generator_seed):
+    """Prefill `prompts` (lists of logical ids) into request slots 0, 1, ... with K/V and
+    queries drawn per prompt from one seed, grouping the requests into extend passes as
+    `passes` (lists of request indices) says. Returns each request's dequantized K/V per
+    layer (None where evicted) for comparison."""
+    generator = torch.Generator().manual_seed(generator_seed)
+    drawn = []
+    for slot, ids in enumerate(prompts):
+        tokens = torch.tensor(ids)
+        req_to_token[slot, : len(ids)] = tokens.to(torch.int32)
+        drawn.append([
+            (torch.randn(len(ids), HEADS, DIM, generator=generator), torch.randn(len(ids), HEADS, DIM, generator=generator),
+             torch.randn(len(ids), Q_HEADS, DIM, generator=generator))
+            for _ in range(LAYERS)
+        ])
+    for members in passes:
+        lens = [len(prompts[i]) for i in members]
+        batch = BatchInfo(False, list(members), lens, [0] * len(members), lens, [True] * len(members),
+                          [f"r{i}" for i in members])
+        loc = torch.cat([torch.tensor(prompts[i]) for i in members])
+        engine.begin(batch, loc)
+        for layer in range(LAYERS):
+            k, v, q = (torch.cat([drawn[i][layer][part] for i in members]) for part in range(3))
+            pool.set_kv_buffer(_Layer(layer), loc, k, v)
+            engine.extend(layer, q, DIM**-0.5)
+    held = []
+    for ids in prompts:
+        tokens = torch.tensor(ids)
+        per_layer = []
+        for layer in range(LAYERS):
+            k, v, kept = pool.gather(layer, tokens, torch.float32)
+            per_layer.append((tier_of(pool.location[layer, tokens]), k[kept], v[kept]))
+        held.append(per_layer)
+    return held
+
+
+def test_requests_finishing_in_one_pass_are_compressed_as_if_alone():
+    """The engine scores each finishing request with its own queries and budget and places
+    them all with one pool call: the tiers, kept tokens and their stored K/V must be those of
+    prefilling each request in a pass of its own."""
+    raw = {
+        "sparsity": {"retain_ratio": 0.3, "min_prompt_len": 8, "sink_tokens": 2, "recent_window": 4,
+                     "observation_window": 8, "pooling_kernel": 3},
+        "quantization": {"key_bits": 4, "value_bits": 2, "group_size": 16, "guard_fraction": 0.25, "guard_bits": 8},
+    }
+    prompts = [list(range(1, 71)), list(range(100, 133))]
+    together = _prefill(*build(raw), prompts, [[0, 1]], generator_seed=3)
+    alone = _prefill(*build(raw), prompts, [[0], [1]], generator_seed=3)
+    for request, (ours, theirs) in enumerate(zip(together, alone)):
+        for layer, ((tiers, k, v), (want_tiers, want_k, want_v)) in enumerate(zip(ours, theirs)):
+            assert torch.equal(tiers, want_tiers), (request, layer)
+            assert (tiers == Tier.EVICTED).any() and (tiers == Tier.GUARD).any() and (tiers == Tier.LOWBIT).any()
+            assert torch.equal(k, want_k) and torch.equal(v, want_v), (request, layer)
