@@ -5,23 +5,26 @@ attend, and compress a prompt when its prefill completes.
 it only needs the pool, SGLang's `req_to_token` table and a `BatchInfo`, so tests
 drive it directly with real SGLang pools and radix caches on the CPU.
 
+Before every pass (`begin`, host side): the pass's new tokens get staging rows, and every
+few DECODE passes the tokens that have left the decode window move from staging to the
+low-bit tier in all layers (`pool.seal`, see `_advance_decode_window`).
+
 Per layer of an EXTEND pass:
   1. the backend has written the chunk's K/V to staging (pool.set_kv_buffer);
   2. every query attends to the request's tokens that this layer still holds;
-  3. if this is the request's last prompt chunk, its still-staged tokens are scored with
-     the prompt's final observation window (queries of earlier chunks are kept for a
-     short last chunk), and each layer keeps its budget (pool.compress);
-     otherwise the chunk's last W queries are saved for that later scoring;
+  3. each request's chunk adds its queries to the ones that will score its prompt
+     (`RecentQueries`: the last W, window scoring; `StridedQuerySampler`: sampled across
+     the prompt, context scoring); for every request whose prompt this pass completes,
+     its still-staged tokens are scored and selected to the layer's budget, and the pool
+     places or evicts them for all such requests at once (pool.compress);
   4. after the last layer the staging rows of compressed tokens are released.
-Before every pass (`begin`, host side): the pass's new tokens get staging rows, and every
-few DECODE passes the tokens that have left the decode window move from staging to the
-low-bit tier in all layers (`pool.seal`, see `_advance_decode_window`). Per layer of a DECODE pass: the new K/V
-are written to staging, then attention. Decode attention has two implementations
-(`attention_impl`): "triton" builds the layer's entry lists for the whole batch in one
-launch and runs the split-K kernel of `sglang_kvc.kernels` on the packed tiers; "torch"
-gathers and dequantizes per request (`pool.gather` + `attend`) and is the numerical
-reference. "auto" picks triton when the pool is on CUDA and the kernels are enabled
-(runtime.triton_kernels_enabled).
+
+Per layer of a DECODE pass: the new K/V are written to staging, then attention. Decode
+attention has two implementations (`attention_impl`): "triton" builds the layer's entry
+lists for the whole batch (two launches) and runs the split-K kernel of
+`sglang_kvc.kernels` on the packed tiers; "torch" gathers and dequantizes per request
+(`pool.gather` + `attend`) and is the numerical reference. "auto" picks triton when the
+pool is on CUDA and the kernels are enabled (runtime.triton_kernels_enabled).
 
 CUDA graphs (decode only, Triton path): `capture_decode` sets the pass up from SGLang's
 static buffers (request slots, sequence lengths) with one fixed entry region per
