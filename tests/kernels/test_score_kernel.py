@@ -51,6 +51,19 @@ def test_temperature_padding_and_candidates_after_a_prefix(head_dim, gen, device
     torch.testing.assert_close(got, reference(*inputs, 2.5), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("min_keys_per_split", [16, 50])
+def test_key_splits_merge_to_the_same_scores(min_keys_per_split, gen, device, monkeypatch):
+    """Row statistics computed over key splits (an uneven last one; splits some window rows
+    see nothing of, being later than them) and merged give the unsplit scores."""
+    inputs = case(gen, device, group=7, window=32, num_keys=130, prefix=5)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    got = window_scores(*inputs, block_m=16, block_n=16, min_keys_per_split=min_keys_per_split)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert not got.isnan().any(), "scores not fully written"
+    torch.testing.assert_close(got, reference(*inputs, 1.0), atol=1e-5, rtol=1e-4)
+
+
 def test_each_window_row_contributes_one_unit_of_attention(gen, device):
     """Every row's softmax sums to 1 over the keys it sees: the scores of a head sum to its
     number of rows (group x window), whatever the data."""
