@@ -15,6 +15,13 @@ as a YAML file) so that each differs from it in the named way only:
   scoring     pooling kernel (neighbours kept with an attended token); window-scored (base)
               vs context-scored (`sparsity.scoring: context`: queries sampled across the
               whole prompt, question-independent) at the base's retain ratio
+  long        one knob at a time at the base's *planned ratio*: every variant's retain_ratio
+              is re-solved (`at_ratio`) so that the planner gives the base's ratio again
+              (pooling, temperature, observation/recent/sink windows, pyramid budgets,
+              key/value bits and group size); meant for long prompts (--lengths 4096 8192)
+
+`--variants NAME ...` runs only the named variants of the chosen groups (the full cache
+always runs first), e.g. to re-run the best of a screen with more samples.
 
 Every variant runs through the transformers reference path (eval/tiny/quality.py) on the
 same held-out samples; the full cache runs first. Output: DIR/ablation.json (all accuracies,
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -114,6 +122,66 @@ def _scoring(base: CompressionConfig) -> list[CompressionConfig]:
     ]
 
 
+def at_ratio(config: CompressionConfig, target: float, decimals: int = 3) -> CompressionConfig:
+    """`config` with `sparsity.retain_ratio` (rounded to `decimals`) set so that the
+    planner's ratio (`quality.planned_ratio`: Qwen2.5-7B, 32K prompt, incl. metadata) is as
+    close to `target` as that rounding allows. The ratio falls as the retain ratio rises, so
+    a bisection finds it; a target out of reach gives the nearest end of the valid range
+    (a pyramid's first layer may not keep more than the whole prompt)."""
+    s = config.sparsity
+    step = 10.0 ** -decimals
+    top = 1.0 if s.budget == "uniform" else 1.0 / (1.0 + s.pyramid_slope)
+    lo, hi = step, math.floor(top / step + 1e-9) * step
+
+    def ratio(retain_ratio: float) -> float:
+        return quality.planned_ratio(variant(config, config.name, sparsity={"retain_ratio": retain_ratio}))
+
+    if ratio(hi) >= target:
+        best = hi
+    elif ratio(lo) <= target:
+        best = lo
+    else:
+        a, b = lo, hi  # ratio(a) > target >= ratio(b)
+        for _ in range(40):
+            mid = (a + b) / 2
+            a, b = (mid, b) if ratio(mid) > target else (a, mid)
+        candidates = {min(hi, max(lo, round(math.floor(a / step) * step, decimals))),
+                      min(hi, max(lo, round(math.ceil(b / step) * step, decimals)))}
+        best = min(sorted(candidates), key=lambda r: abs(ratio(r) - target))
+    return variant(config, config.name, sparsity={"retain_ratio": round(best, decimals)})
+
+
+# (label, sparsity fields, quantization fields): one change from the base each.
+LONG_VARIANTS: tuple[tuple[str, dict, dict], ...] = (
+    ("pooling 47", {"pooling_kernel": 47}, {}),
+    ("pooling 63", {"pooling_kernel": 63}, {}),  # the largest the config allows
+    ("temperature 0.5", {"temperature": 0.5}, {}),
+    ("temperature 2.0", {"temperature": 2.0}, {}),
+    ("observation window 16", {"observation_window": 16}, {}),
+    ("observation window 64", {"observation_window": 64}, {}),
+    ("recent window 16", {"recent_window": 16}, {}),
+    ("recent window 128", {"recent_window": 128}, {}),
+    ("sinks 16", {"sink_tokens": 16}, {}),
+    ("pyramid slope 0.25", {"budget": "pyramid", "pyramid_slope": 0.25}, {}),
+    ("pyramid slope 0.5", {"budget": "pyramid", "pyramid_slope": 0.5}, {}),
+    ("K4V2 g32", {}, {"key_bits": 4, "value_bits": 2, "group_size": 32}),
+    ("K3V2 g64", {}, {"key_bits": 3, "value_bits": 2, "group_size": 64}),
+    ("K3V2 g64 hadamard", {}, {"key_bits": 3, "value_bits": 2, "group_size": 64, "key_transform": "hadamard"}),
+    ("K3V3 g64", {}, {"key_bits": 3, "value_bits": 3, "group_size": 64}),
+    ("K4V3 g64", {}, {"key_bits": 4, "value_bits": 3, "group_size": 64}),
+    ("K4V4 g64", {}, {"key_bits": 4, "value_bits": 4, "group_size": 64}),
+)
+
+
+def _long(base: CompressionConfig) -> list[CompressionConfig]:
+    target = quality.planned_ratio(base)
+    configs = [variant(base, f"long: base ({base.name})")]
+    for label, sparsity, quantization in LONG_VARIANTS:
+        changed = variant(base, f"long: {label}", sparsity=sparsity, quantization=quantization)
+        configs.append(at_ratio(changed, target))
+    return configs
+
+
 GROUPS: dict[str, Callable[[CompressionConfig], list[CompressionConfig]]] = {
     "shipped": _shipped,
     "mode": _mode,
@@ -122,7 +190,11 @@ GROUPS: dict[str, Callable[[CompressionConfig], list[CompressionConfig]]] = {
     "transform": _transform,
     "guard": _guard,
     "scoring": _scoring,
+    "long": _long,
 }
+# What runs without --only: every group but `long` (opt-in: it re-solves retain ratios and
+# is meant for other lengths), so the documented default command is unchanged.
+DEFAULT_GROUPS = [group for group in GROUPS if group != "long"]
 
 
 def build_variants(base: CompressionConfig, groups: Sequence[str]) -> dict[str, tuple[str, CompressionConfig]]:
@@ -168,11 +240,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for ablation.{json,md,png}")
     parser.add_argument("--base", type=Path, default=DEFAULT_BASE, help="config the variants are derived from")
-    parser.add_argument("--only", nargs="+", choices=sorted(GROUPS), default=list(GROUPS), help="groups to run")
+    parser.add_argument("--only", nargs="+", choices=sorted(GROUPS), default=DEFAULT_GROUPS,
+                        help=f"groups to run (default: {' '.join(DEFAULT_GROUPS)})")
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="run only these variants of the chosen groups (names as in the table)")
     quality.add_suite_arguments(parser, quality.Suite(lengths=(1024, 2048, 4096), samples=30))
     args = parser.parse_args(argv)
 
     variants = build_variants(load_config(args.base), args.only)
+    if args.variants:
+        unknown = [name for name in args.variants if name not in variants]
+        if unknown:
+            parser.error(f"unknown variant {unknown[0]!r}; the chosen groups have: {sorted(variants)}")
+        variants = {name: variants[name] for name in args.variants}
     evaluator = quality.TinyEvaluator(args.model, args.device)
     suite = quality.suite_from_args(args)
     results = quality.evaluate_configs(evaluator, {name: config for name, (_, config) in variants.items()}, suite)
