@@ -4,7 +4,7 @@
 
 Reads eval/tiny/quality.py output (transformers reference path: `predictions[config][id]`)
 and eval/tiny/serve_eval.py output (`servers[i].suite.predictions[id]`); prints, per config
-name found in both (a server named `NAME+triton` is matched to NAME), the share of samples
+name found in both (a server named `NAME+torch` or `NAME+triton` is matched to NAME), the share of samples
 whose first answer lines are identical, and the same between every server pair of one config
 (e.g. the torch and the Triton attention path). Sample ids are `task-length-index`, so the
 runs must share tasks, lengths, samples and seed (checked).
