@@ -33,3 +33,26 @@ def test_long_variants_sit_at_the_base_ratio_and_differ_in_one_knob():
 
 def test_long_group_only_runs_when_asked():
     assert "long" not in ablate.DEFAULT_GROUPS and "long" in ablate.GROUPS
+
+
+def test_long_group_leaves_out_what_the_base_cannot_take():
+    """qwen_5x_tuned keeps 0.884 of the prompt: a pyramid of slope 0.25 would ask its first
+    layer for more than the whole prompt, so that variant is skipped, not the whole group."""
+    base = load_config(REPO / "configs" / "qwen_5x_tuned.yaml")
+    names = [config.name for config in ablate._long(base)]
+    assert "long: pyramid slope 0.25" not in names
+    assert "long: observation window 16" in names and names[0] == "long: base (qwen_5x_tuned)"
+
+
+def test_paired_summary_against_hand_computed_values():
+    from eval.tiny.paired import summary
+
+    # 10 samples: b alone right on 3, a alone right on 1, the rest tied.
+    wins = [1, 1, 1, -1, 0, 0, 0, 0, 0, 0]
+    result = summary(wins, accuracy_a=0.5)
+    assert result["difference"] == 0.2 and result["accuracy_b"] == 0.7
+    assert (result["right_only_with_a"], result["right_only_with_b"]) == (1, 3)
+    # mean 0.2; deviations: 3 x 0.8, 1 x -1.2, 6 x -0.2 -> sum of squares 3.6; var 0.4; se sqrt(0.04)
+    assert result["paired_se"] == pytest.approx(0.2, abs=1e-4)
+    # sign test, 4 discordant, 1 of the smaller side: 2 * (1 + 4) / 16
+    assert result["sign_test_p"] == pytest.approx(0.625)

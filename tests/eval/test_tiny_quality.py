@@ -6,7 +6,9 @@ Thresholds come from measurement (python -m eval.tiny.quality --configs configs/
 passkey qwen_8x 24/24, qwen_8x_aggressive 21/24, qwen_12x 17/24, the three tuned configs 24/24;
 kv qwen_5x_tuned 24/24, qwen_8x_tuned 23/24, qwen_12x_tuned 22/24
 (docs/results/tiny-quality-cpu-1024-2026-11-29.md); quantize-only K4V4 kv 24/24
-(docs/results/ablation-2026-11-29.md, same samples).
+(docs/results/ablation-2026-11-29.md, same samples). The tuned configs were measured with
+`observation_window: 32`; they use 16 since, which scored higher on kv at 1K/2K
+(docs/results/ablation-long-2026-11-29.md), so their thresholds stand as lower bounds.
 Each threshold sits two samples below its measurement, so a change that loses needles
 (eviction, quantization, attention read-back) fails them; the control test shows that these
 samples do need their needle.

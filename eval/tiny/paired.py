@@ -1,0 +1,58 @@
+"""Paired comparison of two configs of one `eval.ablate` / `eval.tiny.quality` report: the
+same held-out samples, so count the samples only one of them answers right.
+
+    python -m eval.tiny.paired DIR/ablation.json "long: base (qwen_8x_tuned)" "long: observation window 16"
+
+Prints JSON: each config's accuracy, the difference (b - a), its paired standard error, the
+discordant counts and an exact two-sided sign test on them. The gold answers are regenerated
+from the report's suite (tasks, lengths, samples, seed), as the report's run drew them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from eval.tiny import quality
+
+
+def paired(report: dict, a: str, b: str, evaluator: quality.TinyEvaluator | None = None) -> dict:
+    suite = quality.Suite(**{key: tuple(value) if isinstance(value, list) else value
+                             for key, value in report["suite"].items()})
+    evaluator = evaluator or quality.TinyEvaluator()
+    gold = {f"{task}-{length}-{index}": sample.answer
+            for (task, length), samples in evaluator.samples(suite).items()
+            for index, sample in enumerate(samples)}
+    first, second = report["predictions"][a], report["predictions"][b]
+    wins = [int(second[key] == answer) - int(first[key] == answer) for key, answer in gold.items()]
+    return summary(wins, sum(first[key] == answer for key, answer in gold.items()) / len(gold))
+
+
+def summary(wins: Sequence[int], accuracy_a: float) -> dict:
+    """`wins`: per sample, +1 if only b is right, -1 if only a is, else 0."""
+    n = len(wins)
+    mean = sum(wins) / n
+    se = math.sqrt(sum((w - mean) ** 2 for w in wins) / (n - 1) / n) if n > 1 else float("nan")
+    only_a, only_b = wins.count(-1), wins.count(1)
+    discordant, fewer = only_a + only_b, min(only_a, only_b)
+    p_value = min(1.0, 2 * sum(math.comb(discordant, i) for i in range(fewer + 1)) / 2**discordant) if discordant else 1.0
+    return {"samples": n, "accuracy_a": round(accuracy_a, 4), "accuracy_b": round(accuracy_a + mean, 4),
+            "difference": round(mean, 4), "paired_se": round(se, 4), "right_only_with_a": only_a,
+            "right_only_with_b": only_b, "sign_test_p": round(p_value, 5)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("report", type=Path, help="ablation.json or quality.json")
+    parser.add_argument("a", help="config name (the baseline)")
+    parser.add_argument("b", help="config name (compared with it)")
+    args = parser.parse_args(argv)
+    print(json.dumps(paired(json.loads(args.report.read_text()), args.a, args.b)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
