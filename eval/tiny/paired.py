@@ -2,6 +2,9 @@
 same held-out samples, so count the samples only one of them answers right.
 
     python -m eval.tiny.paired DIR/ablation.json "long: base (qwen_8x_tuned)" "long: observation window 16"
+    python -m eval.tiny.paired OLD/quality.json qwen_8x_tuned qwen_8x_tuned --b-report NEW/quality.json
+
+(the second form: the same config name in two runs of one suite, e.g. before and after a change).
 
 Prints JSON: each config's accuracy, the difference (b - a), its paired standard error, the
 discordant counts and an exact two-sided sign test on them. The gold answers are regenerated
@@ -19,14 +22,20 @@ from pathlib import Path
 from eval.tiny import quality
 
 
-def paired(report: dict, a: str, b: str, evaluator: quality.TinyEvaluator | None = None) -> dict:
+def paired(report: dict, a: str, b: str, evaluator: quality.TinyEvaluator | None = None,
+           report_b: dict | None = None) -> dict:
+    """`a` from `report`, `b` from `report_b` (default: the same report); both must have run
+    the same suite."""
+    report_b = report if report_b is None else report_b
+    if report_b["suite"] != report["suite"]:
+        raise ValueError(f"different suites: {report['suite']} vs {report_b['suite']}")
     suite = quality.Suite(**{key: tuple(value) if isinstance(value, list) else value
                              for key, value in report["suite"].items()})
     evaluator = evaluator or quality.TinyEvaluator()
     gold = {f"{task}-{length}-{index}": sample.answer
             for (task, length), samples in evaluator.samples(suite).items()
             for index, sample in enumerate(samples)}
-    first, second = report["predictions"][a], report["predictions"][b]
+    first, second = report["predictions"][a], report_b["predictions"][b]
     wins = [int(second[key] == answer) - int(first[key] == answer) for key, answer in gold.items()]
     return summary(wins, sum(first[key] == answer for key, answer in gold.items()) / len(gold))
 
@@ -49,8 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("report", type=Path, help="ablation.json or quality.json")
     parser.add_argument("a", help="config name (the baseline)")
     parser.add_argument("b", help="config name (compared with it)")
+    parser.add_argument("--b-report", type=Path, help="take b from this report (same suite) instead")
     args = parser.parse_args(argv)
-    print(json.dumps(paired(json.loads(args.report.read_text()), args.a, args.b)))
+    report_b = json.loads(args.b_report.read_text()) if args.b_report else None
+    print(json.dumps(paired(json.loads(args.report.read_text()), args.a, args.b, report_b=report_b)))
     return 0
 
 
