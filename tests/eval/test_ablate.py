@@ -56,3 +56,12 @@ def test_paired_summary_against_hand_computed_values():
     assert result["paired_se"] == pytest.approx(0.2, abs=1e-4)
     # sign test, 4 discordant, 1 of the smaller side: 2 * (1 + 4) / 16
     assert result["sign_test_p"] == pytest.approx(0.625)
+
+
+def test_paired_refuses_reports_of_different_suites():
+    from eval.tiny.paired import paired
+
+    a = {"suite": {"tasks": ["kv"], "lengths": [1024], "samples": 5, "seed": 0}, "predictions": {}}
+    b = {"suite": {"tasks": ["kv"], "lengths": [1024], "samples": 5, "seed": 1}, "predictions": {}}
+    with pytest.raises(ValueError, match="different suites"):
+        paired(a, "x", "x", report_b=b)
