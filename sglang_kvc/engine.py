@@ -7,7 +7,7 @@ drive it directly with real SGLang pools and radix caches on the CPU.
 
 Before every pass (`begin`, host side): the pass's new tokens get staging rows, and every
 few DECODE passes the tokens that have left the decode window move from staging to the
-low-bit tier in all layers (`pool.seal`, see `_advance_decode_window`).
+low-bit tier in all layers (`pool.seal`, see `_seal_leaving_tokens`).
 
 Per layer of an EXTEND pass:
   1. the backend has written the chunk's K/V to staging (pool.set_kv_buffer);
@@ -183,6 +183,8 @@ class CompressedAttention:
         # Per request still in prefill, per layer: the queries that will score its prompt.
         self.scoring_queries: dict[str, list[RecentQueries | StridedQuerySampler | None]] = {}
         self.batch: BatchInfo | None = None
+        self._token_rows: list[torch.Tensor] | None = None
+        self._positions: list[torch.Tensor] | None = None
         self.capturing = False  # is the current decode pass being recorded into a CUDA graph?
         self.decode_launch: DecodeLaunch | None = None
         self.graphs_captured: dict[int, DecodeLaunch] = {}  # by batch size
@@ -194,24 +196,20 @@ class CompressedAttention:
         self.batch = batch
         self.capturing = False
         device = self.pool.location.device
-        if batch.is_decode:
-            self._advance_decode_window(
-                torch.tensor(batch.req_pool_indices, dtype=torch.int64, device=device),
-                torch.tensor(batch.seq_lens, dtype=torch.int64, device=device),
-            )
+        self.req_pool_indices_device = torch.tensor(batch.req_pool_indices, dtype=torch.int64, device=device)
+        if batch.is_decode and self._seal_due():
+            seq_lens = torch.tensor(batch.seq_lens, dtype=torch.int64, device=device)
+            self._seal_leaving_tokens(self.req_pool_indices_device, seq_lens)
         if new_tokens is not None:
             self.pool.stage(new_tokens)
-        self.token_rows = [
-            self.req_to_token[rpi, :seq_len].to(torch.int64)
-            for rpi, seq_len in zip(batch.req_pool_indices, batch.seq_lens)
-        ]
-        self.positions = [torch.arange(len(t), device=t.device) for t in self.token_rows]
+        # Per-request host state, built on first use: extend and the torch decode path need
+        # it, the Triton decode path does not.
+        self._token_rows = self._positions = None
         # Decided at the first layer (the pass's new tokens are staged by then).
         self.candidates: list[torch.Tensor | None] | None = None
         if self.attention_impl != "triton":
             return
         # What every layer's entry-list build needs, on the device once per pass.
-        self.req_pool_indices_device = torch.tensor(batch.req_pool_indices, dtype=torch.int64, device=device)
         if not batch.is_decode:
             self.prefix_lens = [seq - ext for seq, ext in zip(batch.seq_lens, batch.extend_lens)]
             self.prefix_lens_device = torch.tensor(self.prefix_lens, dtype=torch.int32, device=device)
@@ -244,7 +242,7 @@ class CompressedAttention:
         batch_size = req_pool_indices.numel()
         device = self.pool.location.device
         # No host-side per-request state inside a graph: fail loudly if a layer reached for it.
-        self.batch = self.token_rows = self.positions = None
+        self.batch = self._token_rows = self._positions = None
         self.capturing = True
         self.decode_launch = DecodeLaunch(
             req_pool_indices=req_pool_indices,
@@ -260,16 +258,38 @@ class CompressedAttention:
 
     def prepare_replay(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, new_tokens: torch.Tensor) -> None:
         """The host side of a captured decode pass, before its replay: the real (unpadded)
-        requests' new tokens get staging rows and their oldest decode-window tokens move
-        to the low-bit tier."""
-        self._advance_decode_window(req_pool_indices.to(torch.int64), seq_lens.to(torch.int64))
+        requests' oldest decode-window tokens move to the low-bit tier (when due) and their
+        new tokens get staging rows."""
+        if self._seal_due():
+            self._seal_leaving_tokens(req_pool_indices.to(torch.int64), seq_lens.to(torch.int64))
         self.pool.stage(new_tokens)
 
-    def _advance_decode_window(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    @property
+    def token_rows(self) -> list[torch.Tensor]:
+        """Per request of the pass: its logical token ids, position order."""
+        if self._token_rows is None:
+            self._token_rows = [
+                self.req_to_token[rpi, :seq_len].to(torch.int64)
+                for rpi, seq_len in zip(self.batch.req_pool_indices, self.batch.seq_lens)
+            ]
+        return self._token_rows
+
+    @property
+    def positions(self) -> list[torch.Tensor]:
+        if self._positions is None:
+            self._positions = [torch.arange(len(t), device=t.device) for t in self.token_rows]
+        return self._positions
+
+    def _seal_due(self) -> bool:
+        """Counts decode steps; True every `seal_interval`-th (see `_seal_leaving_tokens`)."""
+        self.decode_steps += 1
+        return self.decode_steps % self.seal_interval == 0
+
+    def _seal_leaving_tokens(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> None:
         """Before a decode step whose sequences (new token included) are `seq_lens` long,
-        before its new tokens are staged. Every `seal_interval` (k) steps, each request's
-        staged tokens at positions <= seq_len - 3 - decode_window + k move to the low-bit
-        tier in every layer (`pool.seal`): the step then attends to between
+        before its new tokens are staged, on every `seal_interval`-th (k) step: each
+        request's staged tokens at positions <= seq_len - 3 - decode_window + k move to the
+        low-bit tier in every layer (`pool.seal`). The step then attends to between
         decode_window - k + 1 and decode_window earlier decode tokens in bf16 (with k = 1,
         always decode_window), and a request never holds more than decode_window + 1 staged
         decode tokens, which is what the planner sizes staging for. Sealing costs a few
@@ -277,9 +297,6 @@ class CompressedAttention:
         The 2k positions up to that bound cover the k due now and the k of the previous seal
         (a request that joined the batch in between); prompt tokens among them were placed
         at prefill and are skipped."""
-        self.decode_steps += 1
-        if self.decode_steps % self.seal_interval:
-            return
         window, interval = self.config.quantization.decode_window, self.seal_interval
         offsets = torch.arange(2 * interval, device=seq_lens.device)
         positions = (seq_lens - 2 - window - interval)[:, None] + offsets[None, :]
