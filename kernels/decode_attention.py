@@ -569,6 +569,31 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _split_range(entries_start, entries_end, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[split_start, split_end) of a request's entries: a split owns whole BLOCK_N blocks;
+    trailing splits may be empty."""
+    entries_per_split = tl.cdiv(tl.cdiv(entries_end - entries_start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_start = entries_start + split * entries_per_split
+    return split_start, tl.minimum(split_start + entries_per_split, entries_end)
+
+
+@triton.jit
+def _load_group_queries(q_ptr, request, kv_head, stride_q_batch, stride_q_head,
+                        QUERY_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The queries of one KV head's GQA group, fp32 [BLOCK_G, BLOCK_D], with their head
+    indices and the lane masks both split kernels need."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    group_mask = offs_g < QUERY_GROUP
+    dim_mask = offs_d < HEAD_DIM
+    q_heads = kv_head * QUERY_GROUP + offs_g
+    q_ptrs = q_ptr + request.to(tl.int64) * stride_q_batch + q_heads[:, None] * stride_q_head + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=group_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+    return q, q_heads, offs_d, group_mask, dim_mask
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,  # [B, Hq, D]
     entries_indptr_ptr,  # [B + 1]
@@ -627,21 +652,11 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    entries_start = tl.load(entries_indptr_ptr + request)
-    entries_end = tl.load(entries_indptr_ptr + request + 1)
-    # A split owns whole blocks of the request's entries; trailing splits may be empty.
-    entries_per_split = tl.cdiv(tl.cdiv(entries_end - entries_start, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    split_start = entries_start + split * entries_per_split
-    split_end = tl.minimum(split_start + entries_per_split, entries_end)
-
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
+    split_start, split_end = _split_range(tl.load(entries_indptr_ptr + request),
+                                          tl.load(entries_indptr_ptr + request + 1), split, NUM_SPLITS, BLOCK_N)
+    q, q_heads, offs_d, group_mask, dim_mask = _load_group_queries(
+        q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP, HEAD_DIM, BLOCK_G, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    group_mask = offs_g < QUERY_GROUP
-    dim_mask = offs_d < HEAD_DIM
-    q_heads = kv_head * QUERY_GROUP + offs_g
-    q_ptrs = q_ptr + request.to(tl.int64) * stride_q_batch + q_heads[:, None] * stride_q_head + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=group_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)  # running max (base 2)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp2(logit - m_i)
@@ -825,19 +840,10 @@ def _decode_split_kernel_v2(
     lowbit_start = tl.load(bounds_ptr + stride_tier_indptr_tier)
     guard_start = tl.load(bounds_ptr + 2 * stride_tier_indptr_tier)
     entries_end = tl.load(bounds_ptr + 3 * stride_tier_indptr_tier)
-    # A split owns whole blocks of the request's entries; trailing splits may be empty.
-    entries_per_split = tl.cdiv(tl.cdiv(entries_end - staging_start, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    split_start = staging_start + split * entries_per_split
-    split_end = tl.minimum(split_start + entries_per_split, entries_end)
-
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
+    split_start, split_end = _split_range(staging_start, entries_end, split, NUM_SPLITS, BLOCK_N)
+    q, q_heads, offs_d, group_mask, dim_mask = _load_group_queries(
+        q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP, HEAD_DIM, BLOCK_G, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    group_mask = offs_g < QUERY_GROUP
-    dim_mask = offs_d < HEAD_DIM
-    q_heads = kv_head * QUERY_GROUP + offs_g
-    q_ptrs = q_ptr + request.to(tl.int64) * stride_q_batch + q_heads[:, None] * stride_q_head + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=group_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)  # running max (base 2)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp2(logit - m_i)

@@ -56,6 +56,15 @@ def _visible(row_positions, key_positions, row_mask, key_mask):
 
 
 @triton.jit
+def _row_block(row_positions_ptr, kv_head, row_start, ROWS_PER_HEAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One block of a KV head's rows: (in-range mask, row indices into q, their positions)."""
+    local_rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = local_rows < ROWS_PER_HEAD
+    row_positions = tl.load(row_positions_ptr + local_rows, mask=row_mask, other=0)
+    return row_mask, kv_head * ROWS_PER_HEAD + local_rows, row_positions
+
+
+@triton.jit
 def _row_stats_kernel(
     q_ptr,  # [rows_total, D]: rows of KV head h are h * ROWS_PER_HEAD ... (group-major)
     row_positions_ptr,  # [ROWS_PER_HEAD] positions of a head's rows (the same for every head)
@@ -80,10 +89,7 @@ def _row_stats_kernel(
     kv_head = tl.program_id(0)
     row_block = tl.program_id(1)
     split = tl.program_id(2)
-    local_rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = local_rows < ROWS_PER_HEAD
-    q_rows = kv_head * ROWS_PER_HEAD + local_rows
-    row_positions = tl.load(row_positions_ptr + local_rows, mask=row_mask, other=0)
+    row_mask, q_rows, row_positions = _row_block(row_positions_ptr, kv_head, row_block * BLOCK_M, ROWS_PER_HEAD, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HEAD_DIM
 
@@ -139,10 +145,7 @@ def _key_scores_kernel(
 
     scores = tl.zeros([BLOCK_N], dtype=tl.float32)
     for row_start in range(0, ROWS_PER_HEAD, BLOCK_M):
-        local_rows = row_start + tl.arange(0, BLOCK_M)
-        row_mask = local_rows < ROWS_PER_HEAD
-        q_rows = kv_head * ROWS_PER_HEAD + local_rows
-        row_positions = tl.load(row_positions_ptr + local_rows, mask=row_mask, other=0)
+        row_mask, q_rows, row_positions = _row_block(row_positions_ptr, kv_head, row_start, ROWS_PER_HEAD, BLOCK_M)
         row_max = tl.load(row_max_ptr + q_rows, mask=row_mask, other=0.0)
         row_sum = tl.load(row_sum_ptr + q_rows, mask=row_mask, other=1.0)
         logits = _logits_block(q_ptr, k_ptr, q_rows, row_mask, keys, key_mask, kv_head, dims, dim_mask,
