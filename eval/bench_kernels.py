@@ -12,15 +12,17 @@ What runs, for Qwen2.5-7B head shapes (28 query heads, 4 KV heads, head_dim 128)
     positions; the guard share at guard precision, the rest low-bit) plus
     `decode_window` staged bf16 tokens, every other token evicted. Rows are random
     permutations of each tier's table (free lists of a long-running server hand out
-    scattered rows); tables hold random codes / values (timing does not depend on them).
+    scattered rows), or with --row-order contiguous in request order (a fresh server's
+    head-first free lists); tables hold random codes / values (timing does not depend on them).
     Timed: the Triton entry-list builder alone; `decode_attention` alone for several
     split counts (the engine's `decode_num_splits` choice among them), for the v1 split
     kernel (masked loads of every tier per block, BLOCK_N 16) and the v2 one (one loop
     per tier) at each BLOCK_N of --block-n (a variant that fails to compile is recorded
     as an error); and builder + attention together as the engine runs them
-    (`decode_attention_for_pool`: v2 at its default BLOCK_N), and the same with v1;
+    (`decode_attention_for_pool`: v2 at its default BLOCK_N), and the same with v1; the
+    engine's call once more replayed from a CUDA graph, as a server with decode graphs runs it;
   * SGLang's `decode_attention_fwd` on bf16 and fp8 (e4m3) KV over the same logical
-    tokens (same random slots), best of 8/16/64 KV splits;
+    tokens (same slots), best of 8/16/64 KV splits (the best again from a CUDA graph);
   * `write_packed` (the insert kernel) for the low-bit share of a 32K prompt's kept
     tokens in one layer, with fp32 input as `CompressedKVPool.compress` passes it, next
     to the torch reference (`quant.quantize` + scatter).
@@ -134,6 +136,25 @@ class Timer:
         elapsed = (time.perf_counter() - start) * 1e3
         return {"ms": elapsed, "p20_ms": elapsed, "p80_ms": elapsed}
 
+    def graph(self, fn) -> dict:
+        """`fn` captured in a CUDA graph and timed as replays (L2 still flushed before
+        each): what a server with decode graphs runs, without the eager launch glue. On
+        CPU `fn` is called eagerly (the interpreter cannot capture)."""
+        if self.device.type != "cuda":
+            return self(fn)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up off the capture: compiles, allocator state
+            fn()
+            fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        timing = self(graph.replay)
+        del graph
+        return timing
+
 
 def gbps(num_bytes: float, ms: float) -> float:
     return num_bytes / (ms * 1e-3) / 1e9
@@ -182,8 +203,11 @@ class Batch:
     tokens: int
 
     @classmethod
-    def random(cls, batch_size: int, tokens: int, shape: HeadShape, device) -> "Batch":
-        token_ids = torch.randperm(batch_size * tokens, device=device) + 1  # id 0 is padding
+    def random(cls, batch_size: int, tokens: int, shape: HeadShape, device, contiguous: bool = False) -> "Batch":
+        """Token ids (= SGLang's KV slots) a random permutation, or in request order
+        with `contiguous` (a fresh server's allocator)."""
+        count = batch_size * tokens
+        token_ids = (torch.arange(count, device=device) if contiguous else torch.randperm(count, device=device)) + 1
         return cls(
             token_ids.view(batch_size, tokens).to(torch.int32),
             torch.arange(batch_size, device=device),
@@ -206,9 +230,11 @@ def fill_random(store) -> None:
         table[..., 1].uniform_(-1.0, 0.0)  # minimum
 
 
-def build_layer(plan: KVPlan, layer: int, batch: Batch) -> BenchLayer:
+def build_layer(plan: KVPlan, layer: int, batch: Batch, contiguous_rows: bool = False) -> BenchLayer:
     """Every request: `decode_window` staged tokens at the end, its prompt compressed as
-    the layer's budget says (kept positions drawn at random), the rest evicted."""
+    the layer's budget says (kept positions drawn at random), the rest evicted. Each
+    tier's rows are a random permutation, or with `contiguous_rows` handed out in
+    (request, position) order as the head-first free lists of a fresh pool do."""
     config, device = plan.config, batch.req_to_token.device
     shape, tokens, batch_size = plan.shape, batch.tokens, batch.batch_size
     staged = min(config.quantization.decode_window, tokens)
@@ -226,7 +252,9 @@ def build_layer(plan: KVPlan, layer: int, batch: Batch) -> BenchLayer:
     locations = tiers.clone()  # EVICTED carries no row
     for tier in (TIER_STAGING, TIER_LOWBIT, TIER_GUARD):
         in_tier = tiers == tier
-        rows = torch.randperm(int(in_tier.sum()), device=device, dtype=torch.int32) + 1
+        count = int(in_tier.sum())
+        rows = (torch.arange(count, device=device, dtype=torch.int32) if contiguous_rows
+                else torch.randperm(count, device=device, dtype=torch.int32)) + 1
         locations[in_tier] = (rows << TIER_BITS) | tier
     location = torch.zeros((1, batch_size * tokens + 1), dtype=torch.int32, device=device)
     location[0, batch.req_to_token.view(-1).to(torch.int64)] = locations.view(-1)
@@ -303,7 +331,7 @@ def best_of(by_splits: dict) -> int:
 def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer, sm_count: int) -> dict:
     shape = plan.shape
     scaling = shape.head_dim**-0.5
-    layer = build_layer(plan, layer_index, batch)
+    layer = build_layer(plan, layer_index, batch, contiguous_rows=args.row_order == "contiguous")
     tables = layer_tables(layer, 0)
     list_args = (layer.location[0], batch.req_to_token, batch.req_pool_indices, batch.seq_lens)
     list_sizes = {"max_seq_len": batch.tokens, "max_entries": batch.batch_size * batch.tokens}
@@ -360,6 +388,8 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
                    "v1": timer(together("v1", engine_splits, V1_BLOCK_N, regions=False))}
     if (best_block_n, v2_best["best_splits"]) != (engine_block_n, engine_splits):
         together_ms["v2_best"] = timer(together("v2", v2_best["best_splits"], best_block_n))
+    # The engine's call as the server runs it: inside a decode CUDA graph.
+    together_ms["v2_graph"] = guarded(timer.graph, together("v2", engine_splits, engine_block_n))
     checks = {"v1": v1["check"], **{f"v2_block_n_{n}": variant["check"] for n, variant in compiled.items()},
               "engine": check(together("v2", engine_splits, engine_block_n)),
               "v1_on_regions": check(together("v1", engine_splits, V1_BLOCK_N))}
@@ -393,7 +423,8 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
 # ---- SGLang's decode kernel ------------------------------------------------------------------
 def bench_sglang(batch: Batch, shape: HeadShape, dtype: torch.dtype, splits_options, timer: Timer) -> dict:
     """SGLang's Triton decode (the path of its `triton` attention backend) over the same
-    logical tokens: KV slot = token id, kv_indices = the requests' token ids."""
+    logical tokens: KV slot = token id, kv_indices = the requests' token ids. Eager at
+    each split count; the best one again as CUDA-graph replays."""
     from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
 
     device, batch_size = batch.q.device, batch.batch_size
@@ -405,21 +436,23 @@ def bench_sglang(batch: Batch, shape: HeadShape, dtype: torch.dtype, splits_opti
     kv_indices = batch.req_to_token.view(-1).to(torch.int64)
     q = batch.q if dtype != torch.float32 else batch.q.float()
     o = torch.empty(batch.q.shape, dtype=q.dtype, device=device)
-    by_splits = {}
-    for splits in splits_options:
+
+    def call(splits):
         attn_logits = torch.empty(batch_size, shape.q_heads, splits, shape.head_dim, dtype=torch.float32, device=device)
         attn_lse = torch.empty(batch_size, shape.q_heads, splits, dtype=torch.float32, device=device)
         num_kv_splits = torch.full((batch_size,), splits, dtype=torch.int32, device=device)
-        by_splits[splits] = timer(lambda: decode_attention_fwd(
-            q, k_buffer, v_buffer, o, kv_indptr, kv_indices, attn_logits, attn_lse, num_kv_splits, splits,
-            shape.head_dim**-0.5, 1.0, 1.0))
+        return lambda: decode_attention_fwd(q, k_buffer, v_buffer, o, kv_indptr, kv_indices, attn_logits, attn_lse,
+                                            num_kv_splits, splits, shape.head_dim**-0.5, 1.0, 1.0)
+
+    by_splits = {splits: timer(call(splits)) for splits in splits_options}
     best_splits = min(by_splits, key=lambda s: by_splits[s]["ms"])
+    graph = guarded(timer.graph, call(best_splits))
     num_bytes = (batch.batch_size * batch.tokens * (2 * shape.kv_heads * shape.head_dim * dtype.itemsize
                                                     + SGLANG_INDEX_BYTES)
                  + batch.q.numel() * batch.q.element_size())
     del k_buffer, v_buffer
     return {"by_splits": by_splits, "best_splits": best_splits, "ms": by_splits[best_splits]["ms"],
-            "bytes": num_bytes}
+            "graph": graph, "bytes": num_bytes}
 
 
 # ---- write_packed ----------------------------------------------------------------------------
@@ -489,12 +522,18 @@ def summarize(result: dict, sglang: dict, copy_gbps: float) -> dict:
     summary["attention_best_fraction_of_copy_bw"] = summary["attention_best_GBps"] / copy_gbps
     summary["attention_v1_best_fraction_of_copy_bw"] = summary["attention_v1_best_GBps"] / copy_gbps
     summary["together_fraction_of_copy_bw"] = summary["together_GBps"] / copy_gbps
+    graph_ms = result["together"]["v2_graph"].get("ms")
+    if graph_ms is not None:
+        summary["together_graph_GBps"] = gbps(num_bytes["together"], graph_ms)
+        summary["together_graph_fraction_of_copy_bw"] = summary["together_graph_GBps"] / copy_gbps
     for name, baseline in sglang.items():
         if "ms" not in baseline:
             continue
         summary[f"speedup_vs_{name}"] = {"attention_best": baseline["ms"] / v2_ms,
                                          "attention_v1_best": baseline["ms"] / v1_ms,
                                          "together": baseline["ms"] / together_ms}
+        if graph_ms is not None and "ms" in baseline.get("graph", {}):
+            summary[f"speedup_vs_{name}"]["together_graph"] = baseline["graph"]["ms"] / graph_ms
         summary[f"byte_ratio_vs_{name}"] = {"attention": baseline["bytes"] / num_bytes["attention"],
                                             "together": baseline["bytes"] / num_bytes["together"]}
     return summary
@@ -551,6 +590,7 @@ def markdown(report: dict) -> str:
             failed = [v for v, c in cell["check"]["by_variant"].items() if not c["ok"]]
             row.append("ok" if not failed else f"FAIL {', '.join(failed)} ({cell['check']['max_abs_error']:.2e})")
             lines.append("| " + " | ".join(row) + " |")
+    lines += graph_table(report)
     lines += [f"\nSGLang {label} {b}: {grid['sglang'][b]['error']}" for grid in report["grids"]
               for label in [f"{grid['batch']}x{grid['tokens']}"] for b in grid.get("sglang", {})
               if "error" in grid["sglang"][b]]
@@ -574,6 +614,39 @@ def markdown(report: dict) -> str:
     elif score:
         lines += ["", f"Window scores: error: {score['error']}"]
     return "\n".join(lines) + "\n"
+
+
+def graph_table(report: dict) -> list[str]:
+    """The engine's call ("together", v2) and SGLang's kernel at its best split count,
+    both replayed from CUDA graphs as a server with decode graphs runs them."""
+    baselines = report["sglang_dtypes"]
+    lines = ["", "CUDA-graph replay (no eager launch glue; L2 flushed before each replay):", "",
+             "| grid | config | together ms | GB/s | % copy BW | "
+             + " | ".join(f"{b} ms | speedup vs {b} | byte ratio vs {b} | speedup / byte ratio" for b in baselines)
+             + " |",
+             "|---|---|---|---|---|" + "---|---|---|---|" * len(baselines)]
+    for grid in report["grids"]:
+        label = f"{grid['batch']}x{grid['tokens']}"
+        for name, cell in grid.get("configs", {}).items():
+            if "error" in cell:
+                continue
+            graph, s = cell["together"]["v2_graph"], cell["summary"]
+            if "ms" not in graph:
+                lines.append(f"| {label} | {name} | error: {graph['error']} |")
+                continue
+            row = [label, name, f"{graph['ms']:.3f}", f"{s['together_graph_GBps']:.0f}",
+                   f"{100 * s['together_graph_fraction_of_copy_bw']:.0f}%"]
+            for b in baselines:
+                baseline = grid["sglang"].get(b, {}).get("graph", {})
+                speedup = s.get(f"speedup_vs_{b}", {}).get("together_graph")
+                if "ms" in baseline and speedup is not None:
+                    byte_ratio = s[f"byte_ratio_vs_{b}"]["together"]
+                    row += [f"{baseline['ms']:.3f}", f"{speedup:.2f}x", f"{byte_ratio:.2f}x",
+                            f"{speedup / byte_ratio:.2f}"]
+                else:
+                    row += ["-", "-", "-", "-"]
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def write_outputs(report: dict, out_dir: Path) -> None:
@@ -631,6 +704,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"v2 BLOCK_N values swept (default {V2_BLOCK_NS}; must include {ENGINE_BLOCK_N})")
     parser.add_argument("--num-stages", type=int, help="pipelining depth of both split kernels (default: Triton's)")
     parser.add_argument("--dot-precision", default="tf32", choices=["tf32", "fp16", "ieee"])
+    parser.add_argument("--row-order", default="random", choices=["random", "contiguous"],
+                        help="rows of each tier (and SGLang's slots): a random permutation (a long-running "
+                             "server's scattered free lists) or in request order (a fresh server)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -669,13 +745,15 @@ def main(argv: list[str] | None = None) -> int:
         "v2_block_n": args.block_n,
         "engine_block_n": "engine.decode_block_n: 16 for 3-bit keys, else 64 (per cell: engine_kernel)",
         "timing": "triton.testing.do_bench median (p20/p80 kept), L2 flushed before each run, host launch "
-                  "glue included (eager mode)" if device.type == "cuda" else "wall clock, interpreter (meaningless)",
+                  "glue included (eager mode); the graph table replays CUDA graphs instead"
+                  if device.type == "cuda" else "wall clock, interpreter (meaningless)",
         "bytes_counted": "reads only. ours: payload = held rows (bf16 staging + guard rows + low-bit codes and "
                          "fp16 scale/min pairs, K and V, all KV heads), entry lists 5 B per held token "
                          "(once; v2 reads only the 4 B row), queries; entry build: req_to_token + location, 4 + 4 B per logical token "
                          "(once; the builder passes twice). SGLang: K + V of every logical token at its "
                          "dtype + int64 kv_indices + queries. Split-K partials and outputs not counted.",
-        "row_order": "random permutation of each tier's rows (and of SGLang's slots)",
+        "row_order": {"random": "random permutation of each tier's rows (and of SGLang's slots)",
+                      "contiguous": "each tier's rows (and SGLang's slots) in (request, position) order"}[args.row_order],
         "sglang_dtypes": [dtype_name(d) for d in sglang_dtypes],
         "configs": {name: {"retain_ratio_of_layer": plan.layer_retain_ratios[middle_layer],
                            "guard_fraction": plan.config.quantization.guard_fraction,
@@ -702,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
         grid = {"batch": batch_size, "tokens": tokens, "status": fits(batch_size, tokens, shape, device) or "ok"}
         report["grids"].append(grid)
         if grid["status"] == "ok":
-            batch = Batch.random(batch_size, tokens, shape, device)
+            batch = Batch.random(batch_size, tokens, shape, device, contiguous=args.row_order == "contiguous")
             grid["sglang"] = {dtype_name(dtype): guarded(bench_sglang, batch, shape, dtype, sglang_splits, timer)
                               for dtype in sglang_dtypes}
             grid["configs"] = {}

@@ -295,7 +295,24 @@ def test_bench_kernels_smoke(tmp_path, monkeypatch):
             assert str(cell["engine_splits"]) in cell["attention_by_splits"]
             assert 0 < cell["bytes"]["attention"] < cell["bytes"]["together"]
             assert cell["summary"]["together_GBps"] > 0
+            assert cell["together"]["v2_graph"]["ms"] > 0, cell["together"]["v2_graph"]
     for written in report["write_packed"].values():
         assert "error" not in written and written["kernel"]["ms"] > 0
     table = (tmp_path / "bench_kernels.md").read_text()
     assert all(f"| {name} |" in table for name in config_names)
+    assert "CUDA-graph replay" in table
+
+
+def test_bench_kernels_smoke_contiguous_rows(tmp_path, monkeypatch):
+    """--row-order contiguous (rows in request order, a fresh server's free lists): the
+    engine's call still matches the torch reference on that layout."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "eval" / "bench_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    config = REPO / "configs" / "qwen_8x_tuned.yaml"
+    assert bench.main(["--smoke", "--out", str(tmp_path), "--configs", str(config), "--row-order", "contiguous"]) == 0
+    report = json.loads((tmp_path / "bench_kernels.json").read_text())
+    assert "request" in report["row_order"]
+    cell = report["grids"][0]["configs"]["qwen_8x_tuned"]
+    assert cell["check"]["ok"], cell["check"]
