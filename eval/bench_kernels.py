@@ -337,7 +337,8 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
     list_sizes = {"max_seq_len": batch.tokens, "max_entries": batch.batch_size * batch.tokens}
     entries = decode_entries(*list_args, **list_sizes)
     out = torch.empty(batch.q.shape, dtype=torch.float32, device=batch.q.device)
-    kernel_options = {"dot_precision": args.dot_precision, "num_stages": args.num_stages}
+    kernel_options = {"dot_precision": args.dot_precision, "num_stages": args.num_stages,
+                      "num_warps": args.num_warps}
     expected, value_scale = reference_outputs(layer, batch, scaling)
     tolerance = 2e-3 if batch.q.is_cuda else 1e-4  # tf32 dot operands on the GPU; fp32 in the interpreter
 
@@ -555,6 +556,9 @@ def markdown(report: dict) -> str:
         f"entry lists in fixed regions, one launch; v1 on the CSR builder in parentheses). \"build ms\": the "
         f"region builder (CSR builder in parentheses). GB/s = bytes that must be read / time. Speedups vs SGLang: together.",
         "",
+        f"Split kernels: {report.get('num_warps', 4)} warps, num_stages {report['num_stages'] or 'Triton default'}, "
+        f"dots {report['dot_precision']}. Rows: {report['row_order']}.",
+        "",
         f"Bytes counted: {report['bytes_counted']}",
         "",
         "| grid | config | held / req | engine splits | build ms | v2 best: BLOCK_N / splits | v2 attn ms | "
@@ -703,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-n", type=lambda s: [int(x) for x in s.split(",")],
                         help=f"v2 BLOCK_N values swept (default {V2_BLOCK_NS}; must include {ENGINE_BLOCK_N})")
     parser.add_argument("--num-stages", type=int, help="pipelining depth of both split kernels (default: Triton's)")
+    parser.add_argument("--num-warps", type=int, default=4, help="warps per program of both split kernels")
     parser.add_argument("--dot-precision", default="tf32", choices=["tf32", "fp16", "ieee"])
     parser.add_argument("--row-order", default="random", choices=["random", "contiguous"],
                         help="rows of each tier (and SGLang's slots): a random permutation (a long-running "
@@ -741,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         "layer": middle_layer,
         "dot_precision": args.dot_precision,
         "num_stages": args.num_stages,
+        "num_warps": args.num_warps,
         "v1_block_n": V1_BLOCK_N,
         "v2_block_n": args.block_n,
         "engine_block_n": "engine.decode_block_n: 16 for 3-bit keys, else 64 (per cell: engine_kernel)",

@@ -34,6 +34,10 @@ import sglang_kvc.kernels.score as score_module  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+NVDISASM = PTXAS.with_name("nvdisasm")
+# "/*0a40*/   @!P0 LDG.E.128 R4, desc[UR6][R2.64] ;" -> LDG
+SASS_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+CONVERSION_OPCODES = {"I2F", "I2FP", "F2F", "F2FP", "F2I", "I2I", "F2IP", "I2IP"}
 Q_HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128
 
 # name: (key bits, value bits, group size, guard bits), as configs/*.yaml store them.
@@ -74,15 +78,23 @@ def compile_and_measure(kernel, pointer_types: dict[str, str], constexprs: dict,
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as ptx:
         ptx.write(compiled.asm["ptx"])
-    report = subprocess.run([str(PTXAS), "-v", "--gpu-name", "sm_90a", ptx.name, "-o", os.devnull],
+    cubin = ptx.name + ".cubin"
+    report = subprocess.run([str(PTXAS), "-v", "--gpu-name", "sm_90a", ptx.name, "-o", cubin],
                             capture_output=True, text=True).stderr
+    sass = subprocess.run([str(NVDISASM), cubin], capture_output=True, text=True).stdout
     os.unlink(ptx.name)
+    os.unlink(cubin)
+    opcodes = [match.group(1).split(".")[0] for match in SASS_INSTRUCTION.finditer(sass)]
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     return {"registers": int(registers.group(1)) if registers else None,
             "spill_store_bytes": int(spills.group(1)) if spills else None,
             "spill_load_bytes": int(spills.group(2)) if spills else None,
-            "shared_bytes": compiled.metadata.shared, "num_warps": num_warps, "num_stages": num_stages}
+            "shared_bytes": compiled.metadata.shared, "num_warps": num_warps, "num_stages": num_stages,
+            # Static counts over the whole kernel (every tier's loop): conversions run at a
+            # quarter of the FMA rate on sm_90, so they are counted apart.
+            "sass_instructions": len(opcodes),
+            "sass_conversions": sum(op in CONVERSION_OPCODES for op in opcodes)}
 
 
 def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD_DIM, query_group: int = 7) -> dict:
@@ -167,14 +179,17 @@ def markdown(report: dict) -> str:
     lines = [f"# Triton kernels compiled for sm_90 ({report['date']}, no GPU)", "", f"`{report['command']}`", "",
              f"triton {report['triton']}, ptxas from triton's bundle. 4 warps, 3 stages unless noted; strides "
              f"specialized as Triton's launcher does for Qwen2.5-7B-shaped tables. "
-             f"Registers per thread; spills in bytes.", "",
-             "| kernel | registers | spill stores / loads | shared memory |", "|---|---:|---:|---:|"]
+             f"Registers per thread; spills in bytes; SASS instructions counted statically over the whole "
+             f"kernel (nvdisasm), conversions (I2F, F2F, F2FP, ...) apart.", "",
+             "| kernel | registers | spill stores / loads | shared memory | SASS instructions | conversions |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, result in report["cases"].items():
         if "error" in result:
-            lines.append(f"| {name} | error: {result['error']} | | |")
+            lines.append(f"| {name} | error: {result['error']} | | | | |")
         else:
             lines.append(f"| {name} | {result['registers']} | {result['spill_store_bytes']} / "
-                         f"{result['spill_load_bytes']} | {result['shared_bytes']:,} B |")
+                         f"{result['spill_load_bytes']} | {result['shared_bytes']:,} B | "
+                         f"{result['sass_instructions']:,} | {result['sass_conversions']:,} |")
     return "\n".join(lines) + "\n"
 
 
