@@ -170,6 +170,9 @@ LONG_VARIANTS: tuple[tuple[str, dict, dict], ...] = (
     ("K3V3 g64", {}, {"key_bits": 3, "value_bits": 3, "group_size": 64}),
     ("K4V3 g64", {}, {"key_bits": 4, "value_bits": 3, "group_size": 64}),
     ("K4V4 g64", {}, {"key_bits": 4, "value_bits": 4, "group_size": 64}),
+    ("K8V2 g64", {}, {"key_bits": 8, "value_bits": 2, "group_size": 64}),
+    ("K4V2 g64 hadamard", {}, {"key_bits": 4, "value_bits": 2, "group_size": 64, "key_transform": "hadamard"}),
+    ("guard 0.1 bf16", {}, {"guard_fraction": 0.1, "guard_bits": 16}),
 )
 
 
