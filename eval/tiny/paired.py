@@ -1,8 +1,10 @@
-"""Paired comparison of two configs of one `eval.ablate` / `eval.tiny.quality` report: the
-same held-out samples, so count the samples only one of them answers right.
+"""Paired comparison of two configs of one `eval.ablate` / `eval.tiny.quality` /
+`eval/tiny/serve_eval.py` report: the same held-out samples, so count the samples only one
+of them answers right.
 
     python -m eval.tiny.paired DIR/ablation.json "long: base (qwen_8x_tuned)" "long: observation window 16"
     python -m eval.tiny.paired OLD/quality.json qwen_8x_tuned qwen_8x_tuned --b-report NEW/quality.json
+    python -m eval.tiny.paired OLD/serve_eval.json qwen_8x_tuned qwen_8x_tuned --b-report NEW/serve_eval.json
 
 (the second form: the same config name in two runs of one suite, e.g. before and after a change).
 
@@ -35,9 +37,17 @@ def paired(report: dict, a: str, b: str, evaluator: quality.TinyEvaluator | None
     gold = {f"{task}-{length}-{index}": sample.answer
             for (task, length), samples in evaluator.samples(suite).items()
             for index, sample in enumerate(samples)}
-    first, second = report["predictions"][a], report_b["predictions"][b]
+    first, second = predictions(report)[a], predictions(report_b)[b]
     wins = [int(second[key] == answer) - int(first[key] == answer) for key, answer in gold.items()]
     return summary(wins, sum(first[key] == answer for key, answer in gold.items()) / len(gold))
+
+
+def predictions(report: dict) -> dict:
+    """{config: {sample id: answer}} of a transformers-path report (`predictions`) or of a
+    server report (`servers[i].suite.predictions`, keyed by server name)."""
+    if "predictions" in report:
+        return report["predictions"]
+    return {server["name"]: server["suite"]["predictions"] for server in report["servers"] if server.get("suite")}
 
 
 def summary(wins: Sequence[int], accuracy_a: float) -> dict:

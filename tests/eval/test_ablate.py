@@ -65,3 +65,15 @@ def test_paired_refuses_reports_of_different_suites():
     b = {"suite": {"tasks": ["kv"], "lengths": [1024], "samples": 5, "seed": 1}, "predictions": {}}
     with pytest.raises(ValueError, match="different suites"):
         paired(a, "x", "x", report_b=b)
+
+
+def test_paired_reads_server_reports_as_transformers_reports():
+    """A serve_eval.py report (`servers[i].suite.predictions`, by server name) gives the same
+    {config: {id: answer}} as a quality.py report; servers that failed (no suite) are skipped."""
+    from eval.tiny.paired import predictions
+
+    answers = {"kv-1024-0": "123456", "kv-1024-1": "654321"}
+    server_report = {"suite": {}, "servers": [{"name": "qwen_8x_tuned", "suite": {"predictions": answers}},
+                                              {"name": "broken", "suite": None}]}
+    assert predictions(server_report) == {"qwen_8x_tuned": answers}
+    assert predictions({"suite": {}, "predictions": {"full": answers}}) == {"full": answers}
