@@ -36,12 +36,15 @@ def test_long_group_only_runs_when_asked():
 
 
 def test_long_group_leaves_out_what_the_base_cannot_take():
-    """qwen_5x_tuned keeps 0.884 of the prompt: a pyramid of slope 0.25 would ask its first
-    layer for more than the whole prompt, so that variant is skipped, not the whole group."""
-    base = load_config(REPO / "configs" / "qwen_5x_tuned.yaml")
+    """A base keeping 0.884 of the prompt (qwen_5x_tuned before its guard): a pyramid of
+    slope 0.25 would ask its first layer for more than the whole prompt, so that variant is
+    skipped, not the whole group."""
+    tuned = load_config(REPO / "configs" / "qwen_5x_tuned.yaml")
+    base = ablate.variant(tuned, "keeps 0.884", sparsity={"retain_ratio": 0.884},
+                          quantization={"guard_fraction": 0.0})
     names = [config.name for config in ablate._long(base)]
     assert "long: pyramid slope 0.25" not in names
-    assert "long: observation window 16" in names and names[0] == "long: base (qwen_5x_tuned)"
+    assert "long: observation window 16" in names and names[0] == "long: base (keeps 0.884)"
 
 
 def test_paired_summary_against_hand_computed_values():

@@ -8,7 +8,9 @@ kv qwen_5x_tuned 24/24, qwen_8x_tuned 23/24, qwen_12x_tuned 22/24
 (docs/results/tiny-quality-cpu-1024-2026-11-29.md); quantize-only K4V4 kv 24/24
 (docs/results/ablation-2026-11-29.md, same samples). The tuned configs were measured with
 `observation_window: 32`; they use 16 since, which scored higher on kv at 1K/2K
-(docs/results/ablation-long-2026-11-29.md), so their thresholds stand as lower bounds.
+(docs/results/ablation-long-2026-11-29.md), so their thresholds stand as lower bounds;
+qwen_5x_tuned has since kept 10% of its tokens in bf16 at retain 0.654 (same ratio;
+docs/results/ablation-guard-2026-11-29.md) and measured passkey 24/24, kv 24/24 here.
 Each threshold sits two samples below its measurement, so a change that loses needles
 (eviction, quantization, attention read-back) fails them; the control test shows that these
 samples do need their needle.
