@@ -339,13 +339,16 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
     out = torch.empty(batch.q.shape, dtype=torch.float32, device=batch.q.device)
     kernel_options = {"dot_precision": args.dot_precision, "num_stages": args.num_stages,
                       "num_warps": args.num_warps}
+
+    def options(version) -> dict:  # --prefetch is an option of v2's low-bit loop
+        return {**kernel_options, "prefetch": True} if args.prefetch and version == "v2" else kernel_options
     expected, value_scale = reference_outputs(layer, batch, scaling)
     tolerance = 2e-3 if batch.q.is_cuda else 1e-4  # tf32 dot operands on the GPU; fp32 in the interpreter
 
     def attention(version, splits, block_n):
         return lambda: decode_attention(
             batch.q, entries.indptr, entries.tier, entries.row, *tables, scaling, splits,
-            tier_indptr=entries.tier_indptr, version=version, out=out, block_n=block_n, **kernel_options)
+            tier_indptr=entries.tier_indptr, version=version, out=out, block_n=block_n, **options(version))
 
     def check(run) -> dict:
         out.fill_(float("nan"))  # a variant must write every output itself
@@ -380,7 +383,7 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
         builder = {"region_indptr": region_indptr} if regions else {}
         return lambda: decode_attention_for_pool(layer, 0, batch.q, batch.req_to_token, batch.req_pool_indices,
                                                  batch.seq_lens, scaling, splits, out=out, version=version,
-                                                 block_n=block_n, **list_sizes, **builder, **kernel_options)
+                                                 block_n=block_n, **list_sizes, **builder, **options(version))
 
     # What the engine runs (v2, its BLOCK_N and split count, region lists), the same with the
     # CSR builder, v1 on the CSR builder, and v2's best variant if it is another one.
@@ -557,6 +560,7 @@ def markdown(report: dict) -> str:
         f"region builder (CSR builder in parentheses). GB/s = bytes that must be read / time. Speedups vs SGLang: together.",
         "",
         f"Split kernels: {report.get('num_warps', 4)} warps, num_stages {report['num_stages'] or 'Triton default'}, "
+        f"v2 prefetch {'on' if report.get('prefetch') else 'off'}, "
         f"dots {report['dot_precision']}. Rows: {report['row_order']}.",
         "",
         f"Bytes counted: {report['bytes_counted']}",
@@ -708,6 +712,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"v2 BLOCK_N values swept (default {V2_BLOCK_NS}; must include {ENGINE_BLOCK_N})")
     parser.add_argument("--num-stages", type=int, help="pipelining depth of both split kernels (default: Triton's)")
     parser.add_argument("--num-warps", type=int, default=4, help="warps per program of both split kernels")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="v2's low-bit loop pipelined by hand (decode_attention(prefetch=True))")
     parser.add_argument("--dot-precision", default="tf32", choices=["tf32", "fp16", "ieee"])
     parser.add_argument("--row-order", default="random", choices=["random", "contiguous"],
                         help="rows of each tier (and SGLang's slots): a random permutation (a long-running "
@@ -747,6 +753,7 @@ def main(argv: list[str] | None = None) -> int:
         "dot_precision": args.dot_precision,
         "num_stages": args.num_stages,
         "num_warps": args.num_warps,
+        "prefetch": args.prefetch,
         "v1_block_n": V1_BLOCK_N,
         "v2_block_n": args.block_n,
         "engine_block_n": "engine.decode_block_n: 16 for 3-bit keys, else 64 (per cell: engine_kernel)",

@@ -97,7 +97,8 @@ def compile_and_measure(kernel, pointer_types: dict[str, str], constexprs: dict,
             "sass_conversions": sum(op in CONVERSION_OPCODES for op in opcodes)}
 
 
-def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD_DIM, query_group: int = 7) -> dict:
+def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD_DIM, query_group: int = 7,
+                prefetch: bool = False) -> dict:
     key_bits, value_bits, group, guard_bits = formats
     kernel = decode_module._decode_split_kernel if version == "v1" else decode_module._decode_split_kernel_v2
     guard_packed = guard_bits != 16
@@ -110,6 +111,8 @@ def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD
                   "GUARD_PACKED": guard_packed, "GUARD_BITS": guard_bits,
                   "GUARD_GROUP_SIZE": group if guard_packed else head_dim, "BLOCK_G": 16,
                   "BLOCK_D": triton.next_power_of_2(head_dim), "BLOCK_N": block_n, "DOT_PRECISION": "tf32"}
+    if version == "v2":
+        constexprs["PREFETCH"] = prefetch
     q_heads, kv_heads = query_group * KV_HEADS, KV_HEADS
 
     def words(bits):  # int32 words per row and head (quant.PackedFormat)
@@ -164,6 +167,9 @@ def cases() -> list[tuple[str, callable]]:
         result.append((f"decode v1 {name} BLOCK_N 16", lambda f=formats: decode_case("v1", f, 16)))
         for block_n in (16, 32, 64):
             result.append((f"decode v2 {name} BLOCK_N {block_n}", lambda f=formats, b=block_n: decode_case("v2", f, b)))
+        for block_n in (16, 64):
+            result.append((f"decode v2 {name} BLOCK_N {block_n}, prefetch",
+                           lambda f=formats, b=block_n: decode_case("v2", f, b, prefetch=True)))
     result.append(("decode v2 tuned (K4V2 g64) BLOCK_N 64, tiny model (head_dim 64, group 4)",
                    lambda: decode_case("v2", DECODE_FORMATS["tuned (K4V2 g64)"], 64, head_dim=64, query_group=4)))
     result += region_builder_cases()

@@ -439,7 +439,7 @@ def _load_dense_tile(table_ptr, rows, kv_head, stride_row, stride_head, in_tier,
 
 
 @triton.jit
-def _load_packed_tile(
+def _load_packed_words(
     codes_ptr,
     pairs_ptr,  # the fp16 (scale, minimum) pairs, viewed as one int32 each
     rows,
@@ -457,46 +457,65 @@ def _load_packed_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """[BLOCK_N, BLOCK_D] fp32 dequantized rows (code * scale + minimum, as quant.dequantize);
-    0 where the entry is not in this tier.
-
-    Written for instruction count, which bounds this loop (not bytes): conversions run at
-    a quarter of the FMA rate on sm_90, so the scale/minimum pairs are converted once per
-    group before they are broadcast over its channels, and codes become floats by the
-    exponent trick (OR into 2^23's bit pattern, subtract 2^23: exact for codes < 2^23)
-    instead of an int-to-float conversion per element."""
+    """The packed words and (scale, minimum) pairs of a block of rows, as stored (0 where the
+    entry is not in this tier): [BLOCK_N, BLOCK_D / codes per word] words for 2/4/8 bits,
+    one word per channel [BLOCK_N, BLOCK_D] for 3 bits; [BLOCK_N, BLOCK_D / GROUP_SIZE]
+    pairs. Loading apart from `_unpack_tile` lets a loop fetch the next block's few packed
+    registers while it computes on this one."""
     CODES_PER_WORD: tl.constexpr = 32 // BITS
-    MAX_CODE: tl.constexpr = (1 << BITS) - 1
     row_mask = in_tier[:, None]
+    codes_base = codes_ptr + rows[:, None] * stride_codes_row + kv_head * stride_codes_head
     if BITS != 3:
-        # 2/4/8 bits: a power-of-two number of codes per word, so the row's words
-        # [BLOCK_N, BLOCK_D / CODES_PER_WORD] load as one contiguous run and unpack in
-        # registers: [n, word, slot] -> dim word * CODES_PER_WORD + slot is a reshape.
+        # 2/4/8 bits: a power-of-two number of codes per word, so the row's words load as
+        # one contiguous run.
         WORDS: tl.constexpr = (HEAD_DIM + CODES_PER_WORD - 1) // CODES_PER_WORD
         BLOCK_WORDS: tl.constexpr = BLOCK_D // CODES_PER_WORD
         offs_word = tl.arange(0, BLOCK_WORDS)
-        word_ptrs = codes_ptr + rows[:, None] * stride_codes_row + kv_head * stride_codes_head + offs_word[None, :]
-        words = tl.load(word_ptrs, mask=row_mask & (offs_word < WORDS)[None, :], other=0)
-        shifts = tl.arange(0, CODES_PER_WORD) * BITS
-        # Arithmetic shift of the signed word is fine: the mask drops the sign bits.
-        codes = (words[:, :, None] >> shifts[None, None, :]) & MAX_CODE
-        codes = tl.reshape(codes, [BLOCK_N, BLOCK_D])
+        words = tl.load(codes_base + offs_word[None, :], mask=row_mask & (offs_word < WORDS)[None, :], other=0)
     else:
         # 3 bits: 10 codes per word, so words straddle groups and dims do not map to
         # (word, slot) by a reshape. Every lane loads its own word; lanes of one word
         # load one address, which the cache serves once.
-        word_ptrs = codes_ptr + rows[:, None] * stride_codes_row + kv_head * stride_codes_head
-        words = tl.load(word_ptrs + (dims // CODES_PER_WORD)[None, :], mask=row_mask & dim_mask[None, :], other=0)
+        words = tl.load(codes_base + (dims // CODES_PER_WORD)[None, :], mask=row_mask & dim_mask[None, :], other=0)
+    # One pair per group: group sizes are powers of two that divide head_dim, so they
+    # divide BLOCK_D too.
+    GROUPS: tl.constexpr = HEAD_DIM // GROUP_SIZE
+    offs_group = tl.arange(0, BLOCK_D // GROUP_SIZE)
+    pair_ptrs = pairs_ptr + rows[:, None] * stride_pairs_row + kv_head * stride_pairs_head + offs_group[None, :]
+    pairs = tl.load(pair_ptrs, mask=row_mask & (offs_group < GROUPS)[None, :], other=0)
+    return words, pairs
+
+
+@triton.jit
+def _unpack_tile(
+    words,
+    pairs,
+    dims,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """[BLOCK_N, BLOCK_D] fp32 dequantized rows (code * scale + minimum, as quant.dequantize)
+    from `_load_packed_words`; 0 where the words and pairs were masked off.
+
+    Written for instruction count: conversions run at a quarter of the FMA rate on sm_90,
+    so the pairs are converted once per group before they are broadcast over its channels,
+    and codes become floats by the exponent trick (OR into 2^23's bit pattern, subtract
+    2^23: exact for codes < 2^23) instead of an int-to-float conversion per element."""
+    CODES_PER_WORD: tl.constexpr = 32 // BITS
+    MAX_CODE: tl.constexpr = (1 << BITS) - 1
+    if BITS != 3:
+        # [n, word, slot] -> dim word * CODES_PER_WORD + slot is a reshape. Arithmetic
+        # shift of the signed word is fine: the mask drops the sign bits.
+        shifts = tl.arange(0, CODES_PER_WORD) * BITS
+        codes = (words[:, :, None] >> shifts[None, None, :]) & MAX_CODE
+        codes = tl.reshape(codes, [BLOCK_N, BLOCK_D])
+    else:
         codes = (words >> ((dims % CODES_PER_WORD) * BITS)[None, :]) & MAX_CODE
     values = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # 2^23 + code, minus 2^23
 
-    # One (scale, minimum) pair per group: group sizes are powers of two that divide
-    # head_dim, so they divide BLOCK_D too and [n, group, channel] -> dim is a reshape.
-    GROUPS: tl.constexpr = HEAD_DIM // GROUP_SIZE
     BLOCK_GROUPS: tl.constexpr = BLOCK_D // GROUP_SIZE
-    offs_group = tl.arange(0, BLOCK_GROUPS)
-    pair_ptrs = pairs_ptr + rows[:, None] * stride_pairs_row + kv_head * stride_pairs_head + offs_group[None, :]
-    pairs = tl.load(pair_ptrs, mask=row_mask & (offs_group < GROUPS)[None, :], other=0)
     # Little-endian: the scale is the low half of the pair, the minimum the high half.
     scale = pairs.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     minimum = (pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -504,6 +523,32 @@ def _load_packed_tile(
     minimum = tl.reshape(tl.broadcast_to(minimum[:, :, None], [BLOCK_N, BLOCK_GROUPS, GROUP_SIZE]),
                          [BLOCK_N, BLOCK_D])
     return values * scale + minimum
+
+
+@triton.jit
+def _load_packed_tile(
+    codes_ptr,
+    pairs_ptr,
+    rows,
+    kv_head,
+    stride_codes_row,
+    stride_codes_head,
+    stride_pairs_row,
+    stride_pairs_head,
+    in_tier,
+    dims,
+    dim_mask,
+    HEAD_DIM: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """[BLOCK_N, BLOCK_D] fp32 dequantized rows; 0 where the entry is not in this tier."""
+    words, pairs = _load_packed_words(codes_ptr, pairs_ptr, rows, kv_head, stride_codes_row, stride_codes_head,
+                                      stride_pairs_row, stride_pairs_head, in_tier, dims, dim_mask,
+                                      HEAD_DIM, BITS, GROUP_SIZE, BLOCK_N, BLOCK_D)
+    return _unpack_tile(words, pairs, dims, BITS, GROUP_SIZE, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -831,6 +876,7 @@ def _decode_split_kernel_v2(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PREFETCH: tl.constexpr,  # low-bit loop pipelined by hand (see there)
 ):
     """v2: one loop per tier. The split's entry range is cut exactly as in v1 (whole
     BLOCK_N blocks of the request's entries); each tier loop runs over the intersection
@@ -873,18 +919,55 @@ def _decode_split_kernel_v2(
     # -- low-bit: packed K and V, each in its own format.
     lowbit_first = tl.maximum(split_start, lowbit_start)
     lowbit_end = tl.minimum(split_end, guard_start)
-    for block_start in range(lowbit_first, lowbit_end, BLOCK_N):
-        entries = block_start + offs_n
+    if PREFETCH:
+        # Software-pipelined by hand: entry rows two blocks ahead, packed words one block
+        # ahead, so an iteration's loads depend only on what the previous one loaded and
+        # overlap its arithmetic instead of waiting out two dependent round trips (rows,
+        # then the rows' words). Packed words are few registers, which makes this cheap.
+        entries = lowbit_first + offs_n
         valid = entries < lowbit_end
         rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
-        k = _load_packed_tile(lowbit_k_codes_ptr, lowbit_k_pairs_ptr, rows, kv_head,
-                              stride_lk_row, stride_lk_head, stride_lk_pairs_row, stride_lk_pairs_head,
-                              valid, offs_d, dim_mask, HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
-        logits = _block_logits(q, k, valid, qk_scale, DOT_PRECISION)
-        v = _load_packed_tile(lowbit_v_codes_ptr, lowbit_v_pairs_ptr, rows, kv_head,
-                              stride_lv_row, stride_lv_head, stride_lv_pairs_row, stride_lv_pairs_head,
-                              valid, offs_d, dim_mask, HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
-        m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
+        k_words, k_pairs = _load_packed_words(
+            lowbit_k_codes_ptr, lowbit_k_pairs_ptr, rows, kv_head, stride_lk_row, stride_lk_head,
+            stride_lk_pairs_row, stride_lk_pairs_head, valid, offs_d, dim_mask,
+            HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
+        v_words, v_pairs = _load_packed_words(
+            lowbit_v_codes_ptr, lowbit_v_pairs_ptr, rows, kv_head, stride_lv_row, stride_lv_head,
+            stride_lv_pairs_row, stride_lv_pairs_head, valid, offs_d, dim_mask,
+            HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
+        next_valid = entries + BLOCK_N < lowbit_end
+        next_rows = tl.load(entry_row_ptr + entries + BLOCK_N, mask=next_valid, other=0).to(tl.int64)
+        for block_start in range(lowbit_first, lowbit_end, BLOCK_N):
+            ahead_entries = block_start + 2 * BLOCK_N + offs_n
+            ahead_valid = ahead_entries < lowbit_end
+            ahead_rows = tl.load(entry_row_ptr + ahead_entries, mask=ahead_valid, other=0).to(tl.int64)
+            next_k_words, next_k_pairs = _load_packed_words(
+                lowbit_k_codes_ptr, lowbit_k_pairs_ptr, next_rows, kv_head, stride_lk_row, stride_lk_head,
+                stride_lk_pairs_row, stride_lk_pairs_head, next_valid, offs_d, dim_mask,
+                HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
+            next_v_words, next_v_pairs = _load_packed_words(
+                lowbit_v_codes_ptr, lowbit_v_pairs_ptr, next_rows, kv_head, stride_lv_row, stride_lv_head,
+                stride_lv_pairs_row, stride_lv_pairs_head, next_valid, offs_d, dim_mask,
+                HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
+            k = _unpack_tile(k_words, k_pairs, offs_d, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
+            logits = _block_logits(q, k, valid, qk_scale, DOT_PRECISION)
+            v = _unpack_tile(v_words, v_pairs, offs_d, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
+            m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
+            k_words, k_pairs, v_words, v_pairs = next_k_words, next_k_pairs, next_v_words, next_v_pairs
+            valid, next_valid, next_rows = next_valid, ahead_valid, ahead_rows
+    else:
+        for block_start in range(lowbit_first, lowbit_end, BLOCK_N):
+            entries = block_start + offs_n
+            valid = entries < lowbit_end
+            rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
+            k = _load_packed_tile(lowbit_k_codes_ptr, lowbit_k_pairs_ptr, rows, kv_head,
+                                  stride_lk_row, stride_lk_head, stride_lk_pairs_row, stride_lk_pairs_head,
+                                  valid, offs_d, dim_mask, HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
+            logits = _block_logits(q, k, valid, qk_scale, DOT_PRECISION)
+            v = _load_packed_tile(lowbit_v_codes_ptr, lowbit_v_pairs_ptr, rows, kv_head,
+                                  stride_lv_row, stride_lv_head, stride_lv_pairs_row, stride_lv_pairs_head,
+                                  valid, offs_d, dim_mask, HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
+            m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
 
     # -- guard: bf16 rows, or 8-bit packed (one format for K and V). GUARD_PACKED is a
     #    compile-time constant, so each compiled kernel has one loader here, no branch.
@@ -990,6 +1073,7 @@ def decode_attention(
     num_stages: int | None = None,
     dot_precision: str = "tf32",
     num_warps: int = 4,
+    prefetch: bool = False,
 ) -> torch.Tensor:
     """Attention of one decode query per request over its entries -> fp32 [B, Hq, D].
 
@@ -1007,7 +1091,9 @@ def decode_attention(
     software-pipelining depth of the block loops (None: Triton's default). `dot_precision`:
     how the two tl.dot take their fp32 operands on the GPU: "tf32" (default), "fp16" (same
     mantissa, fewer registers, fp16 range) or "ieee" (exact fp32, slow). The interpreter
-    computes "tf32" and "ieee" in full fp32."""
+    computes "tf32" and "ieee" in full fp32. `prefetch` (v2 only): the low-bit loop loads
+    the next block's packed words (and the rows of the one after) before computing on the
+    current block."""
     if dot_precision not in ("tf32", "fp16", "ieee"):
         raise ValueError(f"dot_precision must be tf32, fp16 or ieee, got {dot_precision!r}")
     if version is None:
@@ -1025,6 +1111,8 @@ def decode_attention(
             raise ValueError(f"{name} head_dim {tables.head_dim} != query head_dim {head_dim}")
     if entries_indptr.shape != (batch + 1,) or entry_tier.shape != entry_row.shape:
         raise ValueError("entries_indptr must be [B + 1] and entry_tier / entry_row alike")
+    if prefetch and version != "v2":
+        raise ValueError("prefetch is a v2 option (its low-bit loop)")
     if version == "v2" and (tier_indptr is None or tier_indptr.shape != (batch, 4)):
         raise ValueError("decode v2 needs tier_indptr [B, 4] (DecodeEntries.tier_indptr)")
     if q.stride(-1) != 1 or staging.k.stride() != staging.v.stride() or staging.k.stride(-1) != 1:
@@ -1069,6 +1157,8 @@ def decode_attention(
         entry_args = (tier_indptr, entry_row)
         entry_strides = (tier_indptr.stride(0), tier_indptr.stride(1))
     launch_options = {"num_warps": num_warps}
+    if version == "v2":
+        launch_options["PREFETCH"] = prefetch
     if num_stages is not None:
         launch_options["num_stages"] = num_stages
     split_kernel[(batch, kv_heads, num_splits)](

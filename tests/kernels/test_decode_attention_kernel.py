@@ -146,10 +146,16 @@ def reference_decode(pool, layer, q, req_to_token, req_pool_indices, seq_lens, s
     return out
 
 
-@pytest.fixture(params=["v1", "v2"])
+@pytest.fixture(params=["v1", "v2", "v2+prefetch"])
 def version(request) -> str:
-    """Which split kernel decode_attention runs."""
+    """Which split kernel decode_attention runs ("v2+prefetch": v2 with its low-bit loop
+    pipelined by hand)."""
     return request.param
+
+
+def split_options(version: str) -> dict:
+    """decode_attention's keyword arguments for a `version` fixture value."""
+    return {"version": "v2", "prefetch": True} if version == "v2+prefetch" else {"version": version}
 
 
 def run_kernel(pool, layer, q, req_to_token, req_pool_indices, seq_lens, scaling, num_splits=3, *,
@@ -159,8 +165,8 @@ def run_kernel(pool, layer, q, req_to_token, req_pool_indices, seq_lens, scaling
     staging, lowbit, guard = layer_tables(pool, layer)
     out = torch.full(q.shape, float("nan"), dtype=torch.float32, device=q.device)
     result = decode_attention(q, entries.indptr, entries.tier, entries.row, staging, lowbit, guard,
-                              scaling, num_splits, tier_indptr=entries.tier_indptr, version=version,
-                              out=out, block_n=block_n, **kwargs)
+                              scaling, num_splits, tier_indptr=entries.tier_indptr, out=out,
+                              block_n=block_n, **split_options(version), **kwargs)
     assert result is out
     return out
 
@@ -280,7 +286,7 @@ def test_strided_queries_and_pool_entry_point(version, gen, device):
     q = fused[:, 1::3]
     assert not q.is_contiguous()
     out = decode_attention_for_pool(pool, 1, q, *batch, HEAD_DIM**-0.5, num_splits=2, block_n=BLOCK_N,
-                                    version=version)
+                                    **split_options(version))
     check_close(out, reference_decode(pool, 1, q, *batch, HEAD_DIM**-0.5), pool)
 
 
@@ -383,6 +389,8 @@ def test_version_selection(gen, device, monkeypatch):
         decode_attention(*lists, version="v2")
     with pytest.raises(ValueError, match="version"):
         decode_attention(*lists, version="v3")
+    with pytest.raises(ValueError, match="prefetch"):
+        decode_attention(*lists, tier_indptr=entries.tier_indptr, version="v1", prefetch=True)
     for block_n in (8, 24):
         with pytest.raises(ValueError, match="block_n"):
             decode_attention(*lists, tier_indptr=entries.tier_indptr, block_n=block_n)
@@ -513,7 +521,7 @@ def test_region_entries_feed_both_kernels(version, gen, device):
     staging, lowbit, guard = layer_tables(pool, 1)
     out = torch.full(q.shape, float("nan"), dtype=torch.float32, device=device)
     decode_attention(q, entries.indptr, entries.tier, entries.row, staging, lowbit, guard, scaling, 3,
-                     tier_indptr=entries.tier_indptr, version=version, out=out, block_n=BLOCK_N)
+                     tier_indptr=entries.tier_indptr, out=out, block_n=BLOCK_N, **split_options(version))
     check_close(out, reference_decode(pool, 1, q, *batch, scaling), pool)
 
 
