@@ -341,7 +341,7 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
                       "num_warps": args.num_warps}
 
     def options(version) -> dict:  # --prefetch is an option of v2's low-bit loop
-        return {**kernel_options, "prefetch": True} if args.prefetch and version == "v2" else kernel_options
+        return {**kernel_options, "prefetch": args.prefetch == "on"} if version == "v2" else kernel_options
     expected, value_scale = reference_outputs(layer, batch, scaling)
     tolerance = 2e-3 if batch.q.is_cuda else 1e-4  # tf32 dot operands on the GPU; fp32 in the interpreter
 
@@ -560,7 +560,7 @@ def markdown(report: dict) -> str:
         f"region builder (CSR builder in parentheses). GB/s = bytes that must be read / time. Speedups vs SGLang: together.",
         "",
         f"Split kernels: {report.get('num_warps', 4)} warps, num_stages {report['num_stages'] or 'Triton default'}, "
-        f"v2 prefetch {'on' if report.get('prefetch') else 'off'}, "
+        f"v2 prefetch {report.get('prefetch', 'off')}, "
         f"dots {report['dot_precision']}. Rows: {report['row_order']}.",
         "",
         f"Bytes counted: {report['bytes_counted']}",
@@ -712,8 +712,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"v2 BLOCK_N values swept (default {V2_BLOCK_NS}; must include {ENGINE_BLOCK_N})")
     parser.add_argument("--num-stages", type=int, help="pipelining depth of both split kernels (default: Triton's)")
     parser.add_argument("--num-warps", type=int, default=4, help="warps per program of both split kernels")
-    parser.add_argument("--prefetch", action="store_true",
-                        help="v2's low-bit loop pipelined by hand (decode_attention(prefetch=True))")
+    parser.add_argument("--prefetch", default="on", choices=["on", "off"],
+                        help="v2's low-bit loop pipelined by hand (decode_attention's prefetch; on by default)")
     parser.add_argument("--dot-precision", default="tf32", choices=["tf32", "fp16", "ieee"])
     parser.add_argument("--row-order", default="random", choices=["random", "contiguous"],
                         help="rows of each tier (and SGLang's slots): a random permutation (a long-running "
