@@ -117,11 +117,21 @@ class ContextScorer(ObservationWindowScorer):
     after it. That includes `implementation="triton"`: `kernels/score.py` masks by the
     positions it is given too, so the division applies to its sums unchanged.
 
-    A key after the last sampled query (at most stride - 1 of a prompt's final tokens) is
-    seen by none and scores 0: kept only if forced (`recent_window` >= stride keeps them all;
-    at 32K tokens and W 32 the stride is 512) or reached by the pooling of a scored neighbour."""
+    A key after the last sampled query (at most stride - 1 of a prompt's final tokens: up to
+    1023 at 32K with W 16) is seen by none, so attention cannot rank it; these are where a
+    question or an instruction sits at the end of a prompt, so they score +inf and are kept
+    first, as the recent window is (after pooling, so that they do not lift their neighbours).
+    That costs at most stride - 1 of the layer's budget."""
 
     scoring: ClassVar[str] = "context"
+
+    def score(self, window_queries, window_positions, keys, key_positions) -> torch.Tensor:
+        scores = super().score(window_queries, window_positions, keys, key_positions)
+        if window_positions.numel() == 0:
+            return scores
+        last_query = window_positions.max().to(device=scores.device, dtype=torch.int64)
+        unseen = key_positions.to(device=scores.device, dtype=torch.int64) > last_query
+        return scores.masked_fill(unseen, float("inf"))
 
     def per_kv_head(self, window_queries, window_positions, keys, key_positions) -> torch.Tensor:
         """[kv_heads, N] fp32: per KV head, each key's attention summed over the query heads

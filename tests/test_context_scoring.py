@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from sglang_kvc.config import CompressionConfig, ConfigError, SparsityConfig
 from sglang_kvc.context_queries import StridedQuerySampler, context_query_positions, context_query_stride
-from sglang_kvc.policy import ContextScorer, ObservationWindowScorer, scorer_from_config
+from sglang_kvc.policy import ContextScorer, ObservationWindowScorer, scorer_from_config, select_tokens
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -174,7 +174,11 @@ def reference_context_scores(queries, query_positions, keys, key_positions, temp
     pooled = torch.stack(
         [per_kv_head[:, max(0, i - radius) : i + radius + 1].amax(dim=1) for i in range(num_keys)], dim=1
     )
-    return pooled.sum(dim=0)
+    scores = pooled.sum(dim=0)
+    for n in range(num_keys):  # after every sampled query: ranked first
+        if num_queries and int(key_positions[n]) > int(query_positions.max()):
+            scores[n] = math.inf
+    return scores
 
 
 def sampled_prompt(gen, start, num_keys, window, q_heads, kv_heads, head_dim):
@@ -282,12 +286,33 @@ def test_a_question_moves_prefix_scores_at_most_by_its_share_of_the_queries(
     a = scorer.score(queries, query_positions, keys, key_positions)[:prefix]
     b = scorer.score(other_queries, query_positions, other_keys, key_positions)[:prefix]
     seen_by = (query_positions.view(1, -1) >= key_positions[:prefix].view(-1, 1)).sum(dim=1)
-    bound = q_heads * int(in_question.sum()) / seen_by.clamp(min=1)
+    # Prefix keys after the last sampled query (no question query was sampled) rank first in both.
+    assert torch.isinf(a[seen_by == 0]).all() and torch.isinf(b[seen_by == 0]).all()
+    a, b, seen_by = a[seen_by > 0], b[seen_by > 0], seen_by[seen_by > 0]
+    bound = q_heads * int(in_question.sum()) / seen_by
     assert ((a - b).abs() <= bound + 1e-4).all()
     if int(in_question.sum()) == 0:
         assert torch.equal(a, b)
     if planted and int(in_question.sum()) > 0:
         assert (b[3] - a[3]).item() > 0.5 * bound[3].item()
+
+
+@settings(max_examples=40, deadline=None)
+@given(window=st.integers(1, 6), num_keys=st.integers(40, 400), seed=seeds)
+def test_keys_after_the_last_sampled_query_are_kept_first(window, num_keys, seed):
+    """The prompt's final tokens after the last sampled query (fewer than the stride, where a
+    question usually sits) are seen by no scoring query; they rank first, so a layer keeps
+    them all even on a budget that the recent window alone would not cover."""
+    gen = generator(seed)
+    queries, query_positions, keys, key_positions = sampled_prompt(gen, 0, num_keys, window, 4, 2, 16)
+    unseen = key_positions > query_positions.max()
+    scores = ContextScorer(pooling_kernel=7).score(queries, query_positions, keys, key_positions)
+    assert torch.isinf(scores[unseen]).all() and torch.isfinite(scores[~unseen]).all()
+    assert int(unseen.sum()) < context_query_stride(0, num_keys, window)
+    selection = select_tokens(scores, key_positions, budget=int(unseen.sum()) + 2, guard_count=0,
+                              sink_tokens=1, recent_start=num_keys - 1)
+    kept = set(selection.kept.tolist())
+    assert set(unseen.nonzero().squeeze(1).tolist()) <= kept and 0 in kept  # and the sink
 
 
 def test_scorer_from_config_picks_by_scoring_and_from_config_refuses_the_other_mode():
