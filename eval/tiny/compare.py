@@ -25,6 +25,15 @@ def agreement(left: Mapping[str, str], right: Mapping[str, str]) -> tuple[float,
     return sum(left[i] == right[i] for i in common) / len(common), len(common)
 
 
+def predictions(report: dict) -> dict[str, dict[str, str]]:
+    """{config: {sample id: answer}} of a transformers-path report (`predictions`) or of a
+    server report (`servers[i].suite.predictions`, keyed by server name; a server that
+    failed has no suite and is skipped)."""
+    if "predictions" in report:
+        return report["predictions"]
+    return {server["name"]: server["suite"]["predictions"] for server in report["servers"] if server.get("suite")}
+
+
 def load_runs(hf_path: Path, serve_paths: Sequence[Path]) -> tuple[dict, dict]:
     hf = json.loads(hf_path.read_text())
     servers: dict[str, dict[str, str]] = {}
@@ -32,10 +41,8 @@ def load_runs(hf_path: Path, serve_paths: Sequence[Path]) -> tuple[dict, dict]:
         serve = json.loads(path.read_text())
         if serve["suite"] != hf["suite"]:
             raise SystemExit(f"{path}: suite {serve['suite']} differs from {hf_path}'s {hf['suite']}")
-        for record in serve["servers"]:
-            if "suite" in record:
-                servers[record["name"]] = record["suite"]["predictions"]
-    return hf["predictions"], servers
+        servers.update(predictions(serve))
+    return predictions(hf), servers
 
 
 def compare(hf_predictions: Mapping[str, Mapping[str, str]], servers: Mapping[str, Mapping[str, str]]) -> list[dict]:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from eval.tiny import quality
+from eval.tiny.compare import predictions
 
 
 def paired(report: dict, a: str, b: str, evaluator: quality.TinyEvaluator | None = None,
@@ -40,14 +41,6 @@ def paired(report: dict, a: str, b: str, evaluator: quality.TinyEvaluator | None
     first, second = predictions(report)[a], predictions(report_b)[b]
     wins = [int(second[key] == answer) - int(first[key] == answer) for key, answer in gold.items()]
     return summary(wins, sum(first[key] == answer for key, answer in gold.items()) / len(gold))
-
-
-def predictions(report: dict) -> dict:
-    """{config: {sample id: answer}} of a transformers-path report (`predictions`) or of a
-    server report (`servers[i].suite.predictions`, keyed by server name)."""
-    if "predictions" in report:
-        return report["predictions"]
-    return {server["name"]: server["suite"]["predictions"] for server in report["servers"] if server.get("suite")}
 
 
 def summary(wins: Sequence[int], accuracy_a: float) -> dict:
