@@ -1,0 +1,70 @@
+"""One decode-attention cell of eval/bench_kernels.py, run a few times for a profiler.
+
+    ncu --clock-control none --kernel-name regex:_decode_split_kernel_v2 --launch-skip 3 --launch-count 1 \\
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \\
+        python3 eval/profile_decode.py --config configs/qwen_8x_tuned.yaml --grid 48x32768
+
+Builds the same layer as the benchmark (Qwen2.5-7B heads, the config's middle-layer budget,
+random rows) and calls `decode_attention` (v2, the engine's BLOCK_N unless given) `--repeat`
+times, so that the profiler can skip the compiling first launches. Prints the time per call
+(CUDA events, for orientation: the benchmark is what reports times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval.bench_kernels import QWEN25_7B, Batch, build_layer, parse_grid  # noqa: E402
+from sglang_kvc.config import load_config  # noqa: E402
+from sglang_kvc.engine import decode_block_n, decode_num_splits  # noqa: E402
+from sglang_kvc.kernels.decode_attention import decode_attention, decode_entries, layer_tables  # noqa: E402
+from sglang_kvc.planner import plan_for  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--grid", type=parse_grid, default=(48, 32768), help="BxTOKENS")
+    parser.add_argument("--kv-heads-per-program", type=int, default=1)
+    parser.add_argument("--block-n", type=int, help="default: engine.decode_block_n")
+    parser.add_argument("--splits", type=int, help="default: engine.decode_num_splits")
+    parser.add_argument("--num-warps", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    shape = QWEN25_7B
+    plan = plan_for(load_config(args.config), shape.model_shape())
+    batch_size, tokens = args.grid
+    batch = Batch.random(batch_size, tokens, shape, device)
+    layer = build_layer(plan, shape.num_layers // 2, batch)
+    entries = decode_entries(layer.location[0], batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
+                             max_seq_len=tokens, max_entries=batch_size * tokens)
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    splits = args.splits or decode_num_splits(batch_size, shape.kv_heads // args.kv_heads_per_program, tokens,
+                                              sm_count)
+    block_n = args.block_n or decode_block_n(plan.key_format.bits)
+    out = torch.empty(batch.q.shape, dtype=torch.float32, device=device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(args.repeat):
+        start.record()
+        decode_attention(batch.q, entries.indptr, entries.tier, entries.row, *layer_tables(layer, 0),
+                         shape.head_dim**-0.5, splits, tier_indptr=entries.tier_indptr, out=out,
+                         block_n=block_n, num_warps=args.num_warps, kv_heads_per_program=args.kv_heads_per_program)
+        end.record()
+        torch.cuda.synchronize()
+    print(f"{plan.config.name} {batch_size}x{tokens}: held {layer.held_per_request} per request, "
+          f"{args.kv_heads_per_program} KV heads per program, BLOCK_N {block_n}, {splits} splits, "
+          f"{args.num_warps} warps: {start.elapsed_time(end):.3f} ms (last call, with launch)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
