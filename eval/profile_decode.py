@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository root after the installed package (the device installs sglang_kvc into a
+# target folder on PYTHONPATH; the root's sglang_kvc/ lacks the kernels mapping).
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from eval.bench_kernels import QWEN25_7B, Batch, build_layer, parse_grid  # noqa: E402
 from sglang_kvc.config import load_config  # noqa: E402

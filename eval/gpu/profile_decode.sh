@@ -8,7 +8,7 @@ label=$1; shift
 source eval/gpu/setup.sh || exit 1
 ncu --clock-control none --kernel-name regex:_decode_split_kernel_v2 --launch-skip 3 --launch-count 1 \
   --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
-  --section MemoryWorkloadAnalysis --section SchedulerStats \
+  --section MemoryWorkloadAnalysis --section SchedulerStats --section InstructionStats \
   python3 eval/profile_decode.py "$@" > "$OUT/ncu-$label.txt" 2>&1
 status=$?
 tail -n 120 "$OUT/ncu-$label.txt"
