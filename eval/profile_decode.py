@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-n", type=int, help="default: engine.decode_block_n")
     parser.add_argument("--splits", type=int, help="default: engine.decode_num_splits")
     parser.add_argument("--num-warps", type=int, default=4)
+    parser.add_argument("--dot-precision", default="tf32", choices=["tf32", "fp16", "ieee"])
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
 
@@ -59,12 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         start.record()
         decode_attention(batch.q, entries.indptr, entries.tier, entries.row, *layer_tables(layer, 0),
                          shape.head_dim**-0.5, splits, tier_indptr=entries.tier_indptr, out=out,
-                         block_n=block_n, num_warps=args.num_warps, kv_heads_per_program=args.kv_heads_per_program)
+                         block_n=block_n, num_warps=args.num_warps, kv_heads_per_program=args.kv_heads_per_program,
+                         dot_precision=args.dot_precision)
         end.record()
         torch.cuda.synchronize()
     print(f"{plan.config.name} {batch_size}x{tokens}: held {layer.held_per_request} per request, "
           f"{args.kv_heads_per_program} KV heads per program, BLOCK_N {block_n}, {splits} splits, "
-          f"{args.num_warps} warps: {start.elapsed_time(end):.3f} ms (last call, with launch)")
+          f"{args.num_warps} warps, {args.dot_precision} dots: {start.elapsed_time(end):.3f} ms (last call, with launch)")
     return 0
 
 
