@@ -340,10 +340,8 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
     kernel_options = {"dot_precision": args.dot_precision, "num_stages": args.num_stages,
                       "num_warps": args.num_warps}
 
-    def options(version) -> dict:  # --prefetch and --kv-heads-per-program are v2 options
-        if version != "v2":
-            return kernel_options
-        return {**kernel_options, "prefetch": args.prefetch == "on", "kv_heads_per_program": args.kv_heads_per_program}
+    def options(version) -> dict:  # --prefetch is an option of v2's low-bit loop
+        return {**kernel_options, "prefetch": args.prefetch == "on"} if version == "v2" else kernel_options
     expected, value_scale = reference_outputs(layer, batch, scaling)
     tolerance = 2e-3 if batch.q.is_cuda else 1e-4  # tf32 dot operands on the GPU; fp32 in the interpreter
 
@@ -357,9 +355,7 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
         run()
         return reference_check(out, expected, value_scale, tolerance)
 
-    # The engine sizes its split count by programs along the KV-head axis of the grid.
-    engine_splits = decode_num_splits(batch.batch_size, shape.kv_heads // args.kv_heads_per_program, batch.tokens,
-                                      sm_count)
+    engine_splits = decode_num_splits(batch.batch_size, shape.kv_heads, batch.tokens, sm_count)
     engine_block_n = decode_block_n(plan.key_format.bits)
     region_indptr = region_indptr_for([batch.tokens] * batch.batch_size, batch.q.device)
     splits_options = sorted({engine_splits, *args.splits})
@@ -565,7 +561,6 @@ def markdown(report: dict) -> str:
         "",
         f"Split kernels: {report.get('num_warps', 4)} warps, num_stages {report['num_stages'] or 'Triton default'}, "
         f"v2 prefetch {report.get('prefetch', 'off')}, "
-        f"v2 KV heads per program {report.get('kv_heads_per_program', 1)}, "
         f"dots {report['dot_precision']}. Rows: {report['row_order']}.",
         "",
         f"Bytes counted: {report['bytes_counted']}",
@@ -719,8 +714,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-warps", type=int, default=4, help="warps per program of both split kernels")
     parser.add_argument("--prefetch", default="on", choices=["on", "off"],
                         help="v2's low-bit loop pipelined by hand (decode_attention's prefetch; on by default)")
-    parser.add_argument("--kv-heads-per-program", type=int, default=1,
-                        help="KV heads each v2 split program serves (decode_attention's kv_heads_per_program)")
     parser.add_argument("--dot-precision", default="tf32", choices=["tf32", "fp16", "ieee"])
     parser.add_argument("--row-order", default="random", choices=["random", "contiguous"],
                         help="rows of each tier (and SGLang's slots): a random permutation (a long-running "
@@ -761,7 +754,6 @@ def main(argv: list[str] | None = None) -> int:
         "num_stages": args.num_stages,
         "num_warps": args.num_warps,
         "prefetch": args.prefetch,
-        "kv_heads_per_program": args.kv_heads_per_program,
         "v1_block_n": V1_BLOCK_N,
         "v2_block_n": args.block_n,
         "engine_block_n": "engine.decode_block_n: 16 for 3-bit keys, else 64 (per cell: engine_kernel)",

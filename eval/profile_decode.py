@@ -33,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--grid", type=parse_grid, default=(48, 32768), help="BxTOKENS")
-    parser.add_argument("--kv-heads-per-program", type=int, default=1)
     parser.add_argument("--block-n", type=int, help="default: engine.decode_block_n")
     parser.add_argument("--splits", type=int, help="default: engine.decode_num_splits")
     parser.add_argument("--num-warps", type=int, default=4)
@@ -51,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     entries = decode_entries(layer.location[0], batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
                              max_seq_len=tokens, max_entries=batch_size * tokens)
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-    splits = args.splits or decode_num_splits(batch_size, shape.kv_heads // args.kv_heads_per_program, tokens,
-                                              sm_count)
+    splits = args.splits or decode_num_splits(batch_size, shape.kv_heads, tokens, sm_count)
     block_n = args.block_n or decode_block_n(plan.key_format.bits)
     out = torch.empty(batch.q.shape, dtype=torch.float32, device=device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -60,12 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         start.record()
         decode_attention(batch.q, entries.indptr, entries.tier, entries.row, *layer_tables(layer, 0),
                          shape.head_dim**-0.5, splits, tier_indptr=entries.tier_indptr, out=out,
-                         block_n=block_n, num_warps=args.num_warps, kv_heads_per_program=args.kv_heads_per_program,
-                         dot_precision=args.dot_precision)
+                         block_n=block_n, num_warps=args.num_warps, dot_precision=args.dot_precision)
         end.record()
         torch.cuda.synchronize()
     print(f"{plan.config.name} {batch_size}x{tokens}: held {layer.held_per_request} per request, "
-          f"{args.kv_heads_per_program} KV heads per program, BLOCK_N {block_n}, {splits} splits, "
+          f"BLOCK_N {block_n}, {splits} splits, "
           f"{args.num_warps} warps, {args.dot_precision} dots: {start.elapsed_time(end):.3f} ms (last call, with launch)")
     return 0
 

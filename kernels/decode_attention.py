@@ -431,23 +431,10 @@ def decode_entries_in_regions(
 
 # ---- attention kernels ---------------------------------------------------------------------------
 @triton.jit
-def _head_lanes(first_head, HEADS: tl.constexpr, LANES_PER_HEAD: tl.constexpr, USED_PER_HEAD: tl.constexpr):
-    """Lanes of HEADS consecutive KV heads side by side, LANES_PER_HEAD each (a power of two
-    >= USED_PER_HEAD: dims, packed words or scale groups of one head): each lane's KV head,
-    its index within the head, and whether that index exists (< USED_PER_HEAD)."""
-    lanes = tl.arange(0, HEADS * LANES_PER_HEAD)
-    within = lanes % LANES_PER_HEAD
-    return first_head + lanes // LANES_PER_HEAD, within, within < USED_PER_HEAD
-
-
-@triton.jit
-def _load_dense_tile(table_ptr, rows, kv_head, stride_row, stride_head, in_tier,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr):
-    """[BLOCK_N, HEADS * BLOCK_D] fp32 of bf16 rows of KV heads kv_head .. kv_head + HEADS - 1
-    side by side; 0 where `in_tier` is false (the entry is of another tier, or past the end
-    of the block's range) and in the padding dims of each head."""
-    heads, dims, dim_mask = _head_lanes(kv_head, HEADS, BLOCK_D, HEAD_DIM)
-    ptrs = table_ptr + rows[:, None] * stride_row + (heads * stride_head + dims)[None, :]
+def _load_dense_tile(table_ptr, rows, kv_head, stride_row, stride_head, in_tier, dims, dim_mask):
+    """[BLOCK_N, BLOCK_D] fp32 of bf16 rows; 0 where `in_tier` is false (the entry is of
+    another tier, or past the end of the block's range)."""
+    ptrs = table_ptr + rows[:, None] * stride_row + kv_head * stride_head + dims[None, :]
     return tl.load(ptrs, mask=in_tier[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
 
 
@@ -462,41 +449,40 @@ def _load_packed_words(
     stride_pairs_row,
     stride_pairs_head,
     in_tier,
+    dims,
+    dim_mask,
     HEAD_DIM: tl.constexpr,
     BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    HEADS: tl.constexpr,
 ):
-    """The packed words and (scale, minimum) pairs of a block of rows, KV heads kv_head ..
-    kv_head + HEADS - 1 side by side, as stored (0 where the entry is not in this tier):
-    [BLOCK_N, HEADS * BLOCK_D / codes per word] words for 2/4/8 bits, one word per channel
-    [BLOCK_N, HEADS * BLOCK_D] for 3 bits; [BLOCK_N, HEADS * BLOCK_D / GROUP_SIZE] pairs.
-    Loading apart from `_unpack_tile` lets a loop fetch the next block's few packed
+    """The packed words and (scale, minimum) pairs of a block of rows, as stored (0 where the
+    entry is not in this tier): [BLOCK_N, BLOCK_D / codes per word] words for 2/4/8 bits,
+    one word per channel [BLOCK_N, BLOCK_D] for 3 bits; [BLOCK_N, BLOCK_D / GROUP_SIZE]
+    pairs. Loading apart from `_unpack_tile` lets a loop fetch the next block's few packed
     registers while it computes on this one."""
     CODES_PER_WORD: tl.constexpr = 32 // BITS
     row_mask = in_tier[:, None]
-    codes_row = codes_ptr + rows[:, None] * stride_codes_row
+    codes_base = codes_ptr + rows[:, None] * stride_codes_row + kv_head * stride_codes_head
     if BITS != 3:
-        # 2/4/8 bits: a power-of-two number of codes per word, so a head's words load as
-        # one contiguous run (and the heads of a row are adjacent in the table).
+        # 2/4/8 bits: a power-of-two number of codes per word, so the row's words load as
+        # one contiguous run.
         WORDS: tl.constexpr = (HEAD_DIM + CODES_PER_WORD - 1) // CODES_PER_WORD
-        heads, offs_word, word_mask = _head_lanes(kv_head, HEADS, BLOCK_D // CODES_PER_WORD, WORDS)
-        words = tl.load(codes_row + (heads * stride_codes_head + offs_word)[None, :],
-                        mask=row_mask & word_mask[None, :], other=0)
+        BLOCK_WORDS: tl.constexpr = BLOCK_D // CODES_PER_WORD
+        offs_word = tl.arange(0, BLOCK_WORDS)
+        words = tl.load(codes_base + offs_word[None, :], mask=row_mask & (offs_word < WORDS)[None, :], other=0)
     else:
         # 3 bits: 10 codes per word, so words straddle groups and dims do not map to
         # (word, slot) by a reshape. Every lane loads its own word; lanes of one word
         # load one address, which the cache serves once.
-        heads, dims, dim_mask = _head_lanes(kv_head, HEADS, BLOCK_D, HEAD_DIM)
-        words = tl.load(codes_row + (heads * stride_codes_head + dims // CODES_PER_WORD)[None, :],
-                        mask=row_mask & dim_mask[None, :], other=0)
+        words = tl.load(codes_base + (dims // CODES_PER_WORD)[None, :], mask=row_mask & dim_mask[None, :], other=0)
     # One pair per group: group sizes are powers of two that divide head_dim, so they
     # divide BLOCK_D too.
-    heads, offs_group, group_mask = _head_lanes(kv_head, HEADS, BLOCK_D // GROUP_SIZE, HEAD_DIM // GROUP_SIZE)
-    pair_ptrs = pairs_ptr + rows[:, None] * stride_pairs_row + (heads * stride_pairs_head + offs_group)[None, :]
-    pairs = tl.load(pair_ptrs, mask=row_mask & group_mask[None, :], other=0)
+    GROUPS: tl.constexpr = HEAD_DIM // GROUP_SIZE
+    offs_group = tl.arange(0, BLOCK_D // GROUP_SIZE)
+    pair_ptrs = pairs_ptr + rows[:, None] * stride_pairs_row + kv_head * stride_pairs_head + offs_group[None, :]
+    pairs = tl.load(pair_ptrs, mask=row_mask & (offs_group < GROUPS)[None, :], other=0)
     return words, pairs
 
 
@@ -504,13 +490,13 @@ def _load_packed_words(
 def _unpack_tile(
     words,
     pairs,
+    dims,
     BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    HEADS: tl.constexpr,
 ):
-    """[BLOCK_N, HEADS * BLOCK_D] fp32 dequantized rows (code * scale + minimum, as quant.dequantize)
+    """[BLOCK_N, BLOCK_D] fp32 dequantized rows (code * scale + minimum, as quant.dequantize)
     from `_load_packed_words`; 0 where the words and pairs were masked off.
 
     Written for instruction count: conversions run at a quarter of the FMA rate on sm_90,
@@ -524,20 +510,18 @@ def _unpack_tile(
         # shift of the signed word is fine: the mask drops the sign bits.
         shifts = tl.arange(0, CODES_PER_WORD) * BITS
         codes = (words[:, :, None] >> shifts[None, None, :]) & MAX_CODE
-        codes = tl.reshape(codes, [BLOCK_N, HEADS * BLOCK_D])
+        codes = tl.reshape(codes, [BLOCK_N, BLOCK_D])
     else:
-        _, dims, _ = _head_lanes(0, HEADS, BLOCK_D, BLOCK_D)
         codes = (words >> ((dims % CODES_PER_WORD) * BITS)[None, :]) & MAX_CODE
     values = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # 2^23 + code, minus 2^23
 
-    BLOCK_GROUPS: tl.constexpr = HEADS * BLOCK_D // GROUP_SIZE
+    BLOCK_GROUPS: tl.constexpr = BLOCK_D // GROUP_SIZE
     # Little-endian: the scale is the low half of the pair, the minimum the high half.
     scale = pairs.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     minimum = (pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [BLOCK_N, BLOCK_GROUPS, GROUP_SIZE]),
-                       [BLOCK_N, HEADS * BLOCK_D])
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [BLOCK_N, BLOCK_GROUPS, GROUP_SIZE]), [BLOCK_N, BLOCK_D])
     minimum = tl.reshape(tl.broadcast_to(minimum[:, :, None], [BLOCK_N, BLOCK_GROUPS, GROUP_SIZE]),
-                         [BLOCK_N, HEADS * BLOCK_D])
+                         [BLOCK_N, BLOCK_D])
     return values * scale + minimum
 
 
@@ -552,18 +536,19 @@ def _load_packed_tile(
     stride_pairs_row,
     stride_pairs_head,
     in_tier,
+    dims,
+    dim_mask,
     HEAD_DIM: tl.constexpr,
     BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    HEADS: tl.constexpr,
 ):
-    """[BLOCK_N, HEADS * BLOCK_D] fp32 dequantized rows; 0 where the entry is not in this tier."""
+    """[BLOCK_N, BLOCK_D] fp32 dequantized rows; 0 where the entry is not in this tier."""
     words, pairs = _load_packed_words(codes_ptr, pairs_ptr, rows, kv_head, stride_codes_row, stride_codes_head,
-                                      stride_pairs_row, stride_pairs_head, in_tier,
-                                      HEAD_DIM, BITS, GROUP_SIZE, BLOCK_N, BLOCK_D, HEADS)
-    return _unpack_tile(words, pairs, BITS, GROUP_SIZE, BLOCK_N, BLOCK_D, HEADS)
+                                      stride_pairs_row, stride_pairs_head, in_tier, dims, dim_mask,
+                                      HEAD_DIM, BITS, GROUP_SIZE, BLOCK_N, BLOCK_D)
+    return _unpack_tile(words, pairs, dims, BITS, GROUP_SIZE, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -573,6 +558,8 @@ def _load_tile(
     is_staging,
     is_lowbit,
     is_guard,
+    dims,
+    dim_mask,
     staging_ptr,
     stride_staging_row,
     stride_staging_head,
@@ -606,19 +593,19 @@ def _load_tile(
     `if`s the loads sat in branches, were not pipelined, and the kernel needed ~245
     registers against ~180: docs/kernels.md, Versions.)"""
     tile = _load_dense_tile(staging_ptr, rows, kv_head, stride_staging_row, stride_staging_head,
-                            is_staging, HEAD_DIM, BLOCK_D, 1)
+                            is_staging, dims, dim_mask)
     tile += _load_packed_tile(lowbit_codes_ptr, lowbit_pairs_ptr, rows, kv_head,
                               stride_lowbit_row, stride_lowbit_head, stride_lowbit_pairs_row,
-                              stride_lowbit_pairs_head, is_lowbit,
-                              HEAD_DIM, LOWBIT_BITS, LOWBIT_GROUP_SIZE, BLOCK_N, BLOCK_D, 1)
+                              stride_lowbit_pairs_head, is_lowbit, dims, dim_mask,
+                              HEAD_DIM, LOWBIT_BITS, LOWBIT_GROUP_SIZE, BLOCK_N, BLOCK_D)
     if GUARD_PACKED:
         tile += _load_packed_tile(guard_ptr, guard_pairs_ptr, rows, kv_head,
                                   stride_guard_row, stride_guard_head, stride_guard_pairs_row,
-                                  stride_guard_pairs_head, is_guard,
-                                  HEAD_DIM, GUARD_BITS, GUARD_GROUP_SIZE, BLOCK_N, BLOCK_D, 1)
+                                  stride_guard_pairs_head, is_guard, dims, dim_mask,
+                                  HEAD_DIM, GUARD_BITS, GUARD_GROUP_SIZE, BLOCK_N, BLOCK_D)
     else:
         tile += _load_dense_tile(guard_ptr, rows, kv_head, stride_guard_row, stride_guard_head,
-                                 is_guard, HEAD_DIM, BLOCK_D, 1)
+                                 is_guard, dims, dim_mask)
     return tile
 
 
@@ -645,22 +632,17 @@ def _split_range(entries_start, entries_end, split, NUM_SPLITS: tl.constexpr, BL
 @triton.jit
 def _load_group_queries(q_ptr, request, kv_head, stride_q_batch, stride_q_head,
                         QUERY_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr):
-    """The queries of the GQA groups of KV heads kv_head .. kv_head + HEADS - 1, fp32
-    [BLOCK_G, HEADS * BLOCK_D] block-diagonal: query row g (head kv_head * QUERY_GROUP + g)
-    holds its values in the lanes of its own KV head and 0 in the others', so one dot
-    with the heads' keys side by side gives each query its own head's logits. Also returns
-    the rows' query heads, each lane's dim, the row mask and the (row, lane) mask of the
-    values that exist (what `_store_split_partial` writes)."""
+                        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The queries of one KV head's GQA group, fp32 [BLOCK_G, BLOCK_D], with their head
+    indices and the lane masks both split kernels need."""
     offs_g = tl.arange(0, BLOCK_G)
-    lane_heads, dims, dim_mask = _head_lanes(0, HEADS, BLOCK_D, HEAD_DIM)
-    group_mask = offs_g < QUERY_GROUP * HEADS
-    lane_mask = (group_mask[:, None] & dim_mask[None, :]
-                 & ((offs_g // QUERY_GROUP)[:, None] == lane_heads[None, :]))
+    offs_d = tl.arange(0, BLOCK_D)
+    group_mask = offs_g < QUERY_GROUP
+    dim_mask = offs_d < HEAD_DIM
     q_heads = kv_head * QUERY_GROUP + offs_g
-    q_ptrs = q_ptr + request.to(tl.int64) * stride_q_batch + q_heads[:, None] * stride_q_head + dims[None, :]
-    q = tl.load(q_ptrs, mask=lane_mask, other=0.0).to(tl.float32)
-    return q, q_heads, dims, group_mask, lane_mask
+    q_ptrs = q_ptr + request.to(tl.int64) * stride_q_batch + q_heads[:, None] * stride_q_head + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=group_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+    return q, q_heads, offs_d, group_mask, dim_mask
 
 
 @triton.jit
@@ -724,8 +706,8 @@ def _decode_split_kernel(
 
     split_start, split_end = _split_range(tl.load(entries_indptr_ptr + request),
                                           tl.load(entries_indptr_ptr + request + 1), split, NUM_SPLITS, BLOCK_N)
-    q, q_heads, dims, group_mask, lane_mask = _load_group_queries(
-        q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP, HEAD_DIM, BLOCK_G, BLOCK_D, 1)
+    q, q_heads, offs_d, group_mask, dim_mask = _load_group_queries(
+        q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP, HEAD_DIM, BLOCK_G, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)  # running max (base 2)
@@ -744,7 +726,7 @@ def _decode_split_kernel(
         held = is_staging | is_lowbit | is_guard
 
         # -- logits of every query head of the group against the block's keys
-        k = _load_tile(rows, kv_head, is_staging, is_lowbit, is_guard,
+        k = _load_tile(rows, kv_head, is_staging, is_lowbit, is_guard, offs_d, dim_mask,
                        staging_k_ptr, stride_staging_row, stride_staging_head,
                        lowbit_k_codes_ptr, lowbit_k_pairs_ptr, stride_lk_row, stride_lk_head,
                        stride_lk_pairs_row, stride_lk_pairs_head,
@@ -764,7 +746,7 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
 
         # -- values, loaded after the softmax so K and V tiles need not be live together
-        v = _load_tile(rows, kv_head, is_staging, is_lowbit, is_guard,
+        v = _load_tile(rows, kv_head, is_staging, is_lowbit, is_guard, offs_d, dim_mask,
                        staging_v_ptr, stride_staging_row, stride_staging_head,
                        lowbit_v_codes_ptr, lowbit_v_pairs_ptr, stride_lv_row, stride_lv_head,
                        stride_lv_pairs_row, stride_lv_pairs_head,
@@ -775,8 +757,8 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + _dot(p, v, DOT_PRECISION)
         m_i = m_new
 
-    _store_split_partial(partial_out_ptr, partial_lse_ptr, m_i, l_i, acc, request, q_heads, split, dims,
-                         group_mask, lane_mask, stride_po_batch, stride_po_head, stride_po_split,
+    _store_split_partial(partial_out_ptr, partial_lse_ptr, m_i, l_i, acc, request, q_heads, split, offs_d,
+                         group_mask, dim_mask, stride_po_batch, stride_po_head, stride_po_split,
                          stride_pl_batch, stride_pl_head)
 
 
@@ -790,9 +772,9 @@ def _store_split_partial(
     request,
     q_heads,
     split,
-    dims,
+    offs_d,
     group_mask,
-    lane_mask,
+    dim_mask,
     stride_po_batch,
     stride_po_head,
     stride_po_split,
@@ -800,9 +782,7 @@ def _store_split_partial(
     stride_pl_head,
 ):
     """Writes the split's normalized output acc / l and its log-sum-exp m + log2 l (base 2);
-    a split that saw no held entry writes output 0 and lse -inf (weight 0 in the merge).
-    Only the (row, lane) pairs of `lane_mask` are written: with several KV heads per program
-    a query row's lanes of the other heads hold their values' sums, not its output."""
+    a split that saw no held entry writes output 0 and lse -inf (weight 0 in the merge)."""
     has_entries = l_i > 0
     safe_l = tl.where(has_entries, l_i, 1.0)
     out = acc / safe_l[:, None]
@@ -812,9 +792,9 @@ def _store_split_partial(
         + request.to(tl.int64) * stride_po_batch
         + q_heads[:, None] * stride_po_head
         + split * stride_po_split
-        + dims[None, :]
+        + offs_d[None, :]
     )
-    tl.store(out_ptrs, out, mask=lane_mask)
+    tl.store(out_ptrs, out, mask=group_mask[:, None] & dim_mask[None, :])
     lse_ptrs = partial_lse_ptr + request.to(tl.int64) * stride_pl_batch + q_heads * stride_pl_head + split
     tl.store(lse_ptrs, lse, mask=group_mask)
 
@@ -897,21 +877,15 @@ def _decode_split_kernel_v2(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PREFETCH: tl.constexpr,  # low-bit loop pipelined by hand (see there)
-    HEADS: tl.constexpr,  # KV heads per program (a power of two dividing the KV heads)
 ):
     """v2: one loop per tier. The split's entry range is cut exactly as in v1 (whole
     BLOCK_N blocks of the request's entries); each tier loop runs over the intersection
     of that range with the tier's range, so every block is of one known tier: no tier
     array is read, and each loop carries only its own loader (no masked loads, no
     dequantization work of the other tiers). A tier's last block in the split may be
-    partial; `valid` masks its tail.
-
-    A program serves HEADS consecutive KV heads: their rows' K (and V) are loaded side by
-    side as one [BLOCK_N, HEADS * BLOCK_D] tile (one entry-row load and one row address for
-    all of them, HEADS times the bytes per dependent load), and the queries are laid out
-    block-diagonally (`_load_group_queries`), so the same two dots serve every head."""
+    partial; `valid` masks its tail."""
     request = tl.program_id(0)
-    kv_head = tl.program_id(1) * HEADS  # the first of the program's KV heads
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
     bounds_ptr = tier_indptr_ptr + request.to(tl.int64) * stride_tier_indptr_batch
@@ -920,13 +894,13 @@ def _decode_split_kernel_v2(
     guard_start = tl.load(bounds_ptr + 2 * stride_tier_indptr_tier)
     entries_end = tl.load(bounds_ptr + 3 * stride_tier_indptr_tier)
     split_start, split_end = _split_range(staging_start, entries_end, split, NUM_SPLITS, BLOCK_N)
-    q, q_heads, dims, group_mask, lane_mask = _load_group_queries(
-        q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP, HEAD_DIM, BLOCK_G, BLOCK_D, HEADS)
+    q, q_heads, offs_d, group_mask, dim_mask = _load_group_queries(
+        q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP, HEAD_DIM, BLOCK_G, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)  # running max (base 2)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp2(logit - m_i)
-    acc = tl.zeros([BLOCK_G, HEADS * BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
 
     # -- staging: bf16 rows. Staging entries come first, so the split starts inside or
     #    after them: the range is [split_start, min(split_end, lowbit_start)).
@@ -936,10 +910,10 @@ def _decode_split_kernel_v2(
         valid = entries < staging_end
         rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
         k = _load_dense_tile(staging_k_ptr, rows, kv_head, stride_staging_row, stride_staging_head,
-                             valid, HEAD_DIM, BLOCK_D, HEADS)
+                             valid, offs_d, dim_mask)
         logits = _block_logits(q, k, valid, qk_scale, DOT_PRECISION)
         v = _load_dense_tile(staging_v_ptr, rows, kv_head, stride_staging_row, stride_staging_head,
-                             valid, HEAD_DIM, BLOCK_D, HEADS)
+                             valid, offs_d, dim_mask)
         m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
 
     # -- low-bit: packed K and V, each in its own format.
@@ -955,12 +929,12 @@ def _decode_split_kernel_v2(
         rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
         k_words, k_pairs = _load_packed_words(
             lowbit_k_codes_ptr, lowbit_k_pairs_ptr, rows, kv_head, stride_lk_row, stride_lk_head,
-            stride_lk_pairs_row, stride_lk_pairs_head, valid,
-            HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D, HEADS)
+            stride_lk_pairs_row, stride_lk_pairs_head, valid, offs_d, dim_mask,
+            HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
         v_words, v_pairs = _load_packed_words(
             lowbit_v_codes_ptr, lowbit_v_pairs_ptr, rows, kv_head, stride_lv_row, stride_lv_head,
-            stride_lv_pairs_row, stride_lv_pairs_head, valid,
-            HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D, HEADS)
+            stride_lv_pairs_row, stride_lv_pairs_head, valid, offs_d, dim_mask,
+            HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
         next_valid = entries + BLOCK_N < lowbit_end
         next_rows = tl.load(entry_row_ptr + entries + BLOCK_N, mask=next_valid, other=0).to(tl.int64)
         for block_start in range(lowbit_first, lowbit_end, BLOCK_N):
@@ -969,15 +943,15 @@ def _decode_split_kernel_v2(
             ahead_rows = tl.load(entry_row_ptr + ahead_entries, mask=ahead_valid, other=0).to(tl.int64)
             next_k_words, next_k_pairs = _load_packed_words(
                 lowbit_k_codes_ptr, lowbit_k_pairs_ptr, next_rows, kv_head, stride_lk_row, stride_lk_head,
-                stride_lk_pairs_row, stride_lk_pairs_head, next_valid,
-                HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D, HEADS)
+                stride_lk_pairs_row, stride_lk_pairs_head, next_valid, offs_d, dim_mask,
+                HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
             next_v_words, next_v_pairs = _load_packed_words(
                 lowbit_v_codes_ptr, lowbit_v_pairs_ptr, next_rows, kv_head, stride_lv_row, stride_lv_head,
-                stride_lv_pairs_row, stride_lv_pairs_head, next_valid,
-                HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D, HEADS)
-            k = _unpack_tile(k_words, k_pairs, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D, HEADS)
+                stride_lv_pairs_row, stride_lv_pairs_head, next_valid, offs_d, dim_mask,
+                HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
+            k = _unpack_tile(k_words, k_pairs, offs_d, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
             logits = _block_logits(q, k, valid, qk_scale, DOT_PRECISION)
-            v = _unpack_tile(v_words, v_pairs, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D, HEADS)
+            v = _unpack_tile(v_words, v_pairs, offs_d, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
             m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
             k_words, k_pairs, v_words, v_pairs = next_k_words, next_k_pairs, next_v_words, next_v_pairs
             valid, next_valid, next_rows = next_valid, ahead_valid, ahead_rows
@@ -988,11 +962,11 @@ def _decode_split_kernel_v2(
             rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
             k = _load_packed_tile(lowbit_k_codes_ptr, lowbit_k_pairs_ptr, rows, kv_head,
                                   stride_lk_row, stride_lk_head, stride_lk_pairs_row, stride_lk_pairs_head,
-                                  valid, HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D, HEADS)
+                                  valid, offs_d, dim_mask, HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
             logits = _block_logits(q, k, valid, qk_scale, DOT_PRECISION)
             v = _load_packed_tile(lowbit_v_codes_ptr, lowbit_v_pairs_ptr, rows, kv_head,
                                   stride_lv_row, stride_lv_head, stride_lv_pairs_row, stride_lv_pairs_head,
-                                  valid, HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D, HEADS)
+                                  valid, offs_d, dim_mask, HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
             m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
 
     # -- guard: bf16 rows, or 8-bit packed (one format for K and V). GUARD_PACKED is a
@@ -1005,24 +979,24 @@ def _decode_split_kernel_v2(
         if GUARD_PACKED:
             k = _load_packed_tile(guard_k_ptr, guard_k_pairs_ptr, rows, kv_head,
                                   stride_guard_row, stride_guard_head, stride_guard_pairs_row,
-                                  stride_guard_pairs_head, valid,
-                                  HEAD_DIM, GUARD_BITS, GUARD_GROUP_SIZE, BLOCK_N, BLOCK_D, HEADS)
+                                  stride_guard_pairs_head, valid, offs_d, dim_mask,
+                                  HEAD_DIM, GUARD_BITS, GUARD_GROUP_SIZE, BLOCK_N, BLOCK_D)
         else:
             k = _load_dense_tile(guard_k_ptr, rows, kv_head, stride_guard_row, stride_guard_head,
-                                 valid, HEAD_DIM, BLOCK_D, HEADS)
+                                 valid, offs_d, dim_mask)
         logits = _block_logits(q, k, valid, qk_scale, DOT_PRECISION)
         if GUARD_PACKED:
             v = _load_packed_tile(guard_v_ptr, guard_v_pairs_ptr, rows, kv_head,
                                   stride_guard_row, stride_guard_head, stride_guard_pairs_row,
-                                  stride_guard_pairs_head, valid,
-                                  HEAD_DIM, GUARD_BITS, GUARD_GROUP_SIZE, BLOCK_N, BLOCK_D, HEADS)
+                                  stride_guard_pairs_head, valid, offs_d, dim_mask,
+                                  HEAD_DIM, GUARD_BITS, GUARD_GROUP_SIZE, BLOCK_N, BLOCK_D)
         else:
             v = _load_dense_tile(guard_v_ptr, rows, kv_head, stride_guard_row, stride_guard_head,
-                                 valid, HEAD_DIM, BLOCK_D, HEADS)
+                                 valid, offs_d, dim_mask)
         m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
 
-    _store_split_partial(partial_out_ptr, partial_lse_ptr, m_i, l_i, acc, request, q_heads, split, dims,
-                         group_mask, lane_mask, stride_po_batch, stride_po_head, stride_po_split,
+    _store_split_partial(partial_out_ptr, partial_lse_ptr, m_i, l_i, acc, request, q_heads, split, offs_d,
+                         group_mask, dim_mask, stride_po_batch, stride_po_head, stride_po_split,
                          stride_pl_batch, stride_pl_head)
 
 
@@ -1100,7 +1074,6 @@ def decode_attention(
     dot_precision: str = "tf32",
     num_warps: int = 4,
     prefetch: bool | None = None,
-    kv_heads_per_program: int = 1,
 ) -> torch.Tensor:
     """Attention of one decode query per request over its entries -> fp32 [B, Hq, D].
 
@@ -1120,9 +1093,7 @@ def decode_attention(
     mantissa, fewer registers, fp16 range) or "ieee" (exact fp32, slow). The interpreter
     computes "tf32" and "ieee" in full fp32. `prefetch` (v2 only; None: on for v2): the
     low-bit loop loads the next block's packed words (and the rows of the one after) before
-    computing on the current block; 11-22% faster on an H200 (docs/kernels.md, bench v6).
-    `kv_heads_per_program` (v2 only; a power of two dividing the KV heads): each split
-    program serves that many KV heads, loading their rows side by side (docs/kernels.md)."""
+    computing on the current block; 11-22% faster on an H200 (docs/kernels.md, bench v6)."""
     if dot_precision not in ("tf32", "fp16", "ieee"):
         raise ValueError(f"dot_precision must be tf32, fp16 or ieee, got {dot_precision!r}")
     if version is None:
@@ -1142,11 +1113,6 @@ def decode_attention(
         raise ValueError("entries_indptr must be [B + 1] and entry_tier / entry_row alike")
     if prefetch and version != "v2":
         raise ValueError("prefetch is a v2 option (its low-bit loop)")
-    heads = kv_heads_per_program
-    if heads < 1 or heads & (heads - 1) or kv_heads % heads:
-        raise ValueError(f"kv_heads_per_program must be a power of two dividing the {kv_heads} KV heads, got {heads}")
-    if heads != 1 and version != "v2":
-        raise ValueError("kv_heads_per_program is a v2 option")
     prefetch = version == "v2" if prefetch is None else prefetch
     if version == "v2" and (tier_indptr is None or tier_indptr.shape != (batch, 4)):
         raise ValueError("decode v2 needs tier_indptr [B, 4] (DecodeEntries.tier_indptr)")
@@ -1193,10 +1159,10 @@ def decode_attention(
         entry_strides = (tier_indptr.stride(0), tier_indptr.stride(1))
     launch_options = {"num_warps": num_warps}
     if version == "v2":
-        launch_options.update(PREFETCH=prefetch, HEADS=heads)
+        launch_options["PREFETCH"] = prefetch
     if num_stages is not None:
         launch_options["num_stages"] = num_stages
-    split_kernel[(batch, kv_heads // heads, num_splits)](
+    split_kernel[(batch, kv_heads, num_splits)](
         q,
         *entry_args,
         staging.k,
@@ -1231,7 +1197,7 @@ def decode_attention(
         GUARD_PACKED=guard_packed,
         GUARD_BITS=guard_bits,
         GUARD_GROUP_SIZE=guard_group_size,
-        BLOCK_G=max(16, triton.next_power_of_2(query_group * heads)),  # tl.dot needs >= 16 rows
+        BLOCK_G=max(16, triton.next_power_of_2(query_group)),  # tl.dot needs >= 16 rows
         BLOCK_D=block_d,
         BLOCK_N=block_n,
         DOT_PRECISION=dot_precision,

@@ -81,16 +81,16 @@ def poison(store) -> None:
 
 
 def build_pool(gen, device, *, key_bits=3, value_bits=2, group_size=32, guard_bits=16, layers=2,
-               head_dim=HEAD_DIM, kv_heads=KV_HEADS) -> FakePool:
+               head_dim=HEAD_DIM) -> FakePool:
     rows = NUM_TOKENS  # each tier can hold every token
-    staging = DenseStore([rows] * layers, kv_heads, head_dim, torch.bfloat16, device)
-    lowbit = PackedStore([rows] * layers, kv_heads, PackedFormat(key_bits, head_dim, group_size),
+    staging = DenseStore([rows] * layers, KV_HEADS, head_dim, torch.bfloat16, device)
+    lowbit = PackedStore([rows] * layers, KV_HEADS, PackedFormat(key_bits, head_dim, group_size),
                          PackedFormat(value_bits, head_dim, group_size), device)
     if guard_bits == 16:
-        guard = DenseStore([rows] * layers, kv_heads, head_dim, torch.bfloat16, device)
+        guard = DenseStore([rows] * layers, KV_HEADS, head_dim, torch.bfloat16, device)
     else:
         guard_format = PackedFormat(guard_bits, head_dim, group_size)
-        guard = PackedStore([rows] * layers, kv_heads, guard_format, guard_format, device)
+        guard = PackedStore([rows] * layers, KV_HEADS, guard_format, guard_format, device)
     for store in (staging, lowbit, guard):
         poison(store)
 
@@ -105,7 +105,7 @@ def build_pool(gen, device, *, key_bits=3, value_bits=2, group_size=32, guard_bi
             if tokens.numel() == 0:
                 continue
             tier_rows = torch.randperm(rows, generator=gen, device=device)[: tokens.numel()] + 1
-            shape = (tokens.numel(), kv_heads, head_dim)
+            shape = (tokens.numel(), KV_HEADS, head_dim)
             k = torch.randn(shape, generator=gen, device=device) * 2
             v = torch.randn(shape, generator=gen, device=device) * value_scale + value_offset
             pool.store(tier).write(layer, tier_rows, k, v)
@@ -125,8 +125,8 @@ def build_batch(seq_lens, gen, device):
     return req_to_token, req_pool_indices, torch.tensor(seq_lens, dtype=torch.int64, device=device)
 
 
-def random_queries(batch, query_group, gen, device, dtype=torch.bfloat16, head_dim=HEAD_DIM, kv_heads=KV_HEADS):
-    return torch.randn((batch, kv_heads * query_group, head_dim), generator=gen, device=device).to(dtype)
+def random_queries(batch, query_group, gen, device, dtype=torch.bfloat16, head_dim=HEAD_DIM):
+    return torch.randn((batch, KV_HEADS * query_group, head_dim), generator=gen, device=device).to(dtype)
 
 
 def reference_decode(pool, layer, q, req_to_token, req_pool_indices, seq_lens, scaling):
@@ -146,23 +146,16 @@ def reference_decode(pool, layer, q, req_to_token, req_pool_indices, seq_lens, s
     return out
 
 
-SPLIT_OPTIONS = {
-    "v1": {"version": "v1"},
-    "v2": {"version": "v2"},  # prefetches in its low-bit loop by default
-    "v2 without prefetch": {"version": "v2", "prefetch": False},  # its plain low-bit loop
-    "v2, 2 KV heads per program": {"version": "v2", "kv_heads_per_program": 2},  # KV_HEADS = 2: all
-}
-
-
-@pytest.fixture(params=list(SPLIT_OPTIONS))
+@pytest.fixture(params=["v1", "v2", "v2 without prefetch"])
 def version(request) -> str:
-    """Which split kernel decode_attention runs, and how (`split_options`)."""
+    """Which split kernel decode_attention runs (v2 prefetches in its low-bit loop by
+    default; "v2 without prefetch" is its plain loop)."""
     return request.param
 
 
 def split_options(version: str) -> dict:
     """decode_attention's keyword arguments for a `version` fixture value."""
-    return SPLIT_OPTIONS[version]
+    return {"version": "v2", "prefetch": False} if version == "v2 without prefetch" else {"version": version}
 
 
 def run_kernel(pool, layer, q, req_to_token, req_pool_indices, seq_lens, scaling, num_splits=3, *,
@@ -210,23 +203,6 @@ def test_gqa_groups_and_guard_formats(query_group, guard_bits, version, gen, dev
     scaling = 0.3 * HEAD_DIM**-0.5
     out = run_kernel(pool, 0, q, *batch, scaling, version=version)
     check_close(out, reference_decode(pool, 0, q, *batch, scaling), pool)
-
-
-@pytest.mark.parametrize("guard_bits", [16, 8])
-@pytest.mark.parametrize("kv_heads_per_program", [1, 2, 4])
-@pytest.mark.parametrize(("key_bits", "value_bits"), [(4, 2), (3, 2), (2, 8)])
-def test_kv_heads_per_program(key_bits, value_bits, kv_heads_per_program, guard_bits, gen, device):
-    """Qwen2.5-7B's GQA shape (4 KV heads, 7 query heads each) served 1, 2 or 4 KV heads
-    per program, every tier loader (staging, packed low-bit with 3-bit per-lane words,
-    bf16 and 8-bit guard) in both v2 low-bit loops."""
-    pool = build_pool(gen, device, key_bits=key_bits, value_bits=value_bits, guard_bits=guard_bits, kv_heads=4)
-    batch = build_batch([33, 1, 0, 40], gen, device)
-    q = random_queries(4, 7, gen, device, kv_heads=4)
-    expected = reference_decode(pool, 1, q, *batch, HEAD_DIM**-0.5)
-    for prefetch in (True, False):
-        out = run_kernel(pool, 1, q, *batch, HEAD_DIM**-0.5, version="v2", prefetch=prefetch,
-                         kv_heads_per_program=kv_heads_per_program)
-        check_close(out, expected, pool)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 8, 64])
@@ -418,12 +394,6 @@ def test_version_selection(gen, device, monkeypatch):
     assert launches() == (0, 1)
     # The engine's path runs v2 with its hand-pipelined low-bit loop (bench v6: 11-22% faster).
     assert spies["_decode_split_kernel_v2"].constants[-1]["PREFETCH"] is True
-    assert spies["_decode_split_kernel_v2"].constants[-1]["HEADS"] == 1
-    # Two KV heads per program: half the programs along the KV-head axis of the grid.
-    decode_attention(*lists, tier_indptr=entries.tier_indptr, num_splits=3, kv_heads_per_program=2)
-    assert spies["_decode_split_kernel_v2"].grids[-1] == (2, 1, 3)
-    assert spies["_decode_split_kernel_v2"].constants[-1]["HEADS"] == 2
-    assert launches() == (0, 1)
     decode_attention(*lists, tier_indptr=entries.tier_indptr, prefetch=False)
     assert launches() == (0, 1) and spies["_decode_split_kernel_v2"].constants[-1]["PREFETCH"] is False
     with pytest.raises(ValueError, match="tier_indptr"):
@@ -432,10 +402,6 @@ def test_version_selection(gen, device, monkeypatch):
         decode_attention(*lists, version="v3")
     with pytest.raises(ValueError, match="prefetch"):
         decode_attention(*lists, tier_indptr=entries.tier_indptr, version="v1", prefetch=True)
-    with pytest.raises(ValueError, match="kv_heads_per_program must be a power of two dividing the 2 KV heads"):
-        decode_attention(*lists, tier_indptr=entries.tier_indptr, kv_heads_per_program=4)
-    with pytest.raises(ValueError, match="kv_heads_per_program is a v2 option"):
-        decode_attention(*lists, tier_indptr=entries.tier_indptr, version="v1", kv_heads_per_program=2)
     for block_n in (8, 24):
         with pytest.raises(ValueError, match="block_n"):
             decode_attention(*lists, tier_indptr=entries.tier_indptr, block_n=block_n)
