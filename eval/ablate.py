@@ -157,6 +157,8 @@ LONG_VARIANTS: tuple[tuple[str, dict, dict], ...] = (
     ("pooling 63", {"pooling_kernel": 63}, {}),  # the largest the config allows
     ("temperature 0.5", {"temperature": 0.5}, {}),
     ("temperature 2.0", {"temperature": 2.0}, {}),
+    ("observation window 4", {"observation_window": 4}, {}),
+    ("observation window 8", {"observation_window": 8}, {}),
     ("observation window 16", {"observation_window": 16}, {}),
     ("observation window 64", {"observation_window": 64}, {}),
     ("recent window 16", {"recent_window": 16}, {}),

@@ -714,7 +714,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-warps", type=int, default=4, help="warps per program of both split kernels")
     parser.add_argument("--prefetch", default="on", choices=["on", "off"],
                         help="v2's low-bit loop pipelined by hand (decode_attention's prefetch; on by default)")
-    parser.add_argument("--dot-precision", default="tf32", choices=["tf32", "fp16", "ieee"])
+    parser.add_argument("--dot-precision", default="auto", choices=["auto", "tf32", "fp16", "ieee"],
+                        help="decode_attention's dot_precision (auto: fp16 on packed rows, tf32 on bf16 rows)")
     parser.add_argument("--row-order", default="random", choices=["random", "contiguous"],
                         help="rows of each tier (and SGLang's slots): a random permutation (a long-running "
                              "server's scattered free lists) or in request order (a fresh server)")

@@ -112,7 +112,9 @@ def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD
                   "GUARD_GROUP_SIZE": group if guard_packed else head_dim, "BLOCK_G": 16,
                   "BLOCK_D": triton.next_power_of_2(head_dim), "BLOCK_N": block_n, "DOT_PRECISION": "tf32"}
     if version == "v2":
-        constexprs["PREFETCH"] = prefetch
+        # dot_precision="auto", as decode_attention runs it (a bf16 guard here unless guard_bits 8)
+        constexprs.update(PREFETCH=prefetch, LOWBIT_DOT_PRECISION="fp16",
+                          GUARD_DOT_PRECISION="fp16" if guard_packed else "tf32")
     q_heads, kv_heads = query_group * KV_HEADS, KV_HEADS
 
     def words(bits):  # int32 words per row and head (quant.PackedFormat)

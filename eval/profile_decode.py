@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-n", type=int, help="default: engine.decode_block_n")
     parser.add_argument("--splits", type=int, help="default: engine.decode_num_splits")
     parser.add_argument("--num-warps", type=int, default=4)
-    parser.add_argument("--dot-precision", default="tf32", choices=["tf32", "fp16", "ieee"])
+    parser.add_argument("--dot-precision", default="auto", choices=["auto", "tf32", "fp16", "ieee"])
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
 

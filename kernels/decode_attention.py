@@ -875,7 +875,9 @@ def _decode_split_kernel_v2(
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # the staging loop's dots (bf16 rows)
+    LOWBIT_DOT_PRECISION: tl.constexpr,  # the low-bit loop's dots
+    GUARD_DOT_PRECISION: tl.constexpr,  # the guard loop's dots
     PREFETCH: tl.constexpr,  # low-bit loop pipelined by hand (see there)
 ):
     """v2: one loop per tier. The split's entry range is cut exactly as in v1 (whole
@@ -950,9 +952,9 @@ def _decode_split_kernel_v2(
                 stride_lv_pairs_row, stride_lv_pairs_head, next_valid, offs_d, dim_mask,
                 HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
             k = _unpack_tile(k_words, k_pairs, offs_d, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
-            logits = _block_logits(q, k, valid, qk_scale, DOT_PRECISION)
+            logits = _block_logits(q, k, valid, qk_scale, LOWBIT_DOT_PRECISION)
             v = _unpack_tile(v_words, v_pairs, offs_d, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
-            m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
+            m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, LOWBIT_DOT_PRECISION)
             k_words, k_pairs, v_words, v_pairs = next_k_words, next_k_pairs, next_v_words, next_v_pairs
             valid, next_valid, next_rows = next_valid, ahead_valid, ahead_rows
     else:
@@ -963,11 +965,11 @@ def _decode_split_kernel_v2(
             k = _load_packed_tile(lowbit_k_codes_ptr, lowbit_k_pairs_ptr, rows, kv_head,
                                   stride_lk_row, stride_lk_head, stride_lk_pairs_row, stride_lk_pairs_head,
                                   valid, offs_d, dim_mask, HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
-            logits = _block_logits(q, k, valid, qk_scale, DOT_PRECISION)
+            logits = _block_logits(q, k, valid, qk_scale, LOWBIT_DOT_PRECISION)
             v = _load_packed_tile(lowbit_v_codes_ptr, lowbit_v_pairs_ptr, rows, kv_head,
                                   stride_lv_row, stride_lv_head, stride_lv_pairs_row, stride_lv_pairs_head,
                                   valid, offs_d, dim_mask, HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
-            m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
+            m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, LOWBIT_DOT_PRECISION)
 
     # -- guard: bf16 rows, or 8-bit packed (one format for K and V). GUARD_PACKED is a
     #    compile-time constant, so each compiled kernel has one loader here, no branch.
@@ -984,7 +986,7 @@ def _decode_split_kernel_v2(
         else:
             k = _load_dense_tile(guard_k_ptr, rows, kv_head, stride_guard_row, stride_guard_head,
                                  valid, offs_d, dim_mask)
-        logits = _block_logits(q, k, valid, qk_scale, DOT_PRECISION)
+        logits = _block_logits(q, k, valid, qk_scale, GUARD_DOT_PRECISION)
         if GUARD_PACKED:
             v = _load_packed_tile(guard_v_ptr, guard_v_pairs_ptr, rows, kv_head,
                                   stride_guard_row, stride_guard_head, stride_guard_pairs_row,
@@ -993,7 +995,7 @@ def _decode_split_kernel_v2(
         else:
             v = _load_dense_tile(guard_v_ptr, rows, kv_head, stride_guard_row, stride_guard_head,
                                  valid, offs_d, dim_mask)
-        m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
+        m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, GUARD_DOT_PRECISION)
 
     _store_split_partial(partial_out_ptr, partial_lse_ptr, m_i, l_i, acc, request, q_heads, split, offs_d,
                          group_mask, dim_mask, stride_po_batch, stride_po_head, stride_po_split,
@@ -1053,6 +1055,7 @@ def _packed_args(codes: torch.Tensor, scale_min: torch.Tensor) -> tuple[tuple, t
 
 
 DECODE_VERSIONS = ("v1", "v2")
+DOT_PRECISIONS = ("auto", "tf32", "fp16", "ieee")
 
 
 def decode_attention(
@@ -1071,7 +1074,7 @@ def decode_attention(
     out: torch.Tensor | None = None,
     block_n: int = 16,
     num_stages: int | None = None,
-    dot_precision: str = "tf32",
+    dot_precision: str = "auto",
     num_warps: int = 4,
     prefetch: bool | None = None,
 ) -> torch.Tensor:
@@ -1089,13 +1092,16 @@ def decode_attention(
 
     `block_n`: entries per block (a power of two >= 16, tl.dot's minimum); `num_stages`:
     software-pipelining depth of the block loops (None: Triton's default). `dot_precision`:
-    how the two tl.dot take their fp32 operands on the GPU: "tf32" (default), "fp16" (same
-    mantissa, fewer registers, fp16 range) or "ieee" (exact fp32, slow). The interpreter
-    computes "tf32" and "ieee" in full fp32. `prefetch` (v2 only; None: on for v2): the
+    how the two tl.dot take their fp32 operands on the GPU: "tf32", "fp16" (the same
+    10-bit mantissa, half the shared-memory traffic, fp16 range) or "ieee" (exact fp32,
+    slow); "auto" (default) is fp16 where the rows are packed (v2's low-bit loop, and its
+    guard loop for an 8-bit guard: their fp16 scales and minimums already bound the values
+    to fp16 range) and tf32 for bf16 rows, which may exceed it (v1: tf32). The interpreter
+    computes "tf32" and "ieee" in full fp32, "fp16" with fp16-rounded operands. `prefetch` (v2 only; None: on for v2): the
     low-bit loop loads the next block's packed words (and the rows of the one after) before
     computing on the current block; 11-22% faster on an H200 (docs/kernels.md, bench v6)."""
-    if dot_precision not in ("tf32", "fp16", "ieee"):
-        raise ValueError(f"dot_precision must be tf32, fp16 or ieee, got {dot_precision!r}")
+    if dot_precision not in DOT_PRECISIONS:
+        raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
     if version is None:
         version = "v1" if tier_indptr is None else "v2"
     if version not in DECODE_VERSIONS:
@@ -1158,8 +1164,11 @@ def decode_attention(
         entry_args = (tier_indptr, entry_row)
         entry_strides = (tier_indptr.stride(0), tier_indptr.stride(1))
     launch_options = {"num_warps": num_warps}
+    dense_precision = "tf32" if dot_precision == "auto" else dot_precision
+    packed_precision = "fp16" if dot_precision == "auto" else dot_precision
     if version == "v2":
-        launch_options["PREFETCH"] = prefetch
+        launch_options.update(PREFETCH=prefetch, LOWBIT_DOT_PRECISION=packed_precision,
+                              GUARD_DOT_PRECISION=packed_precision if guard_packed else dense_precision)
     if num_stages is not None:
         launch_options["num_stages"] = num_stages
     split_kernel[(batch, kv_heads, num_splits)](
@@ -1200,7 +1209,7 @@ def decode_attention(
         BLOCK_G=max(16, triton.next_power_of_2(query_group)),  # tl.dot needs >= 16 rows
         BLOCK_D=block_d,
         BLOCK_N=block_n,
-        DOT_PRECISION=dot_precision,
+        DOT_PRECISION=dense_precision,
         **launch_options,
     )
     _merge_splits_kernel[(batch, q_heads)](

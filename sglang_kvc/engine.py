@@ -176,6 +176,8 @@ class CompressedAttention:
         self.scorer = scorer or scorer_from_config(pool.config, implementation=attention_impl)
         self.layer_retain = pool.plan.layer_retain_ratios
         self.decode_kernel_block_n = decode_block_n(pool.lowbit.key_format.bits)
+        # fp16 dot operands on packed rows, tf32 on bf16 rows (kernels.decode_attention).
+        self.decode_dot_precision = "auto"
         self.window = self.config.sparsity.observation_window
         self.seal_interval = max(1, self.config.quantization.decode_window // 2)
         self.decode_steps = 0
@@ -495,6 +497,7 @@ class CompressedAttention:
             scaling,
             num_splits=launch.num_splits,
             block_n=self.decode_kernel_block_n,
+            dot_precision=self.decode_dot_precision,
             max_seq_len=launch.max_seq_len,
             max_entries=launch.entry_capacity,
             region_indptr=launch.region_indptr,
