@@ -1097,9 +1097,11 @@ def decode_attention(
     slow); "auto" (default) is fp16 where the rows are packed (v2's low-bit loop, and its
     guard loop for an 8-bit guard: their fp16 scales and minimums already bound the values
     to fp16 range) and tf32 for bf16 rows, which may exceed it (v1: tf32). The interpreter
-    computes "tf32" and "ieee" in full fp32, "fp16" with fp16-rounded operands. `prefetch` (v2 only; None: on for v2): the
-    low-bit loop loads the next block's packed words (and the rows of the one after) before
-    computing on the current block; 11-22% faster on an H200 (docs/kernels.md, bench v6)."""
+    computes "tf32" and "ieee" in full fp32, "fp16" with fp16-rounded operands.
+
+    `prefetch` (v2 only; None: on for v2): the low-bit loop loads the next block's packed
+    words (and the rows of the one after) before computing on the current block; 11-22%
+    faster on an H200 (docs/kernels.md, bench v6)."""
     if dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
     if version is None:

@@ -11,7 +11,6 @@ as NaN in the output."""
 from __future__ import annotations
 
 import ast
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
