@@ -36,6 +36,8 @@ HOOKS = (
      scheduler.mark_last_chunks, HookType.AFTER),
     ("sglang.srt.mem_cache.common.evict_from_tree_cache", scheduler.evict_until_rows_free, HookType.AROUND),
     ("sglang.srt.managers.schedule_policy.PrefillAdder.__init__", scheduler.admission_in_rows, HookType.AFTER),
+    ("sglang.srt.managers.scheduler_components.pool_stats_observer.SchedulerPoolStatsObserver._get_token_info",
+     scheduler.token_usage_in_rows, HookType.AFTER),
     ("sglang.srt.mem_cache.common.release_kv_cache", scheduler.seal_released_request, HookType.BEFORE),
     ("sglang.srt.managers.scheduler.Scheduler.on_idle", scheduler.idle_check_in_logical_ids, HookType.AROUND),
     ("sglang.srt.managers.scheduler.Scheduler.get_init_info", scheduler.verify_components, HookType.AFTER),

@@ -285,3 +285,50 @@ def test_admission_budget_counts_rows_that_eviction_can_really_free():
     assert sim.tree.evictable_size() == 0
     assert sim.allocator.available_size() < stock_budget
     sim.check()
+
+
+def test_token_usage_is_reported_in_rows():
+    """SGLang's token usage is `1 - (available + evictable) / max_total` in logical tokens;
+    a compressed plan has fewer rows than logical tokens, so stock arithmetic reports an
+    idle server as partly used. The plugin reports the rows: 0 when idle, the tightest
+    layer's row usage while requests hold tokens, the evictable share taken off when they
+    are cached."""
+    from sglang.srt.managers.scheduler_components.pool_stats_observer import SchedulerPoolStatsObserver
+
+    from sglang_kvc.patches import scheduler as hooks
+
+    sim = Simulator(logical_tokens=2048)
+    observer = SchedulerPoolStatsObserver(
+        tree_cache=sim.tree, token_to_kv_pool_allocator=sim.allocator, req_to_token_pool=sim.req_to_token_pool,
+        session_controller=None, hisparse_coordinator=None, is_hybrid_swa=False, is_hybrid_ssm=False,
+        enable_hisparse=False, full_tokens_per_layer=None, swa_tokens_per_layer=None,
+        max_total_num_tokens=sim.logical_tokens, get_last_batch=lambda: None, get_running_batch=lambda: None,
+    )
+
+    def usage():
+        stats = hooks.token_usage_in_rows(observer._get_token_info(), observer)
+        assert stats.full_num_used == round(stats.full_token_usage * sim.logical_tokens)
+        return stats.full_token_usage
+
+    assert observer._get_token_info().full_token_usage > 0.1  # stock arithmetic, idle pool
+    assert usage() == 0.0
+
+    requests = [sim.new_request(prompt(150, start=1000 * (i + 1)), max_new_tokens=2) for i in range(3)]
+    for request in requests:
+        assert sim.admit(request)
+        run_to_completion(sim, request)
+    pool = sim.pool
+    free = [pool.free_rows(layer) for layer in range(pool.layer_num)]
+    tightest = free.index(min(free))
+    rows = pool.lowbit_free[tightest].num_rows + pool.guard_free[tightest].num_rows
+    live = usage()
+    assert live == 1 - pool.headroom_tokens() / rows and 0 < live < 1
+
+    for request in requests:
+        sim.finish(request)  # the tree keeps the tokens: evictable, not free
+    assert sim.tree.evictable_size() > 0
+    cached = usage()
+    assert cached < live
+    sim.tree.evict(EvictParams(num_tokens=sim.tree.evictable_size()))
+    assert usage() == 0.0
+    sim.check()
