@@ -394,7 +394,7 @@ def test_version_selection(gen, device, monkeypatch):
     assert launches() == (0, 1)
     # The engine's path runs v2 with its hand-pipelined low-bit loop (bench v6: 11-22% faster).
     assert spies["_decode_split_kernel_v2"].constants[-1]["PREFETCH"] is True
-    # ... and fp16 dot operands on packed rows only (dot_precision="auto"; bench v7: 8-11% faster).
+    # ... and fp16 dot operands on packed rows only (dot_precision="auto"; bench v7: 7-10% faster).
     precisions = ("DOT_PRECISION", "LOWBIT_DOT_PRECISION", "GUARD_DOT_PRECISION")
     assert [spies["_decode_split_kernel_v2"].constants[-1][name] for name in precisions] == ["tf32", "fp16", "tf32"]
     decode_attention(*lists, tier_indptr=entries.tier_indptr, dot_precision="tf32")
