@@ -235,6 +235,10 @@ class Sample:
     length: int  # token budget: prompt tokens + MAX_NEW_TOKENS[task] <= length
     depth: float | None  # where the answer-bearing needle sits in the context, 0..1
     prompt_ids: tuple[int, ...]
+    # More (question, answer) pairs about the same context, asked after the answer to `prompt`
+    # (`follow_up_prompt`). Training only: one context then teaches several retrievals, and for
+    # multikey / vt the contrast between keys of one context. Evaluation never asks them.
+    follow_ups: tuple[tuple[str, str], ...] = ()
 
     def to_record(self, index: int) -> dict:
         """A RULER-suite-like jsonl record (`input` + `answer_prefix` is the prompt)."""
@@ -254,6 +258,19 @@ class Sample:
 def completion(answer: str) -> str:
     """What the model writes after the prompt (before its end-of-turn token)."""
     return " " + answer
+
+
+def follow_up_prompt(question: str) -> str:
+    """The text after an answer's end token that asks another question about the same context."""
+    return "\n\n" + question + "\n" + ANSWER_PREFIX
+
+
+def _with_follow_ups(sample: Sample, candidates: Sequence[tuple[str, str]], needle_texts: Sequence[str]) -> Sample:
+    """`sample` with those candidate (question, answer) pairs whose needle text survived in its
+    context (trimming to length drops kv records from the end)."""
+    context = sample.prompt.rsplit("\n\nQuestion:", 1)[0]
+    kept = tuple(pair for pair, text in zip(candidates, needle_texts) if text in context)
+    return replace(sample, follow_ups=kept)
 
 
 def _assemble(task: str, header: str, items: list[Item], question: str, length: int, depth: float | None,
@@ -334,7 +351,9 @@ def multikey_sample(rng: Random, encode: PieceEncoder, length: int, depth: float
         encode, MULTIKEY_HEADER, question, *(" " + n.text for n in needles))
     placements = [(depth, needles[0])] + [(rng.random(), needle) for needle in needles[1:]]
     items = place(filler_items(rng, encode, budget), placements, encode)
-    return _assemble("multikey", MULTIKEY_HEADER, items, question, length, depth, values[0], encode)
+    sample = _assemble("multikey", MULTIKEY_HEADER, items, question, length, depth, values[0], encode)
+    others = [(MULTIKEY_QUESTION.format(key=key), value) for key, value in zip(keys[1:], values[1:])]
+    return _with_follow_ups(sample, others, [needle.text for needle in needles[1:]])
 
 
 # ------------------------------------------------------------------------------------------ kv
@@ -345,6 +364,7 @@ KV_HEADER = (
 )
 KV_QUESTION = "Question: What is the value of key {key}?"
 KV_NEAR_MISS_RATE = 0.2  # share of other keys that repeat one half of the asked key
+KV_FOLLOW_UPS = 4  # training questions about other records of the same list
 
 
 def _hex4(rng: Random) -> str:
@@ -375,7 +395,12 @@ def kv_sample(rng: Random, encode: PieceEncoder, length: int, depth: float | Non
         used += cost
     position = round(depth * len(records))
     records.insert(position, Item(f"{key}: {answer}", line=True))
-    return _assemble("kv", KV_HEADER, records, question, length, depth, answer, encode)
+    sample = _assemble("kv", KV_HEADER, records, question, length, depth, answer, encode)
+    # Records spread over the list (no random draws: held-out samples stay as they were).
+    others = [records[round((i + 0.5) * len(records) / KV_FOLLOW_UPS)] for i in range(KV_FOLLOW_UPS)]
+    others = [record.text for record in others if record.filler]
+    pairs = [(KV_QUESTION.format(key=text.split(": ")[0]), text.split(": ")[1]) for text in others]
+    return _with_follow_ups(sample, pairs, [text + "\n" for text in others])
 
 
 # ------------------------------------------------------------------------------------------ vt
@@ -403,7 +428,8 @@ def vt_sample(rng: Random, encode: PieceEncoder, length: int, depth: float | Non
     while len(values) < num_chains:
         values.add(random_number(rng, 5))
     chains = []
-    for chain_index, value in enumerate(sorted(values, key=lambda _: rng.random())):
+    # sorted() first: a set's order follows the per-process string hash seed.
+    for chain_index, value in enumerate(sorted(sorted(values), key=lambda _: rng.random())):
         chain = names[chain_index * (hops + 1) : (chain_index + 1) * (hops + 1)]
         lines = [f"VAR {chain[0]} = {value}."] + [f"VAR {chain[i + 1]} = VAR {chain[i]}." for i in range(hops)]
         chains.append((chain, value, [Item(line, line=True) for line in lines]))
@@ -415,7 +441,9 @@ def vt_sample(rng: Random, encode: PieceEncoder, length: int, depth: float | Non
     for _, _, lines in chains[1:]:
         placements += zip(sorted(rng.random() for _ in lines), lines)
     items = place(filler_items(rng, encode, budget), placements, encode)
-    return _assemble("vt", VT_HEADER, items, question, length, depth, " ".join(chains[0][0]), encode)
+    sample = _assemble("vt", VT_HEADER, items, question, length, depth, " ".join(chains[0][0]), encode)
+    others = [(VT_QUESTION.format(value=value), " ".join(chain)) for chain, value, _ in chains[1:]]
+    return _with_follow_ups(sample, others, [lines[0].text for _, _, lines in chains[1:]])
 
 
 # -------------------------------------------------------------------------------------- public

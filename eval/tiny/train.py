@@ -77,6 +77,9 @@ class TrainConfig:
     # quarter of the prompt positions: denser signal, and attention that reads the filler.
     context_loss_weight: float = 0.0
     init: Path | None = None  # start from a saved model folder (and its tokenizer) instead of scratch
+    # Room per training row for follow-up questions about the same context (tasks.Sample.follow_ups):
+    # several answers per context instead of one, and for multikey the contrast between its keys.
+    follow_up_tokens: int = 192
 
     @property
     def curriculum(self) -> tuple[int, ...]:
@@ -107,11 +110,26 @@ class Curriculum:
     task_weights: multiprocessing.Array = field(default_factory=lambda: multiprocessing.Array("d", [1.0] * 8))
 
 
-def training_example(sample: tasks.Sample, encode: tasks.PieceEncoder, eos_id: int) -> tuple[list[int], list[int]]:
-    """(input ids, labels): labels[t] is the token at t + 1 where that is an answer token, else -100."""
-    answer_ids = [*encode(tasks.completion(sample.answer)), eos_id]
-    ids = [*sample.prompt_ids, *answer_ids]
-    labels = [-100] * (len(sample.prompt_ids) - 1) + answer_ids + [-100]
+def training_example(sample: tasks.Sample, encode: tasks.PieceEncoder, eos_id: int,
+                     follow_up_tokens: int = 0) -> tuple[list[int], list[int]]:
+    """(input ids, labels): labels[t] is the token at t + 1 where that is an answer token, else
+    -100. The prompt and its answer come first, exactly as evaluation asks them; then, within
+    `follow_up_tokens` more tokens, the sample's follow-up questions with their answers."""
+    ids, is_answer = list(sample.prompt_ids), [False] * len(sample.prompt_ids)
+
+    def add(tokens: Sequence[int], answer: bool) -> None:
+        ids.extend(tokens)
+        is_answer.extend([answer] * len(tokens))
+
+    add([*encode(tasks.completion(sample.answer)), eos_id], True)
+    limit = len(ids) + follow_up_tokens
+    for question, answer in sample.follow_ups:
+        ask, reply = encode(tasks.follow_up_prompt(question)), [*encode(tasks.completion(answer)), eos_id]
+        if len(ids) + len(ask) + len(reply) > limit:
+            break
+        add(ask, False)
+        add(reply, True)
+    labels = [token if answer else -100 for token, answer in zip(ids[1:], is_answer[1:])] + [-100]
     return ids, labels
 
 
@@ -138,12 +156,14 @@ class TrainingBatches(torch.utils.data.IterableDataset):
             # Half the batches at the newest length, the rest spread over the shorter ones.
             length = curriculum[stage] if stage == 0 or rng.random() < 0.5 else curriculum[rng.randrange(stage)]
             weights = list(self.curriculum.task_weights[: len(self.config.tasks)])
-            count = max(1, self.config.batch_tokens // length)
-            input_ids = torch.full((count, length), pad_id, dtype=torch.long)
-            labels = torch.full((count, length), -100, dtype=torch.long)
+            width = length + self.config.follow_up_tokens
+            count = max(1, self.config.batch_tokens // width)
+            input_ids = torch.full((count, width), pad_id, dtype=torch.long)
+            labels = torch.full((count, width), -100, dtype=torch.long)
             for row in range(count):
                 task = rng.choices(self.config.tasks, weights)[0]
-                ids, row_labels = training_example(tasks.make_sample(task, rng, encode, length), encode, eos_id)
+                sample = tasks.make_sample(task, rng, encode, length)
+                ids, row_labels = training_example(sample, encode, eos_id, self.config.follow_up_tokens)
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 labels[row, : len(row_labels)] = torch.tensor(row_labels)
             yield input_ids, labels
@@ -444,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-loss-weight", type=float, default=defaults.context_loss_weight,
                    help="> 0 adds next-token loss on prompt tokens (default: answer tokens only)")
     p.add_argument("--init", type=Path, default=None, help="continue from a saved model folder")
+    p.add_argument("--follow-up-tokens", type=int, default=defaults.follow_up_tokens,
+                   help="room per training row for follow-up questions about its context (0: one question)")
     p.add_argument("--smoke", action="store_true", help="a few CPU steps of a toy model at 256 tokens")
     return p
 
@@ -457,7 +479,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         periodic_samples=args.periodic_samples, target=args.target, size=args.size,
         batch_tokens=args.batch_tokens, lr=args.lr, eval_every=args.eval_every, workers=args.workers,
         max_steps=args.max_steps, tasks=tuple(args.tasks), context_loss_weight=args.context_loss_weight,
-        init=args.init,
+        init=args.init, follow_up_tokens=args.follow_up_tokens,
     )
 
 

@@ -54,6 +54,47 @@ def test_generators_are_deterministic_per_seed(encode):
         assert other.prompt != first.prompt and other.answer != first.answer
 
 
+def test_samples_do_not_depend_on_the_process_hash_seed(tmp_path):
+    """Held-out suites must be the same in every process (vt once drew from a set's order)."""
+    import subprocess
+    import sys
+
+    script = (
+        "from eval.tiny import tasks, tokenizer as t\n"
+        "enc = tasks.TokenizerPieceEncoder(t.build_tokenizer())\n"
+        "for s in tasks.eval_samples(enc, tasks.TASK_NAMES, (256,), 4, 0)[('vt', 256)]: print(repr(s.prompt))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    outputs = {
+        subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(outputs) == 1 and outputs.pop().count("VAR") > 4
+
+
+def test_follow_ups_ask_about_other_needles_of_the_same_context(encode):
+    for sample in _samples(encode, length=1024, count=4):
+        context = _context(sample)
+        if sample.task == "passkey":
+            assert sample.follow_ups == ()
+            continue
+        assert sample.follow_ups, sample.task
+        for question, answer in sample.follow_ups:
+            assert answer != sample.answer and question != sample.prompt.rsplit("\n\n", 1)[1]
+            if sample.task == "multikey":
+                key = re.search(r"number for (\S+) mentioned", question).group(1)
+                assert f"for {key} is: {answer}." in context
+            elif sample.task == "kv":
+                key = re.search(r"key (\S+)\?", question).group(1)
+                assert f"\n{key}: {answer}\n" in context
+            else:
+                value = re.search(r"value (\d+) in", question).group(1)
+                names = answer.split()
+                assert f"VAR {names[0]} = {value}." in context
+                assert all(f"VAR {b} = VAR {a}." in context for a, b in zip(names, names[1:]))
+
+
 def test_answer_is_in_the_context_exactly_once_and_distractors_differ(encode):
     for sample in _samples(encode):
         context, answer = _context(sample), sample.answer
@@ -183,6 +224,25 @@ def test_training_example_puts_labels_on_the_answer_only(encode, tokenizer):
     targets = [(position, label) for position, label in enumerate(labels) if label != -100]
     assert [label for _, label in targets] == answer_ids
     assert all(ids[position + 1] == label for position, label in targets)
+
+
+def test_training_example_appends_follow_ups_within_their_budget(encode, tokenizer):
+    eos_id = tokenizer.token_to_id("<|im_end|>")
+    sample = next(s for s in _samples(encode, length=512, count=3) if len(s.follow_ups) >= 2)
+    plain_ids, plain_labels = tiny_train.training_example(sample, encode, eos_id)
+    for budget in (0, 40, 400):
+        ids, labels = tiny_train.training_example(sample, encode, eos_id, follow_up_tokens=budget)
+        # The evaluated question comes first, unchanged; follow-ups only add after it.
+        assert ids[: len(plain_ids)] == plain_ids and labels[: len(plain_ids) - 1] == plain_labels[:-1]
+        assert len(ids) <= len(plain_ids) + budget and len(ids) == len(labels)
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        asked = [q for q, _ in sample.follow_ups if q in text]
+        assert asked == [q for q, _ in sample.follow_ups][: len(asked)]
+        answers = tokenizer.decode([label for label in labels if label != -100], skip_special_tokens=False)
+        assert answers == "".join(tasks.completion(a) + "<|im_end|>" for a in [sample.answer, *[
+            a for q, a in sample.follow_ups if q in asked]])
+        assert (budget == 0) == (len(ids) == len(plain_ids))
+    assert len(asked) == len(sample.follow_ups)  # 400 tokens hold them all
 
 
 def test_context_loss_is_off_by_default_and_adds_prompt_loss(tokenizer_dir, encode, tokenizer):
