@@ -6,5 +6,5 @@
 #   run(command="bash eval/gpu/train_tiny.sh", timeout_s=600)
 set -u
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -m eval.tiny.train --out "$OUT/model" --device cuda --minutes "${MINUTES:-9.2}" --seed 0 \
+python3 -m eval.tiny.train --out "$OUT/model" --device cuda --minutes "${MINUTES:-9.0}" --size deep --seed 0 \
   --lengths 1024 2048 4096 8192 --eval-samples 200 --target 0.95 --context-loss-weight 1.0 "$@"
