@@ -172,9 +172,11 @@ def run_kernel(pool, layer, q, req_to_token, req_pool_indices, seq_lens, scaling
 
 # fp16 dot operands (v2's packed loops by default, dot_precision="auto") round to 11
 # significant bits, in the interpreter too; so does tf32 on a GPU (the interpreter computes
-# tf32 in fp32): errors reach ~1e-3 of the value scale.
-TOLERANCE = 2e-3
-TOLERANCE_FP16 = 2e-3
+# tf32 in fp32). Measured on test_head_dim_not_a_power_of_two (2-bit K, 8-bit guard, head_dim
+# 96): the worst error over seeds 0-239 was 1.4e-3 of the value scale, and one CI seed
+# (904402330) reached 2.02e-3; so 4e-3, still far below what a wrong row, code or scale gives.
+TOLERANCE = 4e-3
+TOLERANCE_FP16 = 4e-3
 
 
 def check_close(out, expected, pool, tolerance=TOLERANCE):
