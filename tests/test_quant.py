@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sglang_kvc.quant import PackedFormat, dequantize, hadamard_matrix, pack_codes, quantize, unpack_codes
@@ -102,6 +102,9 @@ def random_groups(gen, shape, spread, offset, kind):
 
 
 @settings(max_examples=300, deadline=None)
+# Found by CI: fp16 rounds the minimum (64.157) up to 64.1875, above the maximum (64.170).
+@example(bits=2, group_size=16, groups_per_head=1, rows=1, spread_exponent=-2.5, offset=64.1640625,
+         kind="normal", seed=0)
 @given(
     bits=st.sampled_from(BITS),
     group_size=st.sampled_from(GROUP_SIZES),
@@ -148,9 +151,12 @@ def test_quantize_error_within_analytic_bound(
     # so |x - x_hat| <= s/2 + |m - min| + Q*|r - s|, with |m - min| <= e16(min) and
     # |r - s| <= e16(r), e16 = fp16 round-to-nearest error. The float32 arithmetic of
     # (x - m)/s, round and c*s + m adds a few float32 ulps of the magnitudes involved.
-    float32_slack = 2.0**-20 * (grouped.abs() + stored_min.abs() + levels * scale)
+    # A group whose fp16 minimum rounded above its maximum stores a negative scale and only
+    # code 0 (x_hat = m, error <= |m - min|): no step terms there.
+    step = scale.clamp(min=0)
+    float32_slack = 2.0**-20 * (grouped.abs() + stored_min.abs() + levels * step)
     bound = (
-        scale / 2
+        step / 2
         + fp16_rounding_error(true_min)
         + levels * fp16_rounding_error(ideal_scale)
         + float32_slack

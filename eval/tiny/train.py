@@ -14,6 +14,10 @@ What it does:
     held-out accuracy at the current longest length reaches --advance-at on every task, or at
     the latest when its share of the time budget is reached; half of every batch draw is the
     newest length, the rest the shorter ones (so nothing is forgotten);
+  * each row: a sample's prompt and answer, exactly as evaluation asks it, then within
+    --follow-up-tokens more tokens further questions about the same context with their
+    answers (tasks.Sample.follow_ups: several answers per context, and for multikey the
+    contrast between the keys of one context);
   * loss only on the answer tokens (" " + answer + <|im_end|>) unless --context-loss-weight adds
     next-token loss on prompt tokens; AdamW, linear warm-up then a cosine decay over the time
     budget, bf16 autocast on CUDA, SDPA attention;
@@ -88,6 +92,8 @@ class TrainConfig:
     def __post_init__(self):
         if min(self.curriculum) < tasks.MIN_LENGTH:
             raise ValueError(f"lengths below {tasks.MIN_LENGTH} tokens cannot hold every task's prompt")
+        if self.follow_up_tokens < 0:
+            raise ValueError(f"follow_up_tokens must be >= 0 (0: one question per row), got {self.follow_up_tokens}")
 
 
 def smoke_config(out: Path) -> TrainConfig:

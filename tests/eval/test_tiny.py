@@ -260,6 +260,8 @@ def test_context_loss_is_off_by_default_and_adds_prompt_loss(tokenizer_dir, enco
 def test_curriculum_rejects_lengths_too_short_for_the_tasks():
     with pytest.raises(ValueError):
         tiny_train.TrainConfig(out=Path("."), lengths=(128,))
+    with pytest.raises(ValueError, match="follow_up_tokens"):
+        tiny_train.TrainConfig(out=Path("."), follow_up_tokens=-1)
 
 
 def test_smoke_training_writes_a_loadable_qwen2_folder(tmp_path):
