@@ -37,7 +37,8 @@ SIZES = {
     # ~3.9M parameters (1.05M of them the tied 4096 x 256 embedding), ~7.9 MB in bf16.
     "base": TinySize(num_hidden_layers=4, hidden_size=256, intermediate_size=512,
                      num_attention_heads=8, num_key_value_heads=2, head_dim=64),
-    # The same width, six layers (~5.2M parameters): more depth for multi-hop tasks (vt).
+    # The bundled model: the same width, six layers (~5.4M parameters, ~10.8 MB in bf16); four
+    # layers never learnt multikey (docs/results/tiny-training-2026-11-29-v2.md).
     "deep": TinySize(num_hidden_layers=6, hidden_size=256, intermediate_size=512,
                      num_attention_heads=8, num_key_value_heads=2, head_dim=64),
     # For CPU smoke runs and tests: same structure (GQA 2), a few hundred thousand parameters.
