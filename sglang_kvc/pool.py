@@ -320,10 +320,9 @@ class CompressedKVPool(MHATokenToKVPool):
         """Fraction of the rows in use, charged as `headroom_tokens` charges them, in the
         layer that limits admission (fewest free rows): 0 when nothing is held, 1 when no
         token can be admitted."""
-        free = [self.free_rows(layer) for layer in range(self.layer_num)]
-        tightest = min(range(self.layer_num), key=free.__getitem__)
+        tightest = min(range(self.layer_num), key=self.free_rows)
         rows = self.lowbit_free[tightest].num_rows + self.guard_free[tightest].num_rows
-        return 1.0 - max(0, free[tightest] - self.staged_count) / rows
+        return 1.0 - max(0, self.headroom_tokens()) / rows
 
     def rows_held(self, tokens: torch.Tensor) -> torch.Tensor:
         """Per layer, rows that freeing `tokens` would return (staged tokens count as the

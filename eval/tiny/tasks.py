@@ -265,10 +265,15 @@ def follow_up_prompt(question: str) -> str:
     return "\n\n" + question + "\n" + ANSWER_PREFIX
 
 
+def context_of(sample: Sample) -> str:
+    """The prompt up to its question: header and context."""
+    return sample.prompt.rsplit("\n\nQuestion:", 1)[0]
+
+
 def _with_follow_ups(sample: Sample, candidates: Sequence[tuple[str, str]], needle_texts: Sequence[str]) -> Sample:
     """`sample` with those candidate (question, answer) pairs whose needle text survived in its
     context (trimming to length drops kv records from the end)."""
-    context = sample.prompt.rsplit("\n\nQuestion:", 1)[0]
+    context = context_of(sample)
     kept = tuple(pair for pair, text in zip(candidates, needle_texts) if text in context)
     return replace(sample, follow_ups=kept)
 
@@ -454,7 +459,7 @@ GENERATORS = {"passkey": passkey_sample, "multikey": multikey_sample, "kv": kv_s
 def answer_is_unambiguous(sample: Sample) -> bool:
     """The answer (for vt: the asked value and each name's assignment) occurs exactly once in the
     context, so a distractor can never be right by accident."""
-    context = sample.prompt.rsplit("\n\nQuestion:", 1)[0]
+    context = context_of(sample)
     if sample.task != "vt":
         return context.count(sample.answer) == 1
     value = re.search(r"assigned the value (\d+)", sample.prompt).group(1)

@@ -370,7 +370,8 @@ class Trainer:
             passed = cells_at_least(entry["full_accuracy"], config.lengths, config.target)
             final_estimate = time.monotonic() - full_started
         # The latest estimate, not the largest: the first check runs cold (CUDA and kernel
-        # warm-up, 15 s against 3 s later) and would otherwise hold back minutes of training.
+        # warm-up: 23 s against 3-5 s later in eval/tiny/model/train_log.json) and would
+        # otherwise hold back minutes of training.
         self.final_eval_reserve = max(self.min_final_eval_reserve, 1.5 * final_estimate + 10)
         entry["eval_seconds"] = round(time.monotonic() - eval_started, 1)
         self.log["evals"].append(entry)

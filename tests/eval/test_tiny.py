@@ -41,10 +41,6 @@ def _samples(encode, length=512, count=6, seed=7):
     ]
 
 
-def _context(sample: tasks.Sample) -> str:
-    return sample.prompt.rsplit("\n\nQuestion:", 1)[0]
-
-
 # ---------------------------------------------------------------------------------------- tasks
 
 
@@ -75,7 +71,7 @@ def test_samples_do_not_depend_on_the_process_hash_seed():
 
 def test_follow_ups_ask_about_other_needles_of_the_same_context(encode):
     for sample in _samples(encode, length=1024, count=4):
-        context = _context(sample)
+        context = tasks.context_of(sample)
         if sample.task == "passkey":
             assert sample.follow_ups == ()
             continue
@@ -98,7 +94,7 @@ def test_follow_ups_ask_about_other_needles_of_the_same_context(encode):
 
 def test_answer_is_in_the_context_exactly_once_and_distractors_differ(encode):
     for sample in _samples(encode):
-        context, answer = _context(sample), sample.answer
+        context, answer = tasks.context_of(sample), sample.answer
         assert tasks.answer_is_unambiguous(sample)
         if sample.task == "passkey":
             assert context.count(answer) == 1
@@ -146,7 +142,7 @@ def test_prompt_ids_are_the_tokenization_of_the_prompt(encode, tokenizer):
 def test_depth_moves_the_needle(encode):
     def needle_position(depth: float) -> float:
         sample = tasks.make_sample("passkey", tasks.sample_rng(0, "test", "passkey", 1024, 0), encode, 1024, depth)
-        context = _context(sample)
+        context = tasks.context_of(sample)
         return context.index("The pass key is") / len(context)
 
     assert needle_position(0.0) < 0.1 < 0.4 < needle_position(0.5) < 0.6 < 0.9 < needle_position(1.0)

@@ -40,8 +40,8 @@ def samples(evaluator):
     return evaluator.samples(quality.Suite(("passkey", "multikey", "kv", "vt"), (LENGTH,), SAMPLES, seed=0))
 
 
-def only(samples, task):
-    return {key: group for key, group in samples.items() if key[0] == task}
+def only(samples, *tasks):
+    return {key: group for key, group in samples.items() if key[0] in tasks}
 
 
 def test_full_cache_answers_the_held_out_samples(evaluator, samples):
@@ -72,8 +72,7 @@ def test_shipped_configs_keep_the_pass_key(evaluator, samples, config_path):
 def test_tuned_configs_keep_key_lookups_and_variable_chains(evaluator, samples, name):
     config = load_config(REPO / "configs" / f"{name}.yaml")
     thresholds = TUNED_AT_LEAST[name]
-    result = evaluator.evaluate(config.name, config, {key: group for key, group in samples.items()
-                                                      if key[0] in thresholds})
+    result = evaluator.evaluate(config.name, config, only(samples, *thresholds))
     for task, at_least in thresholds.items():
         assert result.accuracy[task][LENGTH] >= at_least / SAMPLES, task
 

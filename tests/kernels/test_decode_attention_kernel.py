@@ -172,9 +172,9 @@ def run_kernel(pool, layer, q, req_to_token, req_pool_indices, seq_lens, scaling
 
 # fp16 dot operands (v2's packed loops by default, dot_precision="auto") round to 11
 # significant bits, in the interpreter too; so does tf32 on a GPU (the interpreter computes
-# tf32 in fp32). Measured on test_head_dim_not_a_power_of_two (2-bit K, 8-bit guard, head_dim
-# 96): the worst error over seeds 0-239 was 1.4e-3 of the value scale, and one CI seed
-# (904402330) reached 2.02e-3; so 4e-3, still far below what a wrong row, code or scale gives.
+# tf32 in fp32). Measured on test_head_dim_not_a_power_of_two's case (scan_decode_error.py,
+# docs/results/decode-error-scan-2026-11-29.md): worst over seeds 0-239 1.4e-3 of the value
+# scale, one CI seed (904402330) 2.02e-3; so 4e-3, far below what a wrong row, code or scale gives.
 TOLERANCE = 4e-3
 TOLERANCE_FP16 = 4e-3
 
