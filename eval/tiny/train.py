@@ -51,6 +51,9 @@ from eval.tiny import tokenizer as tiny_tokenizer
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after we tokenize
 
 
+CONTEXT_LOSS_FRACTION = 0.25  # share of the prompt positions the context loss scores
+
+
 @dataclass
 class TrainConfig:
     out: Path
@@ -77,8 +80,8 @@ class TrainConfig:
     max_steps: int | None = None
     tasks: tuple[str, ...] = tasks.TASK_NAMES
     log_every: int = 50
-    # Off by default (the loss is on answer tokens only). A weight > 0 adds next-token loss on a
-    # quarter of the prompt positions: denser signal, and attention that reads the filler.
+    # Off by default (the loss is on answer tokens only). A weight > 0 adds next-token loss on
+    # CONTEXT_LOSS_FRACTION of the prompt positions: denser signal, and attention that reads the filler.
     context_loss_weight: float = 0.0
     init: Path | None = None  # start from a saved model folder (and its tokenizer) instead of scratch
     # Room per training row for follow-up questions about the same context (tasks.Sample.follow_ups):
@@ -139,8 +142,62 @@ def training_example(sample: tasks.Sample, encode: tasks.PieceEncoder, eos_id: i
     return ids, labels
 
 
+def training_batch(config: TrainConfig, length: int, task_weights: Sequence[float], rng, encode: tasks.PieceEncoder,
+                   eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch [n, length + follow_up_tokens] of about config.batch_tokens tokens (input ids,
+    labels), tasks drawn with `task_weights`."""
+    width = length + config.follow_up_tokens
+    count = max(1, config.batch_tokens // width)
+    input_ids = torch.full((count, width), pad_id, dtype=torch.long)
+    labels = torch.full((count, width), -100, dtype=torch.long)
+    for row in range(count):
+        task = rng.choices(config.tasks, task_weights)[0]
+        sample = tasks.make_sample(task, rng, encode, length)
+        ids, row_labels = training_example(sample, encode, eos_id, config.follow_up_tokens)
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(row_labels)] = torch.tensor(row_labels)
+    return input_ids, labels
+
+
+@dataclass
+class LossTargets:
+    """The positions a batch is scored at, chosen on the host from the CPU batch: position p
+    (flat index into the [n, width] batch) is trained to predict `token_ids`. Choosing them
+    on the device by boolean indexing would stall every step on a device sync to learn
+    their count."""
+
+    positions: torch.Tensor  # int64 [targets]
+    token_ids: torch.Tensor  # int64 [targets]
+    is_answer: torch.Tensor  # bool [targets]: an answer token (else a prompt token, context loss)
+
+    @classmethod
+    def of(cls, input_ids: torch.Tensor, labels: torch.Tensor, context_fraction: float = 0.0,
+           pad_id: int = -1, generator: torch.Generator | None = None) -> "LossTargets":
+        """Every answer position (labels != -100) and, with `context_fraction` > 0, a random
+        share of the prompt positions whose next token is not padding."""
+        answer = labels != -100
+        context = torch.zeros_like(answer)
+        if context_fraction > 0:
+            next_ids = input_ids[:, 1:]
+            drawn = torch.rand(next_ids.shape, generator=generator) < context_fraction
+            context[:, :-1] = ~answer[:, :-1] & (next_ids != pad_id) & drawn
+        next_tokens = torch.cat([input_ids[:, 1:], input_ids.new_full((len(input_ids), 1), pad_id)], dim=1)
+        chosen = answer | context
+        positions = chosen.flatten().nonzero().squeeze(1)
+        token_ids = torch.where(answer, labels, next_tokens).flatten()[positions]
+        return cls(positions, token_ids, answer.flatten()[positions])
+
+    def pin_memory(self) -> "LossTargets":  # the DataLoader's pin_memory thread calls this
+        return LossTargets(*(t.pin_memory() for t in (self.positions, self.token_ids, self.is_answer)))
+
+    def to(self, device, non_blocking: bool = False) -> "LossTargets":
+        return LossTargets(*(t.to(device, non_blocking=non_blocking)
+                             for t in (self.positions, self.token_ids, self.is_answer)))
+
+
 class TrainingBatches(torch.utils.data.IterableDataset):
-    """Endless batches [n, length] of one curriculum length each; every worker has its own seed."""
+    """Endless (input ids [n, width], LossTargets) of one curriculum length each; every worker
+    has its own seed. The targets are chosen here, off the training process's thread."""
 
     def __init__(self, config: TrainConfig, tokenizer_dir: Path, curriculum: Curriculum):
         self.config = config
@@ -162,34 +219,27 @@ class TrainingBatches(torch.utils.data.IterableDataset):
             # Half the batches at the newest length, the rest spread over the shorter ones.
             length = curriculum[stage] if stage == 0 or rng.random() < 0.5 else curriculum[rng.randrange(stage)]
             weights = list(self.curriculum.task_weights[: len(self.config.tasks)])
-            width = length + self.config.follow_up_tokens
-            count = max(1, self.config.batch_tokens // width)
-            input_ids = torch.full((count, width), pad_id, dtype=torch.long)
-            labels = torch.full((count, width), -100, dtype=torch.long)
-            for row in range(count):
-                task = rng.choices(self.config.tasks, weights)[0]
-                sample = tasks.make_sample(task, rng, encode, length)
-                ids, row_labels = training_example(sample, encode, eos_id, self.config.follow_up_tokens)
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                labels[row, : len(row_labels)] = torch.tensor(row_labels)
-            yield input_ids, labels
+            input_ids, labels = training_batch(self.config, length, weights, rng, encode, eos_id, pad_id)
+            context_fraction = CONTEXT_LOSS_FRACTION if self.config.context_loss_weight > 0 else 0.0
+            yield input_ids, LossTargets.of(input_ids, labels, context_fraction, pad_id)
 
 
-def answer_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                context_loss_weight: float = 0.0, pad_id: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to minimize, its answer part). The answer part is the cross-entropy on answer
-    tokens; the LM head runs on those positions alone (the padded batch never needs its
-    [tokens, vocab] logits). With `context_loss_weight`, the loss adds that weight times the
-    next-token loss on a random quarter of the prompt positions."""
+def answer_loss(model: torch.nn.Module, input_ids: torch.Tensor, targets: LossTargets,
+                context_loss_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to minimize, its answer part). The answer part is the mean cross-entropy on
+    answer tokens; the LM head runs on the target positions alone (the padded batch never
+    needs its [tokens, vocab] logits). Prompt targets (LossTargets.of's context share) add
+    `context_loss_weight` times their mean cross-entropy."""
     hidden = model.model(input_ids=input_ids).last_hidden_state
-    selected = labels != -100
-    answer = F.cross_entropy(model.lm_head(hidden[selected]).float(), labels[selected])
+    logits = model.lm_head(hidden.flatten(0, 1)[targets.positions]).float()
+    per_target = F.cross_entropy(logits, targets.token_ids, reduction="none")
+    answer_weight = targets.is_answer.float()
+    answer = (per_target * answer_weight).sum() / answer_weight.sum().clamp(min=1)
     if context_loss_weight <= 0:
         return answer, answer
-    next_ids = input_ids[:, 1:]
-    context = (~selected[:, :-1]) & (next_ids != pad_id) & (torch.rand_like(next_ids, dtype=torch.float) < 0.25)
-    context_logits = model.lm_head(hidden[:, :-1][context]).float()
-    return answer + context_loss_weight * F.cross_entropy(context_logits, next_ids[context]), answer
+    context_weight = 1.0 - answer_weight
+    context = (per_target * context_weight).sum() / context_weight.sum().clamp(min=1)
+    return answer + context_loss_weight * context, answer
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -294,7 +344,6 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.tokenizer, self.model = self._tokenizer_and_model()
         self.model.train()
-        self.pad_id = self.tokenizer.token_to_id(tiny_tokenizer.PAD_TOKEN)
         self.optimizer = make_optimizer(self.model, config)
         encode = tasks.TokenizerPieceEncoder(self.tokenizer)
         self.stages = config.curriculum
@@ -390,17 +439,17 @@ class Trainer:
         passed = config.init is not None and self.periodic_check(0.0)
         last_check, losses = time.monotonic(), []
         stream = iter(batches)
-        for input_ids, labels in stream:
+        for input_ids, targets in stream:
             now = time.monotonic()
             progress = (now - train_started) / self.train_budget(train_started)
             if passed or progress >= 1.0 or (config.max_steps is not None and self.step >= config.max_steps):
                 break
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate(config, self.step, progress)
+            targets = targets.to(config.device, non_blocking=True)
             input_ids = input_ids.to(config.device, non_blocking=True)
-            labels = labels.to(config.device, non_blocking=True)
             with _autocast(config.device):
-                loss, answer_part = answer_loss(self.model, input_ids, labels, config.context_loss_weight, self.pad_id)
+                loss, answer_part = answer_loss(self.model, input_ids, targets, config.context_loss_weight)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)

@@ -247,11 +247,38 @@ def test_context_loss_is_off_by_default_and_adds_prompt_loss(tokenizer_dir, enco
     sample = _samples(encode, length=256, count=1)[0]
     ids, labels = tiny_train.training_example(sample, encode, tokenizer.token_to_id("<|im_end|>"))
     ids, labels = torch.tensor([ids]), torch.tensor([labels])
-    answer_only, answer_part = tiny_train.answer_loss(model, ids, labels)
-    with_context, same_answer_part = tiny_train.answer_loss(model, ids, labels, context_loss_weight=1.0, pad_id=0)
+    answers = tiny_train.LossTargets.of(ids, labels)
+    with_prompt = tiny_train.LossTargets.of(ids, labels, context_fraction=0.25, pad_id=0,
+                                            generator=torch.Generator().manual_seed(0))
+    answer_only, answer_part = tiny_train.answer_loss(model, ids, answers)
+    with_context, same_answer_part = tiny_train.answer_loss(model, ids, with_prompt, context_loss_weight=1.0)
     assert tiny_train.TrainConfig(out=Path(".")).context_loss_weight == 0.0
     assert answer_only == answer_part and torch.allclose(answer_part, same_answer_part)
     assert with_context > answer_only + 1.0  # an untrained model pays ~ln(4096) per prompt token
+    # The answer part is the plain cross-entropy of the answer tokens.
+    logits = model(input_ids=ids).logits[0]
+    expected = torch.nn.functional.cross_entropy(logits[labels[0] != -100], labels[0][labels[0] != -100])
+    assert torch.allclose(answer_part, expected, atol=1e-5)
+
+
+def test_loss_targets_pick_answers_and_a_share_of_the_prompt(encode, tokenizer):
+    sample = _samples(encode, length=256, count=1)[0]
+    ids, labels = tiny_train.training_example(sample, encode, tokenizer.token_to_id("<|im_end|>"), 64)
+    pad = tokenizer.token_to_id("<|endoftext|>")
+    ids = torch.tensor([ids + [pad] * 10] * 2)  # two rows, padded: padding is never a target
+    labels = torch.tensor([labels + [-100] * 10] * 2)
+    targets = tiny_train.LossTargets.of(ids, labels, context_fraction=0.5, pad_id=pad,
+                                        generator=torch.Generator().manual_seed(1))
+    width = ids.shape[1]
+    rows, columns = targets.positions // width, targets.positions % width
+    answer = labels != -100
+    assert int(targets.is_answer.sum()) == int(answer.sum())  # every answer position, once
+    assert torch.equal(targets.token_ids[targets.is_answer], labels[rows, columns][targets.is_answer])
+    prompt = ~targets.is_answer
+    assert torch.equal(targets.token_ids[prompt], ids[rows[prompt], columns[prompt] + 1])
+    assert not answer[rows[prompt], columns[prompt]].any() and (targets.token_ids != pad).all()
+    share = int(prompt.sum()) / int(((~answer[:, :-1]) & (ids[:, 1:] != pad)).sum())
+    assert 0.4 < share < 0.6
 
 
 def test_curriculum_rejects_lengths_too_short_for_the_tasks():

@@ -1,0 +1,142 @@
+"""Where a training step of the tiny model spends its time, on the device it will train on.
+
+    python -m eval.tiny.train_speed --out DIR [--size deep] [--lengths 256 1024 4096 8192]
+                                    [--steps 20] [--loader-seconds 20] [--compile]
+
+Per curriculum length, on batches made exactly as training makes them (eval/tiny/train.py):
+  * `wall_ms`: steps queued back to back, one sync at the end (what training gets);
+  * `device_ms`: the same steps' device time (CUDA events around each);
+  * `host_ms`: the host's time to queue one step (Python, autograd, launches).
+`wall_ms` near `host_ms` and well above `device_ms` means the host bounds training, not the
+GPU. Then the data workers alone: batches and tokens per second at the final curriculum stage
+with training's worker count. `--compile` repeats the step timing with torch.compile.
+Writes DIR/train_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from eval.tiny import model as tiny_model
+from eval.tiny import tasks
+from eval.tiny import tokenizer as tiny_tokenizer
+from eval.tiny import train
+
+
+def _step(model, optimizer, input_ids, targets, context_loss_weight):
+    with train._autocast(str(input_ids.device)):
+        loss, _ = train.answer_loss(model, input_ids, targets, context_loss_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
+def time_steps(model, optimizer, batches, steps: int, context_loss_weight: float) -> dict:
+    """batches: (input ids, targets) already on the device, cycled."""
+    cuda = batches[0][0].is_cuda
+    for input_ids, targets in batches[:3]:  # warm-up (and compilation)
+        _step(model, optimizer, input_ids, targets, context_loss_weight)
+    if cuda:
+        torch.cuda.synchronize()
+    events, host = [], []
+    started = time.perf_counter()
+    for index in range(steps):
+        input_ids, targets = batches[index % len(batches)]
+        queued = time.perf_counter()
+        if cuda:
+            events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            events[-1][0].record()
+        _step(model, optimizer, input_ids, targets, context_loss_weight)
+        if cuda:
+            events[-1][1].record()
+        host.append(time.perf_counter() - queued)
+    if cuda:
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - started) / steps
+    device = sorted(b.elapsed_time(e) for b, e in events)[steps // 2] if cuda else None
+    return {"wall_ms": round(wall * 1e3, 2), "device_ms": device and round(device, 2),
+            "host_ms": round(sorted(host)[steps // 2] * 1e3, 2)}
+
+
+def loader_rate(config: train.TrainConfig, tokenizer_dir: Path, seconds: float) -> dict:
+    curriculum = train.Curriculum()
+    curriculum.stage.value = len(config.curriculum) - 1
+    loader = torch.utils.data.DataLoader(train.TrainingBatches(config, tokenizer_dir, curriculum), batch_size=None,
+                                         num_workers=config.workers, pin_memory=config.device.startswith("cuda"),
+                                         **({"prefetch_factor": 4} if config.workers else {}))
+    stream = iter(loader)
+    for _ in range(max(1, 2 * config.workers)):  # every worker started
+        next(stream)
+    batches = tokens = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        input_ids, _ = next(stream)
+        batches += 1
+        tokens += input_ids.numel()
+    elapsed = time.perf_counter() - started
+    del stream
+    return {"workers": config.workers, "batches_per_s": round(batches / elapsed, 1),
+            "tokens_per_s": round(tokens / elapsed)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--size", choices=sorted(tiny_model.SIZES), default="deep")
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096, 8192])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--loader-seconds", type=float, default=20.0)
+    p.add_argument("--context-loss-weight", type=float, default=1.0)
+    p.add_argument("--batch-tokens", type=int, default=train.TrainConfig(out=Path(".")).batch_tokens)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself")
+    p.add_argument("--workers", type=int, default=train.TrainConfig(out=Path(".")).workers)
+    args = p.parse_args(argv)
+    config = train.TrainConfig(out=args.out, device=args.device, context_loss_weight=args.context_loss_weight,
+                               batch_tokens=args.batch_tokens, workers=args.workers)
+    cuda = args.device.startswith("cuda")
+    report = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": torch.cuda.get_device_name() if cuda else "cpu",
+              "torch": torch.__version__, "size": args.size, "batch_tokens": args.batch_tokens, "steps": {}}
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        tokenizer = tiny_tokenizer.build_tokenizer(config.vocab_size, 0)
+        tiny_tokenizer.save_tokenizer(tokenizer, Path(tokenizer_dir))
+        encode = tasks.TokenizerPieceEncoder(tokenizer)
+        eos_id, pad_id = (tokenizer.token_to_id(t) for t in (tiny_tokenizer.EOS_TOKEN, tiny_tokenizer.PAD_TOKEN))
+        rng = random.Random(0)
+        batches = {}
+        for length in args.lengths:
+            made = [train.training_batch(config, length, [1.0] * len(config.tasks), rng, encode, eos_id, pad_id)
+                    for _ in range(3)]
+            batches[length] = [(ids.to(args.device),
+                                train.LossTargets.of(ids, labels, train.CONTEXT_LOSS_FRACTION, pad_id).to(args.device))
+                               for ids, labels in made]
+        variants = [("eager", lambda m: m)] + ([("compiled", lambda m: torch.compile(m, dynamic=True))] if args.compile else [])
+        for name, wrap in variants:
+            model = tiny_model.build_model(tiny_model.config_for_tokenizer(Path(tokenizer_dir), args.size)).to(args.device)
+            optimizer = train.make_optimizer(model, config)
+            model = wrap(model)
+            for length in args.lengths:
+                started = time.perf_counter()
+                result = time_steps(model, optimizer, batches[length], args.steps, args.context_loss_weight)
+                result["width"] = batches[length][0][0].shape[1]
+                result["first_seconds"] = round(time.perf_counter() - started, 1)
+                result["tokens_per_s"] = round(batches[length][0][0].numel() / (result["wall_ms"] / 1e3))
+                report["steps"].setdefault(name, {})[str(length)] = result
+                print(name, length, json.dumps(result), flush=True)
+        report["loader"] = loader_rate(config, Path(tokenizer_dir), args.loader_seconds)
+        print("loader", json.dumps(report["loader"]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "train_speed.json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
