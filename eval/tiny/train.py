@@ -75,7 +75,7 @@ class TrainConfig:
     warmup_steps: int = 200
     eval_every: float = 30.0  # seconds
     eval_batch_tokens: int = 262144
-    latest_final_stage_start: float = 0.6  # share of the training time by which all lengths are in
+    latest_final_stage_start: float = 0.5  # share of the training time by which all lengths are in
     workers: int = 12
     max_steps: int | None = None
     tasks: tuple[str, ...] = tasks.TASK_NAMES
@@ -87,6 +87,7 @@ class TrainConfig:
     # Room per training row for follow-up questions about the same context (tasks.Sample.follow_ups):
     # several answers per context instead of one, and for multikey the contrast between its keys.
     follow_up_tokens: int = 192
+    compile: bool = True  # regional torch.compile on CUDA (compile_backbone); ignored on the CPU
 
     @property
     def curriculum(self) -> tuple[int, ...]:
@@ -224,6 +225,25 @@ class TrainingBatches(torch.utils.data.IterableDataset):
             yield input_ids, LossTargets.of(input_ids, labels, context_fraction, pad_id)
 
 
+def compile_backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """Regional torch.compile of the elementwise-heavy parts of the model, in place: the
+    RMSNorms, the MLPs and RoPE. In eager mode a step spends most of its device time on
+    separate elementwise kernels (norms, RoPE, SiLU, casts) over the 65K-token batch
+    (eval/tiny/train_speed.py --profile). The attention call stays eager: compiled, it takes
+    PyTorch's own flash kernel, slower here than the cuDNN one eager SDPA picks; and
+    compiling regions keeps compilation short (one graph per module type, dynamic shapes)."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    for layer in model.model.layers:
+        for module in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+            module.compile(dynamic=True)
+    model.model.norm.compile(dynamic=True)
+    # Qwen2Attention.forward looks the function up in its module's globals at every call.
+    if not hasattr(modeling_qwen2.apply_rotary_pos_emb, "_torchdynamo_orig_callable"):
+        modeling_qwen2.apply_rotary_pos_emb = torch.compile(modeling_qwen2.apply_rotary_pos_emb, dynamic=True)
+    return model
+
+
 def answer_loss(model: torch.nn.Module, input_ids: torch.Tensor, targets: LossTargets,
                 context_loss_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to minimize, its answer part). The answer part is the mean cross-entropy on
@@ -343,6 +363,8 @@ class Trainer:
         self.out = Path(config.out)
         torch.manual_seed(config.seed)
         self.tokenizer, self.model = self._tokenizer_and_model()
+        if config.compile and config.device.startswith("cuda"):
+            compile_backbone(self.model)
         self.model.train()
         self.optimizer = make_optimizer(self.model, config)
         encode = tasks.TokenizerPieceEncoder(self.tokenizer)
@@ -525,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", type=Path, default=None, help="continue from a saved model folder")
     p.add_argument("--follow-up-tokens", type=int, default=defaults.follow_up_tokens,
                    help="room per training row for follow-up questions about its context (0: one question)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="train in plain eager mode (default on CUDA: compile_backbone)")
     p.add_argument("--smoke", action="store_true", help="a few CPU steps of a toy model at 256 tokens")
     return p
 
@@ -538,7 +562,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         periodic_samples=args.periodic_samples, target=args.target, size=args.size,
         batch_tokens=args.batch_tokens, lr=args.lr, eval_every=args.eval_every, workers=args.workers,
         max_steps=args.max_steps, tasks=tuple(args.tasks), context_loss_weight=args.context_loss_weight,
-        init=args.init, follow_up_tokens=args.follow_up_tokens,
+        init=args.init, follow_up_tokens=args.follow_up_tokens, compile=args.compile,
     )
 
 

@@ -66,6 +66,19 @@ def time_steps(model, optimizer, batches, steps: int, context_loss_weight: float
             "host_ms": round(sorted(host)[steps // 2] * 1e3, 2)}
 
 
+def profile_table(model, optimizer, batches, context_loss_weight: float) -> str:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if batches[0][0].is_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for input_ids, targets in batches:
+            _step(model, optimizer, input_ids, targets, context_loss_weight)
+        if batches[0][0].is_cuda:
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if batches[0][0].is_cuda else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=20, max_name_column_width=60)
+
+
 def loader_rate(config: train.TrainConfig, tokenizer_dir: Path, seconds: float) -> dict:
     curriculum = train.Curriculum()
     curriculum.stage.value = len(config.curriculum) - 1
@@ -98,6 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-tokens", type=int, default=train.TrainConfig(out=Path(".")).batch_tokens)
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself")
+    p.add_argument("--profile", action="store_true",
+                   help="print each length's 20 most expensive operations (torch.profiler)")
     p.add_argument("--workers", type=int, default=train.TrainConfig(out=Path(".")).workers)
     args = p.parse_args(argv)
     config = train.TrainConfig(out=args.out, device=args.device, context_loss_weight=args.context_loss_weight,
@@ -118,7 +133,7 @@ def main(argv=None) -> int:
             batches[length] = [(ids.to(args.device),
                                 train.LossTargets.of(ids, labels, train.CONTEXT_LOSS_FRACTION, pad_id).to(args.device))
                                for ids, labels in made]
-        variants = [("eager", lambda m: m)] + ([("compiled", lambda m: torch.compile(m, dynamic=True))] if args.compile else [])
+        variants = [("eager", lambda m: m)] + ([("compiled", train.compile_backbone)] if args.compile else [])
         for name, wrap in variants:
             model = tiny_model.build_model(tiny_model.config_for_tokenizer(Path(tokenizer_dir), args.size)).to(args.device)
             optimizer = train.make_optimizer(model, config)
@@ -131,6 +146,8 @@ def main(argv=None) -> int:
                 result["tokens_per_s"] = round(batches[length][0][0].numel() / (result["wall_ms"] / 1e3))
                 report["steps"].setdefault(name, {})[str(length)] = result
                 print(name, length, json.dumps(result), flush=True)
+                if args.profile:
+                    print(profile_table(model, optimizer, batches[length], args.context_loss_weight), flush=True)
         report["loader"] = loader_rate(config, Path(tokenizer_dir), args.loader_seconds)
         print("loader", json.dumps(report["loader"]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
