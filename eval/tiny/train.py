@@ -75,7 +75,9 @@ class TrainConfig:
     warmup_steps: int = 200
     eval_every: float = 30.0  # seconds
     eval_batch_tokens: int = 262144
-    latest_final_stage_start: float = 0.5  # share of the training time by which all lengths are in
+    # Share of the training time by which all lengths are in. 0.5 opened 512-2048 at once before
+    # vt was learnt at any length, and vt never recovered (tiny-training-2026-11-29-v3.md).
+    latest_final_stage_start: float = 0.6
     workers: int = 12
     max_steps: int | None = None
     tasks: tuple[str, ...] = tasks.TASK_NAMES
