@@ -9,7 +9,10 @@ launches `python -m sglang.launch_server` with dummy weights, waits for /health,
     and one for --max-new-tokens (the difference, per token, is the decode time);
   - sends the last prompt twice to check that the radix cache reuses the (compressed) prefix;
   - optionally (--batch-decode B P N): B requests at once, first for 1 token, then for N
-    (fresh prompts); the difference gives the batch's decode tokens per second;
+    (fresh prompts); the difference gives the batch's decode tokens per second; with
+    --profile-decode-steps S, one more such round under SGLang's torch profiler (its
+    /start_profile, S decode steps; after the measured round, since exporting the trace
+    stalls the server), summarized per step by eval/trace_summary.py;
   - optionally (--fidelity-samples K): K fixed prompts, greedy, with log-probabilities; after
     all configs, each one's tokens and log-probabilities are compared with the bf16 run's;
   - optionally (--concurrent): many requests at once, then checks the server is healthy;
@@ -176,6 +179,35 @@ def batch_decode(url: str, rng: random.Random, batch: int, prompt_len: int, max_
     return summary
 
 
+def profile_batch_decode(url: str, rng: random.Random, batch: int, prompt_len: int, max_new_tokens: int,
+                         steps: int, trace_dir: Path, timeout: float = 300) -> dict:
+    """One more batch round with SGLang's profiler on for `steps` decode steps (its prefill
+    steps go to a separate trace); returns the decode trace's per-step summary."""
+    import trace_summary  # eval/trace_summary.py, next to this script
+
+    if steps >= max_new_tokens - 1:
+        raise ValueError(f"--profile-decode-steps ({steps}) must be below the batch's new tokens - 1")
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    before = set(trace_dir.glob("*DECODE*.trace.json.gz"))
+    request = urllib.request.Request(
+        url + "/start_profile", method="POST", headers={"Content-Type": "application/json"},
+        data=json.dumps({"output_dir": str(trace_dir.resolve()), "num_steps": steps, "profile_by_stage": True,
+                         "activities": ["CPU", "GPU"], "with_stack": False}).encode())
+    with urllib.request.urlopen(request, timeout=60) as response:
+        response.read()
+    concurrently(url, [random_prompt(rng, prompt_len) for _ in range(batch)], max_new_tokens)
+    deadline = time.monotonic() + timeout  # the trace is written after the last profiled step
+    while time.monotonic() < deadline:
+        traces = set(trace_dir.glob("*DECODE*.trace.json.gz")) - before
+        if traces:
+            time.sleep(2)  # let the writer finish the file
+            trace = max(traces, key=lambda path: path.stat().st_mtime)
+            summary = trace_summary.summarize(trace_summary.load_events(trace), steps)
+            return {"trace": trace.name, "batch": batch, "prompt_len": prompt_len, **summary}
+        time.sleep(1)
+    raise TimeoutError(f"no decode trace in {trace_dir} after {timeout} s")
+
+
 def fidelity_samples(url: str, seed: int, count: int, prompt_len: int, max_new_tokens: int) -> list[dict]:
     """The same `count` prompts for every config (seeded), greedy, with log-probabilities."""
     rng = random.Random(seed + 7)
@@ -298,17 +330,24 @@ def run_one(args, config: str, log_dir: Path) -> dict:
             requests.append(result)
             print(f"[{name}] prompt {prompt_len}: {result}", flush=True)
         # The same prompt again: its prefix must come from the radix cache.
-        repeat = generate(url, ids, args.max_new_tokens)
-        repeat["ok"] = (repeat["cached_tokens"] or 0) >= args.prompt_lens[-1] - 1
-        record["repeat_prompt"] = repeat
-        print(f"[{name}] repeated prompt: {repeat}", flush=True)
+        if args.prompt_lens:
+            repeat = generate(url, ids, args.max_new_tokens)
+            repeat["ok"] = (repeat["cached_tokens"] or 0) >= args.prompt_lens[-1] - 1
+            record["repeat_prompt"] = repeat
+            print(f"[{name}] repeated prompt: {repeat}", flush=True)
         record["requests"] = requests
-        record["ok"] = all(r["ok"] for r in requests) and repeat["ok"]
+        record["ok"] = all(r["ok"] for r in requests) and record.get("repeat_prompt", {"ok": True})["ok"]
         if args.batch_decode:
             batch, prompt_len, max_new = args.batch_decode
             record["batch_decode"] = batch_decode(url, rng, batch, prompt_len, max_new)
             print(f"[{name}] batch decode: {record['batch_decode']}", flush=True)
             record["ok"] = record["ok"] and record["batch_decode"]["ok"]
+            if args.profile_decode_steps:
+                record["decode_profile"] = profile_batch_decode(
+                    url, rng, batch, prompt_len, max_new, args.profile_decode_steps, log_dir / f"profile-{name}")
+                print(f"[{name}] decode profile: " + json.dumps(
+                    {k: record["decode_profile"][k] for k in ("span_ms", "gpu_busy_ms", "kernel_launches_per_step")}),
+                    flush=True)
         if args.fidelity_samples:
             record["fidelity_samples"] = fidelity_samples(
                 url, args.seed, args.fidelity_samples, args.fidelity_len, args.fidelity_new_tokens
@@ -330,13 +369,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--configs", nargs="+", required=True, help="'bf16' or paths to --kv-compress YAMLs")
-    parser.add_argument("--prompt-lens", type=int, nargs="+", default=[8192, 32704])
+    parser.add_argument("--prompt-lens", type=int, nargs="*", default=[8192, 32704],
+                        help="single-request lengths (none: skip that phase and the repeated prompt)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--startup-timeout", type=float, default=300)
     parser.add_argument("--batch-decode", type=int, nargs=3, metavar=("BATCH", "PROMPT_LEN", "NEW_TOKENS"),
                         help="decode throughput of BATCH requests at once")
+    parser.add_argument("--profile-decode-steps", type=int, default=0,
+                        help="then profile this many decode steps of one more batch round (needs --batch-decode)")
     parser.add_argument("--fidelity-samples", type=int, default=0, help="greedy prompts compared with the bf16 run")
     parser.add_argument("--fidelity-len", type=int, default=4096)
     parser.add_argument("--fidelity-new-tokens", type=int, default=32)
@@ -358,6 +400,8 @@ def main() -> int:
         "sglang_version": package_version("sglang"),
         "runs": [],
     }
+    if args.profile_decode_steps and not args.batch_decode:
+        parser.error("--profile-decode-steps profiles the --batch-decode round: give --batch-decode")
     if args.fidelity_samples and "bf16" not in args.configs:
         parser.error("--fidelity-samples compares with the stock run: include bf16 in --configs")
     for config in args.configs:

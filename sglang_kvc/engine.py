@@ -262,9 +262,12 @@ class CompressedAttention:
         """The host side of a captured decode pass, before its replay: the real (unpadded)
         requests' oldest decode-window tokens move to the low-bit tier (when due) and their
         new tokens get staging rows."""
-        if self._seal_due():
-            self._seal_leaving_tokens(req_pool_indices.to(torch.int64), seq_lens.to(torch.int64))
-        self.pool.stage(new_tokens)
+        # Named ranges for profiles of the server (eval/server_capacity.py --profile-decode-steps).
+        with torch.profiler.record_function("kvc.prepare_replay"):
+            if self._seal_due():
+                with torch.profiler.record_function("kvc.seal"):
+                    self._seal_leaving_tokens(req_pool_indices.to(torch.int64), seq_lens.to(torch.int64))
+            self.pool.stage(new_tokens)
 
     @property
     def token_rows(self) -> list[torch.Tensor]:

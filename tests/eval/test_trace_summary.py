@@ -1,0 +1,66 @@
+"""eval/trace_summary.py on a hand-made Chrome trace (what torch.profiler exports)."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def trace_summary():
+    spec = importlib.util.spec_from_file_location("trace_summary", REPO / "eval" / "trace_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def event(cat, name, ts, dur):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": 0}
+
+
+def two_steps():
+    """Two 1000 us steps; the second has a host range (kvc.seal) while the GPU idles."""
+    return [
+        event("user_annotation", "kvc.prepare_replay", 0, 100),
+        event("cuda_runtime", "cudaGraphLaunch", 100, 10),
+        event("kernel", "attention", 120, 300),
+        event("kernel", "gemm", 300, 400),  # overlaps attention: busy 120-700 = 580
+        event("user_annotation", "kvc.seal", 1000, 500),
+        event("cpu_op", "aten::index", 1010, 20),
+        event("cpu_op", "aten::index", 1040, 20),
+        event("cuda_runtime", "cudaStreamSynchronize", 1100, 300),
+        event("kernel", "attention", 1500, 300),
+        {"ph": "i", "name": "marker", "ts": 1999},  # instant events carry no duration: ignored
+        event("kernel", "gemm", 1800, 200),  # ends at 2000
+    ]
+
+
+def test_summary_per_step_and_gpu_busy_union(trace_summary, tmp_path):
+    path = tmp_path / "t.trace.json.gz"
+    with gzip.open(path, "wt") as handle:
+        json.dump({"traceEvents": two_steps()}, handle)
+    summary = trace_summary.summarize(trace_summary.load_events(path), steps=2, top=5)
+    assert summary["span_ms"] == pytest.approx(1.0)  # 0 .. 2000 us over 2 steps
+    assert summary["gpu_busy_ms"] == pytest.approx((580 + 500) / 1e3 / 2)
+    assert summary["kernel_launches_per_step"] == 2.0
+    attention = next(k for k in summary["kernels"] if k["name"] == "attention")
+    assert attention == {"name": "attention", "calls": 2, "total_ms": 0.6, "ms_per_step": 0.3}
+    assert [r["name"] for r in summary["ranges"]] == ["kvc.seal", "kvc.prepare_replay"]
+    assert summary["runtime"][0]["name"] == "cudaStreamSynchronize"
+    assert summary["host_ops"] == [{"name": "aten::index", "calls": 2, "total_ms": 0.04, "ms_per_step": 0.02}]
+
+
+def test_bad_input_is_refused(trace_summary):
+    with pytest.raises(ValueError, match="steps"):
+        trace_summary.summarize(two_steps(), steps=0)
+    with pytest.raises(ValueError, match="no complete"):
+        trace_summary.summarize([{"ph": "i", "name": "x", "ts": 0}], steps=1)
