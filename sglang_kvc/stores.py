@@ -2,7 +2,9 @@
 
 A store holds, for every layer, a table of rows; a row holds one token's K and V for
 all KV heads of that layer. Row 0 of every table is never handed out: it absorbs the
-writes of padded tokens, as slot 0 does in SGLang's own pool.
+writes of padded tokens, as slot 0 does in SGLang's own pool. The layers' tables are
+views of one allocation per component (`LayerTables`), so work that touches every layer
+(sealing the decode window) is one gather or one kernel launch instead of one per layer.
 
     DenseStore   bf16 rows (staging, and the guard tier at 16 bits)
     PackedStore  packed low-bit codes + fp16 (scale, minimum) per group (see quant.py)
@@ -46,14 +48,33 @@ class RowFreeList:
             self.free_rows = torch.cat((self.free_rows, rows.to(torch.int64)))
 
 
+class LayerTables:
+    """Every layer's table of one component (e.g. the K codes) as views of one flat tensor:
+    `layers[l]` is `[rows_l + 1, *row_shape]` and its row r is row `offsets[l] + r` of `flat`."""
+
+    def __init__(self, rows_per_layer: list[int], row_shape: tuple[int, ...], dtype, device):
+        sizes = [rows + 1 for rows in rows_per_layer]
+        self.flat = torch.zeros((sum(sizes), *row_shape), dtype=dtype, device=device)
+        self.layers = list(self.flat.split(sizes))
+        starts = [0]
+        for size in sizes[:-1]:
+            starts.append(starts[-1] + size)
+        self.offsets = torch.tensor(starts, dtype=torch.int64, device=device)
+
+    def flat_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """[layers, n] per-layer rows -> the same rows' indices into `flat`."""
+        return self.offsets[:, None] + rows.to(torch.int64)
+
+
 class DenseStore:
     """bf16 rows: `k[layer][row] -> [heads, head_dim]`."""
 
     def __init__(self, rows_per_layer: list[int], heads: int, head_dim: int, dtype, device):
         self.rows_per_layer = rows_per_layer
         self.dtype = dtype
-        self.k = [torch.zeros((r + 1, heads, head_dim), dtype=dtype, device=device) for r in rows_per_layer]
-        self.v = [torch.zeros((r + 1, heads, head_dim), dtype=dtype, device=device) for r in rows_per_layer]
+        self.k_tables = LayerTables(rows_per_layer, (heads, head_dim), dtype, device)
+        self.v_tables = LayerTables(rows_per_layer, (heads, head_dim), dtype, device)
+        self.k, self.v = self.k_tables.layers, self.v_tables.layers
 
     @staticmethod
     def bytes_per_row(heads: int, head_dim: int, dtype=torch.bfloat16) -> int:
@@ -68,6 +89,12 @@ class DenseStore:
 
     def read_values(self, layer: int, rows: torch.Tensor, dtype) -> torch.Tensor:
         return self.v[layer][rows].to(dtype)
+
+    def read_layers(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [layers, n, heads, head_dim] in the store's dtype: row rows[l, i] of every
+        layer l, in one gather each."""
+        index = self.k_tables.flat_rows(rows)
+        return self.k_tables.flat[index], self.v_tables.flat[index]
 
     def key_tensors(self) -> list[torch.Tensor]:
         return list(self.k)
@@ -92,19 +119,14 @@ class PackedStore:
         self.key_format = key_format
         self.value_format = value_format
 
-        def table(rows: int, fmt: PackedFormat):
-            codes = torch.zeros((rows + 1, heads, fmt.words), dtype=torch.int32, device=device)
-            scale_min = torch.zeros((rows + 1, heads, fmt.groups, 2), dtype=torch.float16, device=device)
-            return codes, scale_min
+        def tables(fmt: PackedFormat) -> tuple[LayerTables, LayerTables]:
+            return (LayerTables(rows_per_layer, (heads, fmt.words), torch.int32, device),
+                    LayerTables(rows_per_layer, (heads, fmt.groups, 2), torch.float16, device))
 
-        self.k_codes, self.k_scale_min, self.v_codes, self.v_scale_min = [], [], [], []
-        for rows in rows_per_layer:
-            kc, ks = table(rows, key_format)
-            vc, vs = table(rows, value_format)
-            self.k_codes.append(kc)
-            self.k_scale_min.append(ks)
-            self.v_codes.append(vc)
-            self.v_scale_min.append(vs)
+        self.k_code_tables, self.k_scale_min_tables = tables(key_format)
+        self.v_code_tables, self.v_scale_min_tables = tables(value_format)
+        self.k_codes, self.k_scale_min = self.k_code_tables.layers, self.k_scale_min_tables.layers
+        self.v_codes, self.v_scale_min = self.v_code_tables.layers, self.v_scale_min_tables.layers
 
     @staticmethod
     def bytes_per_row(heads: int, key_format: PackedFormat, value_format: PackedFormat) -> int:
@@ -124,6 +146,21 @@ class PackedStore:
         self.k_scale_min[layer][rows] = k_scale_min
         self.v_codes[layer][rows] = v_codes
         self.v_scale_min[layer][rows] = v_scale_min
+
+    def write_layers(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """`write` for every layer at once: token i of layer l ([layers, n] `rows`, K and V
+        [layers, n, heads, head_dim]) goes to row rows[l, i] of layer l; one quantize launch
+        per K and V on the GPU."""
+        index = self.k_code_tables.flat_rows(rows).flatten()
+        k, v = k.flatten(0, 1), v.flatten(0, 1)
+        if k.is_cuda and triton_kernels_enabled():
+            from sglang_kvc.kernels.quantize import quantize_into
+
+            quantize_into(k, index, self.k_code_tables.flat, self.k_scale_min_tables.flat, self.key_format)
+            quantize_into(v, index, self.v_code_tables.flat, self.v_scale_min_tables.flat, self.value_format)
+            return
+        self.k_code_tables.flat[index], self.k_scale_min_tables.flat[index] = quantize(k, self.key_format)
+        self.v_code_tables.flat[index], self.v_scale_min_tables.flat[index] = quantize(v, self.value_format)
 
     def read(self, layer: int, rows: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         k = dequantize(self.k_codes[layer][rows], self.k_scale_min[layer][rows], self.key_format, dtype)

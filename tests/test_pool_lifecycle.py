@@ -332,3 +332,50 @@ def test_token_usage_is_reported_in_rows():
     sim.tree.evict(EvictParams(num_tokens=sim.tree.evictable_size()))
     assert usage() == 0.0
     sim.check()
+
+
+def _staged_tokens(sim: Simulator, count: int) -> torch.Tensor:
+    """`count` fresh logical tokens staged with random K/V in every layer (SGLang's write path)."""
+    tokens = sim.allocator.alloc(count)
+    sim.pool.stage(tokens)
+    shape = (count, sim.kv_heads, sim.head_dim)
+    for layer in sim.layers:
+        k, v = (torch.randn(shape, generator=sim.generator).to(torch.bfloat16) for _ in range(2))
+        sim.pool.set_kv_buffer(layer, tokens, k, v)
+    return tokens
+
+
+def test_sealing_all_layers_at_once_stores_what_sealing_layer_by_layer_stores():
+    # SMALL_CONFIG has pyramid budgets: every layer's tables have their own row count, so the
+    # all-layer path must address each layer's rows inside the shared allocation correctly.
+    batched, layered = Simulator(seed=3), Simulator(seed=3)
+    assert len(set(batched.pool.sizes.lowbit_rows)) > 1
+    tokens = _staged_tokens(batched, 7)
+    assert torch.equal(tokens, _staged_tokens(layered, 7))
+    batched.pool.seal(tokens)
+    for layer in range(layered.num_layers):  # the per-layer path seal() takes when rows are short
+        layered.pool.migrate(layer, tokens)
+    layered.pool.release_staging(tokens)
+
+    assert torch.equal(batched.pool.location, layered.pool.location)
+    assert (tier_of(batched.pool.location[:, tokens]) == Tier.LOWBIT).all()
+    for name in ("k_code_tables", "k_scale_min_tables", "v_code_tables", "v_scale_min_tables"):
+        assert torch.equal(getattr(batched.pool.lowbit, name).flat, getattr(layered.pool.lowbit, name).flat), name
+    for layer in range(batched.num_layers):
+        k, v, held = batched.pool.gather(layer, tokens, torch.float32)
+        assert held.all() and k.abs().sum() > 0 and v.abs().sum() > 0
+    assert batched.pool.staged_count == layered.pool.staged_count == 0
+    batched.pool.check_invariants(full=True)
+
+
+def test_sealing_spills_to_the_guard_tier_when_a_layer_is_short_of_low_bit_rows():
+    sim = Simulator(seed=4)
+    tokens = _staged_tokens(sim, 5)
+    short = sim.pool.lowbit_free[1]
+    taken = short.alloc(short.available() - 2)  # layer 1 keeps 2 low-bit rows
+    sim.pool.seal(tokens)
+    tiers = tier_of(sim.pool.location[:, tokens])
+    assert (tiers[0] == Tier.LOWBIT).all() and (tiers[2] == Tier.LOWBIT).all()
+    assert int((tiers[1] == Tier.LOWBIT).sum()) == 2 and int((tiers[1] == Tier.GUARD).sum()) == 3
+    short.free(taken)
+    sim.pool.check_invariants(full=True)
