@@ -152,7 +152,7 @@ class CompressedKVPool(MHATokenToKVPool):
         stores = self.stores.values()
         key = nbytes([t for s in stores for t in s.key_tensors()])
         key += nbytes([self.location, self.staging_row])
-        key += nbytes([f.free_rows for f in (self.staging_free, *self.lowbit_free, *self.guard_free)])
+        key += nbytes([f.buffer for f in (self.staging_free, *self.lowbit_free, *self.guard_free)])
         value = nbytes([t for s in stores for t in s.value_tensors()])
         return key, value
 
@@ -310,9 +310,16 @@ class CompressedKVPool(MHATokenToKVPool):
             return
         locations = self.location[:, tokens]
         tiers, rows = tier_of(locations), row_of(locations)
+        # Every layer's low-bit rows, then its guard rows, first in its row of `ordered`
+        # (a stable sort on the tier); one host sync for all the counts.
+        lowbit, guard = tiers == Tier.LOWBIT, tiers == Tier.GUARD
+        rank = torch.where(lowbit, 0, torch.where(guard, 1, 2)).to(torch.int8)
+        ordered = rows.gather(1, torch.argsort(rank, dim=1, stable=True))
+        counts = torch.stack((lowbit.sum(1), guard.sum(1))).tolist()
         for layer in range(self.layer_num):
-            self.lowbit_free[layer].free(rows[layer][tiers[layer] == Tier.LOWBIT])
-            self.guard_free[layer].free(rows[layer][tiers[layer] == Tier.GUARD])
+            lowbit_count, guard_count = counts[0][layer], counts[1][layer]
+            self.lowbit_free[layer].free(ordered[layer, :lowbit_count])
+            self.guard_free[layer].free(ordered[layer, lowbit_count : lowbit_count + guard_count])
         staged = self.staged_mask(tokens)
         if staged.any():
             self.release_staging(tokens[staged])

@@ -22,30 +22,50 @@ from sglang_kvc.runtime import triton_kernels_enabled
 
 
 class RowFreeList:
-    """Free rows of one table, handed out like SGLang's TokenToKVPoolAllocator hands
-    out slots: a tensor of free row ids on the device, sliced on alloc, appended on
-    free. The count is known on the host without a device sync."""
+    """Free rows of one table: a stack on the device (the first `available()` entries of a
+    buffer of every row) with its height kept on the host, so neither side needs a device
+    sync. Allocation pops, freeing pushes; both move only the rows concerned (a list that is
+    concatenated on free copies every free row of a multi-million-row tier each time)."""
 
     def __init__(self, num_rows: int, device) -> None:
         self.num_rows = num_rows
         self.device = device
+        self._stack = torch.empty(num_rows, dtype=torch.int64, device=device)
         self.clear()
 
     def clear(self) -> None:
-        self.free_rows = torch.arange(1, self.num_rows + 1, dtype=torch.int64, device=self.device)
+        # Row 1 on top, so a fresh list hands out rows 1, 2, 3, ... in order.
+        torch.arange(self.num_rows, 0, -1, out=self._stack)
+        self._height = self.num_rows
 
     def available(self) -> int:
-        return len(self.free_rows)
+        return self._height
+
+    @property
+    def free_rows(self) -> torch.Tensor:
+        """The free rows (a view; for checks)."""
+        return self._stack[: self._height]
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The whole allocation (for byte counts)."""
+        return self._stack
 
     def alloc(self, count: int) -> torch.Tensor:
-        if count > len(self.free_rows):
-            raise RuntimeError(f"row free list exhausted: asked {count}, have {len(self.free_rows)}")
-        rows, self.free_rows = self.free_rows[:count], self.free_rows[count:]
-        return rows
+        """`count` free rows, as a new tensor (later frees reuse the stack's storage)."""
+        if count > self._height:
+            raise RuntimeError(f"row free list exhausted: asked {count}, have {self._height}")
+        self._height -= count
+        return self._stack[self._height : self._height + count].flip(0)
 
     def free(self, rows: torch.Tensor) -> None:
-        if rows.numel():
-            self.free_rows = torch.cat((self.free_rows, rows.to(torch.int64)))
+        count = rows.numel()
+        if count == 0:
+            return
+        if self._height + count > self.num_rows:
+            raise RuntimeError(f"row free list overflow: {count} rows freed onto {self._height} of {self.num_rows}")
+        self._stack[self._height : self._height + count] = rows.reshape(-1)
+        self._height += count
 
 
 class LayerTables:
