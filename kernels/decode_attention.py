@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sglang_kvc.device_copy import to_device
 from sglang_kvc.quant import PackedFormat
 
 # Location encoding of sglang_kvc.pool (`location = row << TIER_BITS | tier`), mirrored
@@ -380,7 +381,7 @@ def region_indptr_for(seq_lens: list[int], device) -> torch.Tensor:
     bounds = [0]
     for seq_len in seq_lens:
         bounds.append(bounds[-1] + seq_len)
-    return torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True)
+    return to_device(bounds, torch.int32, device)
 
 
 def decode_entries_in_regions(

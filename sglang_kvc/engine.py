@@ -44,6 +44,7 @@ import torch
 
 from sglang_kvc.attention import attend
 from sglang_kvc.context_queries import StridedQuerySampler
+from sglang_kvc.device_copy import to_device
 from sglang_kvc.policy import Selection, TokenScorer, scorer_from_config, select_for_layer
 from sglang_kvc.pool import CompressedKVPool
 from sglang_kvc.runtime import triton_kernels_enabled
@@ -198,9 +199,9 @@ class CompressedAttention:
         self.batch = batch
         self.capturing = False
         device = self.pool.location.device
-        self.req_pool_indices_device = torch.tensor(batch.req_pool_indices, dtype=torch.int64, device=device)
+        self.req_pool_indices_device = to_device(batch.req_pool_indices, torch.int64, device)
         if batch.is_decode and self._seal_due():
-            seq_lens = torch.tensor(batch.seq_lens, dtype=torch.int64, device=device)
+            seq_lens = to_device(batch.seq_lens, torch.int64, device)
             self._seal_leaving_tokens(self.req_pool_indices_device, seq_lens)
         if new_tokens is not None:
             self.pool.stage(new_tokens)
@@ -214,7 +215,8 @@ class CompressedAttention:
         # What every layer's entry-list build needs, on the device once per pass.
         if not batch.is_decode:
             self.prefix_lens = [seq - ext for seq, ext in zip(batch.seq_lens, batch.extend_lens)]
-            self.prefix_lens_device = torch.tensor(self.prefix_lens, dtype=torch.int32, device=device)
+            self.prefix_lens_device = to_device(self.prefix_lens, torch.int32, device)
+            self.qo_indptr_device = to_device([0, *itertools.accumulate(batch.extend_lens)], torch.int32, device)
         else:
             # Each request's slots in every layer's entry arrays: fixed for the step, so each
             # layer's build is two launches with no host glue (kernels.decode_entries_in_regions).
@@ -223,7 +225,7 @@ class CompressedAttention:
             max_seq_len = max(batch.seq_lens, default=0)
             self.decode_launch = DecodeLaunch(
                 req_pool_indices=self.req_pool_indices_device,
-                seq_lens=torch.tensor(batch.seq_lens, dtype=torch.int32, device=device),
+                seq_lens=to_device(batch.seq_lens, torch.int32, device),
                 region_indptr=region_indptr_for(batch.seq_lens, device),
                 entry_capacity=sum(batch.seq_lens),  # SGLang's seq_lens_sum: a tight bound
                 max_seq_len=max_seq_len,
@@ -384,20 +386,23 @@ class CompressedAttention:
                 max_seq_len=max(prefix_lens), max_entries=capacity,
             )
             listed = torch.arange(capacity, device=device) < entries.indptr[-1]  # slots past it: unspecified
+            # Each tier read over every slot, the others' rows replaced by row 0 (every table
+            # has one), and kept where the slot is of that tier: selecting the slots first
+            # would need their count on the host, a device sync in every layer.
             for tier, store in pool.stores.items():
-                slots = ((entries.tier == int(tier)) & listed).nonzero().squeeze(1)
-                if slots.numel():
-                    k_buffer[slots], v_buffer[slots] = store.read(layer, entries.row[slots].to(torch.int64), dtype)
+                in_tier = (entries.tier == int(tier)) & listed
+                k, v = store.read(layer, torch.where(in_tier, entries.row.to(torch.int64), 0), dtype)
+                k_buffer = torch.where(in_tier[:, None, None], k, k_buffer)
+                v_buffer = torch.where(in_tier[:, None, None], v, v_buffer)
             kv_indptr = entries.indptr
         kv_indices = torch.arange(max(capacity, 1), dtype=torch.int64, device=device)
         new_tokens = torch.cat([tokens[prefix:] for tokens, prefix in zip(self.token_rows, prefix_lens)])
         # Just written to staging by set_kv_buffer: every new token is held there.
         k_extend, v_extend = pool.staging.read(layer, pool.staging_row[new_tokens], dtype)
-        qo_indptr = torch.tensor([0, *itertools.accumulate(batch.extend_lens)], dtype=torch.int32, device=device)
         out = torch.empty((q.shape[0], q.shape[1], pool.head_dim), dtype=dtype, device=device)
         extend_attention_fwd(
             q.to(dtype).contiguous(), k_extend.contiguous(), v_extend.contiguous(), out, k_buffer, v_buffer,
-            qo_indptr, kv_indptr, kv_indices, None, True, None, max(batch.extend_lens, default=0), 1.0, 1.0,
+            self.qo_indptr_device, kv_indptr, kv_indices, None, True, None, max(batch.extend_lens, default=0), 1.0, 1.0,
             sm_scale=scaling, logit_cap=logit_cap,
         )
         return out.float()

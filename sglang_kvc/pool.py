@@ -238,9 +238,11 @@ class CompressedKVPool(MHATokenToKVPool):
             k, v = self.staging.read(layer, rows, torch.float32)
         else:
             k, v = keys, self.staging.read_values(layer, rows, torch.float32)
-        evicted = torch.ones(tokens.numel(), dtype=torch.bool, device=tokens.device)
-        evicted[selection.kept] = False
-        self.location[layer, tokens[evicted]] = int(Tier.EVICTED)
+        # Every candidate is marked evicted, then placing the kept ones overwrites theirs (the
+        # same stream orders the writes). Selecting the evicted ones instead would need their
+        # count on the host, and `map[index] = scalar` copies the scalar from pageable host
+        # memory: device syncs in every layer of a prefill (serving-profile-2026-11-29.md).
+        self.location[layer].index_fill_(0, tokens.to(torch.int64), int(Tier.EVICTED))
         self._place(layer, tokens[selection.guarded], k[selection.guarded], v[selection.guarded], Tier.GUARD)
         self._place(layer, tokens[selection.lowbit], k[selection.lowbit], v[selection.lowbit], Tier.LOWBIT)
 
@@ -273,7 +275,7 @@ class CompressedKVPool(MHATokenToKVPool):
     def release_staging(self, tokens: torch.Tensor) -> None:
         """After every layer has placed `tokens`, return their staging rows."""
         self.staging_free.free(self.staging_row[tokens])
-        self.staging_row[tokens] = 0
+        self.staging_row.index_fill_(0, tokens.to(torch.int64), 0)  # a scalar fill, not a host-to-device copy
         self.staged_count -= tokens.numel()
 
     def seal(self, tokens: torch.Tensor) -> None:
@@ -323,7 +325,7 @@ class CompressedKVPool(MHATokenToKVPool):
         staged = self.staged_mask(tokens)
         if staged.any():
             self.release_staging(tokens[staged])
-        self.location[:, tokens] = int(Tier.EMPTY)
+        self.location.index_fill_(1, tokens.to(torch.int64), int(Tier.EMPTY))
 
     # ---- accounting -------------------------------------------------------------------------------
     def _free_list(self, tier: Tier, layer: int) -> RowFreeList:
