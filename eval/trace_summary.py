@@ -8,7 +8,10 @@ For a trace of N forward steps it reports, per step:
   * the kernels, host operators (`cpu_op`, inclusive: nested ops are counted in their
     parents too), CUDA runtime calls (launches, synchronizations, copies) and
     `record_function` ranges (`user_annotation`, e.g. the engine's `kvc.*` ranges) with
-    the largest total time, as {name, calls, total_ms, ms_per_step}.
+    the largest total time, as {name, calls, total_ms, ms_per_step};
+  * `sync_sites`: where the host waited on the device (`cudaStreamSynchronize`, and copies
+    to or from pageable memory), by the chain of host operators it happened in (outermost
+    three), e.g. `aten::index > aten::nonzero`.
 `span_ms` well above `gpu_busy_ms` means the GPU waits for the host: the host-side ranges
 and runtime calls then say where the step goes.
 """
@@ -22,6 +25,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaMemcpy")
 CATEGORIES = {"kernels": "kernel", "host_ops": "cpu_op", "runtime": "cuda_runtime", "ranges": "user_annotation"}
 
 
@@ -58,6 +62,29 @@ def top_by_total(events: list[dict], steps: int, top: int) -> list[dict]:
              "ms_per_step": round(total_us[name] / 1e3 / steps, 4)} for name in ranked]
 
 
+def sync_sites(events: list[dict], steps: int, top: int) -> list[dict]:
+    """Synchronizing runtime calls grouped by the host operators enclosing them (per thread:
+    a sweep over start times with a stack of the operators still open)."""
+    by_thread: dict = defaultdict(list)
+    for event in events:
+        if event.get("cat") == "cpu_op" or (event.get("cat") == "cuda_runtime" and event["name"] in SYNC_CALLS):
+            by_thread[(event.get("pid"), event.get("tid"))].append(event)
+    sites = []
+    for thread_events in by_thread.values():
+        # Enclosing operators first at equal start times (longer first).
+        thread_events.sort(key=lambda e: (e["ts"], -e["dur"]))
+        open_ops: list[dict] = []
+        for event in thread_events:
+            while open_ops and open_ops[-1]["ts"] + open_ops[-1]["dur"] <= event["ts"]:
+                open_ops.pop()
+            if event.get("cat") == "cpu_op":
+                open_ops.append(event)
+            else:
+                chain = " > ".join(op["name"] for op in open_ops[:3]) or "(no host operator)"
+                sites.append({"name": f"{event['name']} in {chain}", "dur": event["dur"]})
+    return top_by_total(sites, steps, top)
+
+
 def summarize(events: list[dict], steps: int, top: int = 20) -> dict:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -76,6 +103,7 @@ def summarize(events: list[dict], steps: int, top: int = 20) -> dict:
     }
     for key, selected in by_category.items():
         summary[key] = top_by_total(selected, steps, top)
+    summary["sync_sites"] = sync_sites(events, steps, top)
     return summary
 
 

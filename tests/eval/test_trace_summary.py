@@ -36,8 +36,10 @@ def two_steps():
         event("kernel", "gemm", 300, 400),  # overlaps attention: busy 120-700 = 580
         event("user_annotation", "kvc.seal", 1000, 500),
         event("cpu_op", "aten::index", 1010, 20),
-        event("cpu_op", "aten::index", 1040, 20),
-        event("cuda_runtime", "cudaStreamSynchronize", 1100, 300),
+        event("cpu_op", "aten::index", 1040, 80),
+        event("cpu_op", "aten::nonzero", 1050, 60),
+        event("cuda_runtime", "cudaStreamSynchronize", 1060, 40),  # inside index > nonzero
+        event("cuda_runtime", "cudaStreamSynchronize", 1130, 270),  # after both closed
         event("kernel", "attention", 1500, 300),
         {"ph": "i", "name": "marker", "ts": 1999},  # instant events carry no duration: ignored
         event("kernel", "gemm", 1800, 200),  # ends at 2000
@@ -56,7 +58,12 @@ def test_summary_per_step_and_gpu_busy_union(trace_summary, tmp_path):
     assert attention == {"name": "attention", "calls": 2, "total_ms": 0.6, "ms_per_step": 0.3}
     assert [r["name"] for r in summary["ranges"]] == ["kvc.seal", "kvc.prepare_replay"]
     assert summary["runtime"][0]["name"] == "cudaStreamSynchronize"
-    assert summary["host_ops"] == [{"name": "aten::index", "calls": 2, "total_ms": 0.04, "ms_per_step": 0.02}]
+    assert summary["host_ops"][0] == {"name": "aten::index", "calls": 2, "total_ms": 0.1, "ms_per_step": 0.05}
+    assert summary["sync_sites"] == [
+        {"name": "cudaStreamSynchronize in (no host operator)", "calls": 1, "total_ms": 0.27, "ms_per_step": 0.135},
+        {"name": "cudaStreamSynchronize in aten::index > aten::nonzero", "calls": 1, "total_ms": 0.04,
+         "ms_per_step": 0.02},
+    ]
 
 
 def test_bad_input_is_refused(trace_summary):
