@@ -881,12 +881,11 @@ def _decode_split_kernel_v2(
     GUARD_DOT_PRECISION: tl.constexpr,  # the guard loop's dots
     PREFETCH: tl.constexpr,  # low-bit loop pipelined by hand (see there)
 ):
-    """v2: one loop per tier. The split's entry range is cut exactly as in v1 (whole
-    BLOCK_N blocks of the request's entries); each tier loop runs over the intersection
-    of that range with the tier's range, so every block is of one known tier: no tier
-    array is read, and each loop carries only its own loader (no masked loads, no
-    dequantization work of the other tiers). A tier's last block in the split may be
-    partial; `valid` masks its tail."""
+    """v2: one loop per tier. Each tier's range of the request's entries is cut into the
+    splits as v1 cuts the whole list (whole BLOCK_N blocks), and split s walks its share of
+    every tier, so every block is of one known tier: no tier array is read, and each loop
+    carries only its own loader (no masked loads, no dequantization work of the other
+    tiers). A tier's last block in the split may be partial; `valid` masks its tail."""
     request = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -896,7 +895,12 @@ def _decode_split_kernel_v2(
     lowbit_start = tl.load(bounds_ptr + stride_tier_indptr_tier)
     guard_start = tl.load(bounds_ptr + 2 * stride_tier_indptr_tier)
     entries_end = tl.load(bounds_ptr + 3 * stride_tier_indptr_tier)
-    split_start, split_end = _split_range(staging_start, entries_end, split, NUM_SPLITS, BLOCK_N)
+    # Every split takes its share of each tier, so the splits are balanced whatever the tiers
+    # cost per entry (bf16 guard rows take the tf32 loop; a tier at the end of one shared range
+    # would all land in the last splits, the kernel then waiting for them).
+    staging_first, staging_end = _split_range(staging_start, lowbit_start, split, NUM_SPLITS, BLOCK_N)
+    lowbit_first, lowbit_end = _split_range(lowbit_start, guard_start, split, NUM_SPLITS, BLOCK_N)
+    guard_first, guard_end = _split_range(guard_start, entries_end, split, NUM_SPLITS, BLOCK_N)
     q, q_heads, offs_d, group_mask, dim_mask = _load_group_queries(
         q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP, HEAD_DIM, BLOCK_G, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -905,10 +909,8 @@ def _decode_split_kernel_v2(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp2(logit - m_i)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
 
-    # -- staging: bf16 rows. Staging entries come first, so the split starts inside or
-    #    after them: the range is [split_start, min(split_end, lowbit_start)).
-    staging_end = tl.minimum(split_end, lowbit_start)
-    for block_start in range(split_start, staging_end, BLOCK_N):
+    # -- staging: bf16 rows.
+    for block_start in range(staging_first, staging_end, BLOCK_N):
         entries = block_start + offs_n
         valid = entries < staging_end
         rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
@@ -920,8 +922,6 @@ def _decode_split_kernel_v2(
         m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
 
     # -- low-bit: packed K and V, each in its own format.
-    lowbit_first = tl.maximum(split_start, lowbit_start)
-    lowbit_end = tl.minimum(split_end, guard_start)
     if PREFETCH:
         # Software-pipelined by hand: entry rows two blocks ahead, packed words one block
         # ahead, so an iteration's loads depend only on what the previous one loaded and
@@ -974,10 +974,9 @@ def _decode_split_kernel_v2(
 
     # -- guard: bf16 rows, or 8-bit packed (one format for K and V). GUARD_PACKED is a
     #    compile-time constant, so each compiled kernel has one loader here, no branch.
-    guard_first = tl.maximum(split_start, guard_start)
-    for block_start in range(guard_first, split_end, BLOCK_N):
+    for block_start in range(guard_first, guard_end, BLOCK_N):
         entries = block_start + offs_n
-        valid = entries < split_end
+        valid = entries < guard_end
         rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
         if GUARD_PACKED:
             k = _load_packed_tile(guard_k_ptr, guard_k_pairs_ptr, rows, kv_head,
