@@ -383,6 +383,7 @@ def kv_sample(rng: Random, encode: PieceEncoder, length: int, depth: float | Non
     question = KV_QUESTION.format(key=key)
     budget = length - MAX_NEW_TOKENS["kv"] - _fixed_cost(encode, KV_HEADER, question)
     records: list[Item] = []
+    pair_of: dict[str, tuple[str, str]] = {}  # record text -> (key, value), for the follow-ups
     keys = {key}
     used = len(encode(f"{key}: {answer}\n"))
     while True:
@@ -391,12 +392,14 @@ def kv_sample(rng: Random, encode: PieceEncoder, length: int, depth: float | Non
                  f"{_hex4(rng)}-{key[5:]}" if near < KV_NEAR_MISS_RATE else f"{_hex4(rng)}-{_hex4(rng)}")
         if other in keys:
             continue
-        record = Item(f"{other}: {random_number(rng, 6)}", line=True, filler=True)
+        value = random_number(rng, 6)
+        record = Item(f"{other}: {value}", line=True, filler=True)
         cost = len(encode(record.text + "\n"))
         if used + cost > budget:
             break
         keys.add(other)
         records.append(record)
+        pair_of[record.text] = (other, value)
         used += cost
     position = round(depth * len(records))
     records.insert(position, Item(f"{key}: {answer}", line=True))
@@ -404,7 +407,7 @@ def kv_sample(rng: Random, encode: PieceEncoder, length: int, depth: float | Non
     # Records spread over the list (no random draws: held-out samples stay as they were).
     others = [records[round((i + 0.5) * len(records) / KV_FOLLOW_UPS)] for i in range(KV_FOLLOW_UPS)]
     others = [record.text for record in others if record.filler]
-    pairs = [(KV_QUESTION.format(key=text.split(": ")[0]), text.split(": ")[1]) for text in others]
+    pairs = [(KV_QUESTION.format(key=pair_of[text][0]), pair_of[text][1]) for text in others]
     return _with_follow_ups(sample, pairs, [text + "\n" for text in others])
 
 
