@@ -3,7 +3,9 @@
 # path and SGLang's decode CUDA graphs on (the default; SGLANG_KVC_TRITON=0 runs the torch
 # path with graphs off); stock bf16 runs with the same graph settings. Measures:
 # per prompt length the prefill time and decode ms/token, the decode throughput of a batch,
-# and greedy token / log-probability agreement with stock (eval/server_capacity.py).
+# and greedy token / log-probability agreement with stock (eval/server_capacity.py);
+# PROFILE_STEPS=24 adds a profiled batch round per server (SGLang's torch profiler,
+# summarized per step: eval/trace_summary.py).
 # JSON and each server's log to $OUT.
 #   run(command="bash eval/gpu/serving.sh [CONFIG...]", carry=[".gpu-rig"])
 set -u
@@ -15,4 +17,5 @@ CONFIGS=("$@")
 timeout "${BUDGET_S:-560}" python3 eval/server_capacity.py --model-path .gpu-rig/qwen2.5-7b-dummy \
   --configs "${CONFIGS[@]}" --prompt-lens ${PROMPT_LENS:-8192 32448} --max-new-tokens "${MAX_NEW:-256}" \
   --batch-decode ${BATCH_DECODE:-16 4096 128} --fidelity-samples "${FIDELITY:-8}" \
+  --profile-decode-steps "${PROFILE_STEPS:-0}" \
   --out "$OUT/serving.json" --log-dir "$OUT" --server-args --cuda-graph-max-bs "${GRAPH_MAX_BS:-16}"
