@@ -15,6 +15,8 @@ Stores know nothing about logical token ids; `pool.CompressedKVPool` maps those 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from sglang_kvc.quant import PackedFormat, dequantize, quantize
@@ -76,10 +78,7 @@ class LayerTables:
         sizes = [rows + 1 for rows in rows_per_layer]
         self.flat = torch.zeros((sum(sizes), *row_shape), dtype=dtype, device=device)
         self.layers = list(self.flat.split(sizes))
-        starts = [0]
-        for size in sizes[:-1]:
-            starts.append(starts[-1] + size)
-        self.offsets = torch.tensor(starts, dtype=torch.int64, device=device)
+        self.offsets = torch.tensor([0, *itertools.accumulate(sizes[:-1])], dtype=torch.int64, device=device)
 
     def flat_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """[layers, n] per-layer rows -> the same rows' indices into `flat`."""

@@ -312,7 +312,7 @@ def evaluate(model: torch.nn.Module, eval_sets: Mapping[tuple[str, int], Sequenc
     was_training = model.training
     model.eval()
     accuracy: dict[str, dict[str, float]] = {}
-    with _autocast(config.device):
+    with autocast_for(config.device):
         for (task, length), samples in eval_sets.items():
             per_batch = max(1, config.eval_batch_tokens // length)
             correct = 0
@@ -330,7 +330,8 @@ def cells_at_least(accuracy: Mapping[str, Mapping[str, float]], lengths: Sequenc
     return all(accuracy[task][str(length)] >= threshold for task in accuracy for length in lengths)
 
 
-def _autocast(device: str):
+def autocast_for(device: str):
+    """bf16 autocast on CUDA (training and evaluation); full fp32 on the CPU."""
     if device.startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
@@ -472,7 +473,7 @@ class Trainer:
                 group["lr"] = learning_rate(config, self.step, progress)
             targets = targets.to(config.device, non_blocking=True)
             input_ids = input_ids.to(config.device, non_blocking=True)
-            with _autocast(config.device):
+            with autocast_for(config.device):
                 loss, answer_part = answer_loss(self.model, input_ids, targets, config.context_loss_weight)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

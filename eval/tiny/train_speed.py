@@ -31,7 +31,7 @@ from eval.tiny import train
 
 
 def _step(model, optimizer, input_ids, targets, context_loss_weight):
-    with train._autocast(str(input_ids.device)):
+    with train.autocast_for(str(input_ids.device)):
         loss, _ = train.answer_loss(model, input_ids, targets, context_loss_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
