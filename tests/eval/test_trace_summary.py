@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def trace_summary():
-    spec = importlib.util.spec_from_file_location("trace_summary", REPO / "eval" / "trace_summary.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+from eval import trace_summary
 
 
 def event(cat, name, ts, dur):
@@ -46,7 +33,7 @@ def two_steps():
     ]
 
 
-def test_summary_per_step_and_gpu_busy_union(trace_summary, tmp_path):
+def test_summary_per_step_and_gpu_busy_union(tmp_path):
     path = tmp_path / "t.trace.json.gz"
     with gzip.open(path, "wt") as handle:
         json.dump({"traceEvents": two_steps()}, handle)
@@ -66,7 +53,7 @@ def test_summary_per_step_and_gpu_busy_union(trace_summary, tmp_path):
     ]
 
 
-def test_bad_input_is_refused(trace_summary):
+def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="steps"):
         trace_summary.summarize(two_steps(), steps=0)
     with pytest.raises(ValueError, match="no complete"):
