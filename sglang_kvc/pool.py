@@ -298,7 +298,8 @@ class CompressedKVPool(MHATokenToKVPool):
         """`migrate` for every layer at once (every layer has the low-bit rows): one gather
         of the staged K/V, one quantize-and-scatter per K and V, one location write. Layer by
         layer this was ~10 launches and their host work per layer, every few decode steps."""
-        rows = torch.stack([free_list.alloc(tokens.numel()) for free_list in self.lowbit_free])
+        # One copy of the 28 free-list views (torch.stack), not one per layer.
+        rows = torch.stack([free_list.alloc(tokens.numel(), copy=False) for free_list in self.lowbit_free])
         staging_rows = self.staging_row[tokens].expand(self.layer_num, -1)
         k, v = self.staging.read_layers(staging_rows)
         self.lowbit.write_layers(rows, k, v)

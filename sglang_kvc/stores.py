@@ -53,12 +53,15 @@ class RowFreeList:
         """The whole allocation (for byte counts)."""
         return self._stack
 
-    def alloc(self, count: int) -> torch.Tensor:
-        """`count` free rows, as a new tensor (later frees reuse the stack's storage)."""
+    def alloc(self, count: int, copy: bool = True) -> torch.Tensor:
+        """`count` free rows as a new tensor; with `copy=False` a view of the stack, valid
+        until the next `free` on this list writes over it (for a caller that hands it to a
+        device op at once: that op, queued first, reads it first)."""
         if count > self._height:
             raise RuntimeError(f"row free list exhausted: asked {count}, have {self._height}")
         self._height -= count
-        return self._stack[self._height : self._height + count].flip(0)
+        rows = self._stack[self._height : self._height + count]
+        return rows.flip(0) if copy else rows
 
     def free(self, rows: torch.Tensor) -> None:
         count = rows.numel()
