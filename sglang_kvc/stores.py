@@ -24,10 +24,10 @@ from sglang_kvc.runtime import triton_kernels_enabled
 
 
 class RowFreeList:
-    """Free rows of one table: a stack on the device (the first `available()` entries of a
-    buffer of every row) with its height kept on the host, so neither side needs a device
-    sync. Allocation pops, freeing pushes; both move only the rows concerned (a list that is
-    concatenated on free copies every free row of a multi-million-row tier each time)."""
+    """Free rows of one table: a stack on the device whose free part, `buffer[top:]`, the host
+    tracks by `top`, so neither side needs a device sync. Allocation pops from the top,
+    freeing pushes onto it; both move only the rows concerned (a list that is concatenated
+    on free copies every free row of a multi-million-row tier each time)."""
 
     def __init__(self, num_rows: int, device) -> None:
         self.num_rows = num_rows
@@ -36,17 +36,16 @@ class RowFreeList:
         self.clear()
 
     def clear(self) -> None:
-        # Row 1 on top, so a fresh list hands out rows 1, 2, 3, ... in order.
-        torch.arange(self.num_rows, 0, -1, out=self._stack)
-        self._height = self.num_rows
+        torch.arange(1, self.num_rows + 1, out=self._stack)  # a fresh list hands out 1, 2, 3, ...
+        self._top = 0
 
     def available(self) -> int:
-        return self._height
+        return self.num_rows - self._top
 
     @property
     def free_rows(self) -> torch.Tensor:
         """The free rows (a view; for checks)."""
-        return self._stack[: self._height]
+        return self._stack[self._top :]
 
     @property
     def buffer(self) -> torch.Tensor:
@@ -57,20 +56,20 @@ class RowFreeList:
         """`count` free rows as a new tensor; with `copy=False` a view of the stack, valid
         until the next `free` on this list writes over it (for a caller that hands it to a
         device op at once: that op, queued first, reads it first)."""
-        if count > self._height:
-            raise RuntimeError(f"row free list exhausted: asked {count}, have {self._height}")
-        self._height -= count
-        rows = self._stack[self._height : self._height + count]
-        return rows.flip(0) if copy else rows
+        if count > self.available():
+            raise RuntimeError(f"row free list exhausted: asked {count}, have {self.available()}")
+        rows = self._stack[self._top : self._top + count]
+        self._top += count
+        return rows.clone() if copy else rows
 
     def free(self, rows: torch.Tensor) -> None:
         count = rows.numel()
         if count == 0:
             return
-        if self._height + count > self.num_rows:
-            raise RuntimeError(f"row free list overflow: {count} rows freed onto {self._height} of {self.num_rows}")
-        self._stack[self._height : self._height + count] = rows.reshape(-1)
-        self._height += count
+        if count > self._top:
+            raise RuntimeError(f"row free list overflow: {count} rows freed, {self._top} in use of {self.num_rows}")
+        self._top -= count
+        self._stack[self._top : self._top + count] = rows.reshape(-1)
 
 
 class LayerTables:
