@@ -29,6 +29,8 @@ def test_long_variants_sit_at_the_base_ratio_and_differ_in_one_knob():
     assert by_label["pooling 63"].sparsity.retain_ratio == base.sparsity.retain_ratio
     assert by_label["K4V4 g64"].sparsity.retain_ratio < base.sparsity.retain_ratio
     assert by_label["K3V2 g64"].sparsity.retain_ratio > base.sparsity.retain_ratio
+    # The base guards 10% at bf16; at 8 bits the same guard share leaves room for more tokens.
+    assert by_label["guard 0.1 8-bit"].sparsity.retain_ratio > base.sparsity.retain_ratio
 
 
 def test_long_group_only_runs_when_asked():
