@@ -154,34 +154,32 @@ class PackedStore:
         return heads * (key_format.bytes_per_head() + value_format.bytes_per_head())
 
     def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        if k.is_cuda and triton_kernels_enabled():
-            # One fused launch per K / V, bit-exact with the torch path below (tested in
-            # tests/kernels); imported here so CPU-only users never import Triton.
-            from sglang_kvc.kernels.quantize import write_packed
-
-            write_packed(self, layer, rows, k, v)
-            return
-        k_codes, k_scale_min = quantize(k, self.key_format)
-        v_codes, v_scale_min = quantize(v, self.value_format)
-        self.k_codes[layer][rows] = k_codes
-        self.k_scale_min[layer][rows] = k_scale_min
-        self.v_codes[layer][rows] = v_codes
-        self.v_scale_min[layer][rows] = v_scale_min
+        self._quantize_into((self.k_codes[layer], self.k_scale_min[layer], self.v_codes[layer],
+                             self.v_scale_min[layer]), rows, k, v)
 
     def write_layers(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """`write` for every layer at once: token i of layer l ([layers, n] `rows`, K and V
         [layers, n, heads, head_dim]) goes to row rows[l, i] of layer l; one quantize launch
         per K and V on the GPU."""
-        index = self.k_code_tables.flat_rows(rows).flatten()
-        k, v = k.flatten(0, 1), v.flatten(0, 1)
+        tables = (self.k_code_tables.flat, self.k_scale_min_tables.flat, self.v_code_tables.flat,
+                  self.v_scale_min_tables.flat)
+        self._quantize_into(tables, self.k_code_tables.flat_rows(rows).flatten(), k.flatten(0, 1), v.flatten(0, 1))
+
+    def _quantize_into(self, tables: tuple[torch.Tensor, ...], rows: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor) -> None:
+        """K and V [n, heads, head_dim] quantized into rows `rows` of `tables` (K codes, K pairs,
+        V codes, V pairs): one layer's views or the flat all-layer tables."""
+        k_codes, k_pairs, v_codes, v_pairs = tables
         if k.is_cuda and triton_kernels_enabled():
+            # One fused launch per K / V, bit-exact with the torch path below (tested in
+            # tests/kernels); imported here so CPU-only users never import Triton.
             from sglang_kvc.kernels.quantize import quantize_into
 
-            quantize_into(k, index, self.k_code_tables.flat, self.k_scale_min_tables.flat, self.key_format)
-            quantize_into(v, index, self.v_code_tables.flat, self.v_scale_min_tables.flat, self.value_format)
+            quantize_into(k, rows, k_codes, k_pairs, self.key_format)
+            quantize_into(v, rows, v_codes, v_pairs, self.value_format)
             return
-        self.k_code_tables.flat[index], self.k_scale_min_tables.flat[index] = quantize(k, self.key_format)
-        self.v_code_tables.flat[index], self.v_scale_min_tables.flat[index] = quantize(v, self.value_format)
+        k_codes[rows], k_pairs[rows] = quantize(k, self.key_format)
+        v_codes[rows], v_pairs[rows] = quantize(v, self.value_format)
 
     def read(self, layer: int, rows: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         k = dequantize(self.k_codes[layer][rows], self.k_scale_min[layer][rows], self.key_format, dtype)

@@ -356,6 +356,18 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
     )
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
+               targets: LossTargets, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch already on the device; returns (loss, its answer part)."""
+    with autocast_for(config.device):
+        loss, answer_part = answer_loss(model, input_ids, targets, config.context_loss_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss, answer_part
+
+
 class Trainer:
     """One run: model, optimizer, data workers, evaluations, the log."""
 
@@ -473,12 +485,7 @@ class Trainer:
                 group["lr"] = learning_rate(config, self.step, progress)
             targets = targets.to(config.device, non_blocking=True)
             input_ids = input_ids.to(config.device, non_blocking=True)
-            with autocast_for(config.device):
-                loss, answer_part = answer_loss(self.model, input_ids, targets, config.context_loss_weight)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            self.optimizer.step()
+            loss, answer_part = train_step(self.model, self.optimizer, input_ids, targets, config)
             self.step += 1
             self.tokens_seen += input_ids.numel()
             losses.append(torch.stack([loss.detach(), answer_part.detach()]))

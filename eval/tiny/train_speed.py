@@ -30,20 +30,11 @@ from eval.tiny import tokenizer as tiny_tokenizer
 from eval.tiny import train
 
 
-def _step(model, optimizer, input_ids, targets, context_loss_weight):
-    with train.autocast_for(str(input_ids.device)):
-        loss, _ = train.answer_loss(model, input_ids, targets, context_loss_weight)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-
-
-def time_steps(model, optimizer, batches, steps: int, context_loss_weight: float) -> dict:
+def time_steps(model, optimizer, batches, steps: int, config: train.TrainConfig) -> dict:
     """batches: (input ids, targets) already on the device, cycled."""
     cuda = batches[0][0].is_cuda
     for input_ids, targets in batches[:3]:  # warm-up (and compilation)
-        _step(model, optimizer, input_ids, targets, context_loss_weight)
+        train.train_step(model, optimizer, input_ids, targets, config)
     if cuda:
         torch.cuda.synchronize()
     events, host = [], []
@@ -54,7 +45,7 @@ def time_steps(model, optimizer, batches, steps: int, context_loss_weight: float
         if cuda:
             events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
             events[-1][0].record()
-        _step(model, optimizer, input_ids, targets, context_loss_weight)
+        train.train_step(model, optimizer, input_ids, targets, config)
         if cuda:
             events[-1][1].record()
         host.append(time.perf_counter() - queued)
@@ -66,13 +57,13 @@ def time_steps(model, optimizer, batches, steps: int, context_loss_weight: float
             "host_ms": round(sorted(host)[steps // 2] * 1e3, 2)}
 
 
-def profile_table(model, optimizer, batches, context_loss_weight: float) -> str:
+def profile_table(model, optimizer, batches, config: train.TrainConfig) -> str:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if batches[0][0].is_cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profiler:
         for input_ids, targets in batches:
-            _step(model, optimizer, input_ids, targets, context_loss_weight)
+            train.train_step(model, optimizer, input_ids, targets, config)
         if batches[0][0].is_cuda:
             torch.cuda.synchronize()
     sort_by = "self_cuda_time_total" if batches[0][0].is_cuda else "self_cpu_time_total"
@@ -140,14 +131,14 @@ def main(argv=None) -> int:
             model = wrap(model)
             for length in args.lengths:
                 started = time.perf_counter()
-                result = time_steps(model, optimizer, batches[length], args.steps, args.context_loss_weight)
+                result = time_steps(model, optimizer, batches[length], args.steps, config)
                 result["width"] = batches[length][0][0].shape[1]
                 result["first_seconds"] = round(time.perf_counter() - started, 1)
                 result["tokens_per_s"] = round(batches[length][0][0].numel() / (result["wall_ms"] / 1e3))
                 report["steps"].setdefault(name, {})[str(length)] = result
                 print(name, length, json.dumps(result), flush=True)
                 if args.profile:
-                    print(profile_table(model, optimizer, batches[length], args.context_loss_weight), flush=True)
+                    print(profile_table(model, optimizer, batches[length], config), flush=True)
         report["loader"] = loader_rate(config, Path(tokenizer_dir), args.loader_seconds)
         print("loader", json.dumps(report["loader"]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
