@@ -5,8 +5,11 @@ of them answers right.
     python -m eval.tiny.paired DIR/ablation.json "long: base (qwen_8x_tuned)" "long: observation window 16"
     python -m eval.tiny.paired OLD/quality.json qwen_8x_tuned qwen_8x_tuned --b-report NEW/quality.json
     python -m eval.tiny.paired OLD/serve_eval.json qwen_8x_tuned qwen_8x_tuned --b-report NEW/serve_eval.json
+    python -m eval.tiny.paired SEED1/serve_eval.json bf16 qwen_5x_tuned --pool SEED2/serve_eval.json
 
-(the second form: the same config name in two runs of one suite, e.g. before and after a change).
+(the second form: the same config name in two runs of one suite, e.g. before and after a change;
+the third: both configs in more reports of other suites, e.g. another seed, pooled into one
+comparison).
 
 Prints JSON: each config's accuracy, the difference (b - a), its paired standard error, the
 discordant counts and an exact two-sided sign test on them. The gold answers are regenerated
@@ -26,21 +29,36 @@ from eval.tiny.compare import predictions
 
 
 def paired(report: dict, a: str, b: str, evaluator: quality.TinyEvaluator | None = None,
-           report_b: dict | None = None) -> dict:
+           report_b: dict | None = None, pool: Sequence[dict] = ()) -> dict:
     """`a` from `report`, `b` from `report_b` (default: the same report); both must have run
-    the same suite."""
+    the same suite. `pool`: more reports holding both configs, each of a different suite
+    (another seed: other samples), whose samples join the comparison."""
+    evaluator = evaluator or quality.TinyEvaluator()
+    wins, right_with_a = _wins(report, a, b, evaluator, report_b)
+    suites = [report["suite"]]
+    for extra in pool:
+        if extra["suite"] in suites:
+            raise ValueError(f"suite {extra['suite']} pooled twice: its samples would count twice")
+        suites.append(extra["suite"])
+        more_wins, more_right = _wins(extra, a, b, evaluator)
+        wins, right_with_a = wins + more_wins, right_with_a + more_right
+    return summary(wins, right_with_a / len(wins))
+
+
+def _wins(report: dict, a: str, b: str, evaluator: quality.TinyEvaluator,
+          report_b: dict | None = None) -> tuple[list[int], int]:
+    """Per sample +1 / -1 / 0 (see `summary`), and how many samples `a` answers right."""
     report_b = report if report_b is None else report_b
     if report_b["suite"] != report["suite"]:
         raise ValueError(f"different suites: {report['suite']} vs {report_b['suite']}")
     suite = quality.Suite(**{key: tuple(value) if isinstance(value, list) else value
                              for key, value in report["suite"].items()})
-    evaluator = evaluator or quality.TinyEvaluator()
     gold = {f"{task}-{length}-{index}": sample.answer
             for (task, length), samples in evaluator.samples(suite).items()
             for index, sample in enumerate(samples)}
     first, second = predictions(report)[a], predictions(report_b)[b]
     wins = [int(second[key] == answer) - int(first[key] == answer) for key, answer in gold.items()]
-    return summary(wins, sum(first[key] == answer for key, answer in gold.items()) / len(gold))
+    return wins, sum(first[key] == answer for key, answer in gold.items())
 
 
 def summary(wins: Sequence[int], accuracy_a: float) -> dict:
@@ -62,9 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("a", help="config name (the baseline)")
     parser.add_argument("b", help="config name (compared with it)")
     parser.add_argument("--b-report", type=Path, help="take b from this report (same suite) instead")
+    parser.add_argument("--pool", type=Path, nargs="+", default=[],
+                        help="more reports with both configs, each of another suite (e.g. seed), pooled in")
     args = parser.parse_args(argv)
     report_b = json.loads(args.b_report.read_text()) if args.b_report else None
-    print(json.dumps(paired(json.loads(args.report.read_text()), args.a, args.b, report_b=report_b)))
+    pool = [json.loads(path.read_text()) for path in args.pool]
+    print(json.dumps(paired(json.loads(args.report.read_text()), args.a, args.b, report_b=report_b, pool=pool)))
     return 0
 
 

@@ -82,3 +82,31 @@ def test_paired_reads_server_reports_as_transformers_reports():
                                               {"name": "broken", "suite": None}]}
     assert predictions(server_report) == {"qwen_8x_tuned": answers}
     assert predictions({"suite": {}, "predictions": {"full": answers}}) == {"full": answers}
+
+
+class _StubEvaluator:
+    """Gold answers for a suite without generating samples: kv-1024-{0,1} -> "1", "2"."""
+
+    def samples(self, suite):
+        from types import SimpleNamespace
+
+        return {("kv", 1024): [SimpleNamespace(answer="1"), SimpleNamespace(answer="2")]}
+
+
+def _report(seed: int, a_answers: list[str], b_answers: list[str]) -> dict:
+    suite = {"tasks": ["kv"], "lengths": [1024], "samples": 2, "seed": seed}
+    ids = ["kv-1024-0", "kv-1024-1"]
+    return {"suite": suite, "predictions": {"a": dict(zip(ids, a_answers)), "b": dict(zip(ids, b_answers))}}
+
+
+def test_paired_pools_reports_of_other_seeds_and_refuses_a_suite_twice():
+    from eval.tiny.paired import paired
+
+    seed0 = _report(0, ["1", "2"], ["1", "x"])  # b loses one
+    seed1 = _report(1, ["x", "2"], ["1", "2"])  # b wins one
+    pooled = paired(seed0, "a", "b", evaluator=_StubEvaluator(), pool=[seed1])
+    assert pooled["samples"] == 4
+    assert (pooled["right_only_with_a"], pooled["right_only_with_b"]) == (1, 1)
+    assert pooled["accuracy_a"] == 0.75 and pooled["accuracy_b"] == 0.75
+    with pytest.raises(ValueError, match="pooled twice"):
+        paired(seed0, "a", "b", evaluator=_StubEvaluator(), pool=[seed1, seed1])
