@@ -10,8 +10,10 @@ For a trace of N forward steps it reports, per step:
     `record_function` ranges (`user_annotation`, e.g. the engine's `kvc.*` ranges) with
     the largest total time, as {name, calls, total_ms, ms_per_step};
   * `sync_sites`: where the host waited on the device (`cudaStreamSynchronize`, and copies
-    to or from pageable memory), by the chain of host operators it happened in (outermost
-    three), e.g. `aten::index > aten::nonzero`.
+    that wait: device to host, or host to device from pageable memory, told by the GPU copy
+    the runtime call is correlated with), by the chain of host operators it happened in
+    (outermost three), e.g. `aten::index > aten::nonzero`. Device-to-device copies and
+    copies from pinned memory are queued like kernels and left out.
 `span_ms` well above `gpu_busy_ms` means the GPU waits for the host: the host-side ranges
 and runtime calls then say where the step goes.
 """
@@ -25,7 +27,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaMemcpy")
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize")
+COPY_CALLS = ("cudaMemcpyAsync", "cudaMemcpy")
 CATEGORIES = {"kernels": "kernel", "host_ops": "cpu_op", "runtime": "cuda_runtime", "ranges": "user_annotation"}
 
 
@@ -65,9 +68,15 @@ def top_by_total(events: list[dict], steps: int, top: int) -> list[dict]:
 def sync_sites(events: list[dict], steps: int, top: int) -> list[dict]:
     """Synchronizing runtime calls grouped by the host operators enclosing them (per thread:
     a sweep over start times with a stack of the operators still open)."""
+    waiting_copies = {event["args"]["correlation"] for event in events
+                      if event.get("cat") == "gpu_memcpy" and "correlation" in event.get("args", {})
+                      and _copy_waits(event["name"])}
     by_thread: dict = defaultdict(list)
     for event in events:
-        if event.get("cat") == "cpu_op" or (event.get("cat") == "cuda_runtime" and event["name"] in SYNC_CALLS):
+        waits = event.get("cat") == "cuda_runtime" and (
+            event["name"] in SYNC_CALLS
+            or (event["name"] in COPY_CALLS and event.get("args", {}).get("correlation") in waiting_copies))
+        if event.get("cat") == "cpu_op" or waits:
             by_thread[(event.get("pid"), event.get("tid"))].append(event)
     sites = []
     for thread_events in by_thread.values():
@@ -83,6 +92,12 @@ def sync_sites(events: list[dict], steps: int, top: int) -> list[dict]:
                 chain = " > ".join(op["name"] for op in open_ops[:3]) or "(no host operator)"
                 sites.append({"name": f"{event['name']} in {chain}", "dur": event["dur"]})
     return top_by_total(sites, steps, top)
+
+
+def _copy_waits(copy_name: str) -> bool:
+    """The GPU copy's name, e.g. 'Memcpy HtoD (Pageable -> Device)': does its runtime call
+    return only when the copy is done?"""
+    return "DtoH" in copy_name or "Pageable" in copy_name
 
 
 def summarize(events: list[dict], steps: int, top: int = 20) -> dict:

@@ -10,8 +10,11 @@ import pytest
 from eval import trace_summary
 
 
-def event(cat, name, ts, dur):
-    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": 0}
+def event(cat, name, ts, dur, correlation=None):
+    record = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": 0}
+    if correlation is not None:
+        record["args"] = {"correlation": correlation}
+    return record
 
 
 def two_steps():
@@ -27,6 +30,14 @@ def two_steps():
         event("cpu_op", "aten::nonzero", 1050, 60),
         event("cuda_runtime", "cudaStreamSynchronize", 1060, 40),  # inside index > nonzero
         event("cuda_runtime", "cudaStreamSynchronize", 1130, 270),  # after both closed
+        # Copies: only the pageable host-to-device one waits; device-to-device and pinned are queued.
+        event("cpu_op", "aten::to", 1410, 30),
+        event("cuda_runtime", "cudaMemcpyAsync", 1412, 5, correlation=7),
+        event("cuda_runtime", "cudaMemcpyAsync", 1420, 5, correlation=8),
+        event("cuda_runtime", "cudaMemcpyAsync", 1430, 6, correlation=9),
+        event("gpu_memcpy", "Memcpy HtoD (Pageable -> Device)", 1500, 1, correlation=7),
+        event("gpu_memcpy", "Memcpy DtoD (Device -> Device)", 1501, 1, correlation=8),
+        event("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 1502, 1, correlation=9),
         event("kernel", "attention", 1500, 300),
         {"ph": "i", "name": "marker", "ts": 1999},  # instant events carry no duration: ignored
         event("kernel", "gemm", 1800, 200),  # ends at 2000
@@ -50,6 +61,7 @@ def test_summary_per_step_and_gpu_busy_union(tmp_path):
         {"name": "cudaStreamSynchronize in (no host operator)", "calls": 1, "total_ms": 0.27, "ms_per_step": 0.135},
         {"name": "cudaStreamSynchronize in aten::index > aten::nonzero", "calls": 1, "total_ms": 0.04,
          "ms_per_step": 0.02},
+        {"name": "cudaMemcpyAsync in aten::to", "calls": 1, "total_ms": 0.005, "ms_per_step": 0.0025},
     ]
 
 
