@@ -8,7 +8,13 @@ head_dim 128) and times, under torch.profiler, what the server does around decod
   * `stage`: staging rows for one decode step's new tokens (`--requests` of them);
   * `seal`: moving `requests x window-tokens` staged decode tokens to the low-bit tier in
     every layer (what `CompressedAttention` does every `decode_window / 2` steps);
-  * `free`: returning those tokens' rows in every layer (a finished request, an eviction).
+  * `free`: returning those tokens' rows in every layer (a finished request, an eviction);
+  * `compress_layer`: one layer's compression at the end of a prefill pass that finishes
+    `--prefill-requests` prompts of `--prompt-len` tokens (keep the scoring queries, score,
+    select, place; `CompressedAttention.compress_layer`, after the layer's attention), for
+    each prompt count from 1 up to that (`compress_layer_by_prompts`). On the CPU the scores
+    come from the torch scorer and the packed writes from the torch quantizer; on a GPU each is
+    a few Triton launches.
 For each: the top-level torch operators dispatched, by name. On a GPU most of them are a
 kernel launch and its host work (views such as `slice` and no-op `to` are not; the packed
 writes are one Triton launch each instead of the torch quantizer's dozen operators). Host
@@ -27,6 +33,7 @@ from pathlib import Path
 import torch
 
 from sglang_kvc.config import load_config
+from sglang_kvc.engine import BatchInfo, CompressedAttention
 from sglang_kvc.planner import ModelShape, RuntimeLimits, plan_for
 from sglang_kvc.pool import CompressedKVPool
 
@@ -55,13 +62,38 @@ def staged_tokens(pool: CompressedKVPool, first: int, count: int, generator: tor
     return tokens
 
 
-def top_level_operators(run) -> Counter:
-    """The torch operators `run()` dispatched that no other operator called, by name."""
+# Operators that make a view of their input (no kernel on a GPU, a little host work).
+VIEW_OPERATORS = frozenset({
+    "aten::slice", "aten::select", "aten::view", "aten::reshape", "aten::unsqueeze", "aten::squeeze",
+    "aten::permute", "aten::detach", "aten::detach_", "aten::expand", "aten::as_strided", "aten::transpose",
+    "aten::t", "aten::split", "aten::split_with_sizes", "aten::alias", "aten::lift_fresh", "aten::flatten",
+})
+
+
+def launching(counts: Counter) -> int:
+    """How many of `counts` are not views: on a GPU, about one kernel launch each (a no-op
+    `to` counted among them)."""
+    return sum(count for name, count in counts.items() if name not in VIEW_OPERATORS)
+
+
+def top_level_operators(run, outside: str | None = None) -> Counter:
+    """The torch operators `run()` dispatched that no other operator called, by name;
+    `outside`: only those not within a `record_function` range of that name."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         run()
     return Counter(event.name for event in profiler.events()
                    if event.name.startswith("aten::")
-                   and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::")))
+                   and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"))
+                   and (outside is None or not _within(event, outside)))
+
+
+def _within(event, range_name: str) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == range_name:
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def measure(config_path: Path, requests: int, window_tokens: int, logical_tokens: int = 65536) -> dict:
@@ -80,8 +112,29 @@ def measure(config_path: Path, requests: int, window_tokens: int, logical_tokens
         counts["seal"] = top_level_operators(lambda: pool.seal(sealed))
         counts["free"] = top_level_operators(lambda: pool.free_tokens(torch.cat((sealed, step))))
     pool.check_invariants(full=True)
-    return {name: {"operators": sum(c.values()), "most_dispatched": dict(c.most_common(8))}
+    return {name: {"operators": sum(c.values()), "not_views": launching(c), "most_dispatched": dict(c.most_common(8))}
             for name, c in counts.items()}
+
+
+def measure_compress_layer(config_path: Path, prompts: int, prompt_len: int, q_heads: int = 28,
+                           outside: str | None = None) -> Counter:
+    """Operators of one layer's `compress_layer` (not the first layer, which also finds the
+    pass's candidates) in a prefill pass finishing `prompts` fresh prompts; `outside="kvc.score"`
+    leaves out the scorer's (the torch scorer here, Triton launches on a GPU)."""
+    generator = torch.Generator().manual_seed(0)
+    pool = build_pool(config_path, logical_tokens=prompts * prompt_len + 64)
+    tokens = torch.arange(1, 1 + prompts * prompt_len, dtype=torch.int64).view(prompts, prompt_len)
+    engine = CompressedAttention(pool, tokens.to(torch.int32), attention_impl="torch")
+    engine.begin(BatchInfo(is_decode=False, req_pool_indices=list(range(prompts)), seq_lens=[prompt_len] * prompts,
+                           prefix_lens=[0] * prompts, extend_lens=[prompt_len] * prompts, last_chunk=[True] * prompts,
+                           rids=[f"prompt-{i}" for i in range(prompts)]),
+                 new_tokens=tokens.flatten())
+    for layer in (0, 1):
+        k, v = (torch.randn(prompts * prompt_len, pool.head_num, pool.head_dim, generator=generator) for _ in range(2))
+        pool.set_kv_buffer(_Layer(layer), tokens.flatten(), k, v)
+    queries = torch.randn(prompts * prompt_len, q_heads, pool.head_dim, generator=generator)
+    engine.compress_layer(0, queries)
+    return top_level_operators(lambda: engine.compress_layer(1, queries), outside=outside)
 
 
 def main(argv=None) -> int:
@@ -90,9 +143,22 @@ def main(argv=None) -> int:
     parser.add_argument("--config", type=Path, default=Path("configs/qwen_8x_tuned.yaml"))
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--window-tokens", type=int, default=8, help="decode tokens per request per seal")
+    parser.add_argument("--prefill-requests", type=int, default=16, help="prompts finishing in one prefill pass")
+    parser.add_argument("--prompt-len", type=int, default=512)
     args = parser.parse_args(argv)
     report = {"config": str(args.config), "requests": args.requests, "window_tokens": args.window_tokens,
               "torch": torch.__version__, **measure(args.config, args.requests, args.window_tokens)}
+    prompt_counts = sorted({1, 2, 4, args.prefill_requests})
+    by_prompts = {prompts: measure_compress_layer(args.config, prompts, args.prompt_len) for prompts in prompt_counts}
+    largest = by_prompts[args.prefill_requests]
+    report["compress_layer"] = {"prompts": args.prefill_requests, "prompt_len": args.prompt_len,
+                                "operators": sum(largest.values()), "not_views": launching(largest),
+                                "most_dispatched": dict(largest.most_common(8))}
+    report["compress_layer_by_prompts"] = {
+        str(prompts): {"operators": sum(counts.values()), "not_views": launching(counts),
+                       "not_views_outside_scoring": launching(measure_compress_layer(
+                           args.config, prompts, args.prompt_len, outside="kvc.score"))}
+        for prompts, counts in by_prompts.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))

@@ -45,7 +45,7 @@ import torch
 from sglang_kvc.attention import attend
 from sglang_kvc.context_queries import StridedQuerySampler
 from sglang_kvc.device_copy import to_device
-from sglang_kvc.policy import Selection, TokenScorer, scorer_from_config, select_for_layer
+from sglang_kvc.policy import PromptCandidates, TokenScorer, scorer_from_config, select_for_requests
 from sglang_kvc.pool import CompressedKVPool
 from sglang_kvc.runtime import triton_kernels_enabled
 
@@ -315,20 +315,29 @@ class CompressedAttention:
     # ---- extend ---------------------------------------------------------------------------------
     def extend(self, layer_id: int, q: torch.Tensor, scaling: float, logit_cap: float = 0.0) -> torch.Tensor:
         """q: [extend tokens, q_heads, head_dim] -> [extend tokens, q_heads, v_head_dim]."""
-        batch, pool = self.batch, self.pool
+        pool = self.pool
         layer = layer_id - pool.start_layer
-        if self.candidates is None:
-            self.candidates = self._compression_candidates()
         q = pool.rotate(q)
         if self.attention_impl == "triton":
             out = self._extend_triton(layer, q, scaling, logit_cap)
         else:
             out = self._extend_torch(layer, q, scaling, logit_cap)
-        # Every request of the pass has attended before any of them compresses; the layer's
-        # decisions for all of them then go to the pool at once.
+        # Every request of the pass has attended before any of them compresses.
+        self.compress_layer(layer, q)
+        if layer == self.last_layer:
+            self._finish_extend()
+        return out
+
+    def compress_layer(self, layer: int, q: torch.Tensor) -> None:
+        """After a layer's extend attention: keep each request's scoring queries (`q`, rotated,
+        the pass's new tokens in request order) and compress, in one pool call, the prompts
+        this pass finishes."""
+        batch = self.batch
+        if self.candidates is None:
+            self.candidates = self._compression_candidates()
         offset = 0
         finishing = []
-        for i in range(len(self.token_rows)):
+        for i in range(len(batch.rids)):
             extend_len, seq_len = batch.extend_lens[i], batch.seq_lens[i]
             scoring = self._scoring_queries(layer, batch.rids[i])
             scoring.add(q[offset : offset + extend_len], range(seq_len - extend_len, seq_len))
@@ -337,9 +346,6 @@ class CompressedAttention:
             offset += extend_len
         if finishing:
             self._compress(layer, finishing)
-        if layer == self.last_layer:
-            self._finish_extend()
-        return out
 
     def _extend_torch(self, layer: int, q: torch.Tensor, scaling: float, logit_cap: float) -> torch.Tensor:
         """The reference: per request, every held token of the layer, dequantized, through
@@ -439,22 +445,16 @@ class CompressedAttention:
         return per_layer[layer]
 
     def _compress(self, layer: int, finishing: list[tuple[int, "RecentQueries | StridedQuerySampler"]]) -> None:
-        """Score and select each finishing request's staged tokens (its own queries and
-        budget), then place or evict them all with one `pool.compress` call: its reads,
-        quantize launches and map updates are per layer, not per request."""
+        """Score each finishing request's staged tokens (its own queries and budget), select
+        for all of them at once, then place or evict them all with one `pool.compress` call:
+        only the scoring is per request."""
         batch, pool = self.batch, self.pool
         tokens = torch.cat([self.token_rows[i][self.candidates[i]] for i, _ in finishing])
         keys, _ = pool.staging.read(layer, pool.staging_row[tokens], torch.float32)
-        selections, start = [], 0
-        for i, scoring in finishing:
-            positions = self.candidates[i]
-            end = start + positions.numel()
-            selections.append(select_for_layer(
-                self.config, self.scorer, self.layer_retain[layer], scoring.queries(), scoring.positions(),
-                keys[start:end], positions, batch.seq_lens[i],
-            ))
-            start = end
-        pool.compress(layer, tokens, Selection.concatenate(selections), keys=keys)
+        prompts = [PromptCandidates(scoring.queries(), scoring.positions(), self.candidates[i], batch.seq_lens[i])
+                   for i, scoring in finishing]
+        selection = select_for_requests(self.config, self.scorer, self.layer_retain[layer], prompts, keys)
+        pool.compress(layer, tokens, selection, keys=keys)
 
     def _finish_extend(self) -> None:
         compressed = [

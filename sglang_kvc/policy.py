@@ -9,6 +9,8 @@ plus one selection function shared by all of them:
     scorer.score(...) -> one importance value per candidate token
     select_tokens(...) -> indices kept (sinks and recent window forced in) and the
                           guarded subset (highest scores)
+    select_for_layer(...) / select_for_requests(...) -> score and select one prompt / all
+                          prompts a prefill pass finishes (one set of launches for all)
 
 Selection is per layer, not per head: a physical row holds every KV head of a token,
 so a token is kept or evicted for all heads of a layer at once; head scores are summed.
@@ -16,6 +18,7 @@ so a token is kept or evicted for all heads of a layer at once; head scores are 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sglang_kvc.config import CompressionConfig, ConfigError
+from sglang_kvc.device_copy import to_device
 
 
 class TokenScorer(Protocol):
@@ -161,22 +165,6 @@ class Selection:
     lowbit: torch.Tensor  # the rest of `kept`
     scores: torch.Tensor  # every candidate's score (for inspection and cross-checks)
 
-    @classmethod
-    def concatenate(cls, selections: "list[Selection]") -> "Selection":
-        """The selections of consecutive candidate lists as one over their concatenation
-        (indices shifted by the candidates before each), so that one pool call places them."""
-        if len(selections) == 1:
-            return selections[0]
-        offsets = [0]
-        for selection in selections[:-1]:
-            offsets.append(offsets[-1] + selection.scores.numel())
-
-        def joined(field: str) -> torch.Tensor:
-            return torch.cat([getattr(sel, field) + offset for sel, offset in zip(selections, offsets)])
-
-        return cls(kept=joined("kept"), guarded=joined("guarded"), lowbit=joined("lowbit"),
-                   scores=torch.cat([sel.scores for sel in selections]))
-
 
 def select_tokens(
     scores: torch.Tensor,
@@ -192,7 +180,9 @@ def select_tokens(
     highest-scoring kept tokens form the guard set."""
     forced = (positions < sink_tokens) | (positions >= recent_start)
     priority = torch.where(forced, torch.full_like(scores, float("inf")), scores)
-    kept = torch.topk(priority, k=min(budget, scores.numel()), sorted=True).indices
+    # A stable sort rather than topk: equal scores (max pooling makes neighbours equal) are
+    # then kept in position order, so `select_for_requests` reproduces this exactly.
+    kept = torch.sort(priority, descending=True, stable=True).indices[: min(budget, scores.numel())]
     by_score = kept[torch.argsort(scores[kept], descending=True, stable=True)]
     return Selection(kept=kept, guarded=by_score[:guard_count], lowbit=by_score[guard_count:], scores=scores)
 
@@ -213,7 +203,8 @@ def select_for_layer(
     budget, guard the best.
     Shared by the SGLang path (engine.py) and the transformers reference (hf_reference.py)."""
     s = config.sparsity
-    scores = scorer.score(window_queries, window_positions, keys, positions)
+    with torch.profiler.record_function("kvc.score"):  # named in profiles and eval/host_ops.py
+        scores = scorer.score(window_queries, window_positions, keys, positions)
     budget = config.layer_budget(retain_ratio, keys.shape[0])
     return select_tokens(
         scores,
@@ -223,3 +214,77 @@ def select_for_layer(
         sink_tokens=s.sink_tokens,
         recent_start=prompt_len - s.recent_window,
     )
+
+
+@dataclass(frozen=True)
+class PromptCandidates:
+    """One prompt a prefill pass finishes, as `select_for_requests` takes it: its scoring
+    queries and their positions, its candidates' positions in the prompt, and its length.
+    The candidates' keys are the caller's concatenated `keys`, in prompt order."""
+
+    window_queries: torch.Tensor  # [W, q_heads, head_dim]
+    window_positions: torch.Tensor  # [W]
+    positions: torch.Tensor  # [N] int64
+    prompt_len: int
+
+
+def select_for_requests(
+    config: CompressionConfig,
+    scorer: TokenScorer,
+    retain_ratio: float,
+    prompts: list[PromptCandidates],
+    keys: torch.Tensor,  # [sum of N, kv_heads, head_dim]: every prompt's candidates, concatenated
+) -> Selection:
+    """`select_for_layer` for every prompt of a prefill pass, as one `Selection` over the
+    concatenated candidates: the same tokens, in the same order, as concatenating the
+    per-prompt selections. The scores are per prompt (each prompt's own queries); keeping
+    and guarding run once for all prompts on [prompts, longest] tensors, so that a pass
+    finishing many short prompts does not launch ~15 small kernels per prompt and layer."""
+    if len(prompts) == 1:
+        (prompt,) = prompts
+        return select_for_layer(config, scorer, retain_ratio, prompt.window_queries, prompt.window_positions,
+                                keys, prompt.positions, prompt.prompt_len)
+    s = config.sparsity
+    device = keys.device
+    lengths = [prompt.positions.numel() for prompt in prompts]
+    budgets = [config.layer_budget(retain_ratio, length) for length in lengths]
+    guard_counts = [config.guard_count(budget) for budget in budgets]
+    starts = [0, *itertools.accumulate(lengths)]
+    longest, most_kept = max(lengths), max(budgets)
+
+    # [prompts, longest], padded with scores of -inf (never kept: real scores are >= 0 or
+    # +inf) at position -1.
+    padded_scores = torch.full((len(prompts), longest), float("-inf"), device=device)
+    padded_positions = torch.full((len(prompts), longest), -1, dtype=torch.int64, device=device)
+    with torch.profiler.record_function("kvc.score"):  # named in profiles and eval/host_ops.py
+        for row, (prompt, start, end) in enumerate(zip(prompts, starts, starts[1:])):
+            padded_scores[row, : end - start] = scorer.score(
+                prompt.window_queries, prompt.window_positions, keys[start:end], prompt.positions)
+    for row, prompt in enumerate(prompts):
+        padded_positions[row, : lengths[row]] = prompt.positions
+
+    # Per prompt on the host: where its recent window starts, its budget; and the flat indices
+    # that pick its kept / guarded / low-bit ranks out of the [prompts, most_kept] results.
+    recent_starts = [prompt.prompt_len - s.recent_window for prompt in prompts]
+    kept_at, guarded_at, lowbit_at = [], [], []
+    for row, (budget, guards) in enumerate(zip(budgets, guard_counts)):
+        base = row * most_kept
+        kept_at.extend(range(base, base + budget))
+        guarded_at.extend(range(base, base + guards))
+        lowbit_at.extend(range(base + guards, base + budget))
+    host = to_device([*recent_starts, *budgets, *starts[:-1], *kept_at, *guarded_at, *lowbit_at], torch.int64, device)
+    count = len(prompts)
+    recent_start, budget, first_index = (host[i * count : (i + 1) * count, None] for i in range(3))
+    flat = host[3 * count :]
+    kept_at, guarded_at, lowbit_at = torch.split(flat, [len(kept_at), len(guarded_at), len(lowbit_at)])
+
+    forced = (padded_positions >= 0) & ((padded_positions < s.sink_tokens) | (padded_positions >= recent_start))
+    priority = torch.where(forced, float("inf"), padded_scores)
+    kept = torch.sort(priority, dim=1, descending=True, stable=True).indices[:, :most_kept]
+    # Ranks past a prompt's budget sort last for guarding (-inf) and are left out below.
+    in_budget = torch.arange(most_kept, device=device) < budget
+    kept_scores = torch.where(in_budget, padded_scores.gather(1, kept), float("-inf"))
+    by_score = kept.gather(1, torch.argsort(kept_scores, dim=1, descending=True, stable=True))
+    kept, by_score = (kept + first_index).flatten(), (by_score + first_index).flatten()  # into the concatenation
+    return Selection(kept=kept[kept_at], guarded=by_score[guarded_at], lowbit=by_score[lowbit_at],
+                     scores=torch.cat([padded_scores[row, :length] for row, length in enumerate(lengths)]))

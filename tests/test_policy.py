@@ -234,3 +234,69 @@ def test_forced_tokens_win_over_higher_scores():
     assert set(range(sinks)) <= kept and set(range(num_candidates - recent, num_candidates)) <= kept
     free_kept = kept - set(range(sinks)) - set(range(num_candidates - recent, num_candidates))
     assert free_kept == set(torch.topk(scores[sinks:-recent], 8).indices.add(sinks).tolist())
+
+
+# ---- select_for_requests: every prompt of a prefill pass at once -----------------------------
+
+
+def _prompts_of_a_pass(gen, lengths, staged_from, window, q_heads, kv_heads, head_dim, quantized_keys):
+    """Per prompt: scoring queries at its last positions and candidates = its staged tail
+    (a radix-matched prefix is not a candidate). `quantized_keys` rounds the keys to a few
+    values so that scores tie, as max pooling makes neighbours tie."""
+    from sglang_kvc.policy import PromptCandidates
+
+    prompts, keys = [], []
+    for length, first_staged in zip(lengths, staged_from):
+        queries = torch.randn(min(window, length), q_heads, head_dim, generator=gen)
+        query_positions = torch.arange(length - queries.shape[0], length)
+        candidate_positions = torch.arange(first_staged, length)
+        prompt_keys = torch.randn(candidate_positions.numel(), kv_heads, head_dim, generator=gen)
+        if quantized_keys:
+            prompt_keys = prompt_keys.round()
+        prompts.append(PromptCandidates(queries, query_positions, candidate_positions, length))
+        keys.append(prompt_keys)
+    return prompts, torch.cat(keys)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    prompts=st.lists(st.tuples(st.integers(1, 300), st.integers(0, 40)), min_size=1, max_size=6),
+    scoring=st.sampled_from(["window", "context"]),
+    retain_ratio=st.floats(0.05, 1.0),
+    guard_fraction=st.sampled_from([0.0, 0.1, 0.5]),
+    pooling_kernel=st.sampled_from([1, 3, 7]),
+    quantized_keys=st.booleans(),
+    seed=seeds,
+)
+def test_select_for_requests_equals_one_prompt_at_a_time(prompts, scoring, retain_ratio, guard_fraction,
+                                                         pooling_kernel, quantized_keys, seed):
+    """The batched selection is the concatenation of `select_for_layer` per prompt, index for
+    index (ties included: both break them by position), for either scorer."""
+    from sglang_kvc.policy import scorer_from_config, select_for_layer, select_for_requests
+
+    config = CompressionConfig(
+        sparsity=SparsityConfig(retain_ratio=retain_ratio, budget="uniform", pooling_kernel=pooling_kernel,
+                                scoring=scoring, min_prompt_len=16, sink_tokens=4, recent_window=8,
+                                observation_window=8),
+        quantization=QuantizationConfig(guard_fraction=guard_fraction),
+    )
+    scorer = scorer_from_config(config)
+    lengths = [length for length, _ in prompts]
+    staged_from = [min(prefix, length - 1) for length, prefix in prompts]
+    batch, keys = _prompts_of_a_pass(generator(seed), lengths, staged_from, window=8, q_heads=4, kv_heads=2,
+                                     head_dim=16, quantized_keys=quantized_keys)
+    together = select_for_requests(config, scorer, retain_ratio, batch, keys)
+
+    expected = {"kept": [], "guarded": [], "lowbit": [], "scores": []}
+    offset = 0
+    for prompt in batch:
+        count = prompt.positions.numel()
+        alone = select_for_layer(config, scorer, retain_ratio, prompt.window_queries, prompt.window_positions,
+                                 keys[offset : offset + count], prompt.positions, prompt.prompt_len)
+        for field in ("kept", "guarded", "lowbit"):
+            expected[field].append(getattr(alone, field) + offset)
+        expected["scores"].append(alone.scores)
+        offset += count
+    for field in ("kept", "guarded", "lowbit"):
+        assert getattr(together, field).tolist() == torch.cat(expected[field]).tolist(), field
+    torch.testing.assert_close(together.scores, torch.cat(expected["scores"]))
