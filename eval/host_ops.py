@@ -27,15 +27,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from sglang_kvc.config import load_config
-from sglang_kvc.engine import BatchInfo, CompressedAttention
-from sglang_kvc.planner import ModelShape, RuntimeLimits, plan_for
-from sglang_kvc.pool import CompressedKVPool
+if not torch.cuda.is_available():
+    # The Triton scorer runs in the interpreter here, which must be chosen before Triton is
+    # imported (SGLang imports it with the pool below).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from sglang_kvc.config import load_config  # noqa: E402
+from sglang_kvc.engine import BatchInfo, CompressedAttention  # noqa: E402
+from sglang_kvc.planner import ModelShape, RuntimeLimits, plan_for  # noqa: E402
+from sglang_kvc.policy import scorer_from_config  # noqa: E402
+from sglang_kvc.pool import CompressedKVPool  # noqa: E402
 
 QWEN25_7B_KV = ModelShape(num_layers=28, kv_heads=4, head_dim=128, context_len=32768)
 
@@ -117,14 +124,18 @@ def measure(config_path: Path, requests: int, window_tokens: int, logical_tokens
 
 
 def measure_compress_layer(config_path: Path, prompts: int, prompt_len: int, q_heads: int = 28,
-                           outside: str | None = None) -> Counter:
+                           outside: str | None = None, scorer: str = "torch") -> Counter:
     """Operators of one layer's `compress_layer` (not the first layer, which also finds the
     pass's candidates) in a prefill pass finishing `prompts` fresh prompts; `outside="kvc.score"`
-    leaves out the scorer's (the torch scorer here, Triton launches on a GPU)."""
+    leaves out the scorer's. `scorer="triton"` scores with the window-score kernels (on the
+    CPU in Triton's interpreter, whose own tensor bookkeeping then counts among the
+    operators: compare counts across prompt counts, not with the torch scorer's)."""
     generator = torch.Generator().manual_seed(0)
     pool = build_pool(config_path, logical_tokens=prompts * prompt_len + 64)
     tokens = torch.arange(1, 1 + prompts * prompt_len, dtype=torch.int64).view(prompts, prompt_len)
-    engine = CompressedAttention(pool, tokens.to(torch.int32), attention_impl="torch")
+    # The scorer the server uses ("triton": the window-score kernels, in the interpreter on the CPU).
+    engine = CompressedAttention(pool, tokens.to(torch.int32), attention_impl="torch",
+                                 scorer=scorer_from_config(pool.config, implementation=scorer))
     engine.begin(BatchInfo(is_decode=False, req_pool_indices=list(range(prompts)), seq_lens=[prompt_len] * prompts,
                            prefix_lens=[0] * prompts, extend_lens=[prompt_len] * prompts, last_chunk=[True] * prompts,
                            rids=[f"prompt-{i}" for i in range(prompts)]),
@@ -157,7 +168,9 @@ def main(argv=None) -> int:
     report["compress_layer_by_prompts"] = {
         str(prompts): {"operators": sum(counts.values()), "not_views": launching(counts),
                        "not_views_outside_scoring": launching(measure_compress_layer(
-                           args.config, prompts, args.prompt_len, outside="kvc.score"))}
+                           args.config, prompts, args.prompt_len, outside="kvc.score")),
+                       "not_views_with_the_triton_scorer": launching(measure_compress_layer(
+                           args.config, prompts, args.prompt_len, scorer="triton"))}
         for prompts, counts in by_prompts.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
-def to_device(values: Sequence[int] | Sequence[float], dtype: torch.dtype, device) -> torch.Tensor:
+def to_device(values: Sequence[int] | Sequence[float] | np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)

@@ -18,11 +18,11 @@ so a token is kept or evicted for all heads of a layer at once; head scores are 
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +38,13 @@ class TokenScorer(Protocol):
         keys: torch.Tensor,  # [N, kv_heads, head_dim]
         key_positions: torch.Tensor,  # [N]
     ) -> torch.Tensor:  # [N] float32
+        ...
+
+    def score_prompts(
+        self,
+        prompts: "list[PromptCandidates]",
+        keys: torch.Tensor,  # [sum of N, kv_heads, head_dim]: the prompts' candidates, concatenated
+    ) -> torch.Tensor:  # [prompts, longest N] float32, -inf past each prompt's candidates
         ...
 
 
@@ -104,6 +111,65 @@ class ObservationWindowScorer:
             ).squeeze(0)
         return per_kv_head.sum(dim=0)
 
+    def score_prompts(self, prompts: "list[PromptCandidates]", keys: torch.Tensor) -> torch.Tensor:
+        """`score` of each prompt (its own queries, its own candidates), as [prompts, longest]
+        with -inf padding. With the Triton kernels all prompts are scored in the same two
+        launches and pooled at once; the torch path scores them one by one."""
+        if self.implementation != "triton" or len(prompts) == 1:
+            return _score_one_prompt_at_a_time(self, prompts, keys)
+        from sglang_kvc.kernels.score import window_scores_batched
+
+        device = keys.device
+        lengths = [prompt.positions.numel() for prompt in prompts]
+        window = max(prompt.window_queries.shape[0] for prompt in prompts)
+        # A prompt shorter than the window has fewer queries: pad them at position -1 (they see nothing).
+        queries = torch.stack([F.pad(prompt.window_queries, (0, 0, 0, 0, 0, window - prompt.window_queries.shape[0]))
+                               for prompt in prompts])
+        query_positions = torch.stack([F.pad(prompt.window_positions.to(device=device, dtype=torch.int64),
+                                             (0, window - prompt.window_positions.numel()), value=-1)
+                                       for prompt in prompts])
+        key_positions = torch.cat([prompt.positions.to(device) for prompt in prompts])
+        per_kv_head = window_scores_batched(queries, query_positions, keys, key_positions, lengths, self.temperature)
+        # [kv_heads, N] -> [prompts, kv_heads, longest], -inf padding (max pooling then sees
+        # -inf past a prompt's end, as its own padding would).
+        kv_heads, longest = per_kv_head.shape[0], max(lengths)
+        candidate_at = to_device(ragged_flat_index(lengths, longest), torch.int64, device)
+        padded = torch.full((kv_heads, len(prompts) * longest), float("-inf"), device=device)
+        padded[:, candidate_at] = per_kv_head
+        padded = padded.view(kv_heads, len(prompts), longest).transpose(0, 1)
+        if self.pooling_kernel > 1:
+            padded = F.max_pool1d(padded, kernel_size=self.pooling_kernel, stride=1, padding=self.pooling_kernel // 2)
+        # Pooling spreads the last candidates' scores into the padding: only candidates keep theirs.
+        scores = torch.full((len(prompts) * longest,), float("-inf"), device=device)
+        scores[candidate_at] = padded.sum(dim=1).flatten()[candidate_at]
+        return scores.view(len(prompts), longest)
+
+
+def _score_one_prompt_at_a_time(scorer: "ObservationWindowScorer", prompts: "list[PromptCandidates]",
+                                keys: torch.Tensor) -> torch.Tensor:
+    lengths = [prompt.positions.numel() for prompt in prompts]
+    padded = torch.full((len(prompts), max(lengths)), float("-inf"), device=keys.device)
+    start = 0
+    for row, prompt in enumerate(prompts):
+        end = start + lengths[row]
+        padded[row, : lengths[row]] = scorer.score(prompt.window_queries, prompt.window_positions, keys[start:end],
+                                                   prompt.positions)
+        start = end
+    return padded
+
+
+def ragged_flat_index(counts: list[int], width: int, first_column: list[int] | None = None) -> np.ndarray:
+    """Rows of `counts[r]` entries in a [rows, width] table, row r starting at column
+    first_column[r] (default 0): their flat indices, row by row. Built on the host in
+    numpy (O(entries), no Python loop over them) so that one pinned copy takes it to the
+    device and nothing waits for the GPU."""
+    counts = np.asarray(counts, dtype=np.int64)
+    rows = np.repeat(np.arange(counts.size, dtype=np.int64), counts)
+    columns = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    if first_column is not None:
+        columns += np.repeat(np.asarray(first_column, dtype=np.int64), counts)
+    return rows * width + columns
+
 
 @dataclass(frozen=True)
 class ContextScorer(ObservationWindowScorer):
@@ -128,6 +194,10 @@ class ContextScorer(ObservationWindowScorer):
     That costs at most stride - 1 of the layer's budget."""
 
     scoring: ClassVar[str] = "context"
+
+    def score_prompts(self, prompts: "list[PromptCandidates]", keys: torch.Tensor) -> torch.Tensor:
+        # Per prompt: the unseen-key rule and the per-key division need each prompt's own query positions.
+        return _score_one_prompt_at_a_time(self, prompts, keys)
 
     def score(self, window_queries, window_positions, keys, key_positions) -> torch.Tensor:
         scores = super().score(window_queries, window_positions, keys, key_positions)
@@ -249,34 +319,28 @@ def select_for_requests(
     lengths = [prompt.positions.numel() for prompt in prompts]
     budgets = [config.layer_budget(retain_ratio, length) for length in lengths]
     guard_counts = [config.guard_count(budget) for budget in budgets]
-    starts = [0, *itertools.accumulate(lengths)]
-    longest, most_kept = max(lengths), max(budgets)
+    longest, most_kept, count = max(lengths), max(budgets), len(prompts)
 
     # [prompts, longest], padded with scores of -inf (never kept: real scores are >= 0 or
     # +inf) at position -1.
-    padded_scores = torch.full((len(prompts), longest), float("-inf"), device=device)
-    padded_positions = torch.full((len(prompts), longest), -1, dtype=torch.int64, device=device)
     with torch.profiler.record_function("kvc.score"):  # named in profiles and eval/host_ops.py
-        for row, (prompt, start, end) in enumerate(zip(prompts, starts, starts[1:])):
-            padded_scores[row, : end - start] = scorer.score(
-                prompt.window_queries, prompt.window_positions, keys[start:end], prompt.positions)
-    for row, prompt in enumerate(prompts):
-        padded_positions[row, : lengths[row]] = prompt.positions
+        padded_scores = scorer.score_prompts(prompts, keys)
 
-    # Per prompt on the host: where its recent window starts, its budget; and the flat indices
-    # that pick its kept / guarded / low-bit ranks out of the [prompts, most_kept] results.
-    recent_starts = [prompt.prompt_len - s.recent_window for prompt in prompts]
-    kept_at, guarded_at, lowbit_at = [], [], []
-    for row, (budget, guards) in enumerate(zip(budgets, guard_counts)):
-        base = row * most_kept
-        kept_at.extend(range(base, base + budget))
-        guarded_at.extend(range(base, base + guards))
-        lowbit_at.extend(range(base + guards, base + budget))
-    host = to_device([*recent_starts, *budgets, *starts[:-1], *kept_at, *guarded_at, *lowbit_at], torch.int64, device)
-    count = len(prompts)
-    recent_start, budget, first_index = (host[i * count : (i + 1) * count, None] for i in range(3))
-    flat = host[3 * count :]
-    kept_at, guarded_at, lowbit_at = torch.split(flat, [len(kept_at), len(guarded_at), len(lowbit_at)])
+    # Per prompt, from the host in one copy: where its recent window starts, its budget, where
+    # its candidates start in the concatenation; the flat indices of its candidates in the
+    # [prompts, longest] tables, and of its kept / guarded / low-bit ranks in the
+    # [prompts, most_kept] results.
+    lowbit_counts = [budget - guards for budget, guards in zip(budgets, guard_counts)]
+    pieces = [np.asarray([prompt.prompt_len - s.recent_window for prompt in prompts]), np.asarray(budgets),
+              np.cumsum([0, *lengths[:-1]]), ragged_flat_index(lengths, longest),
+              ragged_flat_index(budgets, most_kept), ragged_flat_index(guard_counts, most_kept),
+              ragged_flat_index(lowbit_counts, most_kept, first_column=guard_counts)]
+    host = to_device(np.concatenate(pieces), torch.int64, device)
+    recent_start, budget, first_index, candidate_at, kept_at, guarded_at, lowbit_at = torch.split(
+        host, [piece.size for piece in pieces])
+    recent_start, budget, first_index = recent_start[:, None], budget[:, None], first_index[:, None]
+    padded_positions = torch.full((count, longest), -1, dtype=torch.int64, device=device)
+    padded_positions.view(-1)[candidate_at] = torch.cat([prompt.positions.to(device) for prompt in prompts])
 
     forced = (padded_positions >= 0) & ((padded_positions < s.sink_tokens) | (padded_positions >= recent_start))
     priority = torch.where(forced, float("inf"), padded_scores)
@@ -287,4 +351,4 @@ def select_for_requests(
     by_score = kept.gather(1, torch.argsort(kept_scores, dim=1, descending=True, stable=True))
     kept, by_score = (kept + first_index).flatten(), (by_score + first_index).flatten()  # into the concatenation
     return Selection(kept=kept[kept_at], guarded=by_score[guarded_at], lowbit=by_score[lowbit_at],
-                     scores=torch.cat([padded_scores[row, :length] for row, length in enumerate(lengths)]))
+                     scores=padded_scores.view(-1)[candidate_at])

@@ -134,25 +134,39 @@ class Simulator:
     def prefill_chunk(self, sim: SimRequest) -> None:
         """One EXTEND pass over the next chunk of the prompt (SGLang's prepare_for_extend,
         the forward, then cache_unfinished_req)."""
-        req = sim.req
-        prompt_len = len(req.origin_input_ids)
-        start = len(req.prefix_indices)
-        end = min(prompt_len, start + sim.chunk_size)
-        last_chunk = end == prompt_len
-        req.set_extend_range(start, end)
-        if req.req_pool_idx is None:  # SGLang takes the request slot with the first chunk
-            assert self.req_to_token_pool.alloc([req]) is not None
-        rpi = req.req_pool_idx
-        if start:
-            self.req_to_token_pool.write((rpi, slice(0, start)), req.prefix_indices.to(torch.int32))
-        hooks.evict_until_rows_free(common.evict_from_tree_cache, self.tree, end - start)
-        loc = alloc_token_slots(self.tree, end - start)
-        self.req_to_token_pool.write((rpi, slice(start, end)), loc.to(torch.int32))
-        req.kv = ReqKvInfo(kv_allocated_len=end, swa_evicted_seqlen=0)
-        req.kv_committed_len = end
-        self._forward(BatchInfo(False, [rpi], [end], [start], [end - start], [last_chunk], [req.rid]), loc)
-        self.tree.cache_unfinished_req(req, chunked=not last_chunk)
-        sim.prompt_done = last_chunk
+        self.prefill_chunks([sim])
+
+    def prefill_chunks(self, sims: list[SimRequest]) -> None:
+        """One EXTEND pass over the next chunk of each request's prompt, as SGLang batches
+        several prompts into one prefill."""
+        ranges = []
+        for sim in sims:
+            req = sim.req
+            prompt_len = len(req.origin_input_ids)
+            start = len(req.prefix_indices)
+            ranges.append((start, min(prompt_len, start + sim.chunk_size), prompt_len))
+        hooks.evict_until_rows_free(common.evict_from_tree_cache, self.tree, sum(end - start for start, end, _ in ranges))
+        locs = []
+        for sim, (start, end, _) in zip(sims, ranges):
+            req = sim.req
+            req.set_extend_range(start, end)
+            if req.req_pool_idx is None:  # SGLang takes the request slot with the first chunk
+                assert self.req_to_token_pool.alloc([req]) is not None
+            rpi = req.req_pool_idx
+            if start:
+                self.req_to_token_pool.write((rpi, slice(0, start)), req.prefix_indices.to(torch.int32))
+            loc = alloc_token_slots(self.tree, end - start)
+            self.req_to_token_pool.write((rpi, slice(start, end)), loc.to(torch.int32))
+            req.kv = ReqKvInfo(kv_allocated_len=end, swa_evicted_seqlen=0)
+            req.kv_committed_len = end
+            locs.append(loc)
+        batch = BatchInfo(False, [sim.req.req_pool_idx for sim in sims], [end for _, end, _ in ranges],
+                          [start for start, _, _ in ranges], [end - start for start, end, _ in ranges],
+                          [end == prompt_len for _, end, prompt_len in ranges], [sim.rid for sim in sims])
+        self._forward(batch, torch.cat(locs))
+        for sim, (_, end, prompt_len) in zip(sims, ranges):
+            self.tree.cache_unfinished_req(sim.req, chunked=end != prompt_len)
+            sim.prompt_done = end == prompt_len
 
     # ---- decode -----------------------------------------------------------------------------------------
     def decode_step(self, sims: list[SimRequest]) -> None:

@@ -110,6 +110,42 @@ def simulate(
     return sim
 
 
+def simulate_batched_prefill(attention_impl: str, seed: int) -> Simulator:
+    """Prompts prefilled several per pass, as SGLang batches them: a first pass of three
+    (two compressed, one below min_prompt_len), then a pass of a new prompt together with
+    one whose first 32 tokens come from the radix cache; then decode steps."""
+    sim = Simulator(num_layers=2, kv_heads=2, q_heads=14, seed=seed)
+    sim.engine = RecordingAttention(sim.pool, sim.req_to_token_pool.req_to_token, attention_impl=attention_impl)
+    first_pass = [sim.new_request(prompt(40, 100), DECODE_STEPS), sim.new_request(prompt(10, 300), DECODE_STEPS),
+                  sim.new_request(prompt(57, 500), DECODE_STEPS)]
+    for request in first_pass:
+        assert sim.admit(request)
+    sim.prefill_chunks(first_pass)
+    second_pass = [sim.new_request(prompt(32, 100) + prompt(8, 700), DECODE_STEPS),
+                   sim.new_request(prompt(33, 900), DECODE_STEPS)]
+    for request in second_pass:
+        assert sim.admit(request)
+    assert len(second_pass[0].req.prefix_indices) == 32
+    sim.prefill_chunks(second_pass)
+    sim.check()
+    for _ in range(DECODE_STEPS):
+        sim.decode_step(first_pass + second_pass)
+        sim.check()
+    return sim
+
+
+@needs_interpreter
+def test_prompts_prefilled_together_compress_as_with_the_torch_reference(seed):
+    """Several prompts finishing in one pass are scored by one pair of window-score launches
+    and selected together (policy.select_for_requests); the torch path scores them one by
+    one. Both keep, guard and evict the same tokens in every layer."""
+    reference = simulate_batched_prefill("torch", seed)
+    triton = simulate_batched_prefill("triton", seed)
+    assert torch.equal(triton.pool.location, reference.pool.location)
+    tiers = set(tier_of(triton.pool.location[:, 1:]).flatten().tolist())
+    assert {Tier.LOWBIT, Tier.GUARD, Tier.EVICTED} <= tiers
+
+
 @needs_interpreter
 @pytest.mark.parametrize("guard_bits", [16, 8])
 @pytest.mark.parametrize("q_heads", [14, 4], ids=["gqa7", "gqa2"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_kvc.kernels.score import window_scores
+from sglang_kvc.kernels.score import window_scores, window_scores_batched
 from sglang_kvc.policy import ObservationWindowScorer
 
 KV_HEADS = 2
@@ -79,9 +79,58 @@ def test_scorer_uses_the_kernel_when_asked(gen, device):
     torch.testing.assert_close(kernel_scorer.score(*inputs), torch_scorer.score(*inputs), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("group", [1, 7])
+def test_several_prompts_at_once_score_as_one_at_a_time(group, gen, device, monkeypatch):
+    """Prompts of different lengths (one of a single key), candidates after different
+    prefixes, a window shorter than the others (padded with position -1), key splits: each
+    prompt's scores as if it were scored alone."""
+    shapes = [(130, 8, 0), (1, 8, 40), (57, 3, 12), (200, 8, 5)]  # (keys, window, prefix)
+    cases = [case(gen, device, group=group, window=window, num_keys=keys, prefix=prefix)
+             for keys, window, prefix in shapes]
+    longest_window = max(window for _, window, _ in shapes)
+    q_heads, head_dim = cases[0][0].shape[1], cases[0][0].shape[2]
+    queries = torch.zeros((len(cases), longest_window, q_heads, head_dim), dtype=torch.bfloat16, device=device)
+    positions = torch.full((len(cases), longest_window), -1, dtype=torch.int64, device=device)
+    for row, (q, window_positions, _, _) in enumerate(cases):
+        queries[row, : q.shape[0]] = q
+        positions[row, : q.shape[0]] = window_positions
+    keys = torch.cat([k for _, _, k, _ in cases])
+    key_positions = torch.cat([p for _, _, _, p in cases])
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    got = window_scores_batched(queries, positions, keys, key_positions, [keys for keys, _, _ in shapes],
+                                block_m=16, block_n=16, min_keys_per_split=32)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert not got.isnan().any(), "scores not fully written"
+    expected = torch.cat([reference(*inputs, 1.0) for inputs in cases], dim=1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_rejects_mismatched_shapes(gen, device):
     q, window_positions, k, key_positions = case(gen, device, group=4, window=8, num_keys=40)
     with pytest.raises(ValueError, match="do not fit"):
         window_scores(q[:, :3], window_positions, k, key_positions)
     with pytest.raises(ValueError, match="one position"):
         window_scores(q, window_positions[:-1], k, key_positions)
+    with pytest.raises(ValueError, match="do not split"):
+        window_scores_batched(q[None], window_positions[None], k, key_positions, [39])
+
+
+@pytest.mark.parametrize("pooling_kernel", [1, 7])
+def test_scorer_scores_a_pass_of_prompts_in_one_go(pooling_kernel, gen, device):
+    """`score_prompts` with the kernels (one batched launch pair, pooling on the padded
+    table) against the torch scorer prompt by prompt: same scores, -inf past each prompt."""
+    from sglang_kvc.policy import PromptCandidates
+
+    prompts, keys = [], []
+    for num_keys, window, prefix in [(90, 8, 0), (33, 5, 20), (1, 8, 64)]:
+        q, window_positions, k, key_positions = case(gen, device, group=4, window=window, num_keys=num_keys,
+                                                     prefix=prefix)
+        prompts.append(PromptCandidates(q, window_positions, key_positions, prefix + num_keys))
+        keys.append(k)
+    keys = torch.cat(keys)
+    got = ObservationWindowScorer(pooling_kernel=pooling_kernel, implementation="triton").score_prompts(prompts, keys)
+    expected = ObservationWindowScorer(pooling_kernel=pooling_kernel).score_prompts(prompts, keys)
+    assert got.shape == (3, 90)
+    assert torch.isinf(got[1, 33:]).all() and torch.isinf(got[2, 1:]).all()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
