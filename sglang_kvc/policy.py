@@ -30,6 +30,18 @@ from sglang_kvc.config import CompressionConfig, ConfigError
 from sglang_kvc.device_copy import to_device
 
 
+@dataclass(frozen=True)
+class PromptCandidates:
+    """One prompt a prefill pass finishes, as `select_for_requests` takes it: its scoring
+    queries and their positions, its candidates' positions in the prompt, and its length.
+    The candidates' keys are the caller's concatenated `keys`, in prompt order."""
+
+    window_queries: torch.Tensor  # [W, q_heads, head_dim]
+    window_positions: torch.Tensor  # [W]
+    positions: torch.Tensor  # [N] int64
+    prompt_len: int
+
+
 class TokenScorer(Protocol):
     def score(
         self,
@@ -42,7 +54,7 @@ class TokenScorer(Protocol):
 
     def score_prompts(
         self,
-        prompts: "list[PromptCandidates]",
+        prompts: list[PromptCandidates],
         keys: torch.Tensor,  # [sum of N, kv_heads, head_dim]: the prompts' candidates, concatenated
     ) -> torch.Tensor:  # [prompts, longest N] float32, -inf past each prompt's candidates
         ...
@@ -111,7 +123,7 @@ class ObservationWindowScorer:
             ).squeeze(0)
         return per_kv_head.sum(dim=0)
 
-    def score_prompts(self, prompts: "list[PromptCandidates]", keys: torch.Tensor) -> torch.Tensor:
+    def score_prompts(self, prompts: list[PromptCandidates], keys: torch.Tensor) -> torch.Tensor:
         """`score` of each prompt (its own queries, its own candidates), as [prompts, longest]
         with -inf padding. With the Triton kernels all prompts are scored in the same two
         launches and pooled at once; the torch path scores them one by one."""
@@ -145,7 +157,7 @@ class ObservationWindowScorer:
         return scores.view(len(prompts), longest)
 
 
-def _score_one_prompt_at_a_time(scorer: "ObservationWindowScorer", prompts: "list[PromptCandidates]",
+def _score_one_prompt_at_a_time(scorer: "ObservationWindowScorer", prompts: list[PromptCandidates],
                                 keys: torch.Tensor) -> torch.Tensor:
     lengths = [prompt.positions.numel() for prompt in prompts]
     padded = torch.full((len(prompts), max(lengths)), float("-inf"), device=keys.device)
@@ -195,7 +207,7 @@ class ContextScorer(ObservationWindowScorer):
 
     scoring: ClassVar[str] = "context"
 
-    def score_prompts(self, prompts: "list[PromptCandidates]", keys: torch.Tensor) -> torch.Tensor:
+    def score_prompts(self, prompts: list[PromptCandidates], keys: torch.Tensor) -> torch.Tensor:
         # Per prompt: the unseen-key rule and the per-key division need each prompt's own query positions.
         return _score_one_prompt_at_a_time(self, prompts, keys)
 
@@ -284,18 +296,6 @@ def select_for_layer(
         sink_tokens=s.sink_tokens,
         recent_start=prompt_len - s.recent_window,
     )
-
-
-@dataclass(frozen=True)
-class PromptCandidates:
-    """One prompt a prefill pass finishes, as `select_for_requests` takes it: its scoring
-    queries and their positions, its candidates' positions in the prompt, and its length.
-    The candidates' keys are the caller's concatenated `keys`, in prompt order."""
-
-    window_queries: torch.Tensor  # [W, q_heads, head_dim]
-    window_positions: torch.Tensor  # [W]
-    positions: torch.Tensor  # [N] int64
-    prompt_len: int
 
 
 def select_for_requests(
