@@ -9,7 +9,8 @@ launches `python -m sglang.launch_server` with dummy weights, waits for /health,
     and one for --max-new-tokens (the difference, per token, is the decode time);
   - sends the last prompt twice to check that the radix cache reuses the (compressed) prefix;
   - optionally (--batch-decode B P N): B requests at once, first for 1 token, then for N
-    (fresh prompts); the difference gives the batch's decode tokens per second; with
+    (fresh prompts); the difference gives the batch's decode tokens per second, over
+    --batch-rounds rounds (median and range); with
     --profile-decode-steps S, one more such round under SGLang's torch profiler (its
     /start_profile, S decode steps; after the measured round, since exporting the trace
     stalls the server), summarized per step by eval/trace_summary.py;
@@ -37,6 +38,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -157,25 +159,41 @@ def concurrently(url: str, prompts: list[list[int]], max_new_tokens: int) -> tup
     return time.perf_counter() - start, results
 
 
-def batch_decode(url: str, rng: random.Random, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
+def batch_decode(url: str, rng: random.Random, batch: int, prompt_len: int, max_new_tokens: int,
+                 rounds: int = 1) -> dict:
     """`batch` requests at once for one token, then `batch` fresh ones for max_new_tokens:
-    the extra wall time is the batch decoding max_new_tokens - 1 steps."""
+    the extra wall time is the batch decoding max_new_tokens - 1 steps. Repeated `rounds`
+    times with fresh prompts; the medians are reported with the range, since one server's
+    rounds differ by several percent (serving-2026-11-29-v5.md: stock 1948-2168 tok/s)."""
     concurrently(url, [random_prompt(rng, prompt_len) for _ in range(batch)], 2)  # warm-up
-    prefill_wall, prefill_results = concurrently(url, [random_prompt(rng, prompt_len) for _ in range(batch)], 1)
-    full_wall, full_results = concurrently(url, [random_prompt(rng, prompt_len) for _ in range(batch)], max_new_tokens)
-    completed = sum(1 for r in full_results if r.get("completion_tokens") == max_new_tokens)
-    decode_s = full_wall - prefill_wall
+    per_round, errors = [], []
+    for _ in range(rounds):
+        prefill_wall, prefill_results = concurrently(url, [random_prompt(rng, prompt_len) for _ in range(batch)], 1)
+        full_wall, full_results = concurrently(url, [random_prompt(rng, prompt_len) for _ in range(batch)],
+                                               max_new_tokens)
+        decode_s = full_wall - prefill_wall
+        per_round.append({
+            "prefill_wall_s": round(prefill_wall, 3),
+            "full_wall_s": round(full_wall, 3),
+            "completed": sum(1 for r in full_results if r.get("completion_tokens") == max_new_tokens),
+            "decode_tokens_per_s": round(batch * (max_new_tokens - 1) / decode_s, 1) if decode_s > 0 else None,
+        })
+        errors += [r["error"] for r in prefill_results + full_results if "error" in r]
+    throughputs = [r["decode_tokens_per_s"] for r in per_round if r["decode_tokens_per_s"] is not None]
     summary = {
         "batch": batch,
         "prompt_len": prompt_len,
         "max_new_tokens": max_new_tokens,
-        "prefill_wall_s": round(prefill_wall, 3),
-        "full_wall_s": round(full_wall, 3),
-        "completed": completed,
-        "decode_tokens_per_s": round(batch * (max_new_tokens - 1) / decode_s, 1) if decode_s > 0 else None,
-        "errors": [r["error"] for r in prefill_results + full_results if "error" in r][:5],
+        "rounds": rounds,
+        "prefill_wall_s": statistics.median(r["prefill_wall_s"] for r in per_round),
+        "full_wall_s": statistics.median(r["full_wall_s"] for r in per_round),
+        "completed": min(r["completed"] for r in per_round),
+        "decode_tokens_per_s": statistics.median(throughputs) if throughputs else None,
+        "decode_tokens_per_s_range": [min(throughputs), max(throughputs)] if throughputs else None,
+        "per_round": per_round,
+        "errors": errors[:5],
     }
-    summary["ok"] = completed == batch and not summary["errors"]
+    summary["ok"] = summary["completed"] == batch and not errors
     return summary
 
 
@@ -339,7 +357,7 @@ def run_one(args, config: str, log_dir: Path) -> dict:
         record["ok"] = all(r["ok"] for r in requests) and record.get("repeat_prompt", {"ok": True})["ok"]
         if args.batch_decode:
             batch, prompt_len, max_new = args.batch_decode
-            record["batch_decode"] = batch_decode(url, rng, batch, prompt_len, max_new)
+            record["batch_decode"] = batch_decode(url, rng, batch, prompt_len, max_new, args.batch_rounds)
             print(f"[{name}] batch decode: {record['batch_decode']}", flush=True)
             record["ok"] = record["ok"] and record["batch_decode"]["ok"]
             if args.profile_decode_steps:
@@ -377,6 +395,8 @@ def main() -> int:
     parser.add_argument("--startup-timeout", type=float, default=300)
     parser.add_argument("--batch-decode", type=int, nargs=3, metavar=("BATCH", "PROMPT_LEN", "NEW_TOKENS"),
                         help="decode throughput of BATCH requests at once")
+    parser.add_argument("--batch-rounds", type=int, default=3,
+                        help="repeat the batch round this often (fresh prompts), report medians and the range")
     parser.add_argument("--profile-decode-steps", type=int, default=0,
                         help="then profile this many decode steps of one more batch round (needs --batch-decode)")
     parser.add_argument("--fidelity-samples", type=int, default=0, help="greedy prompts compared with the bf16 run")
@@ -400,6 +420,8 @@ def main() -> int:
         "sglang_version": package_version("sglang"),
         "runs": [],
     }
+    if args.batch_rounds < 1:
+        parser.error(f"--batch-rounds must be at least 1, got {args.batch_rounds}")
     if args.profile_decode_steps and not args.batch_decode:
         parser.error("--profile-decode-steps profiles the --batch-decode round: give --batch-decode")
     if args.fidelity_samples and "bf16" not in args.configs:

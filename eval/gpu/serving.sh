@@ -16,6 +16,6 @@ CONFIGS=("$@")
 # every config, so what finished is kept.
 timeout "${BUDGET_S:-560}" python3 eval/server_capacity.py --model-path .gpu-rig/qwen2.5-7b-dummy \
   --configs "${CONFIGS[@]}" --prompt-lens ${PROMPT_LENS:-8192 32448} --max-new-tokens "${MAX_NEW:-256}" \
-  --batch-decode ${BATCH_DECODE:-16 4096 128} --fidelity-samples "${FIDELITY:-8}" \
+  --batch-decode ${BATCH_DECODE:-16 4096 128} --batch-rounds "${BATCH_ROUNDS:-3}" --fidelity-samples "${FIDELITY:-8}" \
   --profile-decode-steps "${PROFILE_STEPS:-0}" \
   --out "$OUT/serving.json" --log-dir "$OUT" --server-args --cuda-graph-max-bs "${GRAPH_MAX_BS:-16}"

@@ -50,3 +50,26 @@ def test_stock_server_mirrors_the_graph_settings_of_compressed_ones(capacity, mo
     flags = capacity.stock_settings_like_compressed()
     assert "--disable-decode-cuda-graph" not in flags and "--disable-prefill-cuda-graph" in flags
 
+
+
+def test_batch_decode_reports_the_median_round_and_the_range(capacity, monkeypatch):
+    """Rounds of (prefill-only, full) walls: 16 x 127 decode tokens over full - prefill seconds."""
+    walls = iter([0.5,  # warm-up
+                  1.0, 2.0,  # 2032 tok/s
+                  1.0, 3.0,  # 1016 tok/s
+                  1.2, 2.2])  # 2032 tok/s
+    sent = []
+
+    def fake_concurrently(url, prompts, max_new_tokens):
+        sent.append((len(prompts), max_new_tokens))
+        return next(walls), [{"completion_tokens": max_new_tokens} for _ in prompts]
+
+    monkeypatch.setattr(capacity, "concurrently", fake_concurrently)
+    import random
+
+    summary = capacity.batch_decode("http://x", random.Random(0), batch=16, prompt_len=8, max_new_tokens=128, rounds=3)
+    assert sent == [(16, 2)] + [(16, 1), (16, 128)] * 3
+    assert [r["decode_tokens_per_s"] for r in summary["per_round"]] == [2032.0, 1016.0, 2032.0]
+    assert summary["decode_tokens_per_s"] == 2032.0 and summary["decode_tokens_per_s_range"] == [1016.0, 2032.0]
+    assert summary["prefill_wall_s"] == 1.0 and summary["full_wall_s"] == 2.2
+    assert summary["ok"] and summary["completed"] == 16
