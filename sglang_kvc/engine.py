@@ -46,7 +46,7 @@ from sglang_kvc.attention import attend
 from sglang_kvc.context_queries import StridedQuerySampler
 from sglang_kvc.device_copy import to_device
 from sglang_kvc.policy import PromptCandidates, TokenScorer, scorer_from_config, select_for_requests
-from sglang_kvc.pool import CompressedKVPool
+from sglang_kvc.pool import CompressedKVPool, Tier
 from sglang_kvc.runtime import triton_kernels_enabled
 
 logger = logging.getLogger(__name__)
@@ -185,6 +185,11 @@ class CompressedAttention:
         self.last_layer = pool.layer_num - 1
         # Per request still in prefill, per layer: the queries that will score its prompt.
         self.scoring_queries: dict[str, list[RecentQueries | StridedQuerySampler | None]] = {}
+        # Per request still in prefill: the prefix it started with (from the radix cache:
+        # compressed, or staged by another request). Its own earlier chunks stay staged until
+        # its last chunk, so when every request of a pass started with none, the pass's prefix
+        # is all in staging and the extend path reads no other tier.
+        self.started_with_prefix: dict[str, int] = {}
         self.batch: BatchInfo | None = None
         self._token_rows: list[torch.Tensor] | None = None
         self._positions: list[torch.Tensor] | None = None
@@ -205,6 +210,14 @@ class CompressedAttention:
             self._seal_leaving_tokens(self.req_pool_indices_device, seq_lens)
         if new_tokens is not None:
             self.pool.stage(new_tokens)
+        if not batch.is_decode:
+            for rid, prefix_len in zip(batch.rids, batch.prefix_lens):
+                if rid not in self.started_with_prefix:
+                    # Bounded like scoring_queries (aborted prompts); a request dropped here
+                    # counts as having a prefix, which only costs the extra reads.
+                    while len(self.started_with_prefix) >= _MAX_SAVED_WINDOWS:
+                        self.started_with_prefix.pop(next(iter(self.started_with_prefix)))
+                    self.started_with_prefix[rid] = prefix_len
         # Per-request host state, built on first use: extend and the torch decode path need
         # it, the Triton decode path does not.
         self._token_rows = self._positions = None
@@ -394,8 +407,12 @@ class CompressedAttention:
             listed = torch.arange(capacity, device=device) < entries.indptr[-1]  # slots past it: unspecified
             # Each tier read over every slot, the others' rows replaced by row 0 (every table
             # has one), and kept where the slot is of that tier: selecting the slots first
-            # would need their count on the host, a device sync in every layer.
-            for tier, store in pool.stores.items():
+            # would need their count on the host, a device sync in every layer. A later chunk
+            # of fresh prompts has its prefix in staging only: the packed tiers, dequantized
+            # over every slot, are skipped then.
+            prefix_staged_only = all(self.started_with_prefix.get(rid, 1) == 0 for rid in batch.rids)
+            stores = {Tier.STAGING: pool.staging} if prefix_staged_only else pool.stores
+            for tier, store in stores.items():
                 in_tier = (entries.tier == int(tier)) & listed
                 k, v = store.read(layer, torch.where(in_tier, entries.row.to(torch.int64), 0), dtype)
                 k_buffer = torch.where(in_tier[:, None, None], k, k_buffer)
@@ -471,6 +488,7 @@ class CompressedAttention:
         for i, rid in enumerate(self.batch.rids):
             if self.batch.last_chunk[i]:
                 self.scoring_queries.pop(rid, None)
+                self.started_with_prefix.pop(rid, None)
 
     # ---- decode -----------------------------------------------------------------------------------
     def decode(self, layer_id: int, q: torch.Tensor, scaling: float, logit_cap: float = 0.0) -> torch.Tensor:

@@ -135,6 +135,35 @@ def simulate_batched_prefill(attention_impl: str, seed: int) -> Simulator:
 
 
 @needs_interpreter
+def test_later_chunks_of_a_fresh_prompt_read_only_staging(seed, monkeypatch):
+    """A fresh prompt's earlier chunks are still staged at its later chunks: the extend path
+    reads no packed tier then (each would be dequantized over every prefix slot). A prompt
+    that starts from the radix cache reads them."""
+    sim = Simulator(num_layers=2, kv_heads=2, q_heads=4, seed=seed)
+    sim.engine = CompressedAttention(sim.pool, sim.req_to_token_pool.req_to_token, attention_impl="triton")
+    packed_reads = []
+
+    def counted(tier, read):
+        def read_and_count(*args, **kwargs):
+            packed_reads.append(tier)
+            return read(*args, **kwargs)
+        return read_and_count
+
+    for tier in ("lowbit", "guard"):
+        store = getattr(sim.pool, tier)
+        monkeypatch.setattr(store, "read", counted(tier, store.read))
+    chunked = sim.new_request(prompt(40, 100), chunk_size=16)
+    assert sim.admit(chunked)
+    while not chunked.prompt_done:
+        sim.prefill_chunk(chunked)
+    assert packed_reads == []  # chunks 2 and 3 had a 16- and 32-token staged prefix
+    shared = sim.new_request(prompt(32, 100) + prompt(8, 700))
+    assert sim.admit(shared) and len(shared.req.prefix_indices) == 32
+    sim.prefill_chunk(shared)
+    assert set(packed_reads) == {"lowbit", "guard"}
+
+
+@needs_interpreter
 def test_prompts_prefilled_together_compress_as_with_the_torch_reference(seed):
     """Several prompts finishing in one pass are scored by one pair of window-score launches
     and selected together (policy.select_for_requests); the torch path scores them one by
