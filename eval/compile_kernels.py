@@ -155,6 +155,7 @@ def region_builder_cases() -> list[tuple[str, callable]]:
 
 def score_case(kernel, dot_precision: str = "tf32") -> dict:
     pointers = {"q_ptr": "*fp32", "row_positions_ptr": "*i64", "k_ptr": "*bf16", "key_positions_ptr": "*i64",
+                "key_starts_ptr": "*i64",
                 "row_max_ptr": "*fp32", "row_sum_ptr": "*fp32", "scores_ptr": "*fp32"}
     constexprs = {"ROWS_PER_HEAD": 7 * 32, "HEAD_DIM": HEAD_DIM, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_D": HEAD_DIM,
                   "DOT_PRECISION": dot_precision}

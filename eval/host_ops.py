@@ -13,8 +13,9 @@ head_dim 128) and times, under torch.profiler, what the server does around decod
     `--prefill-requests` prompts of `--prompt-len` tokens (keep the scoring queries, score,
     select, place; `CompressedAttention.compress_layer`, after the layer's attention), for
     each prompt count from 1 up to that (`compress_layer_by_prompts`). On the CPU the scores
-    come from the torch scorer and the packed writes from the torch quantizer; on a GPU each is
-    a few Triton launches.
+    come from the torch scorer (and, counted separately, from the server's Triton scorer in
+    Triton's interpreter) and the packed writes from the torch quantizer; on a GPU each is a
+    few Triton launches.
 For each: the top-level torch operators dispatched, by name. On a GPU most of them are a
 kernel launch and its host work (views such as `slice` and no-op `to` are not; the packed
 writes are one Triton launch each instead of the torch quantizer's dozen operators). Host
