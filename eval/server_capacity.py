@@ -8,7 +8,7 @@ launches `python -m sglang.launch_server` with dummy weights, waits for /health,
   - per prompt length: one request for a single token (its latency is the prefill time)
     and one for --max-new-tokens (the difference, per token, is the decode time);
   - sends the last prompt twice to check that the radix cache reuses the (compressed) prefix;
-  - optionally (--batch-decode B P N): B requests at once, first for 1 token, then for N
+  - optionally (--batch-decode B P N, repeatable): B requests at once, first for 1 token, then for N
     (fresh prompts); the difference gives the batch's decode tokens per second, over
     --batch-rounds rounds (median and range); with
     --profile-decode-steps S, one more such round under SGLang's torch profiler (its
@@ -197,6 +197,13 @@ def batch_decode(url: str, rng: random.Random, batch: int, prompt_len: int, max_
     return summary
 
 
+def batch_decode_shapes(url: str, rng: random.Random, shapes: list[list[int]], rounds: int) -> dict:
+    """`batch_decode` for each (batch, prompt_len, new_tokens) shape on one server: the first
+    as "batch_decode" (what earlier reports hold), the others as "batch_decode_more"."""
+    results = [batch_decode(url, rng, batch, prompt_len, new_tokens, rounds) for batch, prompt_len, new_tokens in shapes]
+    return {"batch_decode": results[0], **({"batch_decode_more": results[1:]} if len(results) > 1 else {})}
+
+
 def profile_batch_decode(url: str, rng: random.Random, batch: int, prompt_len: int, max_new_tokens: int,
                          steps: int, trace_dir: Path, timeout: float = 300) -> dict:
     """One more batch round with SGLang's profiler on for `steps` decode steps (its prefill
@@ -356,10 +363,11 @@ def run_one(args, config: str, log_dir: Path) -> dict:
         record["requests"] = requests
         record["ok"] = all(r["ok"] for r in requests) and record.get("repeat_prompt", {"ok": True})["ok"]
         if args.batch_decode:
-            batch, prompt_len, max_new = args.batch_decode
-            record["batch_decode"] = batch_decode(url, rng, batch, prompt_len, max_new, args.batch_rounds)
-            print(f"[{name}] batch decode: {record['batch_decode']}", flush=True)
-            record["ok"] = record["ok"] and record["batch_decode"]["ok"]
+            record.update(batch_decode_shapes(url, rng, args.batch_decode, args.batch_rounds))
+            for result in [record["batch_decode"], *record.get("batch_decode_more", [])]:
+                print(f"[{name}] batch decode: {result}", flush=True)
+                record["ok"] = record["ok"] and result["ok"]
+            batch, prompt_len, max_new = args.batch_decode[0]
             if args.profile_decode_steps:
                 record["decode_profile"] = profile_batch_decode(
                     url, rng, batch, prompt_len, max_new, args.profile_decode_steps, log_dir / f"profile-{name}")
@@ -393,8 +401,9 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--startup-timeout", type=float, default=300)
-    parser.add_argument("--batch-decode", type=int, nargs=3, metavar=("BATCH", "PROMPT_LEN", "NEW_TOKENS"),
-                        help="decode throughput of BATCH requests at once")
+    parser.add_argument("--batch-decode", type=int, nargs=3, action="append", metavar=("BATCH", "PROMPT_LEN", "NEW_TOKENS"),
+                        help="decode throughput of BATCH requests at once; repeatable (one server, several shapes; "
+                             "the profile takes the first)")
     parser.add_argument("--batch-rounds", type=int, default=3,
                         help="repeat the batch round this often (fresh prompts), report medians and the range")
     parser.add_argument("--profile-decode-steps", type=int, default=0,

@@ -12,10 +12,14 @@ set -u
 source eval/gpu/setup.sh || exit 1
 CONFIGS=("$@")
 [ ${#CONFIGS[@]} -eq 0 ] && CONFIGS=(bf16 eval/configs/retain_all_8bit.yaml configs/qwen_8x_tuned.yaml configs/qwen_8x_aggressive.yaml configs/qwen_8x.yaml)
+# BATCH_DECODE: one or more "BATCH PROMPT_LEN NEW_TOKENS" shapes, comma-separated (each server runs them all).
+BATCH_ARGS=()
+IFS=',' read -ra BATCH_SHAPES <<< "${BATCH_DECODE:-16 4096 128}"
+for shape in "${BATCH_SHAPES[@]}"; do BATCH_ARGS+=(--batch-decode $shape); done
 # Stop before the device call's 600 s limit: server_capacity.py rewrites the JSON after
 # every config, so what finished is kept.
 timeout "${BUDGET_S:-560}" python3 eval/server_capacity.py --model-path .gpu-rig/qwen2.5-7b-dummy \
   --configs "${CONFIGS[@]}" --prompt-lens ${PROMPT_LENS:-8192 32448} --max-new-tokens "${MAX_NEW:-256}" \
-  --batch-decode ${BATCH_DECODE:-16 4096 128} --batch-rounds "${BATCH_ROUNDS:-3}" --fidelity-samples "${FIDELITY:-8}" \
+  "${BATCH_ARGS[@]}" --batch-rounds "${BATCH_ROUNDS:-3}" --fidelity-samples "${FIDELITY:-8}" \
   --profile-decode-steps "${PROFILE_STEPS:-0}" \
   --out "$OUT/serving.json" --log-dir "$OUT" --server-args --cuda-graph-max-bs "${GRAPH_MAX_BS:-16}"

@@ -73,3 +73,20 @@ def test_batch_decode_reports_the_median_round_and_the_range(capacity, monkeypat
     assert summary["decode_tokens_per_s"] == 2032.0 and summary["decode_tokens_per_s_range"] == [1016.0, 2032.0]
     assert summary["prefill_wall_s"] == 1.0 and summary["full_wall_s"] == 2.2
     assert summary["ok"] and summary["completed"] == 16
+
+
+def test_several_batch_shapes_on_one_server(capacity, monkeypatch):
+    """The first shape stays under "batch_decode" (earlier reports' key), the others follow."""
+    monkeypatch.setattr(capacity, "concurrently",
+                        lambda url, prompts, max_new_tokens: (0.1 * max_new_tokens, [
+                            {"completion_tokens": max_new_tokens} for _ in prompts]))
+    import random
+
+    one = capacity.batch_decode_shapes("http://x", random.Random(0), [[16, 8, 32]], rounds=1)
+    assert set(one) == {"batch_decode"} and one["batch_decode"]["batch"] == 16
+    two = capacity.batch_decode_shapes("http://x", random.Random(0), [[16, 8, 32], [64, 4, 8]], rounds=2)
+    assert two["batch_decode"]["batch"] == 16
+    assert [(r["batch"], r["prompt_len"], r["max_new_tokens"], r["rounds"]) for r in two["batch_decode_more"]] == [
+        (64, 4, 8, 2)]
+    # 64 x 7 decode tokens over (0.8 - 0.1) s
+    assert two["batch_decode_more"][0]["decode_tokens_per_s"] == 640.0
