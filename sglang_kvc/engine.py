@@ -327,7 +327,8 @@ class CompressedAttention:
 
     # ---- extend ---------------------------------------------------------------------------------
     def extend(self, layer_id: int, q: torch.Tensor, scaling: float, logit_cap: float = 0.0) -> torch.Tensor:
-        """q: [extend tokens, q_heads, head_dim] -> [extend tokens, q_heads, v_head_dim]."""
+        """q: [extend tokens, q_heads, head_dim] -> [extend tokens, q_heads, v_head_dim]
+        (float32 on the torch path and in the interpreter, q's dtype on the GPU)."""
         pool = self.pool
         layer = layer_id - pool.start_layer
         q = pool.rotate(q)
@@ -396,27 +397,30 @@ class CompressedAttention:
         # At least one row: a fresh prompt has no prefix, and Triton rejects the null
         # pointer of an empty CUDA tensor (kv_indptr keeps the kernel off the dummy row).
         shape = (max(capacity, 1), pool.head_num, pool.head_dim)
-        k_buffer = torch.zeros(shape, dtype=dtype, device=device)
-        v_buffer = torch.zeros(shape, dtype=dtype, device=device)
         kv_indptr = torch.zeros(len(prefix_lens) + 1, dtype=torch.int32, device=device)
-        if capacity:
+        if not capacity:
+            k_buffer = v_buffer = torch.zeros(shape, dtype=dtype, device=device)
+        else:
             entries = decode_entries(
                 pool.location[layer], self.req_to_token, self.req_pool_indices_device, self.prefix_lens_device,
                 max_seq_len=max(prefix_lens), max_entries=capacity,
             )
             listed = torch.arange(capacity, device=device) < entries.indptr[-1]  # slots past it: unspecified
-            # Each tier read over every slot, the others' rows replaced by row 0 (every table
-            # has one), and kept where the slot is of that tier: selecting the slots first
-            # would need their count on the host, a device sync in every layer. A later chunk
-            # of fresh prompts has its prefix in staging only: the packed tiers, dequantized
-            # over every slot, are skipped then.
-            prefix_staged_only = all(self.started_with_prefix.get(rid, 1) == 0 for rid in batch.rids)
-            stores = {Tier.STAGING: pool.staging} if prefix_staged_only else pool.stores
-            for tier, store in stores.items():
-                in_tier = (entries.tier == int(tier)) & listed
-                k, v = store.read(layer, torch.where(in_tier, entries.row.to(torch.int64), 0), dtype)
-                k_buffer = torch.where(in_tier[:, None, None], k, k_buffer)
-                v_buffer = torch.where(in_tier[:, None, None], v, v_buffer)
+            if all(self.started_with_prefix.get(rid, 1) == 0 for rid in batch.rids):
+                # Later chunks of fresh prompts: the whole prefix is still in staging.
+                rows = torch.where(listed, entries.row.to(torch.int64), 0)
+                k_buffer, v_buffer = pool.staging.read(layer, rows, dtype)
+            else:
+                # Each tier read over every slot, the others' rows replaced by row 0 (every
+                # table has one), and kept where the slot is of that tier: selecting the slots
+                # first would need their count on the host, a device sync in every layer.
+                k_buffer = torch.zeros(shape, dtype=dtype, device=device)
+                v_buffer = torch.zeros(shape, dtype=dtype, device=device)
+                for tier, store in pool.stores.items():
+                    in_tier = (entries.tier == int(tier)) & listed
+                    k, v = store.read(layer, torch.where(in_tier, entries.row.to(torch.int64), 0), dtype)
+                    k_buffer = torch.where(in_tier[:, None, None], k, k_buffer)
+                    v_buffer = torch.where(in_tier[:, None, None], v, v_buffer)
             kv_indptr = entries.indptr
         kv_indices = torch.arange(max(capacity, 1), dtype=torch.int64, device=device)
         new_tokens = torch.cat([tokens[prefix:] for tokens, prefix in zip(self.token_rows, prefix_lens)])
@@ -428,7 +432,7 @@ class CompressedAttention:
             self.qo_indptr_device, kv_indptr, kv_indices, None, True, None, max(batch.extend_lens, default=0), 1.0, 1.0,
             sm_scale=scaling, logit_cap=logit_cap,
         )
-        return out.float()
+        return out  # in q's dtype on the GPU, as the backend returns it (a float32 copy cost two passes per layer)
 
     def _compression_candidates(self) -> list[torch.Tensor | None]:
         """Per request finishing its prompt: positions of its still-staged tokens. A staged
