@@ -106,7 +106,10 @@ class DenseStore:
         self.v[layer][rows] = v.to(self.dtype)
 
     def read(self, layer: int, rows: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[layer][rows].to(dtype), self.read_values(layer, rows, dtype)
+        return self.read_keys(layer, rows, dtype), self.read_values(layer, rows, dtype)
+
+    def read_keys(self, layer: int, rows: torch.Tensor, dtype) -> torch.Tensor:
+        return self.k[layer][rows].to(dtype)
 
     def read_values(self, layer: int, rows: torch.Tensor, dtype) -> torch.Tensor:
         return self.v[layer][rows].to(dtype)
