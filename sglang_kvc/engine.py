@@ -471,7 +471,7 @@ class CompressedAttention:
         only the scoring is per request."""
         batch, pool = self.batch, self.pool
         tokens = torch.cat([self.token_rows[i][self.candidates[i]] for i, _ in finishing])
-        keys = pool.staging.read_keys(layer, pool.staging_row[tokens], torch.float32)
+        keys = pool.staging.read_keys(layer, pool.staging_row[tokens], pool.staging.dtype)  # as stored
         prompts = [PromptCandidates(scoring.queries(), scoring.positions(), self.candidates[i], batch.seq_lens[i])
                    for i, scoring in finishing]
         selection = select_for_requests(self.config, self.scorer, self.layer_retain[layer], prompts, keys)

@@ -232,23 +232,22 @@ class CompressedKVPool(MHATokenToKVPool):
     def compress(self, layer: int, tokens: torch.Tensor, selection: Selection, keys: torch.Tensor | None = None) -> None:
         """Place the selected staged `tokens` of one layer in the guard / low-bit tiers and
         mark the rest evicted. Staging rows stay until `release_staging`. `keys`: their
-        staged keys in fp32 if the caller has read them already (for scoring)."""
+        staged keys if the caller has read them already (for scoring). K and V are read as
+        stored (the tiers' writers convert), and values only for the kept tokens."""
         rows = self.staging_row[tokens]
-        if keys is None:
-            k, v = self.staging.read(layer, rows, torch.float32)
-        else:
-            k, v = keys, self.staging.read_values(layer, rows, torch.float32)
         # Every candidate is marked evicted, then placing the kept ones overwrites theirs (the
         # same stream orders the writes). Selecting the evicted ones instead would need their
         # count on the host, and `map[index] = scalar` copies the scalar from pageable host
         # memory: device syncs in every layer of a prefill (serving-profile-2026-11-29.md).
         self.location[layer].index_fill_(0, tokens.to(torch.int64), int(Tier.EVICTED))
-        self._place(layer, tokens[selection.guarded], k[selection.guarded], v[selection.guarded], Tier.GUARD)
-        self._place(layer, tokens[selection.lowbit], k[selection.lowbit], v[selection.lowbit], Tier.LOWBIT)
+        for kept, tier in ((selection.guarded, Tier.GUARD), (selection.lowbit, Tier.LOWBIT)):
+            kept_rows = rows[kept]
+            k = keys[kept] if keys is not None else self.staging.read_keys(layer, kept_rows, self.staging.dtype)
+            self._place(layer, tokens[kept], k, self.staging.read_values(layer, kept_rows, self.staging.dtype), tier)
 
     def migrate(self, layer: int, tokens: torch.Tensor) -> None:
         """Move staged tokens (decode tokens leaving the window, sealed tails) to low-bit."""
-        k, v = self.staging.read(layer, self.staging_row[tokens], torch.float32)
+        k, v = self.staging.read(layer, self.staging_row[tokens], self.staging.dtype)
         self._place(layer, tokens, k, v, Tier.LOWBIT)
 
     def _place(self, layer: int, tokens, k, v, preferred: Tier) -> None:
