@@ -31,6 +31,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import sglang_kvc.kernels.decode_attention as decode_module  # noqa: E402
 import sglang_kvc.kernels.score as score_module  # noqa: E402
+import sglang_kvc.kernels.staging as staging_module  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -176,6 +177,13 @@ def cases() -> list[tuple[str, callable]]:
     result.append(("decode v2 tuned (K4V2 g64) BLOCK_N 64, tiny model (head_dim 64, group 4)",
                    lambda: decode_case("v2", DECODE_FORMATS["tuned (K4V2 g64)"], 64, head_dim=64, query_group=4)))
     result += region_builder_cases()
+    result.append(("staging insert (K and V, 4 heads x 128)", lambda: compile_and_measure(
+        staging_module._write_staged_kernel,
+        {"k_ptr": "*bf16", "v_ptr": "*bf16", "slots_ptr": "*i64", "staging_row_ptr": "*i32", "k_table_ptr": "*bf16",
+         "v_table_ptr": "*bf16"},
+        {"HEADS": KV_HEADS, "HEAD_DIM": HEAD_DIM, "BLOCK_H": KV_HEADS, "BLOCK_D": HEAD_DIM},
+        {"stride_k_token": 36 * HEAD_DIM, "stride_k_head": HEAD_DIM, "stride_v_token": 36 * HEAD_DIM,
+         "stride_v_head": HEAD_DIM})))
     result.append(("window scores: row statistics (W 32, group 7)", lambda: score_case(score_module._row_stats_kernel)))
     result.append(("window scores: key scores (W 32, group 7)", lambda: score_case(score_module._key_scores_kernel)))
     for kernel in (score_module._row_stats_kernel, score_module._key_scores_kernel):  # why tf32

@@ -191,8 +191,7 @@ class CompressedKVPool(MHATokenToKVPool):
             raise NotImplementedError("--kv-compress does not take KV scales or DCP masks")
         loc, _, _ = unwrap_write_loc(loc_info)
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
-        rows = self.staging_row[loc]
-        self.staging.write(layer_id - self.start_layer, rows, self.rotate(cache_k), cache_v)
+        self.staging.write_slots(layer_id - self.start_layer, loc, self.staging_row, self.rotate(cache_k), cache_v)
 
     def stage(self, tokens: torch.Tensor) -> None:
         """Give a forward pass's new tokens a staging row (the same in every layer), before

@@ -105,6 +105,17 @@ class DenseStore:
         self.k[layer][rows] = k.to(self.dtype)
         self.v[layer][rows] = v.to(self.dtype)
 
+    def write_slots(self, layer: int, slots: torch.Tensor, slot_rows: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> None:
+        """`write` to rows `slot_rows[slots]`: on the GPU one launch for the lookup and both
+        tables (the staging insert of every layer call, kernels/staging.py), else three."""
+        if k.is_cuda and triton_kernels_enabled():
+            from sglang_kvc.kernels.staging import write_staged
+
+            write_staged(slots, slot_rows, k, v, self.k[layer], self.v[layer])
+            return
+        self.write(layer, slot_rows[slots], k, v)
+
     def read(self, layer: int, rows: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.read_keys(layer, rows, dtype), self.read_values(layer, rows, dtype)
 

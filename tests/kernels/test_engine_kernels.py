@@ -334,6 +334,21 @@ def test_packed_store_write_on_cuda_is_bit_exact(dtype, gen):
         assert torch.equal(scale_min[rows].view(torch.int16), expected_scale_min.view(torch.int16))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="DenseStore.write_slots takes the kernel path on CUDA only")
+def test_staging_write_on_cuda_matches_the_torch_scatter(gen):
+    """On CUDA the staging insert is kernels.staging.write_staged (one launch)."""
+    from sglang_kvc.stores import DenseStore
+
+    store = DenseStore([40], 4, 128, torch.bfloat16, "cuda")
+    staging_row = torch.zeros(64, dtype=torch.int32, device="cuda")
+    staging_row[1:40] = (torch.randperm(39, device="cuda", generator=gen) + 1).to(torch.int32)
+    slots = torch.randperm(39, device="cuda", generator=gen)[:17] + 1
+    k, v = (torch.randn(17, 4, 128, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(2))
+    store.write_slots(0, slots, staging_row, k, v)
+    rows = staging_row[slots].to(torch.int64)
+    assert torch.equal(store.k[0][rows], k) and torch.equal(store.v[0][rows], v)
+
+
 # SGLang's stage-1 kernel computes exp(-inf - -inf) in the padding rows of its head block
 # (masked, never stored); numpy warns about it in the interpreter.
 @pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
