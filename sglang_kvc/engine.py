@@ -51,9 +51,17 @@ from sglang_kvc.runtime import triton_kernels_enabled
 
 logger = logging.getLogger(__name__)
 
-# Chunked requests whose last chunk never came (aborted) leave scoring queries behind;
-# SGLang prefills one chunked request at a time, so a handful is plenty.
-_MAX_SAVED_WINDOWS = 16
+# Chunked requests whose last chunk never came (aborted) leave per-request prefill state
+# behind; SGLang prefills one chunked request at a time, so a handful is plenty.
+_MAX_PREFILLS_REMEMBERED = 16
+
+
+def _remember(per_request: dict, rid: str, value):
+    """`per_request[rid] = value`, dropping the oldest entries beyond _MAX_PREFILLS_REMEMBERED."""
+    while len(per_request) >= _MAX_PREFILLS_REMEMBERED:
+        per_request.pop(next(iter(per_request)))
+    per_request[rid] = value
+    return value
 
 ATTENTION_IMPLS = ("auto", "torch", "triton")
 
@@ -190,6 +198,7 @@ class CompressedAttention:
         # its last chunk, so when every request of a pass started with none, the pass's prefix
         # is all in staging and the extend path reads no other tier.
         self.started_with_prefix: dict[str, int] = {}
+        self.prefix_in_staging_only = False  # set per extend pass by `begin`
         self.batch: BatchInfo | None = None
         self._token_rows: list[torch.Tensor] | None = None
         self._positions: list[torch.Tensor] | None = None
@@ -213,11 +222,9 @@ class CompressedAttention:
         if not batch.is_decode:
             for rid, prefix_len in zip(batch.rids, batch.prefix_lens):
                 if rid not in self.started_with_prefix:
-                    # Bounded like scoring_queries (aborted prompts); a request dropped here
-                    # counts as having a prefix, which only costs the extra reads.
-                    while len(self.started_with_prefix) >= _MAX_SAVED_WINDOWS:
-                        self.started_with_prefix.pop(next(iter(self.started_with_prefix)))
-                    self.started_with_prefix[rid] = prefix_len
+                    _remember(self.started_with_prefix, rid, prefix_len)
+            # A request dropped from the bounded map counts as having a prefix: only extra reads.
+            self.prefix_in_staging_only = all(self.started_with_prefix.get(rid, 1) == 0 for rid in batch.rids)
         # Per-request host state, built on first use: extend and the torch decode path need
         # it, the Triton decode path does not.
         self._token_rows = self._positions = None
@@ -406,7 +413,7 @@ class CompressedAttention:
                 max_seq_len=max(prefix_lens), max_entries=capacity,
             )
             listed = torch.arange(capacity, device=device) < entries.indptr[-1]  # slots past it: unspecified
-            if all(self.started_with_prefix.get(rid, 1) == 0 for rid in batch.rids):
+            if self.prefix_in_staging_only:
                 # Later chunks of fresh prompts: the whole prefix is still in staging.
                 rows = torch.where(listed, entries.row.to(torch.int64), 0)
                 k_buffer, v_buffer = pool.staging.read(layer, rows, dtype)
@@ -457,9 +464,7 @@ class CompressedAttention:
         chunk (a chunked prompt is scored at its last chunk)."""
         per_layer = self.scoring_queries.get(rid)
         if per_layer is None:
-            while len(self.scoring_queries) >= _MAX_SAVED_WINDOWS:
-                self.scoring_queries.pop(next(iter(self.scoring_queries)))
-            per_layer = self.scoring_queries[rid] = [None] * self.pool.layer_num
+            per_layer = _remember(self.scoring_queries, rid, [None] * self.pool.layer_num)
         if per_layer[layer] is None:
             context = self.config.sparsity.scoring == "context"
             per_layer[layer] = StridedQuerySampler(self.window) if context else RecentQueries(self.window)
