@@ -172,13 +172,17 @@ def batch_decode(url: str, rng: random.Random, batch: int, prompt_len: int, max_
         full_wall, full_results = concurrently(url, [random_prompt(rng, prompt_len) for _ in range(batch)],
                                                max_new_tokens)
         decode_s = full_wall - prefill_wall
+        completed = sum(1 for r in full_results if r.get("completion_tokens") == max_new_tokens)
+        round_errors = [r["error"] for r in prefill_results + full_results if "error" in r]
+        # A round with failed requests has no throughput (a refused connection returns at once).
+        measured = completed == batch and not round_errors and decode_s > 0
         per_round.append({
             "prefill_wall_s": round(prefill_wall, 3),
             "full_wall_s": round(full_wall, 3),
-            "completed": sum(1 for r in full_results if r.get("completion_tokens") == max_new_tokens),
-            "decode_tokens_per_s": round(batch * (max_new_tokens - 1) / decode_s, 1) if decode_s > 0 else None,
+            "completed": completed,
+            "decode_tokens_per_s": round(batch * (max_new_tokens - 1) / decode_s, 1) if measured else None,
         })
-        errors += [r["error"] for r in prefill_results + full_results if "error" in r]
+        errors += round_errors
     throughputs = [r["decode_tokens_per_s"] for r in per_round if r["decode_tokens_per_s"] is not None]
     summary = {
         "batch": batch,

@@ -17,7 +17,11 @@ import torch
 
 
 def to_device(values: Sequence[int] | Sequence[float] | np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:
+    # One construction for lists and numpy arrays on every device (torch.tensor(ndarray,
+    # pin_memory=True) raises "Can't pin tensor constructed from numpy"), so the CPU tests
+    # cover it and only the pin and the copy are CUDA's own.
+    host = torch.as_tensor(values, dtype=dtype)
     device = torch.device(device)
     if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

@@ -90,3 +90,23 @@ def test_several_batch_shapes_on_one_server(capacity, monkeypatch):
         (64, 4, 8, 2)]
     # 64 x 7 decode tokens over (0.8 - 0.1) s
     assert two["batch_decode_more"][0]["decode_tokens_per_s"] == 640.0
+
+
+def test_a_round_with_failed_requests_has_no_throughput(capacity, monkeypatch):
+    """A crashed server refuses connections at once: full - prefill wall is tiny, and the
+    throughput it implies (millions of tokens/s) must not be reported."""
+    walls = iter([0.5, 1.0, 2.0, 0.01, 0.012])
+
+    def fake_concurrently(url, prompts, max_new_tokens):
+        wall = next(walls)
+        if wall < 0.1:
+            return wall, [{"error": "URLError: Connection refused"} for _ in prompts]
+        return wall, [{"completion_tokens": max_new_tokens} for _ in prompts]
+
+    monkeypatch.setattr(capacity, "concurrently", fake_concurrently)
+    import random
+
+    summary = capacity.batch_decode("http://x", random.Random(0), batch=4, prompt_len=8, max_new_tokens=11, rounds=2)
+    assert [r["decode_tokens_per_s"] for r in summary["per_round"]] == [40.0, None]
+    assert summary["decode_tokens_per_s"] == 40.0 and summary["completed"] == 0
+    assert not summary["ok"] and summary["errors"]
