@@ -394,9 +394,14 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
         together_ms["v2_best"] = timer(together("v2", v2_best["best_splits"], best_block_n))
     # The engine's call as the server runs it: inside a decode CUDA graph.
     together_ms["v2_graph"] = guarded(timer.graph, together("v2", engine_splits, engine_block_n))
+    # v3 (register-operand low-bit loop; v2's loop where the formats do not allow it) at
+    # the engine's BLOCK_N and split count, same lists, eager and from a graph.
+    together_ms["v3"] = guarded(timer, together("v3", engine_splits, engine_block_n))
+    together_ms["v3_graph"] = guarded(timer.graph, together("v3", engine_splits, engine_block_n))
     checks = {"v1": v1["check"], **{f"v2_block_n_{n}": variant["check"] for n, variant in compiled.items()},
               "engine": check(together("v2", engine_splits, engine_block_n)),
-              "v1_on_regions": check(together("v1", engine_splits, V1_BLOCK_N))}
+              "v1_on_regions": check(together("v1", engine_splits, V1_BLOCK_N)),
+              "v3": guarded(check, together("v3", engine_splits, engine_block_n))}
 
     num_bytes = attention_bytes(plan, layer, batch)
     result = {
@@ -417,8 +422,9 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
                    "best_splits": v2_best["best_splits"], "ms": v2_best["ms"]},
         },
         "together": together_ms,
-        "check": {"ok": all(c["ok"] for c in checks.values()),
-                  "max_abs_error": max(c["max_abs_error"] for c in checks.values()), "by_variant": checks},
+        "check": {"ok": all(c.get("ok", False) for c in checks.values()),
+                  "max_abs_error": max(c.get("max_abs_error", float("inf")) for c in checks.values()),
+                  "by_variant": checks},
     }
     del layer, tables, entries, out
     return result
@@ -599,6 +605,7 @@ def markdown(report: dict) -> str:
             row.append("ok" if not failed else f"FAIL {', '.join(failed)} ({cell['check']['max_abs_error']:.2e})")
             lines.append("| " + " | ".join(row) + " |")
     lines += graph_table(report)
+    lines += v3_table(report)
     lines += [f"\nSGLang {label} {b}: {grid['sglang'][b]['error']}" for grid in report["grids"]
               for label in [f"{grid['batch']}x{grid['tokens']}"] for b in grid.get("sglang", {})
               if "error" in grid["sglang"][b]]
@@ -653,6 +660,37 @@ def graph_table(report: dict) -> list[str]:
                             f"{speedup / byte_ratio:.2f}"]
                 else:
                     row += ["-", "-", "-", "-"]
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def v3_table(report: dict) -> list[str]:
+    """v3 against v2, both as the engine calls them from a CUDA graph."""
+    baselines = report["sglang_dtypes"]
+    lines = ["", "v3 (register-operand low-bit loop) against v2, CUDA-graph replay of the engine's call:", "",
+             "| grid | config | v2 ms | v3 ms | v3 / v2 | v3 GB/s | % copy BW | "
+             + " | ".join(f"speedup vs {b} | speedup / byte ratio" for b in baselines) + " |",
+             "|---|---|---|---|---|---|---|" + "---|---|" * len(baselines)]
+    copy_gbps = report["copy_bandwidth"]["GBps"]
+    for grid in report["grids"]:
+        label = f"{grid['batch']}x{grid['tokens']}"
+        for name, cell in grid.get("configs", {}).items():
+            if "error" in cell or "v3_graph" not in cell.get("together", {}):
+                continue
+            v2, v3 = cell["together"]["v2_graph"], cell["together"]["v3_graph"]
+            if "ms" not in v2 or "ms" not in v3:
+                lines.append(f"| {label} | {name} | error: {v3.get('error') or v2.get('error')} |")
+                continue
+            v3_gbps = gbps(cell["bytes"]["together"], v3["ms"])
+            row = [label, name, f"{v2['ms']:.3f}", f"{v3['ms']:.3f}", f"{v3['ms'] / v2['ms']:.2f}",
+                   f"{v3_gbps:.0f}", f"{100 * v3_gbps / copy_gbps:.0f}%"]
+            for b in baselines:
+                baseline = grid["sglang"].get(b, {}).get("graph", {})
+                if "ms" in baseline:
+                    speedup = baseline["ms"] / v3["ms"]
+                    row += [f"{speedup:.2f}x", f"{speedup / cell['summary'][f'byte_ratio_vs_{b}']['together']:.2f}"]
+                else:
+                    row += ["-", "-"]
             lines.append("| " + " | ".join(row) + " |")
     return lines
 

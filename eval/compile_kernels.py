@@ -32,6 +32,7 @@ from triton.compiler import ASTSource  # noqa: E402
 import sglang_kvc.kernels.decode_attention as decode_module  # noqa: E402
 import sglang_kvc.kernels.score as score_module  # noqa: E402
 import sglang_kvc.kernels.staging as staging_module  # noqa: E402
+from sglang_kvc.quant import PackedFormat  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -86,6 +87,7 @@ def compile_and_measure(kernel, pointer_types: dict[str, str], constexprs: dict,
     os.unlink(ptx.name)
     os.unlink(cubin)
     opcodes = [match.group(1).split(".")[0] for match in SASS_INSTRUCTION.finditer(sass)]
+    ttgir = compiled.asm["ttgir"]
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     return {"registers": int(registers.group(1)) if registers else None,
@@ -95,13 +97,24 @@ def compile_and_measure(kernel, pointer_types: dict[str, str], constexprs: dict,
             # Static counts over the whole kernel (every tier's loop): conversions run at a
             # quarter of the FMA rate on sm_90, so they are counted apart.
             "sass_instructions": len(opcodes),
-            "sass_conversions": sum(op in CONVERSION_OPCODES for op in opcodes)}
+            "sass_conversions": sum(op in CONVERSION_OPCODES for op in opcodes),
+            # Register tensors stored to shared memory (ttg.local_alloc of a value), e.g. a
+            # dequantized tile on its way to an mma operand; async copies are not counted.
+            "shared_stores_of_registers": len(re.findall(r"ttg\.local_alloc %", ttgir)),
+            "ldmatrix": opcodes.count("LDSM"), "shared_loads": opcodes.count("LDS"),
+            "shared_stores": opcodes.count("STS")}
 
 
 def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD_DIM, query_group: int = 7,
                 prefetch: bool = False) -> dict:
     key_bits, value_bits, group, guard_bits = formats
     kernel = decode_module._decode_split_kernel if version == "v1" else decode_module._decode_split_kernel_v2
+    register_slots = None
+    if version == "v3":  # v2's kernel with the register-operand low-bit loop, codes viewed as containers
+        register_slots = [decode_module.register_operand_slots(PackedFormat(bits, head_dim, group))
+                          for bits in (key_bits, value_bits)]
+        if None in register_slots:
+            return {"error": f"no register-operand loop for K{key_bits}V{value_bits} g{group}"}
     guard_packed = guard_bits != 16
     pointers = {"q_ptr": "*bf16", "staging_k_ptr": "*bf16", "staging_v_ptr": "*bf16", "entry_tier_ptr": "*i8",
                 "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32"}
@@ -112,21 +125,33 @@ def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD
                   "GUARD_PACKED": guard_packed, "GUARD_BITS": guard_bits,
                   "GUARD_GROUP_SIZE": group if guard_packed else head_dim, "BLOCK_G": 16,
                   "BLOCK_D": triton.next_power_of_2(head_dim), "BLOCK_N": block_n, "DOT_PRECISION": "tf32"}
-    if version == "v2":
+    if version != "v1":
         # dot_precision="auto", as decode_attention runs it (a bf16 guard here unless guard_bits 8)
         constexprs.update(PREFETCH=prefetch, LOWBIT_DOT_PRECISION="fp16",
-                          GUARD_DOT_PRECISION="fp16" if guard_packed else "tf32")
+                          GUARD_DOT_PRECISION="fp16" if guard_packed else "tf32",
+                          REGISTER_OPERANDS=False, KEY_SLOTS=1, VALUE_SLOTS=1)
+    if register_slots:
+        constexprs.update(REGISTER_OPERANDS=True, KEY_SLOTS=register_slots[0], VALUE_SLOTS=register_slots[1])
+        container_types = {8: "*i8", 16: "*i16", 32: "*i32"}
+        pointers.update(lowbit_k_codes_ptr=container_types[register_slots[0] * key_bits],
+                        lowbit_v_codes_ptr=container_types[register_slots[1] * value_bits])
     q_heads, kv_heads = query_group * KV_HEADS, KV_HEADS
 
     def words(bits):  # int32 words per row and head (quant.PackedFormat)
         return -(-head_dim // (32 // bits))
 
+    def code_units(bits, slots):  # the words' length in the kernel's code units (v3: containers)
+        return words(bits) * 32 // (slots * bits) if slots else words(bits)
+
+    key_units = code_units(key_bits, register_slots and register_slots[0])
+    value_units = code_units(value_bits, register_slots and register_slots[1])
+
     groups = head_dim // group
     strides = {"stride_q_batch": q_heads * head_dim, "stride_q_head": head_dim,
                "stride_staging_row": kv_heads * head_dim, "stride_staging_head": head_dim,
-               "stride_lk_row": kv_heads * words(key_bits), "stride_lk_head": words(key_bits),
+               "stride_lk_row": kv_heads * key_units, "stride_lk_head": key_units,
                "stride_lk_pairs_row": kv_heads * groups, "stride_lk_pairs_head": groups,
-               "stride_lv_row": kv_heads * words(value_bits), "stride_lv_head": words(value_bits),
+               "stride_lv_row": kv_heads * value_units, "stride_lv_head": value_units,
                "stride_lv_pairs_row": kv_heads * groups, "stride_lv_pairs_head": groups,
                "stride_po_batch": q_heads * 16 * head_dim, "stride_po_head": 16 * head_dim, "stride_po_split": head_dim,
                "stride_pl_batch": q_heads * 16, "stride_pl_head": 16,
@@ -174,6 +199,12 @@ def cases() -> list[tuple[str, callable]]:
         for block_n in (16, 64):
             result.append((f"decode v2 {name} BLOCK_N {block_n}, prefetch",
                            lambda f=formats, b=block_n: decode_case("v2", f, b, prefetch=True)))
+    for name in ("tuned (K4V2 g64)", "qwen_8x_aggressive", "qwen_12x"):
+        for block_n in (32, 64):
+            result.append((f"decode v3 {name} BLOCK_N {block_n}",
+                           lambda f=DECODE_FORMATS[name], b=block_n: decode_case("v3", f, b)))
+    result.append(("decode v3 tuned (K4V2 g64) BLOCK_N 64, tiny model (head_dim 64, group 4)",
+                   lambda: decode_case("v3", DECODE_FORMATS["tuned (K4V2 g64)"], 64, head_dim=64, query_group=4)))
     result.append(("decode v2 tuned (K4V2 g64) BLOCK_N 64, tiny model (head_dim 64, group 4)",
                    lambda: decode_case("v2", DECODE_FORMATS["tuned (K4V2 g64)"], 64, head_dim=64, query_group=4)))
     result += region_builder_cases()

@@ -823,6 +823,122 @@ def _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION: tl.constexpr
 
 
 @triton.jit
+def _pair_halves(pairs):
+    """fp16 (scale, minimum) of int32 pairs (little-endian: the scale is the low half)."""
+    scale = pairs.to(tl.int16).to(tl.float16, bitcast=True)
+    minimum = (pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return scale, minimum
+
+
+@triton.jit
+def _slot_values(containers, scale, minimum, slot: tl.constexpr, BITS: tl.constexpr):
+    """fp16 code * scale + minimum of one code slot of every container: an elementwise
+    function of the loaded tiles, so Triton loads the containers straight into the mma
+    operand layout (no dequantized tile passes through shared memory)."""
+    codes = (containers >> (slot * BITS)) & ((1 << BITS) - 1)
+    return codes.to(tl.float16) * scale + minimum
+
+
+@triton.jit
+def _lowbit_register_operand_loop(
+    q_ptr,
+    request,
+    kv_head,
+    stride_q_batch,
+    stride_q_head,
+    entry_row_ptr,
+    first,
+    end,
+    k_containers_ptr,  # the low-bit K codes viewed as containers of KEY_SLOTS codes each
+    k_pairs_ptr,
+    stride_kc_row,
+    stride_kc_head,
+    stride_kp_row,
+    stride_kp_head,
+    v_containers_ptr,
+    v_pairs_ptr,
+    stride_vc_row,
+    stride_vc_head,
+    stride_vp_row,
+    stride_vp_head,
+    qk_scale,
+    QUERY_GROUP: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    KEY_SLOTS: tl.constexpr,
+    KEY_CONTAINERS: tl.constexpr,
+    KEY_GROUP_SIZE: tl.constexpr,
+    VALUE_BITS: tl.constexpr,
+    VALUE_SLOTS: tl.constexpr,
+    VALUE_CONTAINERS: tl.constexpr,
+    VALUE_GROUP_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """v3's low-bit loop over entries [first, end): (m_i, l_i, accs), accs a tuple of
+    VALUE_SLOTS accumulators [BLOCK_G, VALUE_CONTAINERS] (slot s, column c = dim c * VALUE_SLOTS + s).
+
+    Codes are packed from the low bit, so in a row viewed as C containers of S codes,
+    container c's slot s is dim c * S + s. Each slot of a block is then one [BLOCK_N, C]
+    tile computed elementwise from the loaded containers, and the dots run per slot: the
+    logits as the sum over key slots of q[:, s::S] . K_s^T, the output of value slot s as
+    p . V_s. The dequantized tiles never exist as a whole (v2 reshapes the unpacked codes
+    into [BLOCK_N, D] and Triton stages that tile through shared memory for the mma, the
+    bound measured in the fifth session). Groups are multiples of S, so a container's
+    codes share one (scale, minimum) pair, gathered per container."""
+    offs_g = tl.arange(0, BLOCK_G)
+    group_mask = offs_g < QUERY_GROUP
+    q_rows = q_ptr + request.to(tl.int64) * stride_q_batch + (kv_head * QUERY_GROUP + offs_g)[:, None] * stride_q_head
+    offs_kc = tl.arange(0, KEY_CONTAINERS)
+    offs_vc = tl.arange(0, VALUE_CONTAINERS)
+    queries = ()
+    for slot in tl.static_range(KEY_SLOTS):
+        queries = queries + (tl.load(q_rows + (offs_kc * KEY_SLOTS + slot)[None, :], mask=group_mask[:, None],
+                                     other=0.0).to(tl.float16),)
+    key_pair = (offs_kc * KEY_SLOTS) // KEY_GROUP_SIZE
+    value_pair = (offs_vc * VALUE_SLOTS) // VALUE_GROUP_SIZE
+    offs_n = tl.arange(0, BLOCK_N)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    accs = ()
+    for slot in tl.static_range(VALUE_SLOTS):
+        accs = accs + (tl.zeros([BLOCK_G, VALUE_CONTAINERS], dtype=tl.float32),)
+    for block_start in range(first, end, BLOCK_N):
+        entries = block_start + offs_n
+        valid = entries < end
+        rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
+        # Masked loads: an entry past the range reads zeros, never a row whose pairs may be NaN.
+        k_containers = tl.load(k_containers_ptr + rows[:, None] * stride_kc_row + kv_head * stride_kc_head
+                               + offs_kc[None, :], mask=valid[:, None], other=0)
+        k_scale, k_min = _pair_halves(tl.load(k_pairs_ptr + rows[:, None] * stride_kp_row
+                                              + kv_head * stride_kp_head + key_pair[None, :],
+                                              mask=valid[:, None], other=0))
+        logits = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+        for slot in tl.static_range(KEY_SLOTS):
+            keys = _slot_values(k_containers, k_scale, k_min, slot, KEY_BITS)
+            logits = tl.dot(queries[slot], tl.trans(keys), logits)
+        logits = tl.where(valid[None, :], logits * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(logits - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+        p = p.to(tl.float16)
+        v_containers = tl.load(v_containers_ptr + rows[:, None] * stride_vc_row + kv_head * stride_vc_head
+                               + offs_vc[None, :], mask=valid[:, None], other=0)
+        v_scale, v_min = _pair_halves(tl.load(v_pairs_ptr + rows[:, None] * stride_vp_row
+                                              + kv_head * stride_vp_head + value_pair[None, :],
+                                              mask=valid[:, None], other=0))
+        updated = ()
+        for slot in tl.static_range(VALUE_SLOTS):
+            values = _slot_values(v_containers, v_scale, v_min, slot, VALUE_BITS)
+            updated = updated + (tl.dot(p, values, accs[slot] * alpha[:, None]),)
+        accs = updated
+    return m_i, l_i, accs
+
+
+@triton.jit
 def _decode_split_kernel_v2(
     q_ptr,  # [B, Hq, D]
     tier_indptr_ptr,  # [B, 4]: (staging start, low-bit start, guard start, end) per request
@@ -880,6 +996,9 @@ def _decode_split_kernel_v2(
     LOWBIT_DOT_PRECISION: tl.constexpr,  # the low-bit loop's dots
     GUARD_DOT_PRECISION: tl.constexpr,  # the guard loop's dots
     PREFETCH: tl.constexpr,  # low-bit loop pipelined by hand (see there)
+    REGISTER_OPERANDS: tl.constexpr = False,  # v3: the low-bit loop of _lowbit_register_operand_loop
+    KEY_SLOTS: tl.constexpr = 1,  # v3: codes per container of the low-bit K / V code views
+    VALUE_SLOTS: tl.constexpr = 1,
 ):
     """v2: one loop per tier. Each tier's range of the request's entries is cut into the
     splits as v1 cuts the whole list (whole BLOCK_N blocks), and split s walks its share of
@@ -922,7 +1041,23 @@ def _decode_split_kernel_v2(
         m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
 
     # -- low-bit: packed K and V, each in its own format.
-    if PREFETCH:
+    if REGISTER_OPERANDS:
+        # v3: its own softmax state, written as split NUM_SPLITS + split (the merge kernel
+        # combines it with the bf16 tiers' state like any other split).
+        lowbit_m, lowbit_l, lowbit_accs = _lowbit_register_operand_loop(
+            q_ptr, request, kv_head, stride_q_batch, stride_q_head, entry_row_ptr, lowbit_first, lowbit_end,
+            lowbit_k_codes_ptr, lowbit_k_pairs_ptr, stride_lk_row, stride_lk_head, stride_lk_pairs_row,
+            stride_lk_pairs_head, lowbit_v_codes_ptr, lowbit_v_pairs_ptr, stride_lv_row, stride_lv_head,
+            stride_lv_pairs_row, stride_lv_pairs_head, qk_scale, QUERY_GROUP, KEY_BITS, KEY_SLOTS,
+            HEAD_DIM // KEY_SLOTS, KEY_GROUP_SIZE, VALUE_BITS, VALUE_SLOTS, HEAD_DIM // VALUE_SLOTS,
+            VALUE_GROUP_SIZE, BLOCK_G, BLOCK_N)
+        offs_vc = tl.arange(0, HEAD_DIM // VALUE_SLOTS)
+        for slot in tl.static_range(VALUE_SLOTS):
+            _store_split_partial(partial_out_ptr, partial_lse_ptr, lowbit_m, lowbit_l, lowbit_accs[slot], request,
+                                 q_heads, NUM_SPLITS + split, offs_vc * VALUE_SLOTS + slot, group_mask,
+                                 offs_vc < HEAD_DIM // VALUE_SLOTS, stride_po_batch, stride_po_head,
+                                 stride_po_split, stride_pl_batch, stride_pl_head)
+    elif PREFETCH:
         # Software-pipelined by hand: entry rows two blocks ahead, packed words one block
         # ahead, so an iteration's loads depend only on what the previous one loaded and
         # overlap its arithmetic instead of waiting out two dependent round trips (rows,
@@ -1054,7 +1189,30 @@ def _packed_args(codes: torch.Tensor, scale_min: torch.Tensor) -> tuple[tuple, t
     return (codes, pairs), (codes.stride(0), codes.stride(1), pairs.stride(0), pairs.stride(1))
 
 
-DECODE_VERSIONS = ("v1", "v2")
+DECODE_VERSIONS = ("v1", "v2", "v3")
+_CONTAINER_DTYPES = {32: torch.int32, 16: torch.int16, 8: torch.int8}
+
+
+def register_operand_slots(fmt) -> int | None:
+    """Codes per container for v3's low-bit loop in PackedFormat `fmt`, or None where it
+    does not apply. The widest container (32, 16 or 8 bits) that leaves >= 16 containers
+    per row (tl.dot's smallest K and N) and whose codes share one (scale, minimum) group:
+    head_dim 128 takes 8 codes per 16-bit container at 2 bits, 8 per word at 4, 4 per word
+    at 8. 3-bit codes straddle words, so they stay on v2's loop."""
+    if fmt.bits not in (2, 4, 8) or fmt.head_dim & (fmt.head_dim - 1):
+        return None
+    for container_bits in (32, 16, 8):
+        slots = container_bits // fmt.bits
+        containers = fmt.head_dim // slots
+        if slots >= 1 and containers >= 16 and fmt.head_dim % slots == 0 and fmt.group_size % slots == 0:
+            return slots
+    return None
+
+
+def _container_view(codes: torch.Tensor, fmt, slots: int) -> torch.Tensor:
+    """The int32 code words as containers of `slots` codes (little-endian: container c of
+    a row is the c-th 8/16/32-bit piece of its words)."""
+    return codes.view(_CONTAINER_DTYPES[slots * fmt.bits])
 DOT_PRECISIONS = ("auto", "tf32", "fp16", "ieee")
 
 
@@ -1119,11 +1277,15 @@ def decode_attention(
             raise ValueError(f"{name} head_dim {tables.head_dim} != query head_dim {head_dim}")
     if entries_indptr.shape != (batch + 1,) or entry_tier.shape != entry_row.shape:
         raise ValueError("entries_indptr must be [B + 1] and entry_tier / entry_row alike")
-    if prefetch and version != "v2":
-        raise ValueError("prefetch is a v2 option (its low-bit loop)")
-    prefetch = version == "v2" if prefetch is None else prefetch
-    if version == "v2" and (tier_indptr is None or tier_indptr.shape != (batch, 4)):
-        raise ValueError("decode v2 needs tier_indptr [B, 4] (DecodeEntries.tier_indptr)")
+    if version != "v1" and (tier_indptr is None or tier_indptr.shape != (batch, 4)):
+        raise ValueError(f"decode {version} needs tier_indptr [B, 4] (DecodeEntries.tier_indptr)")
+    # v3 is v2 with the register-operand low-bit loop where both low-bit formats allow it
+    # (2/4/8 bits: register_operand_slots), else v2's loop.
+    key_slots, value_slots = register_operand_slots(lowbit.key_format), register_operand_slots(lowbit.value_format)
+    register_operands = version == "v3" and key_slots is not None and value_slots is not None
+    if prefetch and (version == "v1" or register_operands):
+        raise ValueError("prefetch is an option of v2's low-bit loop")
+    prefetch = version != "v1" and not register_operands if prefetch is None else prefetch
     if q.stride(-1) != 1 or staging.k.stride() != staging.v.stride() or staging.k.stride(-1) != 1:
         raise ValueError("q and the staging K/V tables need a contiguous last dimension and equal strides")
     if out is None:
@@ -1133,8 +1295,12 @@ def decode_attention(
     if batch == 0:
         return out
 
-    lowbit_k, lowbit_k_strides = _packed_args(lowbit.k_codes, lowbit.k_scale_min)
-    lowbit_v, lowbit_v_strides = _packed_args(lowbit.v_codes, lowbit.v_scale_min)
+    k_codes, v_codes = lowbit.k_codes, lowbit.v_codes
+    if register_operands:
+        k_codes = _container_view(k_codes, lowbit.key_format, key_slots)
+        v_codes = _container_view(v_codes, lowbit.value_format, value_slots)
+    lowbit_k, lowbit_k_strides = _packed_args(k_codes, lowbit.k_scale_min)
+    lowbit_v, lowbit_v_strides = _packed_args(v_codes, lowbit.v_scale_min)
     guard_packed = isinstance(guard, PackedTables)
     if guard_packed:
         if guard.key_format != guard.value_format:
@@ -1152,8 +1318,10 @@ def decode_attention(
         guard_bits, guard_group_size = 16, head_dim
 
     query_group = q_heads // kv_heads
-    partial_out = torch.empty((batch, q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-    partial_lse = torch.empty((batch, q_heads, num_splits), dtype=torch.float32, device=q.device)
+    # v3 writes two partial states per split: the bf16 tiers' and the low-bit tier's.
+    partials = 2 * num_splits if register_operands else num_splits
+    partial_out = torch.empty((batch, q_heads, partials, head_dim), dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty((batch, q_heads, partials), dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(head_dim)
     # Both split kernels take the same tables, strides and constants; they differ only in
     # how they find a split's entries (v1: indptr + per-entry tier; v2: tier ranges).
@@ -1162,15 +1330,17 @@ def decode_attention(
         entry_args = (entries_indptr, entry_tier, entry_row)
         entry_strides = ()
     else:
-        split_kernel = _decode_split_kernel_v2
+        split_kernel = _decode_split_kernel_v2  # v3: v2 with REGISTER_OPERANDS
         entry_args = (tier_indptr, entry_row)
         entry_strides = (tier_indptr.stride(0), tier_indptr.stride(1))
     launch_options = {"num_warps": num_warps}
     dense_precision = "tf32" if dot_precision == "auto" else dot_precision
     packed_precision = "fp16" if dot_precision == "auto" else dot_precision
-    if version == "v2":
+    if version != "v1":
         launch_options.update(PREFETCH=prefetch, LOWBIT_DOT_PRECISION=packed_precision,
                               GUARD_DOT_PRECISION=packed_precision if guard_packed else dense_precision)
+    if register_operands:
+        launch_options.update(REGISTER_OPERANDS=True, KEY_SLOTS=key_slots, VALUE_SLOTS=value_slots)
     if num_stages is not None:
         launch_options["num_stages"] = num_stages
     split_kernel[(batch, kv_heads, num_splits)](
@@ -1226,8 +1396,8 @@ def decode_attention(
         out.stride(0),
         out.stride(1),
         HEAD_DIM=head_dim,
-        NUM_SPLITS=num_splits,
-        BLOCK_S=triton.next_power_of_2(num_splits),
+        NUM_SPLITS=partials,
+        BLOCK_S=triton.next_power_of_2(partials),
         BLOCK_D=block_d,
         num_warps=1,
     )

@@ -35,6 +35,7 @@ from sglang_kvc.kernels.decode_attention import (
     decode_entries_torch,
     layer_tables,
     region_indptr_for,
+    register_operand_slots,
 )
 from sglang_kvc.quant import PackedFormat
 from sglang_kvc.stores import DenseStore, PackedStore
@@ -145,10 +146,11 @@ def reference_decode(pool, layer, q, req_to_token, req_pool_indices, seq_lens, s
     return out
 
 
-@pytest.fixture(params=["v1", "v2", "v2 without prefetch"])
+@pytest.fixture(params=["v1", "v2", "v2 without prefetch", "v3"])
 def version(request) -> str:
     """Which split kernel decode_attention runs (v2 prefetches in its low-bit loop by
-    default; "v2 without prefetch" is its plain loop)."""
+    default; "v2 without prefetch" is its plain loop; v3 takes the register-operand
+    low-bit loop for 2/4/8-bit formats, v2's loop for 3-bit ones)."""
     return request.param
 
 
@@ -205,6 +207,33 @@ def test_gqa_groups_and_guard_formats(query_group, guard_bits, version, gen, dev
     scaling = 0.3 * HEAD_DIM**-0.5
     out = run_kernel(pool, 0, q, *batch, scaling, version=version)
     check_close(out, reference_decode(pool, 0, q, *batch, scaling), pool)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("query_group", [1, 4, 7])
+@pytest.mark.parametrize("key_bits, value_bits, group_size", [(4, 2, 64), (2, 2, 32), (2, 8, 16)])
+def test_register_operand_loop(key_bits, value_bits, group_size, query_group, head_dim, gen, device):
+    """v3's low-bit loop on every container width it uses: head_dim 64 views 2-bit codes as
+    bytes and 4-bit as 16-bit halves, head_dim 128 2-bit as 16-bit halves and 4 / 8-bit as
+    words; with a bf16 guard and staging rows beside it (their own partial state)."""
+    pool = build_pool(gen, device, key_bits=key_bits, value_bits=value_bits, group_size=group_size,
+                      head_dim=head_dim)
+    assert register_operand_slots(pool.lowbit.key_format) and register_operand_slots(pool.lowbit.value_format)
+    batch = build_batch([33, 1, 0, 7], gen, device)
+    q = random_queries(4, query_group, gen, device, head_dim=head_dim)
+    scaling = head_dim**-0.5
+    out = run_kernel(pool, 1, q, *batch, scaling, version="v3")
+    check_close(out, reference_decode(pool, 1, q, *batch, scaling), pool)
+
+
+def test_register_operand_slots():
+    """Codes per container: >= 16 containers per row, groups holding whole containers."""
+    slots = {(bits, head_dim, group): register_operand_slots(PackedFormat(bits, head_dim, group))
+             for bits, head_dim, group in [(2, 128, 32), (4, 128, 64), (8, 128, 32), (2, 64, 32), (4, 64, 64),
+                                           (8, 64, 32), (3, 128, 32), (4, 96, 32), (8, 128, 2), (4, 32, 32)]}
+    assert slots == {(2, 128, 32): 8, (4, 128, 64): 8, (8, 128, 32): 4, (2, 64, 32): 4, (4, 64, 64): 4,
+                     (8, 64, 32): 4, (3, 128, 32): None, (4, 96, 32): None, (8, 128, 2): 2,
+                     (4, 32, 32): 2}
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 8, 64])
@@ -368,7 +397,8 @@ class KernelSpy:
 
 def test_version_selection(gen, device, monkeypatch):
     """v2 when tier_indptr is given (and in decode_attention_for_pool), v1 otherwise or
-    when asked; v2 without tier_indptr and bad block sizes are refused."""
+    when asked, v3 when asked (its loop only for 2/4/8-bit formats); v2 without tier_indptr
+    and bad block sizes are refused."""
     spies = {name: KernelSpy(getattr(decode_module, name)) for name in ("_decode_split_kernel",
                                                                         "_decode_split_kernel_v2")}
     for name, spy in spies.items():
@@ -414,9 +444,24 @@ def test_version_selection(gen, device, monkeypatch):
     with pytest.raises(ValueError, match="tier_indptr"):
         decode_attention(*lists, version="v2")
     with pytest.raises(ValueError, match="version"):
-        decode_attention(*lists, version="v3")
+        decode_attention(*lists, tier_indptr=entries.tier_indptr, version="v4")
     with pytest.raises(ValueError, match="prefetch"):
         decode_attention(*lists, tier_indptr=entries.tier_indptr, version="v1", prefetch=True)
+    # v3 on 3-bit keys (this pool) is v2 with its prefetching loop ...
+    decode_attention(*lists, tier_indptr=entries.tier_indptr, version="v3")
+    assert launches() == (0, 1)
+    assert spies["_decode_split_kernel_v2"].constants[-1].get("REGISTER_OPERANDS", False) is False
+    assert spies["_decode_split_kernel_v2"].constants[-1]["PREFETCH"] is True
+    # ... and on 4-bit keys / 2-bit values the register-operand loop, 8 codes per container.
+    tuned = layer_tables(build_pool(gen, device, layers=1, key_bits=4, value_bits=2, group_size=64), 0)
+    decode_attention(q, entries.indptr, entries.tier, entries.row, *tuned, HEAD_DIM**-0.5,
+                     tier_indptr=entries.tier_indptr, version="v3")
+    constants = spies["_decode_split_kernel_v2"].constants[-1]
+    assert (constants["REGISTER_OPERANDS"], constants["KEY_SLOTS"], constants["VALUE_SLOTS"]) == (True, 8, 8)
+    assert launches() == (0, 1)
+    with pytest.raises(ValueError, match="prefetch"):
+        decode_attention(q, entries.indptr, entries.tier, entries.row, *tuned, HEAD_DIM**-0.5,
+                         tier_indptr=entries.tier_indptr, version="v3", prefetch=True)
     for block_n in (8, 24):
         with pytest.raises(ValueError, match="block_n"):
             decode_attention(*lists, tier_indptr=entries.tier_indptr, block_n=block_n)
