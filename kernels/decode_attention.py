@@ -835,8 +835,12 @@ def _slot_values(containers, scale, minimum, slot: tl.constexpr, BITS: tl.conste
     """fp16 code * scale + minimum of one code slot of every container: an elementwise
     function of the loaded tiles, so Triton loads the containers straight into the mma
     operand layout (no dequantized tile passes through shared memory)."""
-    codes = (containers >> (slot * BITS)) & ((1 << BITS) - 1)
-    return codes.to(tl.float16) * scale + minimum
+    codes = ((containers >> (slot * BITS)) & ((1 << BITS) - 1)).to(tl.int16)
+    # fp16 of the code by the exponent trick (OR into 1024's bit pattern, subtract 1024: exact
+    # for codes < 1024), not an int-to-float conversion per code (a quarter-rate instruction;
+    # with it this loop ran at half v2's speed, bench v10).
+    values = (codes | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    return values * scale + minimum
 
 
 @triton.jit

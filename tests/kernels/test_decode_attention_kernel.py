@@ -452,12 +452,13 @@ def test_version_selection(gen, device, monkeypatch):
     assert launches() == (0, 1)
     assert spies["_decode_split_kernel_v2"].constants[-1].get("REGISTER_OPERANDS", False) is False
     assert spies["_decode_split_kernel_v2"].constants[-1]["PREFETCH"] is True
-    # ... and on 4-bit keys / 2-bit values the register-operand loop, 8 codes per container.
+    # ... and on 4-bit keys / 2-bit values the register-operand loop (head_dim 64: 16-bit K
+    # containers and byte V containers, 4 codes each).
     tuned = layer_tables(build_pool(gen, device, layers=1, key_bits=4, value_bits=2, group_size=64), 0)
     decode_attention(q, entries.indptr, entries.tier, entries.row, *tuned, HEAD_DIM**-0.5,
                      tier_indptr=entries.tier_indptr, version="v3")
     constants = spies["_decode_split_kernel_v2"].constants[-1]
-    assert (constants["REGISTER_OPERANDS"], constants["KEY_SLOTS"], constants["VALUE_SLOTS"]) == (True, 8, 8)
+    assert (constants["REGISTER_OPERANDS"], constants["KEY_SLOTS"], constants["VALUE_SLOTS"]) == (True, 4, 4)
     assert launches() == (0, 1)
     with pytest.raises(ValueError, match="prefetch"):
         decode_attention(q, entries.indptr, entries.tier, entries.row, *tuned, HEAD_DIM**-0.5,
