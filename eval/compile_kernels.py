@@ -129,9 +129,10 @@ def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD
         # dot_precision="auto", as decode_attention runs it (a bf16 guard here unless guard_bits 8)
         constexprs.update(PREFETCH=prefetch, LOWBIT_DOT_PRECISION="fp16",
                           GUARD_DOT_PRECISION="fp16" if guard_packed else "tf32",
-                          REGISTER_OPERANDS=False, KEY_SLOTS=1, VALUE_SLOTS=1)
+                          REGISTER_OPERANDS=False, KEY_SLOTS=1, VALUE_SLOTS=1, PAIRED_ASM=False)
     if register_slots:
-        constexprs.update(REGISTER_OPERANDS=True, KEY_SLOTS=register_slots[0], VALUE_SLOTS=register_slots[1])
+        constexprs.update(REGISTER_OPERANDS=True, KEY_SLOTS=register_slots[0], VALUE_SLOTS=register_slots[1],
+                          PAIRED_ASM=True)
         container_types = {8: "*i8", 16: "*i16", 32: "*i32"}
         pointers.update(lowbit_k_codes_ptr=container_types[register_slots[0] * key_bits],
                         lowbit_v_codes_ptr=container_types[register_slots[1] * value_bits])

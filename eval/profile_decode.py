@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-warps", type=int, default=4)
     parser.add_argument("--dot-precision", default="auto", choices=["auto", "tf32", "fp16", "ieee"])
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--version", default="v2", choices=["v2", "v3"],
+                        help="decode kernel version (v3: register-operand low-bit loop)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda")
@@ -58,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         start.record()
         decode_attention(batch.q, entries.indptr, entries.tier, entries.row, *layer_tables(layer, 0),
                          shape.head_dim**-0.5, splits, tier_indptr=entries.tier_indptr, out=out,
-                         block_n=block_n, num_warps=args.num_warps, dot_precision=args.dot_precision)
+                         block_n=block_n, num_warps=args.num_warps, dot_precision=args.dot_precision,
+                         version=args.version)
         end.record()
         torch.cuda.synchronize()
-    print(f"{plan.config.name} {batch_size}x{tokens}: held {layer.held_per_request} per request, "
+    print(f"{plan.config.name} {batch_size}x{tokens} ({args.version}): held {layer.held_per_request} per request, "
           f"BLOCK_N {block_n}, {splits} splits, "
           f"{args.num_warps} warps, {args.dot_precision} dots: {start.elapsed_time(end):.3f} ms (last call, with launch)")
     return 0

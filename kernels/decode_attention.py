@@ -32,6 +32,7 @@ docs/kernels.md.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -831,16 +832,73 @@ def _pair_halves(pairs):
 
 
 @triton.jit
-def _slot_values(containers, scale, minimum, slot: tl.constexpr, BITS: tl.constexpr):
-    """fp16 code * scale + minimum of one code slot of every container: an elementwise
-    function of the loaded tiles, so Triton loads the containers straight into the mma
-    operand layout (no dequantized tile passes through shared memory)."""
-    codes = ((containers >> (slot * BITS)) & ((1 << BITS) - 1)).to(tl.int16)
-    # fp16 of the code by the exponent trick (OR into 1024's bit pattern, subtract 1024: exact
-    # for codes < 1024), not an int-to-float conversion per code (a quarter-rate instruction;
-    # with it this loop ran at half v2's speed, bench v10).
-    values = (codes | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-    return values * scale + minimum
+def _paired_biased_codes(containers, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    """1024 + code (fp16, exact) of the codes at bit SHIFT of 16-bit containers, two
+    containers per instruction: the mma operand layout holds adjacent containers in one
+    32-bit register, so one shift and one LOP3 ((x & mask) | 0x6400 in both halves) give
+    two fp16 values. PTX asm takes its shift and mask as literals, hence one branch each."""
+    if BITS == 2 and SHIFT == 0:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x00030003, 0x64006400, 0xea;", "=r,r", [containers], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    elif BITS == 2 and SHIFT == 2:
+        return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 2; lop3.b32 $0, t, 0x00030003, 0x64006400, 0xea; }", "=r,r", [containers], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    elif BITS == 2 and SHIFT == 4:
+        return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 4; lop3.b32 $0, t, 0x00030003, 0x64006400, 0xea; }", "=r,r", [containers], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    elif BITS == 2 and SHIFT == 6:
+        return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 6; lop3.b32 $0, t, 0x00030003, 0x64006400, 0xea; }", "=r,r", [containers], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    elif BITS == 2 and SHIFT == 8:
+        return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x00030003, 0x64006400, 0xea; }", "=r,r", [containers], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    elif BITS == 2 and SHIFT == 10:
+        return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 10; lop3.b32 $0, t, 0x00030003, 0x64006400, 0xea; }", "=r,r", [containers], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    elif BITS == 2 and SHIFT == 12:
+        return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x00030003, 0x64006400, 0xea; }", "=r,r", [containers], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    elif BITS == 2 and SHIFT == 14:
+        return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 14; lop3.b32 $0, t, 0x00030003, 0x64006400, 0xea; }", "=r,r", [containers], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    elif BITS == 4 and SHIFT == 0:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000f000f, 0x64006400, 0xea;", "=r,r", [containers], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    elif BITS == 4 and SHIFT == 4:
+        return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 4; lop3.b32 $0, t, 0x000f000f, 0x64006400, 0xea; }", "=r,r", [containers], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    elif BITS == 4 and SHIFT == 8:
+        return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x000f000f, 0x64006400, 0xea; }", "=r,r", [containers], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    elif BITS == 4 and SHIFT == 12:
+        return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000f000f, 0x64006400, 0xea; }", "=r,r", [containers], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    elif BITS == 8 and SHIFT == 0:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x00ff00ff, 0x64006400, 0xea;", "=r,r", [containers], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    elif BITS == 8 and SHIFT == 8:
+        return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x00ff00ff, 0x64006400, 0xea; }", "=r,r", [containers], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    else:
+        tl.static_assert(False, "codes of 2, 4 or 8 bits in 16-bit containers")
+
+
+@triton.jit
+def _slot_values(containers, scale, minimum, slot: tl.constexpr, BITS: tl.constexpr, PAIRED_ASM: tl.constexpr):
+    """fp16 code * scale + minimum of one code slot of every 16-bit container: an
+    elementwise function of the loaded tiles, so Triton loads the containers straight into
+    the mma operand layout (no dequantized tile passes through shared memory).
+
+    fp16 of a code by the exponent trick (1024's bit pattern OR the code is 1024 + code,
+    exactly; subtract 1024), not an int-to-float conversion (quarter rate: with it the loop
+    ran at half v2's speed, bench v10). PAIRED_ASM (compiled kernels) does it for two
+    containers per instruction; the interpreter, which runs no PTX, one by one."""
+    if PAIRED_ASM:
+        biased = _paired_biased_codes(containers, slot * BITS, BITS)
+    else:
+        codes = (containers >> (slot * BITS)) & ((1 << BITS) - 1)
+        biased = (codes | 0x6400).to(tl.float16, bitcast=True)
+    return (biased - 1024.0) * scale + minimum
 
 
 @triton.jit
@@ -877,11 +935,12 @@ def _lowbit_register_operand_loop(
     VALUE_GROUP_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PAIRED_ASM: tl.constexpr,
 ):
     """v3's low-bit loop over entries [first, end): (m_i, l_i, accs), accs a tuple of
     VALUE_SLOTS accumulators [BLOCK_G, VALUE_CONTAINERS] (slot s, column c = dim c * VALUE_SLOTS + s).
 
-    Codes are packed from the low bit, so in a row viewed as C containers of S codes,
+    Codes are packed from the low bit, so in a row viewed as C 16-bit containers of S codes,
     container c's slot s is dim c * S + s. Each slot of a block is then one [BLOCK_N, C]
     tile computed elementwise from the loaded containers, and the dots run per slot: the
     logits as the sum over key slots of q[:, s::S] . K_s^T, the output of value slot s as
@@ -919,7 +978,7 @@ def _lowbit_register_operand_loop(
                                               mask=valid[:, None], other=0))
         logits = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
         for slot in tl.static_range(KEY_SLOTS):
-            keys = _slot_values(k_containers, k_scale, k_min, slot, KEY_BITS)
+            keys = _slot_values(k_containers, k_scale, k_min, slot, KEY_BITS, PAIRED_ASM)
             logits = tl.dot(queries[slot], tl.trans(keys), logits)
         logits = tl.where(valid[None, :], logits * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
@@ -936,7 +995,7 @@ def _lowbit_register_operand_loop(
                                               mask=valid[:, None], other=0))
         updated = ()
         for slot in tl.static_range(VALUE_SLOTS):
-            values = _slot_values(v_containers, v_scale, v_min, slot, VALUE_BITS)
+            values = _slot_values(v_containers, v_scale, v_min, slot, VALUE_BITS, PAIRED_ASM)
             updated = updated + (tl.dot(p, values, accs[slot] * alpha[:, None]),)
         accs = updated
     return m_i, l_i, accs
@@ -1001,8 +1060,9 @@ def _decode_split_kernel_v2(
     GUARD_DOT_PRECISION: tl.constexpr,  # the guard loop's dots
     PREFETCH: tl.constexpr,  # low-bit loop pipelined by hand (see there)
     REGISTER_OPERANDS: tl.constexpr = False,  # v3: the low-bit loop of _lowbit_register_operand_loop
-    KEY_SLOTS: tl.constexpr = 1,  # v3: codes per container of the low-bit K / V code views
+    KEY_SLOTS: tl.constexpr = 1,  # v3: codes per 16-bit container of the low-bit K / V codes
     VALUE_SLOTS: tl.constexpr = 1,
+    PAIRED_ASM: tl.constexpr = False,  # v3: two containers per instruction (PTX; not in the interpreter)
 ):
     """v2: one loop per tier. Each tier's range of the request's entries is cut into the
     splits as v1 cuts the whole list (whole BLOCK_N blocks), and split s walks its share of
@@ -1054,7 +1114,7 @@ def _decode_split_kernel_v2(
             stride_lk_pairs_head, lowbit_v_codes_ptr, lowbit_v_pairs_ptr, stride_lv_row, stride_lv_head,
             stride_lv_pairs_row, stride_lv_pairs_head, qk_scale, QUERY_GROUP, KEY_BITS, KEY_SLOTS,
             HEAD_DIM // KEY_SLOTS, KEY_GROUP_SIZE, VALUE_BITS, VALUE_SLOTS, HEAD_DIM // VALUE_SLOTS,
-            VALUE_GROUP_SIZE, BLOCK_G, BLOCK_N)
+            VALUE_GROUP_SIZE, BLOCK_G, BLOCK_N, PAIRED_ASM)
         offs_vc = tl.arange(0, HEAD_DIM // VALUE_SLOTS)
         for slot in tl.static_range(VALUE_SLOTS):
             _store_split_partial(partial_out_ptr, partial_lse_ptr, lowbit_m, lowbit_l, lowbit_accs[slot], request,
@@ -1194,30 +1254,26 @@ def _packed_args(codes: torch.Tensor, scale_min: torch.Tensor) -> tuple[tuple, t
 
 
 DECODE_VERSIONS = ("v1", "v2", "v3")
-_CONTAINER_DTYPES = {32: torch.int32, 16: torch.int16, 8: torch.int8}
+DOT_PRECISIONS = ("auto", "tf32", "fp16", "ieee")
 
 
 def register_operand_slots(fmt) -> int | None:
-    """Codes per container for v3's low-bit loop in PackedFormat `fmt`, or None where it
-    does not apply. The widest container (32, 16 or 8 bits) that leaves >= 16 containers
-    per row (tl.dot's smallest K and N) and whose codes share one (scale, minimum) group:
-    head_dim 128 takes 8 codes per 16-bit container at 2 bits, 8 per word at 4, 4 per word
-    at 8. 3-bit codes straddle words, so they stay on v2's loop."""
+    """Codes per 16-bit container for v3's low-bit loop in PackedFormat `fmt`, or None
+    where it does not apply: 2, 4 or 8 bits (3-bit codes straddle words: v2's loop), at
+    least 16 containers per row (tl.dot's smallest K and N; head_dim 64 at 2 bits has 8),
+    and groups that hold whole containers (one scale and minimum per container)."""
     if fmt.bits not in (2, 4, 8) or fmt.head_dim & (fmt.head_dim - 1):
         return None
-    for container_bits in (32, 16, 8):
-        slots = container_bits // fmt.bits
-        containers = fmt.head_dim // slots
-        if slots >= 1 and containers >= 16 and fmt.head_dim % slots == 0 and fmt.group_size % slots == 0:
-            return slots
-    return None
+    slots = 16 // fmt.bits
+    if fmt.head_dim // slots < 16 or fmt.group_size % slots:
+        return None
+    return slots
 
 
-def _container_view(codes: torch.Tensor, fmt, slots: int) -> torch.Tensor:
-    """The int32 code words as containers of `slots` codes (little-endian: container c of
-    a row is the c-th 8/16/32-bit piece of its words)."""
-    return codes.view(_CONTAINER_DTYPES[slots * fmt.bits])
-DOT_PRECISIONS = ("auto", "tf32", "fp16", "ieee")
+def _container_view(codes: torch.Tensor) -> torch.Tensor:
+    """The int32 code words as 16-bit containers (little-endian: container 2w is word w's
+    low half, so container c holds dims c * slots ... c * slots + slots - 1)."""
+    return codes.view(torch.int16)
 
 
 def decode_attention(
@@ -1301,8 +1357,7 @@ def decode_attention(
 
     k_codes, v_codes = lowbit.k_codes, lowbit.v_codes
     if register_operands:
-        k_codes = _container_view(k_codes, lowbit.key_format, key_slots)
-        v_codes = _container_view(v_codes, lowbit.value_format, value_slots)
+        k_codes, v_codes = _container_view(k_codes), _container_view(v_codes)
     lowbit_k, lowbit_k_strides = _packed_args(k_codes, lowbit.k_scale_min)
     lowbit_v, lowbit_v_strides = _packed_args(v_codes, lowbit.v_scale_min)
     guard_packed = isinstance(guard, PackedTables)
@@ -1344,7 +1399,8 @@ def decode_attention(
         launch_options.update(PREFETCH=prefetch, LOWBIT_DOT_PRECISION=packed_precision,
                               GUARD_DOT_PRECISION=packed_precision if guard_packed else dense_precision)
     if register_operands:
-        launch_options.update(REGISTER_OPERANDS=True, KEY_SLOTS=key_slots, VALUE_SLOTS=value_slots)
+        launch_options.update(REGISTER_OPERANDS=True, KEY_SLOTS=key_slots, VALUE_SLOTS=value_slots,
+                              PAIRED_ASM=os.environ.get("TRITON_INTERPRET", "0") != "1")
     if num_stages is not None:
         launch_options["num_stages"] = num_stages
     split_kernel[(batch, kv_heads, num_splits)](

@@ -209,13 +209,14 @@ def test_gqa_groups_and_guard_formats(query_group, guard_bits, version, gen, dev
     check_close(out, reference_decode(pool, 0, q, *batch, scaling), pool)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("query_group", [1, 4, 7])
-@pytest.mark.parametrize("key_bits, value_bits, group_size", [(4, 2, 64), (2, 2, 32), (2, 8, 16)])
-def test_register_operand_loop(key_bits, value_bits, group_size, query_group, head_dim, gen, device):
-    """v3's low-bit loop on every container width it uses: head_dim 64 views 2-bit codes as
-    bytes and 4-bit as 16-bit halves, head_dim 128 2-bit as 16-bit halves and 4 / 8-bit as
-    words; with a bf16 guard and staging rows beside it (their own partial state)."""
+@pytest.mark.parametrize("key_bits, value_bits, group_size, head_dim",
+                         [(4, 2, 64, 128), (2, 2, 32, 128), (2, 8, 16, 128), (4, 8, 32, 64), (8, 4, 64, 64)])
+def test_register_operand_loop(key_bits, value_bits, group_size, head_dim, query_group, gen, device):
+    """v3's low-bit loop for every bit width it takes (8 / 4 / 2 codes per 16-bit container),
+    head_dim 64 and 128, with bf16 staging and guard rows beside it (their own partial
+    state). The interpreter runs the one-container-at-a-time path; the paired PTX path runs
+    on the GPU (bench_kernels checks it against the same reference)."""
     pool = build_pool(gen, device, key_bits=key_bits, value_bits=value_bits, group_size=group_size,
                       head_dim=head_dim)
     assert register_operand_slots(pool.lowbit.key_format) and register_operand_slots(pool.lowbit.value_format)
@@ -227,13 +228,13 @@ def test_register_operand_loop(key_bits, value_bits, group_size, query_group, he
 
 
 def test_register_operand_slots():
-    """Codes per container: >= 16 containers per row, groups holding whole containers."""
+    """Codes per 16-bit container: >= 16 containers per row, groups holding whole containers."""
     slots = {(bits, head_dim, group): register_operand_slots(PackedFormat(bits, head_dim, group))
              for bits, head_dim, group in [(2, 128, 32), (4, 128, 64), (8, 128, 32), (2, 64, 32), (4, 64, 64),
-                                           (8, 64, 32), (3, 128, 32), (4, 96, 32), (8, 128, 2), (4, 32, 32)]}
-    assert slots == {(2, 128, 32): 8, (4, 128, 64): 8, (8, 128, 32): 4, (2, 64, 32): 4, (4, 64, 64): 4,
-                     (8, 64, 32): 4, (3, 128, 32): None, (4, 96, 32): None, (8, 128, 2): 2,
-                     (4, 32, 32): 2}
+                                           (8, 64, 32), (3, 128, 32), (4, 96, 32), (2, 128, 4), (4, 32, 32)]}
+    assert slots == {(2, 128, 32): 8, (4, 128, 64): 4, (8, 128, 32): 2, (2, 64, 32): None, (4, 64, 64): 4,
+                     (8, 64, 32): 2, (3, 128, 32): None, (4, 96, 32): None, (2, 128, 4): None,
+                     (4, 32, 32): None}
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 8, 64])
@@ -452,13 +453,13 @@ def test_version_selection(gen, device, monkeypatch):
     assert launches() == (0, 1)
     assert spies["_decode_split_kernel_v2"].constants[-1].get("REGISTER_OPERANDS", False) is False
     assert spies["_decode_split_kernel_v2"].constants[-1]["PREFETCH"] is True
-    # ... and on 4-bit keys / 2-bit values the register-operand loop (head_dim 64: 16-bit K
-    # containers and byte V containers, 4 codes each).
-    tuned = layer_tables(build_pool(gen, device, layers=1, key_bits=4, value_bits=2, group_size=64), 0)
+    # ... and on 4-bit keys / 8-bit values the register-operand loop (head_dim 64: 4 and 2
+    # codes per 16-bit container).
+    tuned = layer_tables(build_pool(gen, device, layers=1, key_bits=4, value_bits=8, group_size=64), 0)
     decode_attention(q, entries.indptr, entries.tier, entries.row, *tuned, HEAD_DIM**-0.5,
                      tier_indptr=entries.tier_indptr, version="v3")
     constants = spies["_decode_split_kernel_v2"].constants[-1]
-    assert (constants["REGISTER_OPERANDS"], constants["KEY_SLOTS"], constants["VALUE_SLOTS"]) == (True, 4, 4)
+    assert (constants["REGISTER_OPERANDS"], constants["KEY_SLOTS"], constants["VALUE_SLOTS"]) == (True, 4, 2)
     assert launches() == (0, 1)
     with pytest.raises(ValueError, match="prefetch"):
         decode_attention(q, entries.indptr, entries.tier, entries.row, *tuned, HEAD_DIM**-0.5,
