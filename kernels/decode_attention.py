@@ -1306,7 +1306,11 @@ def decode_attention(
     reads neither `entries_indptr` nor `entry_tier`: the entries must be tier-grouped as
     the builders make them. "v1" (the default without `tier_indptr`) loads every tier
     under a mask per block; it also accepts unfiltered lists (entries of EMPTY / EVICTED
-    tier are skipped). Both give the same output up to summation order.
+    tier are skipped). "v3" is v2 with the low-bit loop on register operands
+    (`_lowbit_register_operand_loop`) where both low-bit formats allow it
+    (`register_operand_slots`), else v2's loop; opt-in: 1.2-1.6x slower than v2 on the H200
+    as of bench v12 (docs/kernels.md, "Ninth GPU session"). All give the same output up to
+    summation order and fp16 rounding.
 
     `block_n`: entries per block (a power of two >= 16, tl.dot's minimum); `num_stages`:
     software-pipelining depth of the block loops (None: Triton's default). `dot_precision`:
@@ -1317,7 +1321,7 @@ def decode_attention(
     to fp16 range) and tf32 for bf16 rows, which may exceed it (v1: tf32). The interpreter
     computes "tf32" and "ieee" in full fp32, "fp16" with fp16-rounded operands.
 
-    `prefetch` (v2 only; None: on for v2): the low-bit loop loads the next block's packed
+    `prefetch` (v2's loop only, also under v3 for 3-bit formats; None: on there): the low-bit loop loads the next block's packed
     words (and the rows of the one after) before computing on the current block; 11-22%
     faster on an H200 (docs/kernels.md, bench v6)."""
     if dot_precision not in DOT_PRECISIONS:
