@@ -9,10 +9,11 @@ head_dim 128) and times, under torch.profiler, what the server does around decod
   * `seal`: moving `requests x window-tokens` staged decode tokens to the low-bit tier in
     every layer (what `CompressedAttention` does every `decode_window / 2` steps);
   * `free`: returning those tokens' rows in every layer (a finished request, an eviction);
-  * `compress_layer`: one layer's compression at the end of a prefill pass that finishes
-    `--prefill-requests` prompts of `--prompt-len` tokens (keep the scoring queries, score,
-    select, place; `CompressedAttention.compress_layer`, after the layer's attention), for
-    each prompt count from 1 up to that (`compress_layer_by_prompts`). On the CPU the scores
+  * `compress_pass`: a prefill pass's compression when it finishes `--prefill-requests`
+    prompts of `--prompt-len` tokens (`CompressedAttention.compress_layer` after every
+    layer's attention: keep the scoring queries; after the last, score, select and place in
+    every layer at once), for each prompt count from 1 up to that
+    (`compress_pass_by_prompts`, also per layer). On the CPU the scores
     come from the torch scorer (and, counted separately, from the server's Triton scorer in
     Triton's interpreter) and the packed writes from the torch quantizer; on a GPU each is a
     few Triton launches.
@@ -124,15 +125,17 @@ def measure(config_path: Path, requests: int, window_tokens: int, logical_tokens
             for name, c in counts.items()}
 
 
-def measure_compress_layer(config_path: Path, prompts: int, prompt_len: int, q_heads: int = 28,
-                           outside: str | None = None, scorer: str = "torch") -> Counter:
-    """Operators of one layer's `compress_layer` (not the first layer, which also finds the
-    pass's candidates) in a prefill pass finishing `prompts` fresh prompts; `outside="kvc.score"`
-    leaves out the scorer's. `scorer="triton"` scores with the window-score kernels (on the
-    CPU in Triton's interpreter, whose own tensor bookkeeping then counts among the
-    operators: compare counts across prompt counts, not with the torch scorer's)."""
+def measure_compress_pass(config_path: Path, prompts: int, prompt_len: int, q_heads: int = 28,
+                          outside: str | None = None, scorer: str = "torch") -> Counter:
+    """Operators of a prefill pass's compression finishing `prompts` fresh prompts:
+    `compress_layer` in every layer (each keeps its scoring queries; after the last one the
+    pass's prompts are scored, selected and placed in every layer at once). `outside=
+    "kvc.score"` leaves out the scorer's. `scorer="triton"` scores with the window-score
+    kernels (on the CPU in Triton's interpreter, whose own tensor bookkeeping then counts
+    among the operators: compare counts across prompt counts, not with the torch scorer's)."""
     generator = torch.Generator().manual_seed(0)
-    pool = build_pool(config_path, logical_tokens=prompts * prompt_len + 64)
+    # Room in every layer's tiers (as in a server's pool of millions of rows): the one-write placing.
+    pool = build_pool(config_path, logical_tokens=2 * prompts * prompt_len + 64)
     tokens = torch.arange(1, 1 + prompts * prompt_len, dtype=torch.int64).view(prompts, prompt_len)
     # The scorer the server uses ("triton": the window-score kernels, in the interpreter on the CPU).
     engine = CompressedAttention(pool, tokens.to(torch.int32), attention_impl="torch",
@@ -141,12 +144,16 @@ def measure_compress_layer(config_path: Path, prompts: int, prompt_len: int, q_h
                            prefix_lens=[0] * prompts, extend_lens=[prompt_len] * prompts, last_chunk=[True] * prompts,
                            rids=[f"prompt-{i}" for i in range(prompts)]),
                  new_tokens=tokens.flatten())
-    for layer in (0, 1):
+    for layer in range(pool.layer_num):
         k, v = (torch.randn(prompts * prompt_len, pool.head_num, pool.head_dim, generator=generator) for _ in range(2))
         pool.set_kv_buffer(_Layer(layer), tokens.flatten(), k, v)
     queries = torch.randn(prompts * prompt_len, q_heads, pool.head_dim, generator=generator)
-    engine.compress_layer(0, queries)
-    return top_level_operators(lambda: engine.compress_layer(1, queries), outside=outside)
+
+    def every_layer() -> None:
+        for layer in range(pool.layer_num):
+            engine.compress_layer(layer, queries)
+
+    return top_level_operators(every_layer, outside=outside)
 
 
 def main(argv=None) -> int:
@@ -161,16 +168,21 @@ def main(argv=None) -> int:
     report = {"config": str(args.config), "requests": args.requests, "window_tokens": args.window_tokens,
               "torch": torch.__version__, **measure(args.config, args.requests, args.window_tokens)}
     prompt_counts = sorted({1, 2, 4, args.prefill_requests})
-    by_prompts = {prompts: measure_compress_layer(args.config, prompts, args.prompt_len) for prompts in prompt_counts}
+    layers = build_pool(args.config, 64).layer_num
+
+    def per_layer(counts: Counter) -> float:  # a pass's operators per layer (the pass compresses every layer)
+        return round(launching(counts) / layers, 1)
+
+    by_prompts = {prompts: measure_compress_pass(args.config, prompts, args.prompt_len) for prompts in prompt_counts}
     largest = by_prompts[args.prefill_requests]
-    report["compress_layer"] = {"prompts": args.prefill_requests, "prompt_len": args.prompt_len,
-                                "operators": sum(largest.values()), "not_views": launching(largest),
-                                "most_dispatched": dict(largest.most_common(8))}
-    report["compress_layer_by_prompts"] = {
-        str(prompts): {"operators": sum(counts.values()), "not_views": launching(counts),
-                       "not_views_outside_scoring": launching(measure_compress_layer(
+    report["compress_pass"] = {"prompts": args.prefill_requests, "prompt_len": args.prompt_len, "layers": layers,
+                               "operators": sum(largest.values()), "not_views": launching(largest),
+                               "most_dispatched": dict(largest.most_common(8))}
+    report["compress_pass_by_prompts"] = {
+        str(prompts): {"not_views": launching(counts), "not_views_per_layer": per_layer(counts),
+                       "not_views_per_layer_outside_scoring": per_layer(measure_compress_pass(
                            args.config, prompts, args.prompt_len, outside="kvc.score")),
-                       "not_views_with_the_triton_scorer": launching(measure_compress_layer(
+                       "not_views_per_layer_with_the_triton_scorer": per_layer(measure_compress_pass(
                            args.config, prompts, args.prompt_len, scorer="triton"))}
         for prompts, counts in by_prompts.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)

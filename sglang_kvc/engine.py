@@ -45,7 +45,7 @@ import torch
 from sglang_kvc.attention import attend
 from sglang_kvc.context_queries import StridedQuerySampler
 from sglang_kvc.device_copy import to_device
-from sglang_kvc.policy import PromptCandidates, TokenScorer, scorer_from_config, select_for_requests
+from sglang_kvc.policy import PromptCandidates, TokenScorer, prompt_budgets, scorer_from_config, select_for_requests
 from sglang_kvc.pool import CompressedKVPool, Tier
 from sglang_kvc.runtime import triton_kernels_enabled
 
@@ -54,6 +54,10 @@ logger = logging.getLogger(__name__)
 # Chunked requests whose last chunk never came (aborted) leave per-request prefill state
 # behind; SGLang prefills one chunked request at a time, so a handful is plenty.
 _MAX_PREFILLS_REMEMBERED = 16
+# Staged keys gathered at once when a pass compresses several layers together (transient,
+# during prefill): a pass of 8K tokens fits all 28 layers of Qwen2.5-7B (~235 MB); a 32K
+# prompt's last chunk is compressed 7 layers at a time instead of needing ~0.9 GB.
+_MAX_GROUPED_KEY_BYTES = 256 << 20
 
 
 def _remember(per_request: dict, rid: str, value):
@@ -351,22 +355,23 @@ class CompressedAttention:
 
     def compress_layer(self, layer: int, q: torch.Tensor) -> None:
         """After a layer's extend attention: keep each request's scoring queries (`q`, rotated,
-        the pass's new tokens in request order) and compress, in one pool call, the prompts
-        this pass finishes."""
+        the pass's new tokens in request order); after the last layer, compress the prompts
+        this pass finishes in every layer at once (`_compress`). Nothing reads a layer's
+        compressed state before the pass ends (its staged tokens stay until then), and once
+        per pass instead of once per layer is what makes short prompts cheap to compress."""
         batch = self.batch
         if self.candidates is None:
             self.candidates = self._compression_candidates()
         offset = 0
-        finishing = []
         for i in range(len(batch.rids)):
             extend_len, seq_len = batch.extend_lens[i], batch.seq_lens[i]
-            scoring = self._scoring_queries(layer, batch.rids[i])
-            scoring.add(q[offset : offset + extend_len], range(seq_len - extend_len, seq_len))
-            if batch.last_chunk[i] and self.candidates[i].numel():
-                finishing.append((i, scoring))
+            self._scoring_queries(layer, batch.rids[i]).add(q[offset : offset + extend_len],
+                                                            range(seq_len - extend_len, seq_len))
             offset += extend_len
-        if finishing:
-            self._compress(layer, finishing)
+        if layer == self.last_layer:
+            finishing = [i for i in range(len(batch.rids)) if batch.last_chunk[i] and self.candidates[i].numel()]
+            if finishing:
+                self._compress(finishing)
 
     def _extend_torch(self, layer: int, q: torch.Tensor, scaling: float, logit_cap: float) -> torch.Tensor:
         """The reference: per request, every held token of the layer, dequantized, through
@@ -470,17 +475,40 @@ class CompressedAttention:
             per_layer[layer] = StridedQuerySampler(self.window) if context else RecentQueries(self.window)
         return per_layer[layer]
 
-    def _compress(self, layer: int, finishing: list[tuple[int, "RecentQueries | StridedQuerySampler"]]) -> None:
-        """Score each finishing request's staged tokens (its own queries and budget), select
-        for all of them at once, then place or evict them all with one `pool.compress` call:
-        only the scoring is per request."""
+    def _compress(self, finishing: list[int]) -> None:
+        """Score, select and place the staged tokens of the requests `finishing` (indices
+        into the batch) in every layer: groups of layers at once, each group one scoring,
+        one selection and one placing (`pool.compress_layers`), each request scored by its
+        own queries and budgeted by its layer's ratio. Groups are as large as
+        `_MAX_GROUPED_KEY_BYTES` of gathered keys allow: all layers for a pass of short
+        prompts, a few for a long prompt's last chunk, whose per-layer work is large anyway."""
+        pool = self.pool
+        tokens = torch.cat([self.token_rows[i][self.candidates[i]] for i in finishing])
+        key_bytes_per_layer = tokens.numel() * pool.staging.bytes_per_row(pool.head_num, pool.head_dim,
+                                                                          pool.staging.dtype) // 2
+        group = max(1, min(pool.layer_num, _MAX_GROUPED_KEY_BYTES // max(1, key_bytes_per_layer)))
+        for first in range(0, pool.layer_num, group):
+            self._compress_layers(range(first, min(first + group, pool.layer_num)), tokens, finishing)
+
+    def _compress_layers(self, layers: range, tokens: torch.Tensor, finishing: list[int]) -> None:
         batch, pool = self.batch, self.pool
-        tokens = torch.cat([self.token_rows[i][self.candidates[i]] for i, _ in finishing])
-        keys = pool.staging.read_keys(layer, pool.staging_row[tokens], pool.staging.dtype)  # as stored
-        prompts = [PromptCandidates(scoring.queries(), scoring.positions(), self.candidates[i], batch.seq_lens[i])
-                   for i, scoring in finishing]
-        selection = select_for_requests(self.config, self.scorer, self.layer_retain[layer], prompts, keys)
-        pool.compress(layer, tokens, selection, keys=keys)
+        # [layers x n] candidates, layer by layer; within a layer request by request, as `tokens`.
+        keys = pool.staging.read_keys_layers(layers, pool.staging_row[tokens]).flatten(0, 1)
+        # The scoring queries' positions are the same in every layer (the same chunks were added).
+        positions = {i: self._scoring_queries(layers.start, batch.rids[i]).positions() for i in finishing}
+        prompts, ratios = [], []
+        for layer in layers:
+            for i in finishing:
+                prompts.append(PromptCandidates(self._scoring_queries(layer, batch.rids[i]).queries(), positions[i],
+                                                self.candidates[i], batch.seq_lens[i]))
+                ratios.append(self.layer_retain[layer])
+        selection = select_for_requests(self.config, self.scorer, ratios, prompts, keys)
+        budgets, guarded = prompt_budgets(self.config, ratios, prompts)
+        per_layer = len(finishing)
+        guarded_per_layer = [sum(guarded[j : j + per_layer]) for j in range(0, len(prompts), per_layer)]
+        kept_per_layer = [sum(budgets[j : j + per_layer]) for j in range(0, len(prompts), per_layer)]
+        pool.compress_layers(layers, tokens, selection, keys, guarded_per_layer,
+                             [kept - guards for kept, guards in zip(kept_per_layer, guarded_per_layer)])
 
     def _finish_extend(self) -> None:
         compressed = [

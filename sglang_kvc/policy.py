@@ -19,6 +19,7 @@ so a token is kept or evicted for all heads of a layer at once; head scores are 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -134,11 +135,15 @@ class ObservationWindowScorer:
         device = keys.device
         lengths = [prompt.positions.numel() for prompt in prompts]
         window = max(prompt.window_queries.shape[0] for prompt in prompts)
-        # A prompt shorter than the window has fewer queries: pad them at position -1 (they see nothing).
-        queries = torch.stack([F.pad(prompt.window_queries, (0, 0, 0, 0, 0, window - prompt.window_queries.shape[0]))
-                               for prompt in prompts])
-        query_positions = torch.stack([F.pad(prompt.window_positions.to(device=device, dtype=torch.int64),
-                                             (0, window - prompt.window_positions.numel()), value=-1)
+
+        def padded(rows: torch.Tensor, value=0) -> torch.Tensor:
+            """A prompt shorter than the window has fewer queries: pad them at position -1
+            (they see nothing). Full windows go to the stack as they are (one copy, not two)."""
+            missing = window - rows.shape[0]
+            return rows if missing == 0 else F.pad(rows, (0, 0) * (rows.dim() - 1) + (0, missing), value=value)
+
+        queries = torch.stack([padded(prompt.window_queries) for prompt in prompts])
+        query_positions = torch.stack([padded(prompt.window_positions.to(device=device, dtype=torch.int64), -1)
                                        for prompt in prompts])
         key_positions = torch.cat([prompt.positions.to(device) for prompt in prompts])
         per_kv_head = window_scores_batched(queries, query_positions, keys, key_positions, lengths, self.temperature)
@@ -298,10 +303,18 @@ def select_for_layer(
     )
 
 
+def prompt_budgets(config: CompressionConfig, retain_ratios: Sequence[float],
+                   prompts: Sequence[PromptCandidates]) -> tuple[list[int], list[int]]:
+    """(tokens kept, of which guarded) per prompt, on the host: what `select_for_requests`
+    selects for each, so a caller can size the rows it places without reading the device."""
+    budgets = [config.layer_budget(ratio, prompt.positions.numel()) for ratio, prompt in zip(retain_ratios, prompts)]
+    return budgets, [config.guard_count(budget) for budget in budgets]
+
+
 def select_for_requests(
     config: CompressionConfig,
     scorer: TokenScorer,
-    retain_ratio: float,
+    retain_ratio: float | Sequence[float],
     prompts: list[PromptCandidates],
     keys: torch.Tensor,  # [sum of N, kv_heads, head_dim]: every prompt's candidates, concatenated
 ) -> Selection:
@@ -309,16 +322,20 @@ def select_for_requests(
     concatenated candidates: the same tokens, in the same order, as concatenating the
     per-prompt selections. The scores are per prompt (each prompt's own queries); keeping
     and guarding run once for all prompts on [prompts, longest] tensors, so that a pass
-    finishing many short prompts does not launch ~15 small kernels per prompt and layer."""
+    finishing many short prompts does not launch ~15 small kernels per prompt and layer.
+    `retain_ratio`: one for all prompts, or one per prompt (the engine passes the prompts
+    of several layers at once, each with its layer's ratio)."""
+    ratios = [retain_ratio] * len(prompts) if isinstance(retain_ratio, (int, float)) else list(retain_ratio)
+    if len(ratios) != len(prompts):
+        raise ValueError(f"{len(ratios)} retain ratios for {len(prompts)} prompts")
     if len(prompts) == 1:
         (prompt,) = prompts
-        return select_for_layer(config, scorer, retain_ratio, prompt.window_queries, prompt.window_positions,
+        return select_for_layer(config, scorer, ratios[0], prompt.window_queries, prompt.window_positions,
                                 keys, prompt.positions, prompt.prompt_len)
     s = config.sparsity
     device = keys.device
     lengths = [prompt.positions.numel() for prompt in prompts]
-    budgets = [config.layer_budget(retain_ratio, length) for length in lengths]
-    guard_counts = [config.guard_count(budget) for budget in budgets]
+    budgets, guard_counts = prompt_budgets(config, ratios, prompts)
     longest, most_kept, count = max(lengths), max(budgets), len(prompts)
 
     # [prompts, longest], padded with scores of -inf (never kept: real scores are >= 0 or

@@ -244,6 +244,45 @@ class CompressedKVPool(MHATokenToKVPool):
             k = keys[kept] if keys is not None else self.staging.read_keys(layer, kept_rows, self.staging.dtype)
             self._place(layer, tokens[kept], k, self.staging.read_values(layer, kept_rows, self.staging.dtype), tier)
 
+    def compress_layers(self, layers: range, tokens: torch.Tensor, selection: Selection, keys: torch.Tensor,
+                        guarded_per_layer: list[int], lowbit_per_layer: list[int]) -> None:
+        """`compress` for several layers at once. The candidates are `tokens` in every layer of
+        `layers`, concatenated layer by layer (len(layers) x n); `selection` indexes that
+        concatenation with each layer's guarded (and low-bit) tokens together, in layer order,
+        `guarded_per_layer[j]` (`lowbit_per_layer[j]`) of them for layers[j]; `keys`: the
+        candidates' staged keys in the same order. With room in every layer's tiers the
+        placing is one write per tier for all layers (a pass finishing many short prompts
+        paid ~40 launches per layer); otherwise layer by layer, spilling as `compress` does."""
+        count = tokens.numel()
+        fits = all(self.guard_free[layer].available() >= guarded and self.lowbit_free[layer].available() >= lowbit
+                   for layer, guarded, lowbit in zip(layers, guarded_per_layer, lowbit_per_layer))
+        if not fits:
+            guard_start, lowbit_start = 0, 0
+            for j, layer in enumerate(layers):
+                # This layer's items, moved into its own 0..n-1 range (host counts: no sync).
+                guarded = selection.guarded[guard_start : guard_start + guarded_per_layer[j]] - j * count
+                lowbit = selection.lowbit[lowbit_start : lowbit_start + lowbit_per_layer[j]] - j * count
+                guard_start += guarded_per_layer[j]
+                lowbit_start += lowbit_per_layer[j]
+                layer_selection = Selection(kept=torch.cat((guarded, lowbit)), guarded=guarded, lowbit=lowbit,
+                                            scores=selection.scores[j * count : (j + 1) * count])
+                self.compress(layer, tokens, layer_selection, keys=keys[j * count : (j + 1) * count])
+            return
+        layer_ids = torch.arange(layers.start, layers.stop, device=tokens.device)
+        self.location[layers.start : layers.stop].index_fill_(1, tokens.to(torch.int64), int(Tier.EVICTED))
+        staging_rows = self.staging_row[tokens]
+        for picked, tier, per_layer in ((selection.guarded, Tier.GUARD, guarded_per_layer),
+                                        (selection.lowbit, Tier.LOWBIT, lowbit_per_layer)):
+            if picked.numel() == 0:
+                continue
+            layer_of, candidate = layer_ids[picked // count], picked % count
+            # The free lists' views are read by the cat below, queued before any later free.
+            rows = torch.cat([self._free_list(tier, layer).alloc(number, copy=False)
+                              for layer, number in zip(layers, per_layer)])
+            values = self.staging.read_values_at(layer_of, staging_rows[candidate])
+            self.stores[tier].write_at(layer_of, rows, keys[picked], values)
+            self.location[layer_of, tokens[candidate]] = encode_location(tier, rows)
+
     def migrate(self, layer: int, tokens: torch.Tensor) -> None:
         """Move staged tokens (decode tokens leaving the window, sealed tails) to low-bit."""
         k, v = self.staging.read(layer, self.staging_row[tokens], self.staging.dtype)

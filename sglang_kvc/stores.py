@@ -131,6 +131,21 @@ class DenseStore:
         index = self.k_tables.flat_rows(rows)
         return self.k_tables.flat[index], self.v_tables.flat[index]
 
+    def read_keys_layers(self, layers: range, rows: torch.Tensor) -> torch.Tensor:
+        """K [len(layers), n, heads, head_dim] as stored: row rows[i] of each of `layers`."""
+        return self.k_tables.flat[self.k_tables.offsets[layers.start : layers.stop, None] + rows.to(torch.int64)]
+
+    def read_values_at(self, layers: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """V [n, heads, head_dim] as stored: row rows[i] of layer layers[i], one gather."""
+        return self.v_tables.flat[self.v_tables.offsets[layers] + rows]
+
+    def write_at(self, layers: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """`write` of token i to row rows[i] of layer layers[i], any mix of layers in one
+        scatter per K and V."""
+        index = self.k_tables.offsets[layers] + rows
+        self.k_tables.flat[index] = k.to(self.dtype)
+        self.v_tables.flat[index] = v.to(self.dtype)
+
     def key_tensors(self) -> list[torch.Tensor]:
         return list(self.k)
 
@@ -178,6 +193,13 @@ class PackedStore:
         tables = (self.k_code_tables.flat, self.k_scale_min_tables.flat, self.v_code_tables.flat,
                   self.v_scale_min_tables.flat)
         self._quantize_into(tables, self.k_code_tables.flat_rows(rows).flatten(), k.flatten(0, 1), v.flatten(0, 1))
+
+    def write_at(self, layers: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """`write` of token i to row rows[i] of layer layers[i], any mix of layers in one
+        quantize launch per K and V on the GPU."""
+        tables = (self.k_code_tables.flat, self.k_scale_min_tables.flat, self.v_code_tables.flat,
+                  self.v_scale_min_tables.flat)
+        self._quantize_into(tables, self.k_code_tables.offsets[layers] + rows.to(torch.int64), k, v)
 
     def _quantize_into(self, tables: tuple[torch.Tensor, ...], rows: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor) -> None:

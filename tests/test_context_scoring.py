@@ -366,6 +366,17 @@ class RecordingScorer:
         self.calls.append((window_queries.clone(), window_positions.clone()))
         return self.inner.score(window_queries, window_positions, keys, key_positions)
 
+    def score_prompts(self, prompts, keys):
+        """The engine scores a pass's prompts of every layer together: record each one."""
+        scores = torch.full((len(prompts), max(p.positions.numel() for p in prompts)), float("-inf"))
+        start = 0
+        for row, prompt in enumerate(prompts):
+            count = prompt.positions.numel()
+            scores[row, :count] = self.score(prompt.window_queries, prompt.window_positions,
+                                             keys[start : start + count], prompt.positions)
+            start += count
+        return scores
+
 
 @pytest.mark.parametrize("scoring", ["window", "context"])
 def test_the_sglang_engine_scores_a_chunked_prompt_with_the_modes_queries(scoring):

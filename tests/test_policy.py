@@ -266,13 +266,16 @@ def _prompts_of_a_pass(gen, lengths, staged_from, window, q_heads, kv_heads, hea
     guard_fraction=st.sampled_from([0.0, 0.1, 0.5]),
     pooling_kernel=st.sampled_from([1, 3, 7]),
     quantized_keys=st.booleans(),
+    ratio_per_prompt=st.booleans(),
     seed=seeds,
 )
 def test_select_for_requests_equals_one_prompt_at_a_time(prompts, scoring, retain_ratio, guard_fraction,
-                                                         pooling_kernel, quantized_keys, seed):
+                                                         pooling_kernel, quantized_keys, ratio_per_prompt, seed):
     """The batched selection is the concatenation of `select_for_layer` per prompt, index for
-    index (ties included: both break them by position), for either scorer."""
-    from sglang_kvc.policy import scorer_from_config, select_for_layer, select_for_requests
+    index (ties included: both break them by position), for either scorer; with one retain
+    ratio for all prompts or one each (the engine's prompts of several layers), and
+    `prompt_budgets` says how many each keeps and guards."""
+    from sglang_kvc.policy import prompt_budgets, scorer_from_config, select_for_layer, select_for_requests
 
     config = CompressionConfig(
         sparsity=SparsityConfig(retain_ratio=retain_ratio, budget="uniform", pooling_kernel=pooling_kernel,
@@ -285,14 +288,18 @@ def test_select_for_requests_equals_one_prompt_at_a_time(prompts, scoring, retai
     staged_from = [min(prefix, length - 1) for length, prefix in prompts]
     batch, keys = _prompts_of_a_pass(generator(seed), lengths, staged_from, window=8, q_heads=4, kv_heads=2,
                                      head_dim=16, quantized_keys=quantized_keys)
-    together = select_for_requests(config, scorer, retain_ratio, batch, keys)
+    ratios = [retain_ratio * (1 - 0.4 * (i % 3) / 2) for i in range(len(batch))] if ratio_per_prompt else None
+    together = select_for_requests(config, scorer, ratios or retain_ratio, batch, keys)
 
     expected = {"kept": [], "guarded": [], "lowbit": [], "scores": []}
     offset = 0
-    for prompt in batch:
+    budgets, guards = prompt_budgets(config, ratios or [retain_ratio] * len(batch), batch)
+    for row, prompt in enumerate(batch):
         count = prompt.positions.numel()
-        alone = select_for_layer(config, scorer, retain_ratio, prompt.window_queries, prompt.window_positions,
-                                 keys[offset : offset + count], prompt.positions, prompt.prompt_len)
+        alone = select_for_layer(config, scorer, ratios[row] if ratios else retain_ratio, prompt.window_queries,
+                                 prompt.window_positions, keys[offset : offset + count], prompt.positions,
+                                 prompt.prompt_len)
+        assert (alone.kept.numel(), alone.guarded.numel()) == (budgets[row], guards[row])
         for field in ("kept", "guarded", "lowbit"):
             expected[field].append(getattr(alone, field) + offset)
         expected["scores"].append(alone.scores)
@@ -300,3 +307,5 @@ def test_select_for_requests_equals_one_prompt_at_a_time(prompts, scoring, retai
     for field in ("kept", "guarded", "lowbit"):
         assert getattr(together, field).tolist() == torch.cat(expected[field]).tolist(), field
     torch.testing.assert_close(together.scores, torch.cat(expected["scores"]))
+    with pytest.raises(ValueError, match="retain ratios"):
+        select_for_requests(config, scorer, [retain_ratio] * (len(batch) + 1), batch, keys)

@@ -379,3 +379,79 @@ def test_sealing_spills_to_the_guard_tier_when_a_layer_is_short_of_low_bit_rows(
     assert int((tiers[1] == Tier.LOWBIT).sum()) == 2 and int((tiers[1] == Tier.GUARD).sum()) == 3
     short.free(taken)
     sim.pool.check_invariants(full=True)
+
+
+def _selection_over_layers(sim: Simulator, count: int, guarded: list[int], lowbit: list[int], layers: int):
+    """A Selection over the layer-major concatenation of `count` candidates in each of
+    `layers` layers: per layer j, `guarded[j]` and `lowbit[j]` distinct random candidates."""
+    from sglang_kvc.policy import Selection
+
+    picks_guard, picks_lowbit = [], []
+    for j in range(layers):
+        order = torch.randperm(count, generator=sim.generator)
+        picks_guard.append(order[: guarded[j]] + j * count)
+        picks_lowbit.append(order[guarded[j] : guarded[j] + lowbit[j]] + j * count)
+    guard, low = torch.cat(picks_guard), torch.cat(picks_lowbit)
+    return Selection(kept=torch.cat((guard, low)), guarded=guard, lowbit=low,
+                     scores=torch.rand(layers * count, generator=sim.generator))
+
+
+def _compress_both_ways(seed: int, count: int, guarded: list[int], lowbit: list[int], short_layer=None,
+                        first_layer: int = 0):
+    """The same staged tokens and selection through `compress_layers` (layers first_layer..)
+    and through `compress` layer by layer, on two identical pools. `guarded` / `lowbit`:
+    per layer of that range."""
+    together, layered = Simulator(seed=seed), Simulator(seed=seed)
+    tokens = _staged_tokens(together, count)
+    assert torch.equal(tokens, _staged_tokens(layered, count))
+    layers = range(first_layer, together.num_layers)
+    selection = _selection_over_layers(together, count, guarded, lowbit, len(layers))
+    for sim in (together, layered):
+        if short_layer is not None:  # leave that layer's guard tier one row short of its share
+            free_list = sim.pool.guard_free[short_layer]
+            free_list.alloc(free_list.available() - guarded[short_layer - first_layer] + 1)
+    keys = together.pool.staging.read_keys_layers(layers, together.pool.staging_row[tokens])
+    together.pool.compress_layers(layers, tokens, selection, keys.flatten(0, 1), guarded, lowbit)
+    for j, layer in enumerate(layers):
+        start_guard, start_low = sum(guarded[:j]), sum(lowbit[:j])
+        layer_guard = selection.guarded[start_guard : start_guard + guarded[j]] - j * count
+        layer_low = selection.lowbit[start_low : start_low + lowbit[j]] - j * count
+        from sglang_kvc.policy import Selection
+
+        layered.pool.compress(layer, tokens, Selection(kept=torch.cat((layer_guard, layer_low)), guarded=layer_guard,
+                                                       lowbit=layer_low, scores=selection.scores))
+    return together, layered, tokens
+
+
+@settings(max_examples=25, deadline=None)
+@given(count=st.integers(1, 40), first_layer=st.integers(0, 2), data=st.data(), seed=st.integers(0, 2**16))
+def test_compressing_all_layers_at_once_stores_what_compressing_layer_by_layer_stores(count, first_layer, data,
+                                                                                      seed):
+    """pool.compress_layers (one write per tier for a range of layers) against pool.compress
+    per layer: the same location map and the same tier contents, whatever each layer keeps;
+    layers outside the range untouched (still staged)."""
+    num_layers = Simulator().num_layers
+    guarded = [data.draw(st.integers(0, count)) for _ in range(first_layer, num_layers)]
+    lowbit = [data.draw(st.integers(0, count - g)) for g in guarded]
+    together, layered, tokens = _compress_both_ways(seed, count, guarded, lowbit, first_layer=first_layer)
+    assert torch.equal(together.pool.location, layered.pool.location)
+    tiers = tier_of(together.pool.location[:, tokens])
+    assert (tiers[:first_layer] == Tier.STAGING).all()
+    tiers = tiers[first_layer:]
+    assert [int((layer == Tier.GUARD).sum()) for layer in tiers] == guarded
+    assert [int((layer == Tier.LOWBIT).sum()) for layer in tiers] == lowbit
+    assert [int((layer == Tier.EVICTED).sum()) for layer in tiers] == [
+        count - g - low for g, low in zip(guarded, lowbit)]
+    for store in ("lowbit", "guard"):
+        for a, b in zip(getattr(together.pool, store).key_tensors() + getattr(together.pool, store).value_tensors(),
+                        getattr(layered.pool, store).key_tensors() + getattr(layered.pool, store).value_tensors()):
+            assert torch.equal(a, b), store
+
+
+def test_compressing_all_layers_spills_like_compress_when_a_layer_is_short():
+    guarded, lowbit = [3, 4, 2], [5, 2, 6]
+    together, layered, tokens = _compress_both_ways(5, 12, guarded, lowbit, short_layer=1)
+    assert torch.equal(together.pool.location, layered.pool.location)
+    tiers = tier_of(together.pool.location[1, tokens])
+    # Layer 1's guard tier had one row too few: one guarded token went to the low-bit tier.
+    assert int((tiers == Tier.GUARD).sum()) == 3 and int((tiers == Tier.LOWBIT).sum()) == 3

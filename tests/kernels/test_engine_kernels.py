@@ -175,6 +175,25 @@ def test_prompts_prefilled_together_compress_as_with_the_torch_reference(seed):
     assert {Tier.LOWBIT, Tier.GUARD, Tier.EVICTED} <= tiers
 
 
+def test_layers_compressed_in_groups_store_what_all_layers_at_once_store(seed, monkeypatch):
+    """A pass compresses every layer at once unless the gathered keys would pass
+    `_MAX_GROUPED_KEY_BYTES` (a long prompt's last chunk); then in groups of layers, down to
+    one layer at a time. The tokens kept, guarded and evicted and the rows they take are the
+    same either way."""
+    import sglang_kvc.engine as engine_module
+
+    together = simulate_batched_prefill("torch", seed)
+    monkeypatch.setattr(engine_module, "_MAX_GROUPED_KEY_BYTES", 1)  # one layer per group
+    one_by_one = simulate_batched_prefill("torch", seed)
+    assert torch.equal(together.pool.location, one_by_one.pool.location)
+    for store in ("lowbit", "guard", "staging"):
+        mine, theirs = getattr(together.pool, store), getattr(one_by_one.pool, store)
+        for a, b in zip(mine.key_tensors() + mine.value_tensors(), theirs.key_tensors() + theirs.value_tensors()):
+            assert torch.equal(a, b), store
+    for a, b in zip(together.engine.decode_outputs, one_by_one.engine.decode_outputs):
+        assert torch.equal(a, b)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("guard_bits", [16, 8])
 @pytest.mark.parametrize("q_heads", [14, 4], ids=["gqa7", "gqa2"])
