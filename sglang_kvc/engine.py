@@ -491,6 +491,8 @@ class CompressedAttention:
             self._compress_layers(range(first, min(first + group, pool.layer_num)), tokens, finishing)
 
     def _compress_layers(self, layers: range, tokens: torch.Tensor, finishing: list[int]) -> None:
+        """One group of `_compress`: a row per (layer, request), each with that layer's
+        queries and ratio, scored and selected together and placed by one pool call."""
         batch, pool = self.batch, self.pool
         # [layers x n] candidates, layer by layer; within a layer request by request, as `tokens`.
         keys = pool.staging.read_keys_layers(layers, pool.staging_row[tokens]).flatten(0, 1)
