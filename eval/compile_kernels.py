@@ -204,8 +204,6 @@ def cases() -> list[tuple[str, callable]]:
         for block_n in (32, 64):
             result.append((f"decode v3 {name} BLOCK_N {block_n}",
                            lambda f=DECODE_FORMATS[name], b=block_n: decode_case("v3", f, b)))
-    result.append(("decode v3 tuned (K4V2 g64) BLOCK_N 64, tiny model (head_dim 64, group 4)",
-                   lambda: decode_case("v3", DECODE_FORMATS["tuned (K4V2 g64)"], 64, head_dim=64, query_group=4)))
     result.append(("decode v2 tuned (K4V2 g64) BLOCK_N 64, tiny model (head_dim 64, group 4)",
                    lambda: decode_case("v2", DECODE_FORMATS["tuned (K4V2 g64)"], 64, head_dim=64, query_group=4)))
     result += region_builder_cases()
