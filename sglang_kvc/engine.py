@@ -14,10 +14,11 @@ Per layer of an EXTEND pass:
   2. every query attends to the request's tokens that this layer still holds;
   3. each request's chunk adds its queries to the ones that will score its prompt
      (`RecentQueries`: the last W, window scoring; `StridedQuerySampler`: sampled across
-     the prompt, context scoring); for every request whose prompt this pass completes,
-     its still-staged tokens are scored and selected to the layer's budget, and the pool
-     places or evicts them for all such requests at once (pool.compress);
-  4. after the last layer the staging rows of compressed tokens are released.
+     the prompt, context scoring);
+  4. after the last layer, every request whose prompt this pass completes has its
+     still-staged tokens scored and selected to each layer's budget, and the pool places
+     or evicts them for all such requests and layers at once (pool.compress_layers); then
+     the staging rows of compressed tokens are released.
 
 Per layer of a DECODE pass: the new K/V are written to staging, then attention. Decode
 attention has two implementations (`attention_impl`): "triton" builds the layer's entry
@@ -52,7 +53,8 @@ from sglang_kvc.runtime import triton_kernels_enabled
 logger = logging.getLogger(__name__)
 
 # Chunked requests whose last chunk never came (aborted) leave per-request prefill state
-# behind; SGLang prefills one chunked request at a time, so a handful is plenty.
+# behind; SGLang prefills one chunked request at a time, so a handful is plenty. The
+# requests of the current pass are never dropped, however many there are.
 _MAX_PREFILLS_REMEMBERED = 16
 # Staged keys gathered at once when a pass compresses several layers together (transient,
 # during prefill): a pass of 8K tokens fits all 28 layers of Qwen2.5-7B (~235 MB); a 32K
@@ -60,10 +62,12 @@ _MAX_PREFILLS_REMEMBERED = 16
 _MAX_GROUPED_KEY_BYTES = 256 << 20
 
 
-def _remember(per_request: dict, rid: str, value):
-    """`per_request[rid] = value`, dropping the oldest entries beyond _MAX_PREFILLS_REMEMBERED."""
-    while len(per_request) >= _MAX_PREFILLS_REMEMBERED:
-        per_request.pop(next(iter(per_request)))
+def _remember(per_request: dict, rid: str, value, in_pass: set[str]):
+    """`per_request[rid] = value`, dropping the oldest entries of requests not in the current
+    pass (`in_pass`) beyond _MAX_PREFILLS_REMEMBERED."""
+    stale = [other for other in per_request if other not in in_pass and other != rid]
+    for other in stale[: max(0, len(stale) - _MAX_PREFILLS_REMEMBERED + 1)]:
+        del per_request[other]
     per_request[rid] = value
     return value
 
@@ -108,10 +112,15 @@ class RecentQueries:
         self._queries: torch.Tensor | None = None
         self._end = 0
 
-    def add(self, queries: torch.Tensor, positions: range) -> None:
+    def add(self, queries: torch.Tensor, positions: range, copy: bool = True) -> None:
+        """`copy=False` when `queries` is already a small tensor of its own (the engine's
+        per-layer gather): a view of it is kept instead of a copy per request and layer.
+        Otherwise a copy, so that the pass's whole query tensor is not kept alive."""
         if self._queries is not None and queries.shape[0] < self.window:
             queries = torch.cat((self._queries, queries))
-        self._queries = queries[-self.window :].detach().clone()
+            copy = False  # the concatenation is a tensor of its own
+        queries = queries[-self.window :].detach()
+        self._queries = queries.clone() if copy else queries
         self._end = positions.stop
 
     def queries(self) -> torch.Tensor | None:
@@ -203,9 +212,11 @@ class CompressedAttention:
         # is all in staging and the extend path reads no other tier.
         self.started_with_prefix: dict[str, int] = {}
         self.prefix_in_staging_only = False  # set per extend pass by `begin`
+        self.rids_in_pass: set[str] = set()  # the current extend pass's requests (set by `begin`)
         self.batch: BatchInfo | None = None
         self._token_rows: list[torch.Tensor] | None = None
         self._positions: list[torch.Tensor] | None = None
+        self._recent_rows: tuple[torch.Tensor, list[tuple[int, int]]] | None = None
         self.capturing = False  # is the current decode pass being recorded into a CUDA graph?
         self.decode_launch: DecodeLaunch | None = None
         self.graphs_captured: dict[int, DecodeLaunch] = {}  # by batch size
@@ -224,14 +235,15 @@ class CompressedAttention:
         if new_tokens is not None:
             self.pool.stage(new_tokens)
         if not batch.is_decode:
+            self.rids_in_pass = set(batch.rids)
             for rid, prefix_len in zip(batch.rids, batch.prefix_lens):
                 if rid not in self.started_with_prefix:
-                    _remember(self.started_with_prefix, rid, prefix_len)
+                    _remember(self.started_with_prefix, rid, prefix_len, self.rids_in_pass)
             # A request dropped from the bounded map counts as having a prefix: only extra reads.
             self.prefix_in_staging_only = all(self.started_with_prefix.get(rid, 1) == 0 for rid in batch.rids)
         # Per-request host state, built on first use: extend and the torch decode path need
         # it, the Triton decode path does not.
-        self._token_rows = self._positions = None
+        self._token_rows = self._positions = self._recent_rows = None
         # Decided at the first layer (the pass's new tokens are staged by then).
         self.candidates: list[torch.Tensor | None] | None = None
         if self.attention_impl != "triton":
@@ -362,12 +374,22 @@ class CompressedAttention:
         batch = self.batch
         if self.candidates is None:
             self.candidates = self._compression_candidates()
-        offset = 0
-        for i in range(len(batch.rids)):
-            extend_len, seq_len = batch.extend_lens[i], batch.seq_lens[i]
-            self._scoring_queries(layer, batch.rids[i]).add(q[offset : offset + extend_len],
-                                                            range(seq_len - extend_len, seq_len))
-            offset += extend_len
+        if self.config.sparsity.scoring == "window":
+            # One gather per layer of every request's last `window` queries; each request
+            # keeps a view of it (no copy per request and layer).
+            rows, spans = self._recent_query_rows()
+            recent = q[rows]
+            for i, (start, stop) in enumerate(spans):
+                seq_len = batch.seq_lens[i]
+                self._scoring_queries(layer, batch.rids[i]).add(
+                    recent[start:stop], range(seq_len - batch.extend_lens[i], seq_len), copy=False)
+        else:
+            offset = 0
+            for i in range(len(batch.rids)):
+                extend_len, seq_len = batch.extend_lens[i], batch.seq_lens[i]
+                self._scoring_queries(layer, batch.rids[i]).add(q[offset : offset + extend_len],
+                                                                range(seq_len - extend_len, seq_len))
+                offset += extend_len
         if layer == self.last_layer:
             finishing = [i for i in range(len(batch.rids)) if batch.last_chunk[i] and self.candidates[i].numel()]
             if finishing:
@@ -464,12 +486,28 @@ class CompressedAttention:
             result.append(positions)
         return result
 
+    def _recent_query_rows(self) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Rows of the pass's queries that window scoring keeps (each request's last
+        `window` new tokens, request order) on the device, and each request's span of
+        them; built once per pass."""
+        if self._recent_rows is None:
+            rows: list[int] = []
+            spans: list[tuple[int, int]] = []
+            offset = 0
+            for extend_len in self.batch.extend_lens:
+                kept = min(self.window, extend_len)
+                spans.append((len(rows), len(rows) + kept))
+                rows.extend(range(offset + extend_len - kept, offset + extend_len))
+                offset += extend_len
+            self._recent_rows = (to_device(rows, torch.int64, self.pool.location.device), spans)
+        return self._recent_rows
+
     def _scoring_queries(self, layer: int, rid: str) -> "RecentQueries | StridedQuerySampler":
         """The queries that will score request `rid`'s prompt in `layer`, collected chunk by
         chunk (a chunked prompt is scored at its last chunk)."""
         per_layer = self.scoring_queries.get(rid)
         if per_layer is None:
-            per_layer = _remember(self.scoring_queries, rid, [None] * self.pool.layer_num)
+            per_layer = _remember(self.scoring_queries, rid, [None] * self.pool.layer_num, self.rids_in_pass)
         if per_layer[layer] is None:
             context = self.config.sparsity.scoring == "context"
             per_layer[layer] = StridedQuerySampler(self.window) if context else RecentQueries(self.window)

@@ -22,11 +22,13 @@ class _Layer:
         self.layer_id = layer_id
 
 
-def build(raw_config: dict, tokens: int = 512):
+def build(raw_config: dict, tokens: int = 512, request_slots: int = 2):
     config = config_from_dict(raw_config)
-    plan = plan_for(config, ModelShape(LAYERS, HEADS, DIM, 256), RuntimeLimits(64, 4))
+    # Staging for one pass of every request slot's prompt (up to 32 tokens each beyond 2 slots).
+    limits = RuntimeLimits(max(64, 32 * request_slots), max(4, request_slots))
+    plan = plan_for(config, ModelShape(LAYERS, HEADS, DIM, 256), limits)
     pool = CompressedKVPool(tokens, 1, torch.bfloat16, HEADS, DIM, LAYERS, "cpu", plan=plan, sizes=plan.sizes_for_tokens(tokens))
-    req_to_token = torch.zeros((2, 256), dtype=torch.int32)
+    req_to_token = torch.zeros((request_slots, 256), dtype=torch.int32)
     return pool, CompressedAttention(pool, req_to_token), req_to_token
 
 
@@ -171,18 +173,38 @@ def _prefill(pool, engine, req_to_token, prompts, passes, generator_seed):
     return held
 
 
+_ONE_PASS_CONFIG = {
+    "sparsity": {"retain_ratio": 0.3, "min_prompt_len": 8, "sink_tokens": 2, "recent_window": 4,
+                 "observation_window": 8, "pooling_kernel": 3},
+    "quantization": {"key_bits": 4, "value_bits": 2, "group_size": 16, "guard_fraction": 0.25, "guard_bits": 8},
+}
+
+
 def test_requests_finishing_in_one_pass_are_compressed_as_if_alone():
     """The engine scores each finishing request with its own queries and budget and places
     them all with one pool call: the tiers, kept tokens and their stored K/V must be those of
     prefilling each request in a pass of its own."""
-    raw = {
-        "sparsity": {"retain_ratio": 0.3, "min_prompt_len": 8, "sink_tokens": 2, "recent_window": 4,
-                     "observation_window": 8, "pooling_kernel": 3},
-        "quantization": {"key_bits": 4, "value_bits": 2, "group_size": 16, "guard_fraction": 0.25, "guard_bits": 8},
-    }
     prompts = [list(range(1, 71)), list(range(100, 133))]
-    together = _prefill(*build(raw), prompts, [[0, 1]], generator_seed=3)
-    alone = _prefill(*build(raw), prompts, [[0], [1]], generator_seed=3)
+    together = _prefill(*build(_ONE_PASS_CONFIG), prompts, [[0, 1]], generator_seed=3)
+    alone = _prefill(*build(_ONE_PASS_CONFIG), prompts, [[0], [1]], generator_seed=3)
+    _assert_same_compression(together, alone)
+
+
+def test_a_pass_of_more_prompts_than_the_engine_remembers_compresses_every_one():
+    """Per-request prefill state is bounded (aborted chunked requests leave it behind), but
+    never for the requests of the current pass: a server batches dozens of short prompts."""
+    from sglang_kvc.engine import _MAX_PREFILLS_REMEMBERED
+
+    count = _MAX_PREFILLS_REMEMBERED + 4
+    prompts = [list(range(1 + 30 * i, 25 + 30 * i)) for i in range(count)]
+    pool_tokens = 2048
+    together = _prefill(*build(_ONE_PASS_CONFIG, pool_tokens, count), prompts, [list(range(count))], generator_seed=5)
+    alone = _prefill(*build(_ONE_PASS_CONFIG, pool_tokens, count), prompts, [[i] for i in range(count)],
+                     generator_seed=5)
+    _assert_same_compression(together, alone)
+
+
+def _assert_same_compression(together, alone):
     for request, (ours, theirs) in enumerate(zip(together, alone)):
         for layer, ((tiers, k, v), (want_tiers, want_k, want_v)) in enumerate(zip(ours, theirs)):
             assert torch.equal(tiers, want_tiers), (request, layer)
