@@ -71,6 +71,20 @@ def _remember(per_request: dict, rid: str, value, in_pass: set[str]):
     per_request[rid] = value
     return value
 
+def _claimed_earlier(tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """For request rows concatenated in `tokens` (`lengths` each; a row's ids are distinct):
+    True where the id is also in an earlier row. One sort by (id, row), no host sync."""
+    row = torch.repeat_interleave(torch.arange(len(lengths), device=tokens.device),
+                                  to_device(lengths, torch.int64, tokens.device))
+    order = torch.argsort(tokens.to(torch.int64) * len(lengths) + row)
+    ids = tokens[order]
+    later = torch.zeros_like(ids, dtype=torch.bool)
+    later[1:] = ids[1:] == ids[:-1]
+    claimed = torch.empty_like(later)
+    claimed[order] = later
+    return claimed
+
+
 ATTENTION_IMPLS = ("auto", "torch", "triton")
 
 # Split-K factor of the Triton decode kernel (see `decode_num_splits`). Set from the H200
@@ -147,6 +161,16 @@ class DecodeLaunch:
 
 
 @dataclass(frozen=True)
+class ExtendInputs:
+    """Shared by every layer's extend launch in one pass (built once per pass)."""
+
+    new_token_rows: torch.Tensor  # staging rows of the pass's new tokens, request order
+    prefix_slots: torch.Tensor  # kv_indices: slot i of the layer's dequantized prefix buffer
+    empty_prefix_indptr: torch.Tensor  # kv_indptr of a pass whose requests have no prefix
+    empty_prefix: torch.Tensor  # a one-row dummy prefix buffer (read by no launch)
+
+
+@dataclass(frozen=True)
 class BatchInfo:
     is_decode: bool
     req_pool_indices: list[int]
@@ -217,6 +241,10 @@ class CompressedAttention:
         self._token_rows: list[torch.Tensor] | None = None
         self._positions: list[torch.Tensor] | None = None
         self._recent_rows: tuple[torch.Tensor, list[tuple[int, int]]] | None = None
+        self._extend_pass_inputs: ExtendInputs | None = None
+        # Per extend pass, decided at its first layer (`_compression_candidates`).
+        self.candidates: list[torch.Tensor | None] | None = None
+        self.candidate_tokens: torch.Tensor | None = None
         self.capturing = False  # is the current decode pass being recorded into a CUDA graph?
         self.decode_launch: DecodeLaunch | None = None
         self.graphs_captured: dict[int, DecodeLaunch] = {}  # by batch size
@@ -243,7 +271,7 @@ class CompressedAttention:
             self.prefix_in_staging_only = all(self.started_with_prefix.get(rid, 1) == 0 for rid in batch.rids)
         # Per-request host state, built on first use: extend and the torch decode path need
         # it, the Triton decode path does not.
-        self._token_rows = self._positions = self._recent_rows = None
+        self._token_rows = self._positions = self._recent_rows = self._extend_pass_inputs = None
         # Decided at the first layer (the pass's new tokens are staged by then).
         self.candidates: list[torch.Tensor | None] | None = None
         if self.attention_impl != "triton":
@@ -431,9 +459,10 @@ class CompressedAttention:
         # At least one row: a fresh prompt has no prefix, and Triton rejects the null
         # pointer of an empty CUDA tensor (kv_indptr keeps the kernel off the dummy row).
         shape = (max(capacity, 1), pool.head_num, pool.head_dim)
-        kv_indptr = torch.zeros(len(prefix_lens) + 1, dtype=torch.int32, device=device)
+        inputs = self._extend_inputs(shape[0], dtype, device)
+        kv_indptr = inputs.empty_prefix_indptr
         if not capacity:
-            k_buffer = v_buffer = torch.zeros(shape, dtype=dtype, device=device)
+            k_buffer = v_buffer = inputs.empty_prefix
         else:
             entries = decode_entries(
                 pool.location[layer], self.req_to_token, self.req_pool_indices_device, self.prefix_lens_device,
@@ -456,34 +485,55 @@ class CompressedAttention:
                     k_buffer = torch.where(in_tier[:, None, None], k, k_buffer)
                     v_buffer = torch.where(in_tier[:, None, None], v, v_buffer)
             kv_indptr = entries.indptr
-        kv_indices = torch.arange(max(capacity, 1), dtype=torch.int64, device=device)
-        new_tokens = torch.cat([tokens[prefix:] for tokens, prefix in zip(self.token_rows, prefix_lens)])
         # Just written to staging by set_kv_buffer: every new token is held there.
-        k_extend, v_extend = pool.staging.read(layer, pool.staging_row[new_tokens], dtype)
+        k_extend, v_extend = pool.staging.read(layer, inputs.new_token_rows, dtype)
         out = torch.empty((q.shape[0], q.shape[1], pool.head_dim), dtype=dtype, device=device)
         extend_attention_fwd(
             q.to(dtype).contiguous(), k_extend.contiguous(), v_extend.contiguous(), out, k_buffer, v_buffer,
-            self.qo_indptr_device, kv_indptr, kv_indices, None, True, None, max(batch.extend_lens, default=0), 1.0, 1.0,
-            sm_scale=scaling, logit_cap=logit_cap,
+            self.qo_indptr_device, kv_indptr, inputs.prefix_slots, None, True, None, max(batch.extend_lens, default=0),
+            1.0, 1.0, sm_scale=scaling, logit_cap=logit_cap,
         )
         return out  # in q's dtype on the GPU, as the backend returns it (a float32 copy cost two passes per layer)
 
+    def _extend_inputs(self, prefix_slots: int, dtype, device) -> ExtendInputs:
+        """What every layer's extend launch of this pass shares, built at its first layer."""
+        inputs = self._extend_pass_inputs
+        if inputs is None:
+            new_tokens = torch.cat([tokens[prefix:] for tokens, prefix in zip(self.token_rows, self.prefix_lens)])
+            inputs = self._extend_pass_inputs = ExtendInputs(
+                new_token_rows=self.pool.staging_row[new_tokens],
+                prefix_slots=torch.arange(prefix_slots, dtype=torch.int64, device=device),
+                empty_prefix_indptr=torch.zeros(len(self.prefix_lens) + 1, dtype=torch.int32, device=device),
+                empty_prefix=torch.zeros((1, self.pool.head_num, self.pool.head_dim), dtype=dtype, device=device),
+            )
+        return inputs
+
     def _compression_candidates(self) -> list[torch.Tensor | None]:
-        """Per request finishing its prompt: positions of its still-staged tokens. A staged
-        token shared by two such requests (a radix-matched partial prompt) goes to the
-        first, so no token is placed twice."""
-        claimed: list[torch.Tensor] = []
-        result: list[torch.Tensor | None] = []
-        for i, tokens in enumerate(self.token_rows):
-            if not self.batch.last_chunk[i]:
-                result.append(None)
-                continue
-            staged = self.pool.staged_mask(tokens)
-            if claimed:
-                staged &= ~torch.isin(tokens, torch.cat(claimed))
-            positions = staged.nonzero().squeeze(1)
-            claimed.append(tokens[positions])
-            result.append(positions)
+        """Per request finishing its prompt: positions of its still-staged tokens (None for
+        the others); their logical ids, request order, in `candidate_tokens`. A staged token
+        shared by two such requests (one matched the other's staged chunks in the radix
+        tree) goes to the first, so no token is placed twice. One nonzero and one count for
+        the whole pass: per request, each was a device sync."""
+        batch = self.batch
+        finishing = [i for i in range(len(batch.rids)) if batch.last_chunk[i]]
+        result: list[torch.Tensor | None] = [None] * len(batch.rids)
+        self.candidate_tokens = torch.empty(0, dtype=torch.int64, device=self.pool.location.device)
+        if not finishing:
+            return result
+        rows = [self.token_rows[i] for i in finishing]
+        tokens = torch.cat(rows)
+        staged = self.pool.staged_mask(tokens)
+        if len(finishing) > 1 and any(self.started_with_prefix.get(batch.rids[i], 1) for i in finishing):
+            staged &= ~_claimed_earlier(tokens, [len(row) for row in rows])
+        flat = staged.nonzero().squeeze(1)
+        lengths = to_device([len(row) for row in rows], torch.int64, tokens.device)
+        starts = torch.cumsum(lengths, 0) - lengths
+        request_of = torch.repeat_interleave(torch.arange(len(rows), device=tokens.device), lengths)[flat]
+        counts = torch.bincount(request_of, minlength=len(rows)).tolist()
+        positions = (flat - starts[request_of]).split(counts)
+        for i, request_positions in zip(finishing, positions):
+            result[i] = request_positions
+        self.candidate_tokens = tokens[flat]
         return result
 
     def _recent_query_rows(self) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -521,7 +571,8 @@ class CompressedAttention:
         `_MAX_GROUPED_KEY_BYTES` of gathered keys allow: all layers for a pass of short
         prompts, a few for a long prompt's last chunk, whose per-layer work is large anyway."""
         pool = self.pool
-        tokens = torch.cat([self.token_rows[i][self.candidates[i]] for i in finishing])
+        # Every finishing request's candidates, request order (`finishing` is all of them).
+        tokens = self.candidate_tokens
         key_bytes_per_layer = tokens.numel() * pool.staging.bytes_per_row(pool.head_num, pool.head_dim,
                                                                           pool.staging.dtype) // 2
         group = max(1, min(pool.layer_num, _MAX_GROUPED_KEY_BYTES // max(1, key_bytes_per_layer)))
@@ -551,16 +602,14 @@ class CompressedAttention:
                              [kept - guards for kept, guards in zip(kept_per_layer, guarded_per_layer)])
 
     def _finish_extend(self) -> None:
-        compressed = [
-            self.token_rows[i][p] for i, p in enumerate(self.candidates) if p is not None and p.numel()
-        ]
+        compressed = sum(1 for positions in self.candidates or () if positions is not None and positions.numel())
         if compressed:
-            tokens = torch.cat(compressed)
+            tokens = self.candidate_tokens
             kept = self.pool.rows_held(tokens).tolist()
             self.pool.release_staging(tokens)
             logger.info(
                 "kv-compress: compressed %d prompt tokens of %d request(s); rows kept per layer %d..%d",
-                tokens.numel(), len(compressed), min(kept), max(kept),
+                tokens.numel(), compressed, min(kept), max(kept),
             )
         for i, rid in enumerate(self.batch.rids):
             if self.batch.last_chunk[i]:

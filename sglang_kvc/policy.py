@@ -143,9 +143,8 @@ class ObservationWindowScorer:
             return rows if missing == 0 else F.pad(rows, (0, 0) * (rows.dim() - 1) + (0, missing), value=value)
 
         queries = torch.stack([padded(prompt.window_queries) for prompt in prompts])
-        query_positions = torch.stack([padded(prompt.window_positions.to(device=device, dtype=torch.int64), -1)
-                                       for prompt in prompts])
-        key_positions = torch.cat([prompt.positions.to(device) for prompt in prompts])
+        query_positions = torch.stack([padded(_int64_on(prompt.window_positions, device), -1) for prompt in prompts])
+        key_positions = torch.cat([_int64_on(prompt.positions, device) for prompt in prompts])
         per_kv_head = window_scores_batched(queries, query_positions, keys, key_positions, lengths, self.temperature)
         # [kv_heads, N] -> [prompts, kv_heads, longest], -inf padding (max pooling then sees
         # -inf past a prompt's end, as its own padding would).
@@ -173,6 +172,14 @@ def _score_one_prompt_at_a_time(scorer: "ObservationWindowScorer", prompts: list
                                                    prompt.positions)
         start = end
     return padded
+
+
+def _int64_on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` as int64 on `device`; as it is when it already is (a no-op `.to` still costs
+    a dispatch, and a pass calls this per (layer, prompt) row)."""
+    if tensor.dtype == torch.int64 and tensor.device == device:
+        return tensor
+    return tensor.to(device=device, dtype=torch.int64)
 
 
 def ragged_flat_index(counts: list[int], width: int, first_column: list[int] | None = None) -> np.ndarray:
@@ -357,7 +364,7 @@ def select_for_requests(
         host, [piece.size for piece in pieces])
     recent_start, budget, first_index = recent_start[:, None], budget[:, None], first_index[:, None]
     padded_positions = torch.full((count, longest), -1, dtype=torch.int64, device=device)
-    padded_positions.view(-1)[candidate_at] = torch.cat([prompt.positions.to(device) for prompt in prompts])
+    padded_positions.view(-1)[candidate_at] = torch.cat([_int64_on(prompt.positions, device) for prompt in prompts])
 
     forced = (padded_positions >= 0) & ((padded_positions < s.sink_tokens) | (padded_positions >= recent_start))
     priority = torch.where(forced, float("inf"), padded_scores)

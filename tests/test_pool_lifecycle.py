@@ -197,6 +197,38 @@ def test_request_sharing_another_requests_staged_chunks():
     assert_fully_free(sim)
 
 
+def test_requests_sharing_staged_chunks_finish_in_one_pass():
+    """B matches A's staged first chunk, then A's last chunk and B finish in the same pass:
+    the shared staged tokens are compressed once (by A, the first), every row is placed
+    exactly once and comes back at the end."""
+    sim = Simulator()
+    a = sim.new_request(prompt(120), max_new_tokens=2, chunk_size=60)
+    assert sim.admit(a)
+    sim.prefill_chunk(a)
+    b = sim.new_request(prompt(59) + prompt(30, start=7000), max_new_tokens=2)
+    assert sim.admit(b)
+    assert len(b.req.prefix_indices) == 59
+    sim.prefill_chunks([a, b])
+    assert a.prompt_done and b.prompt_done
+    sim.check()
+    for request in (a, b):
+        sim.decode_step([request])
+        sim.finish(request)
+        sim.check()
+    sim.evict_all()
+    assert_fully_free(sim)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 40), min_size=0, max_size=12, unique=True), min_size=1, max_size=5))
+def test_claimed_earlier_marks_ids_of_earlier_rows(rows):
+    from sglang_kvc.engine import _claimed_earlier
+
+    tokens = torch.tensor([token for row in rows for token in row], dtype=torch.int64)
+    want = [any(token in earlier for earlier in rows[:index]) for index, row in enumerate(rows) for token in row]
+    assert _claimed_earlier(tokens, [len(row) for row in rows]).tolist() == want
+
+
 def test_pressure_evicts_radix_nodes_until_rows_are_free():
     """A pool whose rows run out long before its logical ids: admissions must evict the
     compressed radix cache (freeing rows) and never over-allocate."""
