@@ -202,7 +202,13 @@ def _block_locations(
     return in_sequence, locations
 
 
-@triton.jit
+# The entry builders' block count and location rows vary with the batch and the layer; one
+# compiled variant for all of them (Triton would otherwise specialize on a count of 1, on
+# multiples of 16 and on each layer row's alignment, compiling in the middle of requests).
+_ENTRY_BUILDER_JIT = {"do_not_specialize": ["num_blocks"], "do_not_specialize_on_alignment": ["location_ptr"]}
+
+
+@triton.jit(**_ENTRY_BUILDER_JIT)
 def _count_held_kernel(
     location_ptr,
     req_to_token_ptr,
@@ -225,7 +231,7 @@ def _count_held_kernel(
     tl.store(block_counts_ptr + (request * num_blocks + block) * 3 + offs_tier, counts, mask=offs_tier < 3)
 
 
-@triton.jit
+@triton.jit(**_ENTRY_BUILDER_JIT)
 def _scatter_entries_kernel(
     location_ptr,
     req_to_token_ptr,

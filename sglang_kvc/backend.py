@@ -57,6 +57,7 @@ class CompressedAttnBackend(TritonAttnBackend):
         if not isinstance(pool, CompressedKVPool):
             raise TypeError(f"CompressedAttnBackend needs a CompressedKVPool, got {type(pool).__name__}")
         self.engine = CompressedAttention(pool, model_runner.req_to_token_pool.req_to_token)
+        self.engine.warm_up_kernels()
         self._warned_missing_flags = False
 
     # ---- metadata -------------------------------------------------------------------------

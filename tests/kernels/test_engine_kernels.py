@@ -313,6 +313,19 @@ def test_logit_cap_decodes_on_the_torch_path(seed):
         assert torch.equal(out, want)
 
 
+@needs_interpreter
+def test_kernel_warm_up_leaves_the_pool_as_it_was(seed):
+    """The start-up warm-up runs the extend path's entry builder on request slot 0: with a
+    prompt already prefilled and decoding, every table of the pool must be unchanged."""
+    sim = simulate("triton", 2, 8, seed)
+    pool = sim.pool
+    before = [t.clone() for t in (pool.location, pool.staging_row, pool.staging_free.buffer)]
+    CompressedAttention(pool, sim.req_to_token_pool.req_to_token, attention_impl="triton").warm_up_kernels()
+    for table, want in zip((pool.location, pool.staging_row, pool.staging_free.buffer), before, strict=True):
+        assert torch.equal(table, want)
+    pool.check_invariants(full=True)
+
+
 def test_attention_impl_choice():
     sim = Simulator(num_layers=1)
     req_to_token = sim.req_to_token_pool.req_to_token
