@@ -76,7 +76,10 @@ def _row_block(row_positions_ptr, prompt, kv_head, row_start, ROWS_PER_HEAD: tl.
     return row_mask, q_rows, row_positions
 
 
-@triton.jit
+# Split counts and the strides that follow the number of rows or keys vary from pass to pass;
+# one compiled variant for all (Triton would specialize a value of 1 and multiples of 16,
+# compiling again in the middle of a request whenever a pass brings a new class).
+@triton.jit(do_not_specialize=["splits", "stride_stats_split"])
 def _row_stats_kernel(
     q_ptr,  # [rows_total, D]: prompt p's rows of KV head h: (p * Hkv + h) * ROWS_PER_HEAD ... (group-major)
     row_positions_ptr,  # [prompts, ROWS_PER_HEAD] positions of a prompt's rows (the same for every head)
@@ -129,7 +132,7 @@ def _row_stats_kernel(
     tl.store(row_sum_ptr + split * stride_stats_split + q_rows, running_sum, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_scores_head"])
 def _key_scores_kernel(
     q_ptr,
     row_positions_ptr,

@@ -71,11 +71,12 @@ def _remember(per_request: dict, rid: str, value, in_pass: set[str]):
     per_request[rid] = value
     return value
 
+
 def _claimed_earlier(tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """For request rows concatenated in `tokens` (`lengths` each; a row's ids are distinct):
     True where the id is also in an earlier row. One sort by (id, row), no host sync."""
     row = torch.repeat_interleave(torch.arange(len(lengths), device=tokens.device),
-                                  to_device(lengths, torch.int64, tokens.device))
+                                  to_device(lengths, torch.int64, tokens.device), output_size=sum(lengths))
     order = torch.argsort(tokens.to(torch.int64) * len(lengths) + row)
     ids = tokens[order]
     later = torch.zeros_like(ids, dtype=torch.bool)
@@ -273,7 +274,7 @@ class CompressedAttention:
         # it, the Triton decode path does not.
         self._token_rows = self._positions = self._recent_rows = self._extend_pass_inputs = None
         # Decided at the first layer (the pass's new tokens are staged by then).
-        self.candidates: list[torch.Tensor | None] | None = None
+        self.candidates = self.candidate_tokens = None
         if self.attention_impl != "triton":
             return
         # What every layer's entry-list build needs, on the device once per pass.
@@ -296,20 +297,34 @@ class CompressedAttention:
                 num_splits=decode_num_splits(len(batch.seq_lens), self.pool.head_num, max_seq_len, self.sm_count),
             )
 
-    def warm_up_kernels(self) -> None:
-        """Compile, at start-up, the entry builder that an extend pass reading a prefix (a
-        radix-cache hit, a prompt's second chunk) uses: SGLang's own warm-up request reads
-        none, so the first such request compiled it (1.78 s against stock's 0.10 s for a
-        repeated 512-token prompt, serving run 12)."""
+    def warm_up_kernels(self, query_dtype: torch.dtype = torch.bfloat16, q_heads: int | None = None) -> None:
+        """Compile, at start-up, the kernels that SGLang's own warm-up request (a few tokens)
+        does not reach, so that no user request waits for Triton: the entry builder of an
+        extend pass that reads a prefix (a radix-cache hit, a prompt's second chunk: 1.78 s
+        against stock's 0.10 s for a repeated 512-token prompt in serving run 12) and the
+        batched window-score kernels. Reads the pool's tables, writes nothing of them."""
         if self.attention_impl != "triton":
             return
         from sglang_kvc.kernels.decode_attention import decode_entries
 
-        device = self.pool.location.device
-        # Request slot 0, which SGLang's ReqToTokenPool never hands out; the launch only
-        # reads the tables and writes entry arrays of its own.
-        decode_entries(self.pool.location[0], self.req_to_token, torch.zeros(1, dtype=torch.int64, device=device),
+        pool = self.pool
+        device = pool.location.device
+        # Request slot 0, which SGLang's ReqToTokenPool never hands out.
+        decode_entries(pool.location[0], self.req_to_token, torch.zeros(1, dtype=torch.int64, device=device),
                        torch.ones(1, dtype=torch.int32, device=device), max_seq_len=1, max_entries=1)
+        if self.config.sparsity.scoring != "window":
+            return
+        # Two prompts with full windows, as every pass of several prompts or layers scores.
+        q_heads = q_heads or pool.head_num
+        keys_per_prompt = 2 * self.window
+        keys = torch.zeros((2 * keys_per_prompt, pool.head_num, pool.head_dim), dtype=pool.staging.dtype, device=device)
+        prompts = [
+            PromptCandidates(torch.zeros((self.window, q_heads, pool.head_dim), dtype=query_dtype, device=device),
+                             torch.arange(keys_per_prompt - self.window, keys_per_prompt, device=device),
+                             torch.arange(keys_per_prompt, device=device), keys_per_prompt)
+            for _ in range(2)
+        ]
+        self.scorer.score_prompts(prompts, keys)
 
     def capture_decode(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, max_context_len: int) -> None:
         """A decode pass recorded into a CUDA graph. `req_pool_indices` / `seq_lens` are
@@ -538,12 +553,14 @@ class CompressedAttention:
         rows = [self.token_rows[i] for i in finishing]
         tokens = torch.cat(rows)
         staged = self.pool.staged_mask(tokens)
+        row_lengths = [len(row) for row in rows]
         if len(finishing) > 1 and any(self.started_with_prefix.get(batch.rids[i], 1) for i in finishing):
-            staged &= ~_claimed_earlier(tokens, [len(row) for row in rows])
+            staged &= ~_claimed_earlier(tokens, row_lengths)
         flat = staged.nonzero().squeeze(1)
-        lengths = to_device([len(row) for row in rows], torch.int64, tokens.device)
+        lengths = to_device(row_lengths, torch.int64, tokens.device)
         starts = torch.cumsum(lengths, 0) - lengths
-        request_of = torch.repeat_interleave(torch.arange(len(rows), device=tokens.device), lengths)[flat]
+        request_of = torch.repeat_interleave(torch.arange(len(rows), device=tokens.device), lengths,
+                                             output_size=tokens.numel())[flat]
         counts = torch.bincount(request_of, minlength=len(rows)).tolist()
         positions = (flat - starts[request_of]).split(counts)
         for i, request_positions in zip(finishing, positions):

@@ -315,12 +315,15 @@ def test_logit_cap_decodes_on_the_torch_path(seed):
 
 @needs_interpreter
 def test_kernel_warm_up_leaves_the_pool_as_it_was(seed):
-    """The start-up warm-up runs the extend path's entry builder on request slot 0: with a
-    prompt already prefilled and decoding, every table of the pool must be unchanged."""
-    sim = simulate("triton", 2, 8, seed)
+    """The start-up warm-up runs the extend path's entry builder on request slot 0 and the
+    batched window-score kernels on scratch tensors: with prompts already prefilled and
+    decoding, every table of the pool must be unchanged."""
+    sim = simulate("triton", 4, 8, seed)
     pool = sim.pool
     before = [t.clone() for t in (pool.location, pool.staging_row, pool.staging_free.buffer)]
-    CompressedAttention(pool, sim.req_to_token_pool.req_to_token, attention_impl="triton").warm_up_kernels()
+    engine = CompressedAttention(pool, sim.req_to_token_pool.req_to_token, attention_impl="triton")
+    assert engine.scorer.implementation == "triton"
+    engine.warm_up_kernels(torch.bfloat16, q_heads=4)
     for table, want in zip((pool.location, pool.staging_row, pool.staging_free.buffer), before, strict=True):
         assert torch.equal(table, want)
     pool.check_invariants(full=True)
