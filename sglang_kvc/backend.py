@@ -57,7 +57,7 @@ class CompressedAttnBackend(TritonAttnBackend):
         if not isinstance(pool, CompressedKVPool):
             raise TypeError(f"CompressedAttnBackend needs a CompressedKVPool, got {type(pool).__name__}")
         self.engine = CompressedAttention(pool, model_runner.req_to_token_pool.req_to_token)
-        # Queries arrive in the model's dtype, one group of num_head per token.
+        # Queries arrive in the model's dtype, num_head heads per token.
         self.engine.warm_up_kernels(model_runner.model_config.dtype, self.num_head)
         self._warned_missing_flags = False
 
