@@ -177,30 +177,29 @@ def test_abort_mid_prefill_seals_the_chunks_the_tree_keeps():
 def test_request_sharing_another_requests_staged_chunks():
     """B matches A's partial prompt while A is between chunks: B's last chunk compresses
     the shared staged tokens, A's later last chunk must not place them again."""
-    sim = Simulator()
-    a = sim.new_request(prompt(120), max_new_tokens=2, chunk_size=60)
-    assert sim.admit(a)
-    sim.prefill_chunk(a)
-    b = sim.new_request(prompt(59) + prompt(30, start=7000), max_new_tokens=2)
-    assert sim.admit(b)
-    assert len(b.req.prefix_indices) == 59
+    sim, a, b = _second_request_matching_a_staged_chunk()
     sim.prefill_chunk(b)
     sim.check()
     while not a.prompt_done:
         sim.prefill_chunk(a)
         sim.check()
-    for request in (a, b):
-        sim.decode_step([request])
-        sim.finish(request)
-        sim.check()
-    sim.evict_all()
-    assert_fully_free(sim)
+    _finish_and_evict(sim, (a, b))
 
 
 def test_requests_sharing_staged_chunks_finish_in_one_pass():
     """B matches A's staged first chunk, then A's last chunk and B finish in the same pass:
     the shared staged tokens are compressed once (by A, the first), every row is placed
     exactly once and comes back at the end."""
+    sim, a, b = _second_request_matching_a_staged_chunk()
+    sim.prefill_chunks([a, b])
+    assert a.prompt_done and b.prompt_done
+    sim.check()
+    _finish_and_evict(sim, (a, b))
+
+
+def _second_request_matching_a_staged_chunk():
+    """A (120 tokens, chunks of 60) has prefilled its first chunk, still staged; B's prompt
+    starts with 59 of those tokens, which it matches in the radix tree."""
     sim = Simulator()
     a = sim.new_request(prompt(120), max_new_tokens=2, chunk_size=60)
     assert sim.admit(a)
@@ -208,10 +207,12 @@ def test_requests_sharing_staged_chunks_finish_in_one_pass():
     b = sim.new_request(prompt(59) + prompt(30, start=7000), max_new_tokens=2)
     assert sim.admit(b)
     assert len(b.req.prefix_indices) == 59
-    sim.prefill_chunks([a, b])
-    assert a.prompt_done and b.prompt_done
-    sim.check()
-    for request in (a, b):
+    return sim, a, b
+
+
+def _finish_and_evict(sim, requests):
+    """One decode step and the finish of each request, then every row must come back."""
+    for request in requests:
         sim.decode_step([request])
         sim.finish(request)
         sim.check()
