@@ -15,7 +15,9 @@ launches `python -m sglang.launch_server` with dummy weights, waits for /health,
     /start_profile, S decode steps; after the measured round, since exporting the trace
     stalls the server), summarized per step by eval/trace_summary.py;
   - optionally (--fidelity-samples K): K fixed prompts, greedy, with log-probabilities; after
-    all configs, each one's tokens and log-probabilities are compared with the bf16 run's;
+    all configs, each one's tokens and log-probabilities are compared with the bf16 run's
+    (--fidelity-concurrent sends the K at once, so that requests finish and free their KV
+    while others still decode, as under load);
   - optionally (--concurrent): many requests at once, then checks the server is healthy;
 records GPU memory, stops the server, and appends everything to a JSON file (rewritten
 after every config, so a timeout keeps what was measured).
@@ -23,9 +25,10 @@ after every config, so a timeout keeps what was measured).
     python eval/server_capacity.py --model-path M --configs bf16 configs/qwen_8x.yaml \
         --prompt-lens 8192 32704 --out results.json
 
-The stock server runs with the graph and scheduler settings --kv-compress forces (prefill
-graph and overlap scheduling off; decode graphs off too with SGLANG_KVC_TRITON=0, the torch
-reference path), so the two differ only in the KV pool and its attention. Stdlib and
+The stock server runs with the graph settings --kv-compress forces (prefill graph off; decode
+graphs off too with SGLANG_KVC_TRITON=0, the torch reference path), so the two differ only in
+the KV pool and its attention; the overlap scheduler is on for both unless --server-args
+passes --disable-overlap-schedule to both. Stdlib and
 sglang_kvc only on the client side, so it runs in the GPU image as is.
 """
 
@@ -61,7 +64,7 @@ def stock_settings_like_compressed() -> list[str]:
     """The settings patches.server_args forces with --kv-compress, for the stock run."""
     from sglang_kvc.runtime import triton_kernels_enabled
 
-    flags = ["--disable-prefill-cuda-graph", "--disable-overlap-schedule"]
+    flags = ["--disable-prefill-cuda-graph"]
     if not triton_kernels_enabled():
         flags.append("--disable-decode-cuda-graph")
     return flags
@@ -140,13 +143,14 @@ def timed_prompt(url: str, rng: random.Random, prompt_len: int, max_new_tokens: 
     return result
 
 
-def concurrently(url: str, prompts: list[list[int]], max_new_tokens: int) -> tuple[float, list[dict]]:
+def concurrently(url: str, prompts: list[list[int]], max_new_tokens: int,
+                 logprobs: bool = False) -> tuple[float, list[dict]]:
     """Send all prompts at once; (wall seconds, results; failures as {"error": ...})."""
     results: list[dict] = [{} for _ in prompts]
 
     def send(i: int) -> None:
         try:
-            results[i] = generate(url, prompts[i], max_new_tokens)
+            results[i] = generate(url, prompts[i], max_new_tokens, logprobs=logprobs)
         except Exception as exc:  # noqa: BLE001 - counted as a failed request
             results[i] = {"error": f"{type(exc).__name__}: {exc}"}
 
@@ -237,14 +241,20 @@ def profile_batch_decode(url: str, rng: random.Random, batch: int, prompt_len: i
     raise TimeoutError(f"no decode trace in {trace_dir} after {timeout} s")
 
 
-def fidelity_samples(url: str, seed: int, count: int, prompt_len: int, max_new_tokens: int) -> list[dict]:
-    """The same `count` prompts for every config (seeded), greedy, with log-probabilities."""
+def fidelity_samples(url: str, seed: int, count: int, prompt_len: int, max_new_tokens: int,
+                     at_once: bool = False) -> list[dict]:
+    """The same `count` prompts for every config (seeded), greedy, with log-probabilities;
+    one after another, or all at once (`at_once`)."""
     rng = random.Random(seed + 7)
-    samples = []
-    for _ in range(count):
-        result = generate(url, random_prompt(rng, prompt_len), max_new_tokens, logprobs=True)
-        samples.append({key: result[key] for key in ("output_ids", "output_logprobs", "cached_tokens")})
-    return samples
+    prompts = [random_prompt(rng, prompt_len) for _ in range(count)]
+    if at_once:
+        _, results = concurrently(url, prompts, max_new_tokens, logprobs=True)
+        failed = [r["error"] for r in results if "error" in r]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {count} fidelity requests failed: {failed[0]}")
+    else:
+        results = [generate(url, prompt, max_new_tokens, logprobs=True) for prompt in prompts]
+    return [{key: result[key] for key in ("output_ids", "output_logprobs", "cached_tokens")} for result in results]
 
 
 def compare_with_stock(samples: list[dict], stock: list[dict]) -> dict:
@@ -351,6 +361,7 @@ def run_one(args, config: str, log_dir: Path) -> dict:
         record["cuda_graph"] = {key: info.get(key) for key in
                                 ("disable_cuda_graph", "disable_decode_cuda_graph", "disable_prefill_cuda_graph",
                                  "cuda_graph_max_bs")}
+        record["overlap_schedule"] = not info.get("disable_overlap_schedule", True)
         rng = random.Random(args.seed)
         requests = []
         for prompt_len in args.prompt_lens:
@@ -380,7 +391,8 @@ def run_one(args, config: str, log_dir: Path) -> dict:
                     flush=True)
         if args.fidelity_samples:
             record["fidelity_samples"] = fidelity_samples(
-                url, args.seed, args.fidelity_samples, args.fidelity_len, args.fidelity_new_tokens
+                url, args.seed, args.fidelity_samples, args.fidelity_len, args.fidelity_new_tokens,
+                at_once=args.fidelity_concurrent,
             )
         if args.concurrent:
             record["pressure"] = pressure(url, process, args)
@@ -415,6 +427,8 @@ def main() -> int:
     parser.add_argument("--fidelity-samples", type=int, default=0, help="greedy prompts compared with the bf16 run")
     parser.add_argument("--fidelity-len", type=int, default=4096)
     parser.add_argument("--fidelity-new-tokens", type=int, default=32)
+    parser.add_argument("--fidelity-concurrent", action="store_true",
+                        help="send the fidelity prompts all at once instead of one after another")
     parser.add_argument("--concurrent", type=int, default=0, help="then send this many requests at once")
     parser.add_argument("--pressure-len", type=int, default=8192, help="prompt length of those requests")
     parser.add_argument("--out", required=True)

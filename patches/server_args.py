@@ -76,9 +76,8 @@ def enforce_supported(self, *args, **kwargs):
         "attention_backend": "triton",
         # Prefill compresses prompts with host-side bookkeeping between layers: never in a graph.
         "disable_prefill_cuda_graph": True,
-        # free() returns rows whose count depends on which tokens each layer evicted; the
-        # scheduler reads that count right away, so it must not race the next forward.
-        "disable_overlap_schedule": True,
+        # The overlap scheduler stays as the user set it: SGLang's WAR barrier orders the
+        # scheduler's frees and seals after the in-flight forward's reads (docs/design.md, 5).
     }
     if not triton_kernels_enabled():
         # Decode graphs need the Triton path (backend.CompressedAttnBackend); the torch

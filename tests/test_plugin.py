@@ -82,6 +82,8 @@ def test_flag_sets_what_compression_needs_and_rejects_what_it_cannot_run_with():
         os.environ["SGLANG_KVC_TRITON"] = "1"
         args = prepare_server_args(base + ["--kv-compress", {str(REPO / "configs/qwen_8x.yaml")!r}])
         print("KVC_TRITON", args.disable_cuda_graph, args.disable_decode_cuda_graph, args.disable_prefill_cuda_graph)
+        args = prepare_server_args(base + ["--kv-compress", {str(REPO / "configs/qwen_8x.yaml")!r}, "--disable-overlap-schedule"])
+        print("KVC_NO_OVERLAP", args.disable_overlap_schedule)
         try:
             prepare_server_args(base + ["--kv-compress", {str(REPO / "configs/qwen_8x.yaml")!r}, "--page-size", "16"])
         except ValueError as exc:
@@ -93,13 +95,15 @@ def test_flag_sets_what_compression_needs_and_rejects_what_it_cannot_run_with():
     lines = dict(
         line.split(" ", 1)
         for line in result.stdout.splitlines()
-        if line.split(" ", 1)[0] in {"PLAIN", "KVC", "KVC_TRITON", "REJECTED"}
+        if line.split(" ", 1)[0] in {"PLAIN", "KVC", "KVC_TRITON", "KVC_NO_OVERLAP", "REJECTED"}
     )
     # Without the flag the plugin changes nothing (that run happened first, in the same process).
     assert lines["PLAIN"] == "False False"
     # The torch reference path decodes eagerly; the Triton path keeps SGLang's decode graphs.
-    assert lines["KVC"] == "triton True True True"
+    # The overlap scheduler stays as the user set it (on by default, off when asked).
+    assert lines["KVC"] == "triton False True True"
     assert lines["KVC_TRITON"] == "False False True"
+    assert lines["KVC_NO_OVERLAP"] == "True"
     assert "page_size=16 (allowed: [None, 1]" in lines["REJECTED"]
 
 

@@ -6,6 +6,9 @@
 # and greedy token / log-probability agreement with stock (eval/server_capacity.py);
 # PROFILE_STEPS=24 adds a profiled batch round per server (SGLang's torch profiler,
 # summarized per step: eval/trace_summary.py).
+# OVERLAP=0 runs every server with --disable-overlap-schedule (default: SGLang's overlap
+# scheduler on for all); FIDELITY_AT_ONCE=1 sends the fidelity prompts all at once;
+# CONCURRENT=N ends each server with N requests at once and a health / leak check.
 # JSON and each server's log to $OUT.
 #   run(command="bash eval/gpu/serving.sh [CONFIG...]", carry=[".gpu-rig"])
 set -u
@@ -21,5 +24,7 @@ for shape in "${BATCH_SHAPES[@]}"; do BATCH_ARGS+=(--batch-decode $shape); done
 timeout "${BUDGET_S:-560}" python3 eval/server_capacity.py --model-path .gpu-rig/qwen2.5-7b-dummy \
   --configs "${CONFIGS[@]}" --prompt-lens ${PROMPT_LENS:-8192 32448} --max-new-tokens "${MAX_NEW:-256}" \
   "${BATCH_ARGS[@]}" --batch-rounds "${BATCH_ROUNDS:-3}" --fidelity-samples "${FIDELITY:-8}" \
-  --profile-decode-steps "${PROFILE_STEPS:-0}" \
-  --out "$OUT/serving.json" --log-dir "$OUT" --server-args --cuda-graph-max-bs "${GRAPH_MAX_BS:-16}"
+  --profile-decode-steps "${PROFILE_STEPS:-0}" --concurrent "${CONCURRENT:-0}" \
+  $([ "${FIDELITY_AT_ONCE:-0}" = 1 ] && echo --fidelity-concurrent) \
+  --out "$OUT/serving.json" --log-dir "$OUT" --server-args --cuda-graph-max-bs "${GRAPH_MAX_BS:-16}" \
+  $([ "${OVERLAP:-1}" = 0 ] && echo --disable-overlap-schedule)

@@ -49,6 +49,36 @@ def test_stock_server_mirrors_the_graph_settings_of_compressed_ones(capacity, mo
     monkeypatch.setenv("SGLANG_KVC_TRITON", "1")
     flags = capacity.stock_settings_like_compressed()
     assert "--disable-decode-cuda-graph" not in flags and "--disable-prefill-cuda-graph" in flags
+    # --kv-compress leaves the overlap scheduler as the user set it, so stock does too.
+    assert "--disable-overlap-schedule" not in flags
+
+
+def test_fidelity_prompts_at_once_are_the_sequential_ones_sent_together(capacity, monkeypatch):
+    sequential, together = [], []
+
+    def fake_generate(url, prompt, max_new_tokens, logprobs=False):
+        sequential.append(prompt)
+        return {"output_ids": prompt[:2], "output_logprobs": [-1.0, -2.0], "cached_tokens": 0, "latency_s": 0.1}
+
+    def fake_concurrently(url, prompts, max_new_tokens, logprobs=False):
+        assert logprobs
+        together.extend(prompts)
+        return 1.0, [fake_generate(url, p, max_new_tokens) for p in prompts]
+
+    monkeypatch.setattr(capacity, "generate", fake_generate)
+    monkeypatch.setattr(capacity, "concurrently", fake_concurrently)
+    one_by_one = capacity.fidelity_samples("http://x", seed=3, count=4, prompt_len=16, max_new_tokens=2)
+    sent_one_by_one = list(sequential)
+    at_once = capacity.fidelity_samples("http://x", seed=3, count=4, prompt_len=16, max_new_tokens=2, at_once=True)
+    assert together == sent_one_by_one and len(set(map(tuple, together))) == 4
+    assert at_once == one_by_one and set(at_once[0]) == {"output_ids", "output_logprobs", "cached_tokens"}
+
+
+def test_fidelity_at_once_fails_loudly_when_a_request_fails(capacity, monkeypatch):
+    monkeypatch.setattr(capacity, "concurrently",
+                        lambda url, prompts, new, logprobs=False: (1.0, [{"error": "HTTPError: 500"}] * len(prompts)))
+    with pytest.raises(RuntimeError, match="2 of 2 fidelity requests failed: HTTPError: 500"):
+        capacity.fidelity_samples("http://x", seed=0, count=2, prompt_len=8, max_new_tokens=2, at_once=True)
 
 
 
@@ -60,7 +90,7 @@ def test_batch_decode_reports_the_median_round_and_the_range(capacity, monkeypat
                   1.2, 2.2])  # 2032 tok/s
     sent = []
 
-    def fake_concurrently(url, prompts, max_new_tokens):
+    def fake_concurrently(url, prompts, max_new_tokens, logprobs=False):
         sent.append((len(prompts), max_new_tokens))
         return next(walls), [{"completion_tokens": max_new_tokens} for _ in prompts]
 
