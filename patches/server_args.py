@@ -88,4 +88,19 @@ def enforce_supported(self, *args, **kwargs):
         setattr(self, field, value)
     if changed:
         logger.warning("kv-compress (%s) sets %s", config.name, changed)
+    require_coarse_war_barrier()
     return None
+
+
+def require_coarse_war_barrier() -> None:
+    """With the overlap scheduler, SGLang's fast WAR barrier lets the scheduler's device work
+    (frees, seals of finished requests) run while a decode graph replays. Our graph builds each
+    layer's entry lists in two passes over the location map (count, then scatter); a free or
+    seal between them makes the scatter overrun the counted slots (an illegal memory access in
+    serving run 15, docs/results/serving-2026-11-30.md). The coarse barrier orders that work after
+    the whole forward. Set in the launcher's environment, so the schedulers it spawns inherit it."""
+    from sglang.srt.environ import envs
+
+    if envs.SGLANG_FORCE_COARSE_WAR_BARRIER.is_set() and not envs.SGLANG_FORCE_COARSE_WAR_BARRIER.get():
+        logger.warning("kv-compress overrides SGLANG_FORCE_COARSE_WAR_BARRIER=0: the decode graph needs the coarse barrier")
+    envs.SGLANG_FORCE_COARSE_WAR_BARRIER.set(True)

@@ -70,12 +70,15 @@ def test_bad_config_stops_the_launcher_with_the_key_and_allowed_values(tmp_path)
 def test_flag_sets_what_compression_needs_and_rejects_what_it_cannot_run_with():
     result = run_python(
         f"""
+        import os
+        os.environ.pop("SGLANG_FORCE_COARSE_WAR_BARRIER", None)
         from sglang.srt.plugins import load_plugins
         load_plugins()
         from sglang.srt.server_args import prepare_server_args
         base = ["--model-path", {MODEL!r}, "--device", "cpu", "--skip-tokenizer-init"]
         plain = prepare_server_args(base)
         print("PLAIN", plain.disable_overlap_schedule, plain.disable_cuda_graph)
+        print("PLAIN_BARRIER", os.environ.get("SGLANG_FORCE_COARSE_WAR_BARRIER"))
         args = prepare_server_args(base + ["--kv-compress", {str(REPO / "configs/qwen_8x.yaml")!r}])
         print("KVC", args.attention_backend, args.disable_overlap_schedule, args.disable_cuda_graph, args.disable_prefill_cuda_graph)
         import os
@@ -84,6 +87,7 @@ def test_flag_sets_what_compression_needs_and_rejects_what_it_cannot_run_with():
         print("KVC_TRITON", args.disable_cuda_graph, args.disable_decode_cuda_graph, args.disable_prefill_cuda_graph)
         args = prepare_server_args(base + ["--kv-compress", {str(REPO / "configs/qwen_8x.yaml")!r}, "--disable-overlap-schedule"])
         print("KVC_NO_OVERLAP", args.disable_overlap_schedule)
+        print("BARRIER", os.environ.get("SGLANG_FORCE_COARSE_WAR_BARRIER"))
         try:
             prepare_server_args(base + ["--kv-compress", {str(REPO / "configs/qwen_8x.yaml")!r}, "--page-size", "16"])
         except ValueError as exc:
@@ -95,7 +99,7 @@ def test_flag_sets_what_compression_needs_and_rejects_what_it_cannot_run_with():
     lines = dict(
         line.split(" ", 1)
         for line in result.stdout.splitlines()
-        if line.split(" ", 1)[0] in {"PLAIN", "KVC", "KVC_TRITON", "KVC_NO_OVERLAP", "REJECTED"}
+        if line.split(" ", 1)[0] in {"PLAIN", "PLAIN_BARRIER", "KVC", "KVC_TRITON", "KVC_NO_OVERLAP", "BARRIER", "REJECTED"}
     )
     # Without the flag the plugin changes nothing (that run happened first, in the same process).
     assert lines["PLAIN"] == "False False"
@@ -104,6 +108,8 @@ def test_flag_sets_what_compression_needs_and_rejects_what_it_cannot_run_with():
     assert lines["KVC"] == "triton False True True"
     assert lines["KVC_TRITON"] == "False False True"
     assert lines["KVC_NO_OVERLAP"] == "True"
+    # The decode graph's two-pass entry build must not race the scheduler's frees and seals.
+    assert lines["PLAIN_BARRIER"] == "None" and lines["BARRIER"] == "True"
     assert "page_size=16 (allowed: [None, 1]" in lines["REJECTED"]
 
 
