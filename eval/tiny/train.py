@@ -32,6 +32,7 @@ What it does:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
@@ -305,14 +306,19 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], ma
 
 
 def evaluate(model: torch.nn.Module, eval_sets: Mapping[tuple[str, int], Sequence[tasks.Sample]], tokenizer,
-             config: TrainConfig) -> dict[str, dict[str, float]]:
-    """Exact-match accuracy {task: {length: accuracy}} by greedy decoding with a full cache."""
+             config: TrainConfig, compiled: bool = True) -> dict[str, dict[str, float]]:
+    """Exact-match accuracy {task: {length: accuracy}} by greedy decoding with a full cache.
+    `compiled=False` runs the `compile_backbone` regions eagerly. Checked because generation's
+    shapes could push a region past dynamo's recompile limit, after which training would step
+    eagerly too: `eval/tiny/train_speed.py --after-eval` found the compiled steps as fast after
+    either kind of evaluation (docs/results/train-speed-2026-11-30.md), so training keeps the default."""
     eos_ids = [tokenizer.token_to_id(tiny_tokenizer.EOS_TOKEN), tokenizer.token_to_id(tiny_tokenizer.PAD_TOKEN)]
     pad_id = tokenizer.token_to_id(tiny_tokenizer.PAD_TOKEN)
     was_training = model.training
     model.eval()
     accuracy: dict[str, dict[str, float]] = {}
-    with autocast_for(config.device):
+    stance = contextlib.nullcontext() if compiled else torch.compiler.set_stance("force_eager")
+    with stance, autocast_for(config.device):
         for (task, length), samples in eval_sets.items():
             per_batch = max(1, config.eval_batch_tokens // length)
             correct = 0

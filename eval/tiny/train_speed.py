@@ -1,7 +1,7 @@
 """Where a training step of the tiny model spends its time, on the device it will train on.
 
     python -m eval.tiny.train_speed --out DIR [--size deep] [--lengths 256 1024 4096 8192]
-                                    [--steps 20] [--loader-seconds 20] [--compile]
+                                    [--steps 20] [--loader-seconds 20] [--compile [--after-eval N]]
 
 Per curriculum length, on batches made exactly as training makes them (eval/tiny/train.py):
   * `wall_ms`: steps queued back to back, one sync at the end (what training gets);
@@ -9,7 +9,9 @@ Per curriculum length, on batches made exactly as training makes them (eval/tiny
   * `host_ms`: the host's time to queue one step (Python, autograd, launches).
 `wall_ms` near `host_ms` and well above `device_ms` means the host bounds training, not the
 GPU. Then the data workers alone: batches and tokens per second at the final curriculum stage
-with training's worker count. `--compile` repeats the step timing with torch.compile.
+with training's worker count. `--compile` repeats the step timing with torch.compile;
+`--after-eval N` then times the compiled steps again after an evaluation of N samples per task
+and length (eager, then compiled), as training's periodic checks run between its steps.
 Writes DIR/train_speed.json.
 """
 
@@ -105,6 +107,10 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="print each length's 20 most expensive operations (torch.profiler)")
     p.add_argument("--workers", type=int, default=train.TrainConfig(out=Path(".")).workers)
+    p.add_argument("--after-eval", type=int, default=0, metavar="SAMPLES",
+                   help="with --compile: then run a periodic check's evaluation (SAMPLES per task and length), "
+                        "eager as training runs it, and time the compiled steps again; then the same with the "
+                        "evaluation compiled, and time them once more")
     args = p.parse_args(argv)
     config = train.TrainConfig(out=args.out, device=args.device, context_loss_weight=args.context_loss_weight,
                                batch_tokens=args.batch_tokens, workers=args.workers)
@@ -139,6 +145,20 @@ def main(argv=None) -> int:
                 print(name, length, json.dumps(result), flush=True)
                 if args.profile:
                     print(profile_table(model, optimizer, batches[length], config), flush=True)
+            if name == "compiled" and args.after_eval:
+                eval_sets = tasks.eval_samples(encode, config.tasks, args.lengths, args.after_eval, 0, split="dev")
+                # Eager evaluation first: a region pushed back to eager by the compiled one would
+                # stay so for good and hide the first comparison.
+                for label, compiled in (("compiled, after an eager evaluation", False),
+                                        ("compiled, after a compiled evaluation", True)):
+                    started = time.perf_counter()
+                    train.evaluate(model, eval_sets, tokenizer, config, compiled=compiled)
+                    evaluation_s = round(time.perf_counter() - started, 1)
+                    for length in args.lengths:
+                        result = time_steps(model, optimizer, batches[length], args.steps, config)
+                        result["evaluation_seconds"] = evaluation_s
+                        report["steps"].setdefault(label, {})[str(length)] = result
+                        print(label, length, json.dumps(result), flush=True)
         report["loader"] = loader_rate(config, Path(tokenizer_dir), args.loader_seconds)
         print("loader", json.dumps(report["loader"]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
