@@ -5,14 +5,15 @@
 `patches.scheduler.admission_in_rows` runs after SGLang builds a PrefillAdder (every
 scheduling step that admits prompts). When the pool's row headroom is below the logical
 tokens the adder may count on (the usual case for a compressed plan once anything is
-cached), it walks every radix node to list the evictable tokens and reads their rows in
-every layer (`pool.rows_held`), so its cost grows with the cache. This builds real SGLang
-objects on the CPU (RadixCache, ReqToTokenPool, the compressed allocator and pool with
-Qwen2.5-7B's 28 layers; one KV head of 128 dims, since the walk does not depend on the
-head shape), inserts `--nodes` cached prompts of `--tokens-per-node` tokens as separate
-radix nodes, and times `admission_in_rows` on a PrefillAdder stand-in and its two parts
-(median of 5 each). The walk is host Python as on a server; the row count is tensor work
-that a server does on its GPU, so only the walk's milliseconds carry over.
+cached), it needs the rows, per layer, that evicting every unlocked radix node would free.
+Until 2026-11-30 it walked the tree for them (O(cached nodes)); now it reads the
+allocator's `evictable_rows` counter, kept current by the radix cache hooks. This builds
+real SGLang objects on the CPU (RadixCache with those hooks, ReqToTokenPool, the compressed
+allocator and pool with Qwen2.5-7B's 28 layers; one KV head of 128 dims, since neither
+depends on the head shape), inserts `--nodes` cached prompts of `--tokens-per-node` tokens
+as separate radix nodes, and times (median of 5 each) `admission_in_rows` on a PrefillAdder
+stand-in, the walk it used to do (host Python, now only in the idle check) and the row
+count of the walked tokens (tensor work a server does on its GPU).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
 from sglang_kvc.allocator import CompressedTokenAllocator
 from sglang_kvc.config import load_config
-from sglang_kvc.patches.scheduler import _evictable_tokens, admission_in_rows
+from sglang_kvc.patches.scheduler import admission_in_rows, evictable_tokens
 from sglang_kvc.planner import ModelShape, RuntimeLimits, plan_for
+from sglang_kvc.plugin import install_radix_cache_hooks
 from sglang_kvc.pool import CompressedKVPool
 
 LAYERS = 28  # Qwen2.5-7B
@@ -43,6 +45,7 @@ def cached_tree(config_path: Path, nodes: int, tokens_per_node: int) -> SimpleNa
     """A pool, allocator and radix cache holding `nodes` unlocked prompts of distinct first
     tokens (each its own node under the root). Their ids hold no rows: the walk and the
     row count read the map whatever it says."""
+    install_radix_cache_hooks()  # as in a scheduler: inserts keep the admission counter current
     logical_tokens = nodes * tokens_per_node + 64
     plan = plan_for(load_config(config_path), ModelShape(LAYERS, 1, 128, 4096), RuntimeLimits(2048, 64))
     pool = CompressedKVPool(logical_tokens, 1, torch.bfloat16, 1, 128, LAYERS, "cpu", plan=plan,
@@ -69,19 +72,20 @@ def _median_ms(run, repeats: int) -> float:
 
 
 def time_admission(state: SimpleNamespace, repeats: int = 5) -> dict:
-    """The whole check, and its two parts: the walk over the radix nodes (host Python, as on
-    a server) and the per-layer row count of the walked tokens (a gather and a sum over
-    [layers, tokens]: CPU tensor work here, a GPU kernel and one sync on a server)."""
+    """The whole check (a read of the per-layer counter), and what it did before 2026-11-30 and
+    the idle check still does: the walk over the radix nodes (host Python, as on a server) and
+    the per-layer row count of the walked tokens (a gather and a sum over [layers, tokens]:
+    CPU tensor work here, a GPU kernel and one sync on a server)."""
     adder = SimpleNamespace(token_to_kv_pool_allocator=state.allocator, tree_cache=state.tree,
                             rem_total_token_offset=0, cur_rem_token_offset=0)
-    tokens = _evictable_tokens(state.tree)
+    tokens = evictable_tokens(state.tree)
     # Whether the check gets past its early exit (rows already cover every logical token).
-    walked = state.pool.headroom_tokens() < state.allocator.logical_available_size() + state.tree.evictable_size()
+    past_early_exit = state.pool.headroom_tokens() < state.allocator.logical_available_size() + state.tree.evictable_size()
     return {
         "admission_ms": _median_ms(lambda: admission_in_rows(None, adder), repeats),
-        "tree_walk_ms": _median_ms(lambda: _evictable_tokens(state.tree), repeats),
+        "tree_walk_ms": _median_ms(lambda: evictable_tokens(state.tree), repeats),
         "row_count_ms_cpu": _median_ms(lambda: state.pool.rows_held(tokens).tolist(), repeats),
-        "walked_the_tree": walked,
+        "past_early_exit": past_early_exit,
     }
 
 

@@ -10,7 +10,7 @@ import logging
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
-from sglang_kvc.allocator import CompressedTokenAllocator
+from sglang_kvc.allocator import compressed_allocator_of
 from sglang_kvc.backend import LAST_CHUNKS, CompressedAttnBackend
 from sglang_kvc.pool import CompressedKVPool
 from sglang_kvc.runtime import active_config
@@ -18,11 +18,6 @@ from sglang_kvc.runtime import active_config
 logger = logging.getLogger(__name__)
 
 INIT_INFO_KEY = "kv_compress"
-
-
-def _compressed_allocator(obj) -> CompressedTokenAllocator | None:
-    allocator = getattr(obj, "token_to_kv_pool_allocator", None)
-    return allocator if isinstance(allocator, CompressedTokenAllocator) else None
 
 
 # ---- forward batches ---------------------------------------------------------------------------
@@ -44,7 +39,7 @@ def evict_until_rows_free(original, tree_cache, num_tokens):
     an evicted compressed token frees fewer rows than one logical slot, so keep evicting
     until the rows are there or nothing is evictable."""
     original(tree_cache, num_tokens)
-    allocator = _compressed_allocator(tree_cache) if tree_cache is not None else None
+    allocator = compressed_allocator_of(tree_cache) if tree_cache is not None else None
     if allocator is None or tree_cache.is_chunk_cache():
         return
     while allocator.available_size() < num_tokens and tree_cache.evictable_size() > 0:
@@ -53,8 +48,9 @@ def evict_until_rows_free(original, tree_cache, num_tokens):
             break
 
 
-def _evictable_tokens(tree_cache) -> torch.Tensor | None:
-    """Token ids of every unlocked radix node (what eviction could free)."""
+def evictable_tokens(tree_cache) -> torch.Tensor | None:
+    """Token ids of every unlocked radix node (what eviction could free): a walk of the whole
+    tree, for the idle check of the allocator's `evictable_rows` counter."""
     values, stack = [], list(tree_cache.root_node.children.values())
     while stack:
         node = stack.pop()
@@ -74,7 +70,7 @@ def token_usage_in_rows(result, self, *args, **kwargs):
     tokens hold rows that eviction returns; counted at the plan's average rows per token,
     so the figure is exact when idle or when nothing is cached). Available and evictable
     sizes stay SGLang's."""
-    allocator = _compressed_allocator(self)
+    allocator = compressed_allocator_of(self)
     if allocator is None:
         return None
     usage = max(0.0, allocator.pool.row_usage() - result.full_evictable_size / self.max_total_num_tokens)
@@ -85,8 +81,10 @@ def token_usage_in_rows(result, self, *args, **kwargs):
 def admission_in_rows(result, self, *args, **kwargs):
     """AFTER PrefillAdder.__init__. The adder budgets `available + evictable` logical
     tokens, but evicting a compressed token frees at most one row per layer and often
-    none; lower its budget to what evicting every unlocked node would really free."""
-    allocator = _compressed_allocator(self)
+    none; lower its budget to what evicting every unlocked node would really free (the
+    allocator's `evictable_rows`, kept current by patches.radix_cache: one read of a
+    per-layer counter, whatever the size of the cache)."""
+    allocator = compressed_allocator_of(self)
     tree_cache = self.tree_cache
     if allocator is None or tree_cache is None or tree_cache.is_chunk_cache():
         return None
@@ -97,8 +95,7 @@ def admission_in_rows(result, self, *args, **kwargs):
     logical = allocator.logical_available_size() + evictable
     if pool.headroom_tokens() >= logical:
         return None  # rows already cover every logical token the adder could count on
-    tokens = _evictable_tokens(tree_cache)
-    rows = pool.rows_held(tokens).tolist() if tokens is not None else [0] * pool.layer_num
+    rows = allocator.evictable_rows.per_layer()
     physical = min(pool.free_rows(layer) + rows[layer] for layer in range(pool.layer_num)) - pool.staged_count
     budgeted = allocator.available_size() + evictable
     correction = budgeted - min(logical, physical)
@@ -111,7 +108,7 @@ def admission_in_rows(result, self, *args, **kwargs):
 def seal_released_request(req, tree_cache, is_insert=True):
     """BEFORE common.release_kv_cache: tokens a finished request leaves in the radix tree
     must not stay in staging (its last decode tokens, an aborted prompt's chunks)."""
-    allocator = _compressed_allocator(tree_cache)
+    allocator = compressed_allocator_of(tree_cache)
     if allocator is None or not is_insert or tree_cache.is_chunk_cache() or req.req_pool_idx is None:
         return None
     if getattr(req, "skip_radix_cache_insert", False):
@@ -127,7 +124,7 @@ def seal_released_request(req, tree_cache, is_insert=True):
 def idle_check_in_logical_ids(original, self, *args, **kwargs):
     """AROUND Scheduler.on_idle. SGLang's leak check balances logical ids
     (available + cached == total); report those to it, and check the rows ourselves."""
-    allocator = _compressed_allocator(self)
+    allocator = compressed_allocator_of(self)
     if allocator is None:
         return original(self, *args, **kwargs)
     allocator.report_logical_size = True
@@ -137,7 +134,20 @@ def idle_check_in_logical_ids(original, self, *args, **kwargs):
         allocator.report_logical_size = False
     if self.is_fully_idle():
         allocator.pool.check_invariants(full=False)
+        check_evictable_rows(self.tree_cache, allocator)
     return result
+
+
+def check_evictable_rows(tree_cache, allocator) -> bool:
+    """The admission counter against a walk of the tree; a mismatch is a bookkeeping bug
+    (logged, and the counter takes the walked value, so admission stays safe)."""
+    if tree_cache is None or tree_cache.is_chunk_cache():
+        return True
+    matched, counted, walked = allocator.evictable_rows.matches_tree(evictable_tokens(tree_cache))
+    if not matched:
+        logger.error("kv-compress: rows held by unlocked radix nodes were counted as %s, the tree holds %s; "
+                     "corrected", counted, walked)
+    return matched
 
 
 def verify_components(result, self, *args, **kwargs):
@@ -147,7 +157,7 @@ def verify_components(result, self, *args, **kwargs):
     config = active_config()
     if config is None:
         return None
-    allocator = _compressed_allocator(self)
+    allocator = compressed_allocator_of(self)
     pool = allocator.pool if allocator is not None else None
     runner = self.tp_worker.model_runner
     backend = runner.attn_backend

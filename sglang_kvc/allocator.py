@@ -9,15 +9,27 @@ layer.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
+from sglang_kvc.evictable_rows import EvictableRows
 from sglang_kvc.pool import CompressedKVPool
+
+
+def compressed_allocator_of(obj) -> "CompressedTokenAllocator | None":
+    """The compressed allocator of a scheduler, radix cache or prefill adder (None if stock)."""
+    allocator = getattr(obj, "token_to_kv_pool_allocator", None)
+    return allocator if isinstance(allocator, CompressedTokenAllocator) else None
 
 
 class CompressedTokenAllocator(TokenToKVPoolAllocator):
     def __init__(self, size: int, dtype: torch.dtype, device: str, kvcache: CompressedKVPool):
         self.report_logical_size = False
+        # Rows held by the radix cache's unlocked nodes (patches.radix_cache keeps it current).
+        self.evictable_rows = EvictableRows(kvcache)
+        self._evicting_from_tree = False
         super().__init__(size, dtype, device, kvcache, need_sort=False)
 
     @property
@@ -47,6 +59,22 @@ class CompressedTokenAllocator(TokenToKVPoolAllocator):
             self.pool.free_tokens(free_index)
         super().free(free_index)
 
+    @contextlib.contextmanager
+    def evicting_from_tree(self):
+        """While the radix cache evicts: what it frees are unlocked nodes' tokens."""
+        self._evicting_from_tree = True
+        try:
+            yield
+        finally:
+            self._evicting_from_tree = False
+
+    def free_segment(self, free_index: torch.Tensor, *, start_pos: int):
+        # Counted off here, not in `free`: inside a free group the rows go only at its end.
+        if self._evicting_from_tree:
+            self.evictable_rows.remove(free_index)
+        super().free_segment(free_index, start_pos=start_pos)
+
     def clear(self):
         super().clear()
         self.pool.clear_state()
+        self.evictable_rows.reset()

@@ -12,13 +12,22 @@ import logging
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from sglang_kvc.patches import memory, scheduler, server_args
+from sglang_kvc.patches import memory, radix_cache, scheduler, server_args
 from sglang_kvc.runtime import active_config
 
 logger = logging.getLogger(__name__)
 
 _SA = "sglang.srt.server_args.ServerArgs"
 _KVC = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+_RC = "sglang.srt.mem_cache.radix_cache.RadixCache"
+
+# The radix cache's lock / insert / evict keep the admission counter current (scheduler).
+RADIX_CACHE_HOOKS = (
+    (f"{_RC}.inc_lock_ref", radix_cache.lock_takes_rows_off, HookType.AROUND),
+    (f"{_RC}.dec_lock_ref", radix_cache.unlock_puts_rows_on, HookType.AROUND),
+    (f"{_RC}.insert", radix_cache.new_node_puts_rows_on, HookType.AROUND),
+    (f"{_RC}.evict", radix_cache.eviction_takes_rows_off, HookType.AROUND),
+)
 
 HOOKS = (
     # server arguments (launcher and scheduler)
@@ -34,6 +43,7 @@ HOOKS = (
     # scheduling (scheduler)
     ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
      scheduler.mark_last_chunks, HookType.AFTER),
+    *RADIX_CACHE_HOOKS,
     ("sglang.srt.mem_cache.common.evict_from_tree_cache", scheduler.evict_until_rows_free, HookType.AROUND),
     ("sglang.srt.managers.schedule_policy.PrefillAdder.__init__", scheduler.admission_in_rows, HookType.AFTER),
     ("sglang.srt.managers.scheduler_components.pool_stats_observer.SchedulerPoolStatsObserver._get_token_info",
@@ -65,6 +75,15 @@ def _register_attention_backend() -> None:
 
     triton_or_compressed._kvc_wrapped = True
     ATTENTION_BACKENDS["triton"] = triton_or_compressed
+
+
+def install_radix_cache_hooks() -> None:
+    """Apply only the radix cache's hooks, for code that drives SGLang's RadixCache outside a
+    server (tests/sim.py, eval/admission_cost.py). Applied once per process."""
+    for target, hook, hook_type in RADIX_CACHE_HOOKS:
+        if target not in HookRegistry._patched:
+            HookRegistry.register(target, hook, hook_type)
+    HookRegistry.apply_hooks()
 
 
 def register() -> None:

@@ -26,6 +26,7 @@ from sglang_kvc.allocator import CompressedTokenAllocator
 from sglang_kvc.config import CompressionConfig, config_from_dict
 from sglang_kvc.engine import BatchInfo, CompressedAttention
 from sglang_kvc.patches import scheduler as hooks
+from sglang_kvc.plugin import install_radix_cache_hooks
 from sglang_kvc.planner import ModelShape, RuntimeLimits, plan_for
 from sglang_kvc.pool import CompressedKVPool
 
@@ -96,6 +97,7 @@ class Simulator:
         self.req_to_token_pool = ReqToTokenPool(
             size=self.max_requests, max_context_len=self.context_len, device="cpu", enable_memory_saver=False
         )
+        install_radix_cache_hooks()  # as the plugin does in a scheduler: the admission counter
         self.tree = RadixCache(
             CacheInitParams(
                 disable=False,
@@ -234,3 +236,6 @@ class Simulator:
         )
         assert accounted == self.logical_tokens, (accounted, self.logical_tokens)
         assert 0 <= self.allocator.available_size() <= self.allocator.logical_available_size()
+        # The admission counter (kept by patches.radix_cache) equals a walk of the tree.
+        matched, counted, walked = self.allocator.evictable_rows.matches_tree(hooks.evictable_tokens(self.tree))
+        assert matched, (counted, walked)

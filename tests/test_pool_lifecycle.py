@@ -9,6 +9,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sim import SMALL_CONFIG, Simulator
 
 from sglang_kvc.config import config_from_dict
+from sglang_kvc.patches import scheduler as hooks
 from sglang_kvc.pool import Tier, tier_of
 
 
@@ -295,7 +296,6 @@ def test_admission_budget_counts_rows_that_eviction_can_really_free():
     from sglang.srt.managers.schedule_policy import PrefillAdder
     from sglang.srt.mem_cache import common
 
-    from sglang_kvc.patches import scheduler as hooks
 
     sim = Simulator(logical_tokens=2048)
     for i in range(6):
@@ -328,7 +328,6 @@ def test_token_usage_is_reported_in_rows():
     are cached."""
     from sglang.srt.managers.scheduler_components.pool_stats_observer import SchedulerPoolStatsObserver
 
-    from sglang_kvc.patches import scheduler as hooks
 
     sim = Simulator(logical_tokens=2048)
     observer = SchedulerPoolStatsObserver(
@@ -488,3 +487,50 @@ def test_compressing_all_layers_spills_like_compress_when_a_layer_is_short():
     tiers = tier_of(together.pool.location[1, tokens])
     # Layer 1's guard tier had one row too few: one guarded token went to the low-bit tier.
     assert int((tiers == Tier.GUARD).sum()) == 3 and int((tiers == Tier.LOWBIT).sum()) == 3
+
+
+def test_admission_counter_follows_the_trees_locks_inserts_and_evictions():
+    """The rows held by unlocked radix nodes, per layer, are a counter that the radix cache's
+    hooks keep current (patches.radix_cache), so admission never walks the tree. It rises
+    when a finished prompt is cached, falls when a new request locks that prefix, rises
+    again when the request ends, and is zero after eviction; a walk agrees at every step."""
+    sim = Simulator()
+    counter = sim.allocator.evictable_rows
+
+    def walked() -> list[int]:
+        tokens = hooks.evictable_tokens(sim.tree)
+        return sim.pool.rows_held(tokens).tolist() if tokens is not None else [0] * sim.num_layers
+
+    first = sim.new_request(prompt(120), max_new_tokens=3)
+    assert sim.admit(first)
+    run_to_completion(sim, first)
+    assert counter.per_layer() == [0] * sim.num_layers  # locked by the running request
+    sim.finish(first)
+    cached = counter.per_layer()
+    assert cached == walked() and min(cached) > 0
+    second = sim.new_request(prompt(120) + prompt(30, start=900), max_new_tokens=2)
+    assert sim.admit(second)  # matches the cached prompt and locks it
+    assert second.req.prefix_indices.numel() >= 100
+    locked = counter.per_layer()
+    assert locked == walked() and all(now < before for now, before in zip(locked, cached))
+    run_to_completion(sim, second)
+    sim.finish(second)
+    assert counter.per_layer() == walked()
+    sim.evict_all()
+    assert counter.per_layer() == [0] * sim.num_layers
+    assert_fully_free(sim)
+
+
+def test_idle_check_corrects_a_drifted_admission_counter(caplog):
+    sim = Simulator()
+    request = sim.new_request(prompt(80), max_new_tokens=2)
+    assert sim.admit(request)
+    run_to_completion(sim, request)
+    sim.finish(request)
+    truth = sim.allocator.evictable_rows.per_layer()
+    sim.allocator.evictable_rows._rows += 5  # a bookkeeping bug would look like this
+    with caplog.at_level("ERROR"):
+        assert not hooks.check_evictable_rows(sim.tree, sim.allocator)
+    assert "counted as" in caplog.text
+    assert sim.allocator.evictable_rows.per_layer() == truth
+    assert hooks.check_evictable_rows(sim.tree, sim.allocator)
