@@ -101,6 +101,10 @@ def require_coarse_war_barrier() -> None:
     the whole forward. Set in the launcher's environment, so the schedulers it spawns inherit it."""
     from sglang.srt.environ import envs
 
-    if envs.SGLANG_FORCE_COARSE_WAR_BARRIER.is_set() and not envs.SGLANG_FORCE_COARSE_WAR_BARRIER.get():
+    if envs.SGLANG_FORCE_COARSE_WAR_BARRIER.get():
+        return
+    if envs.SGLANG_FORCE_COARSE_WAR_BARRIER.is_set():
         logger.warning("kv-compress overrides SGLANG_FORCE_COARSE_WAR_BARRIER=0: the decode graph needs the coarse barrier")
+    else:
+        logger.info("kv-compress sets SGLANG_FORCE_COARSE_WAR_BARRIER=1")
     envs.SGLANG_FORCE_COARSE_WAR_BARRIER.set(True)
