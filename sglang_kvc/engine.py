@@ -637,12 +637,10 @@ class CompressedAttention:
         compressed = sum(1 for positions in self.candidates or () if positions is not None and positions.numel())
         if compressed:
             tokens = self.candidate_tokens
-            kept = self.pool.rows_held(tokens).tolist()
             self.pool.release_staging(tokens)
-            logger.info(
-                "kv-compress: compressed %d prompt tokens of %d request(s); rows kept per layer %d..%d",
-                tokens.numel(), compressed, min(kept), max(kept),
-            )
+            # Host-known counts only: reading back the rows kept would wait for the whole pass
+            # on the GPU, which the overlap scheduler would otherwise spend on the next batch.
+            logger.info("kv-compress: compressed %d prompt tokens of %d request(s)", tokens.numel(), compressed)
         for i, rid in enumerate(self.batch.rids):
             if self.batch.last_chunk[i]:
                 self.scoring_queries.pop(rid, None)
