@@ -7,7 +7,9 @@ Builds a CompressedKVPool on the CPU with Qwen2.5-7B's KV shape (28 layers, 4 KV
 head_dim 128) and times, under torch.profiler, what the server does around decode steps:
   * `stage`: staging rows for one decode step's new tokens (`--requests` of them);
   * `seal`: moving `requests x window-tokens` staged decode tokens to the low-bit tier in
-    every layer (what `CompressedAttention` does every `decode_window / 2` steps);
+    every layer, finding them in the staging map (`pool.seal`: a finished request's tokens,
+    and the decode window's fallback); `seal_known`: the same for tokens the caller knows
+    to be staged (`pool.seal_staged`: the decode window every `decode_window / 2` steps);
   * `free`: returning those tokens' rows in every layer (a finished request, an eviction);
   * `compress_pass`: a prefill pass's compression when it finishes `--prefill-requests`
     prompts of `--prompt-len` tokens (`CompressedAttention.compress_layer` after every
@@ -17,7 +19,9 @@ head_dim 128) and times, under torch.profiler, what the server does around decod
     come from the torch scorer (and, counted separately, from the server's Triton scorer in
     Triton's interpreter) and the packed writes from the torch quantizer; on a GPU each is a
     few Triton launches.
-For each: the top-level torch operators dispatched, by name. On a GPU most of them are a
+For each: the top-level torch operators dispatched, by name, and (stage / seal / free) the
+operators at any depth whose output size or value a GPU would have to read back first
+(`device_syncs`: boolean selection, `nonzero`, `unique`, `item`). On a GPU most of them are a
 kernel launch and its host work (views such as `slice` and no-op `to` are not; the packed
 writes are one Triton launch each instead of the torch quantizer's dozen operators). Host
 times on this CPU are not reported: here the operators also do the quantization arithmetic,
@@ -79,6 +83,11 @@ VIEW_OPERATORS = frozenset({
 })
 
 
+# Operators that wait for the device on CUDA: their output's size or value is read back.
+SYNCING_OPERATORS = frozenset({"aten::nonzero", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
+                               "aten::_local_scalar_dense", "aten::item"})
+
+
 def launching(counts: Counter) -> int:
     """How many of `counts` are not views: on a GPU, about one kernel launch each (a no-op
     `to` counted among them)."""
@@ -90,7 +99,11 @@ def top_level_operators(run, outside: str | None = None) -> Counter:
     `outside`: only those not within a `record_function` range of that name."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         run()
-    return Counter(event.name for event in profiler.events()
+    return _top_level(profiler.events(), outside)
+
+
+def _top_level(events, outside: str | None = None) -> Counter:
+    return Counter(event.name for event in events
                    if event.name.startswith("aten::")
                    and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"))
                    and (outside is None or not _within(event, outside)))
@@ -111,18 +124,36 @@ def measure(config_path: Path, requests: int, window_tokens: int, logical_tokens
     generator = torch.Generator().manual_seed(0)
     pool = build_pool(config_path, logical_tokens)
     counts: dict[str, Counter] = {}
+    syncs: dict[str, int] = {}
     next_token = 1
     for _ in range(2):
         sealed = staged_tokens(pool, next_token, requests * window_tokens, generator)
         next_token += sealed.numel()
+        known = staged_tokens(pool, next_token, requests * window_tokens, generator)
+        next_token += known.numel()
         step = torch.arange(next_token, next_token + requests, dtype=torch.int64)
         next_token += requests
-        counts["stage"] = top_level_operators(lambda: pool.stage(step))
-        counts["seal"] = top_level_operators(lambda: pool.seal(sealed))
-        counts["free"] = top_level_operators(lambda: pool.free_tokens(torch.cat((sealed, step))))
+        operations = {
+            "stage": lambda: pool.stage(step),
+            "seal": lambda: pool.seal(sealed),
+            "seal_known": lambda: pool.seal_staged(known),
+            "free": lambda: pool.free_tokens(torch.cat((sealed, known, step))),
+        }
+        for name, run in operations.items():
+            counts[name], syncs[name] = operators_and_syncs(run)
     pool.check_invariants(full=True)
-    return {name: {"operators": sum(c.values()), "not_views": launching(c), "most_dispatched": dict(c.most_common(8))}
+    return {name: {"operators": sum(c.values()), "not_views": launching(c), "device_syncs": syncs[name],
+                   "most_dispatched": dict(c.most_common(8))}
             for name, c in counts.items()}
+
+
+def operators_and_syncs(run) -> tuple[Counter, int]:
+    """`run()` once under the profiler: its top-level operators (`top_level_operators`) and
+    how many operators at any depth would sync a GPU (SYNCING_OPERATORS)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        run()
+    events = profiler.events()
+    return _top_level(events), sum(1 for event in events if event.name in SYNCING_OPERATORS)
 
 
 def measure_compress_pass(config_path: Path, prompts: int, prompt_len: int, q_heads: int = 28,

@@ -11,7 +11,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from sglang_kvc.allocator import compressed_allocator_of
-from sglang_kvc.backend import LAST_CHUNKS, CompressedAttnBackend
+from sglang_kvc.backend import DECODE_REQUESTS, LAST_CHUNKS, CompressedAttnBackend
 from sglang_kvc.pool import CompressedKVPool
 from sglang_kvc.runtime import active_config
 
@@ -22,13 +22,19 @@ INIT_INFO_KEY = "kv_compress"
 
 # ---- forward batches ---------------------------------------------------------------------------
 
-def mark_last_chunks(result, cls, batch, model_runner, **kwargs):
-    """AFTER ForwardBatch.init_new: for each request of an EXTEND batch, does this pass
-    finish its prompt? The chunked request (batch.chunked_req) is the one that does not."""
-    if active_config() is None or not result.forward_mode.is_extend():
+def publish_batch_requests(result, cls, batch, model_runner, **kwargs):
+    """AFTER ForwardBatch.init_new: what the backend needs on the host and the ForwardBatch
+    it sees does not carry. EXTEND: does this pass finish each request's prompt (the chunked
+    request, batch.chunked_req, is the one that does not)? DECODE: the requests' slots and
+    sequence lengths (so that the graph replay's seal reads nothing back from the device)."""
+    if active_config() is None:
         return None
-    chunked = getattr(batch, "chunked_req", None)
-    LAST_CHUNKS.publish([req.rid for req in batch.reqs], [req is not chunked for req in batch.reqs])
+    mode = result.forward_mode
+    if mode.is_extend():
+        chunked = getattr(batch, "chunked_req", None)
+        LAST_CHUNKS.publish([req.rid for req in batch.reqs], [req is not chunked for req in batch.reqs])
+    elif mode.is_decode() and result.seq_lens_cpu is not None:
+        DECODE_REQUESTS.publish([req.req_pool_idx for req in batch.reqs], result.seq_lens_cpu.tolist())
     return None
 
 

@@ -50,6 +50,29 @@ class LastChunkFlags:
 LAST_CHUNKS = LastChunkFlags()
 
 
+class DecodeRequests:
+    """For the next DECODE pass: its requests' slots and sequence lengths on the host.
+
+    Published by the same ForwardBatch.init_new hook; read by the graph replay's
+    preparation, whose ForwardBatch view holds them only on the device (reading them back
+    would be a host sync per step). Taken once: a pass of another size gets None."""
+
+    def __init__(self) -> None:
+        self._published: tuple[list[int], list[int]] | None = None
+
+    def publish(self, slots: list[int], seq_lens: list[int]) -> None:
+        self._published = (slots, seq_lens)
+
+    def take(self, batch_size: int) -> tuple[list[int], list[int]] | None:
+        published, self._published = self._published, None
+        if published is None or len(published[0]) != batch_size:
+            return None
+        return published
+
+
+DECODE_REQUESTS = DecodeRequests()
+
+
 class CompressedAttnBackend(TritonAttnBackend):
     def __init__(self, model_runner, skip_prefill: bool = False, kv_indptr_buf=None):
         super().__init__(model_runner, skip_prefill, kv_indptr_buf)
@@ -99,7 +122,8 @@ class CompressedAttnBackend(TritonAttnBackend):
         # size; out_cache_loc is the real batch's (padded slots are 0 in the graph's copy).
         real = forward_batch.batch_size - getattr(forward_batch, "num_padding", 0)
         self.engine.prepare_replay(
-            forward_batch.req_pool_indices[:real], forward_batch.seq_lens[:real], forward_batch.out_cache_loc
+            forward_batch.req_pool_indices[:real], forward_batch.seq_lens[:real], forward_batch.out_cache_loc,
+            DECODE_REQUESTS.take(real),
         )
 
     def init_forward_metadata_in_graph(self, forward_batch):

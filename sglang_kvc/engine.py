@@ -7,7 +7,7 @@ drive it directly with real SGLang pools and radix caches on the CPU.
 
 Before every pass (`begin`, host side): the pass's new tokens get staging rows, and every
 few DECODE passes the tokens that have left the decode window move from staging to the
-low-bit tier in all layers (`pool.seal`, see `_seal_leaving_tokens`).
+low-bit tier in all layers (`decode_window.DecodeWindow`).
 
 Per layer of an EXTEND pass:
   1. the backend has written the chunk's K/V to staging (pool.set_kv_buffer);
@@ -45,6 +45,7 @@ import torch
 
 from sglang_kvc.attention import attend
 from sglang_kvc.context_queries import StridedQuerySampler
+from sglang_kvc.decode_window import DecodeWindow
 from sglang_kvc.device_copy import to_device
 from sglang_kvc.policy import PromptCandidates, TokenScorer, prompt_budgets, scorer_from_config, select_for_requests
 from sglang_kvc.pool import CompressedKVPool, Tier
@@ -226,8 +227,7 @@ class CompressedAttention:
         # fp16 dot operands on packed rows, tf32 on bf16 rows (kernels.decode_attention).
         self.decode_dot_precision = "auto"
         self.window = self.config.sparsity.observation_window
-        self.seal_interval = max(1, self.config.quantization.decode_window // 2)
-        self.decode_steps = 0
+        self.decode_window = DecodeWindow(pool, req_to_token, self.config.quantization.decode_window)
         self.last_layer = pool.layer_num - 1
         # Per request still in prefill, per layer: the queries that will score its prompt.
         self.scoring_queries: dict[str, list[RecentQueries | StridedQuerySampler | None]] = {}
@@ -258,9 +258,11 @@ class CompressedAttention:
         self.capturing = False
         device = self.pool.location.device
         self.req_pool_indices_device = to_device(batch.req_pool_indices, torch.int64, device)
-        if batch.is_decode and self._seal_due():
-            seq_lens = to_device(batch.seq_lens, torch.int64, device)
-            self._seal_leaving_tokens(self.req_pool_indices_device, seq_lens)
+        if batch.is_decode and self.decode_window.due():
+            self.decode_window.seal(batch.req_pool_indices, batch.seq_lens)
+        for slot, seq_len, last_chunk in zip(batch.req_pool_indices, batch.seq_lens, batch.last_chunk):
+            if last_chunk:
+                self.decode_window.prompt_done(slot, seq_len)
         if new_tokens is not None:
             self.pool.stage(new_tokens)
         if not batch.is_decode:
@@ -354,15 +356,18 @@ class CompressedAttention:
         # The graph reads region_indptr at every replay: it must outlive this capture.
         self.graphs_captured[batch_size] = self.decode_launch
 
-    def prepare_replay(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, new_tokens: torch.Tensor) -> None:
+    def prepare_replay(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, new_tokens: torch.Tensor,
+                       on_host: tuple[list[int], list[int]] | None = None) -> None:
         """The host side of a captured decode pass, before its replay: the real (unpadded)
         requests' oldest decode-window tokens move to the low-bit tier (when due) and their
-        new tokens get staging rows."""
+        new tokens get staging rows. `on_host`: the same requests' slots and sequence lengths
+        as host lists, if the caller has them (then the move needs no device sync)."""
         # Named ranges for profiles of the server (eval/server_capacity.py --profile-decode-steps).
         with torch.profiler.record_function("kvc.prepare_replay"):
-            if self._seal_due():
+            if self.decode_window.due():
                 with torch.profiler.record_function("kvc.seal"):
-                    self._seal_leaving_tokens(req_pool_indices.to(torch.int64), seq_lens.to(torch.int64))
+                    slots, lengths = on_host if on_host is not None else (None, None)
+                    self.decode_window.seal(slots, lengths, req_pool_indices, seq_lens)
             self.pool.stage(new_tokens)
 
     @property
@@ -380,31 +385,6 @@ class CompressedAttention:
         if self._positions is None:
             self._positions = [torch.arange(len(t), device=t.device) for t in self.token_rows]
         return self._positions
-
-    def _seal_due(self) -> bool:
-        """Counts decode steps; True every `seal_interval`-th (see `_seal_leaving_tokens`)."""
-        self.decode_steps += 1
-        return self.decode_steps % self.seal_interval == 0
-
-    def _seal_leaving_tokens(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> None:
-        """Before a decode step whose sequences (new token included) are `seq_lens` long,
-        before its new tokens are staged, on every `seal_interval`-th (k) step: each
-        request's staged tokens at positions <= seq_len - 3 - decode_window + k move to the
-        low-bit tier in every layer (`pool.seal`). The step then attends to between
-        decode_window - k + 1 and decode_window earlier decode tokens in bf16 (with k = 1,
-        always decode_window), and a request never holds more than decode_window + 1 staged
-        decode tokens, which is what the planner sizes staging for. Sealing costs a few
-        launches per layer plus host syncs; every k steps instead of every step amortizes it.
-        The 2k positions up to that bound cover the k due now and the k of the previous seal
-        (a request that joined the batch in between); prompt tokens among them were placed
-        at prefill and are skipped."""
-        window, interval = self.config.quantization.decode_window, self.seal_interval
-        offsets = torch.arange(2 * interval, device=seq_lens.device)
-        positions = (seq_lens - 2 - window - interval)[:, None] + offsets[None, :]
-        due = positions >= 0
-        rows = req_pool_indices[:, None].expand_as(positions)
-        tokens = self.req_to_token[rows[due], positions[due]].to(torch.int64)
-        self.pool.seal(tokens)
 
     # ---- extend ---------------------------------------------------------------------------------
     def extend(self, layer_id: int, q: torch.Tensor, scaling: float, logit_cap: float = 0.0) -> torch.Tensor:

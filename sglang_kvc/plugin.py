@@ -42,7 +42,7 @@ HOOKS = (
     (f"{_KVC}._build_token_to_kv_pool_allocator", memory.build_compressed_allocator, HookType.AROUND),
     # scheduling (scheduler)
     ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
-     scheduler.mark_last_chunks, HookType.AFTER),
+     scheduler.publish_batch_requests, HookType.AFTER),
     *RADIX_CACHE_HOOKS,
     ("sglang.srt.mem_cache.common.evict_from_tree_cache", scheduler.evict_until_rows_free, HookType.AROUND),
     ("sglang.srt.managers.schedule_policy.PrefillAdder.__init__", scheduler.admission_in_rows, HookType.AFTER),

@@ -320,16 +320,20 @@ class CompressedKVPool(MHATokenToKVPool):
         layer, and release their staging rows: decode tokens leaving the decode window
         (before each decode step), the last decode tokens of a finished request, a prompt
         whose prefill was aborted; so tokens kept by the radix tree never pin staging rows."""
-        staged = tokens[self.staged_mask(tokens)].unique()
-        count = staged.numel()
+        self.seal_staged(tokens[self.staged_mask(tokens)].unique())
+
+    def seal_staged(self, tokens: torch.Tensor) -> None:
+        """`seal` for tokens the caller knows to be staged and distinct: no device read, so no
+        host sync (the decode window's seals, `decode_window.DecodeWindow`)."""
+        count = tokens.numel()
         if count == 0:
             return
         if all(free_list.available() >= count for free_list in self.lowbit_free):
-            self._seal_all_layers(staged)
+            self._seal_all_layers(tokens)
         else:  # some layer's low-bit tier is short: place layer by layer, spilling to the guard tier
             for layer in range(self.layer_num):
-                self.migrate(layer, staged)
-        self.release_staging(staged)
+                self.migrate(layer, tokens)
+        self.release_staging(tokens)
 
     def _seal_all_layers(self, tokens: torch.Tensor) -> None:
         """`migrate` for every layer at once (every layer has the low-bit rows): one gather

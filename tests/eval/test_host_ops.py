@@ -19,6 +19,16 @@ def test_sealing_does_not_loop_over_the_layers():
     assert counts["free"]["operators"] < 400
 
 
+def test_the_decode_windows_seal_reads_nothing_back_from_the_device():
+    counts = host_ops.measure(REPO / "configs" / "qwen_8x_tuned.yaml", requests=4, window_tokens=2,
+                              logical_tokens=4096)
+    # Finding the staged tokens in the map selects by a mask and deduplicates (a GPU sync each);
+    # tokens the decode window knows to be staged need neither, nor does staging a step.
+    assert counts["seal"]["device_syncs"] >= 2
+    assert counts["seal_known"]["device_syncs"] == 0
+    assert counts["stage"]["device_syncs"] == 0
+
+
 def test_a_pass_compresses_every_layer_at_once():
     # A prefill pass scores, selects and places its prompts in every layer at once after the
     # last layer: one prompt's pass outside the scorer is ~230 operators for Qwen2.5-7B's 28

@@ -265,7 +265,9 @@ def _captured_graph_forward(sim: Simulator, batch, loc: torch.Tensor) -> None:
     views["seq_lens"][:real] = torch.tensor(batch.seq_lens)
     views["out_cache_loc"].zero_()
     views["out_cache_loc"][:real] = loc
-    sim.engine.prepare_replay(views["req_pool_indices"][:real], views["seq_lens"][:real], loc)
+    # The host lists, as the backend takes them from the ForwardBatch.init_new hook.
+    sim.engine.prepare_replay(views["req_pool_indices"][:real], views["seq_lens"][:real], loc,
+                              (list(batch.req_pool_indices), list(batch.seq_lens)))
 
     padding = torch.Generator().manual_seed(12345)  # keeps the simulator's own stream in step
     for layer in sim.layers:

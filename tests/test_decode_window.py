@@ -1,0 +1,108 @@
+"""The decode window's seals: from the host's bookkeeping (no device read) and, for a
+request slot the host does not know, from the staging map; both move the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sim import SMALL_CONFIG, Simulator
+
+from sglang_kvc.backend import DecodeRequests
+from sglang_kvc.config import config_from_dict
+from sglang_kvc.decode_window import UNKNOWN, DecodeWindow
+from sglang_kvc.pool import tier_of
+
+
+def prompt(length: int, start: int = 100) -> list[int]:
+    return list(range(start, start + length))
+
+
+def scenario(window: int, joins: int, forget_slots: bool, seed: int = 0) -> Simulator:
+    """Two prompts, the second joining the decode batch at step `joins`, then both finish;
+    with `forget_slots` the engine loses its host bookkeeping before every decode step."""
+    quantization = {**SMALL_CONFIG["quantization"], "decode_window": window}
+    sim = Simulator(config=config_from_dict({**SMALL_CONFIG, "quantization": quantization}), seed=seed)
+    first = sim.new_request(prompt(40), max_new_tokens=30)
+    second = sim.new_request(prompt(27, 500), max_new_tokens=30)
+    for request in (first, second):
+        assert sim.admit(request)
+        while not request.prompt_done:
+            sim.prefill_chunk(request)
+    batch = [first]
+    for step in range(20):
+        if step == joins:
+            batch.append(second)
+        if forget_slots:
+            sim.engine.decode_window.staged_from = [UNKNOWN] * len(sim.engine.decode_window.staged_from)
+        sim.decode_step(batch)
+        sim.check()
+    return sim
+
+
+@given(window=st.sampled_from([0, 1, 2, 5, 6]), joins=st.integers(0, 9))
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_host_bookkeeping_seals_what_the_staging_map_would(window, joins):
+    by_host = scenario(window, joins, forget_slots=False)
+    by_map = scenario(window, joins, forget_slots=True)
+    # The same tokens in the same tiers holding the same K / V (rows may be numbered
+    # differently: the map path seals in token-id order).
+    assert torch.equal(tier_of(by_host.pool.location), tier_of(by_map.pool.location))
+    assert torch.equal(by_host.pool.staging_row > 0, by_map.pool.staging_row > 0)
+    tokens = torch.arange(1, by_host.logical_tokens + 1)
+    for layer in range(by_host.num_layers):
+        for ours, theirs in zip(by_host.pool.gather(layer, tokens, torch.float32),
+                                by_map.pool.gather(layer, tokens, torch.float32)):
+            assert torch.equal(ours, theirs)
+    assert by_host.pool.staged_count == by_map.pool.staged_count
+    for layer in range(by_host.num_layers):
+        assert by_host.pool.lowbit_free[layer].available() == by_map.pool.lowbit_free[layer].available()
+
+
+def test_a_known_batch_never_reads_the_staging_map(monkeypatch):
+    def no_map_read(self, slots, seq_lens):
+        raise AssertionError("the seal read the staging map although the host knew every slot")
+
+    monkeypatch.setattr(DecodeWindow, "_seal_by_map", no_map_read)
+    sim = scenario(window=2, joins=3, forget_slots=False)
+    assert sim.engine.decode_window.steps == 20
+    for request in list(sim.live):
+        sim.finish(request)  # the release seal still reads the map (scheduler side)
+        sim.check()
+
+
+def test_a_slot_the_host_does_not_know_falls_back_to_the_map():
+    sim = Simulator()
+    request = sim.new_request(prompt(40), max_new_tokens=12)
+    assert sim.admit(request)
+    while not request.prompt_done:
+        sim.prefill_chunk(request)
+    slot = request.req.req_pool_idx
+    sim.engine.decode_window.staged_from[slot] = UNKNOWN  # e.g. a prefill this engine did not see
+    for _ in range(12):
+        sim.decode_step([request])
+        sim.check()
+    window = sim.config.quantization.decode_window
+    assert sim.pool.staged_count <= window + 1
+    assert sim.engine.decode_window.staged_from[slot] == UNKNOWN  # stays on the map path
+
+
+def test_decode_requests_are_taken_once_and_only_for_their_batch_size():
+    published = DecodeRequests()
+    published.publish([3, 5], [100, 7])
+    assert published.take(3) is None  # a padded or other batch: no host lists
+    published.publish([3, 5], [100, 7])
+    assert published.take(2) == ([3, 5], [100, 7])
+    assert published.take(2) is None
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_prompt_done_then_seals_start_at_the_first_decode_token(window):
+    sim = Simulator(config=config_from_dict({**SMALL_CONFIG, "quantization": {**SMALL_CONFIG["quantization"],
+                                                                              "decode_window": window}}))
+    request = sim.new_request(prompt(33), max_new_tokens=10)
+    assert sim.admit(request)
+    while not request.prompt_done:
+        sim.prefill_chunk(request)
+    assert sim.engine.decode_window.staged_from[request.req.req_pool_idx] == 33
