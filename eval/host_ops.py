@@ -21,7 +21,7 @@ head_dim 128) and times, under torch.profiler, what the server does around decod
     few Triton launches.
 For each: the top-level torch operators dispatched, by name, and (stage / seal / free) the
 operators at any depth whose output size or value a GPU would have to read back first
-(`device_syncs`: boolean selection, `nonzero`, `unique`, `item`). On a GPU most of them are a
+(`device_syncs`: boolean selection, `nonzero`, `unique`, `item`, `tolist`). On a GPU most of them are a
 kernel launch and its host work (views such as `slice` and no-op `to` are not; the packed
 writes are one Triton launch each instead of the torch quantizer's dozen operators). Host
 times on this CPU are not reported: here the operators also do the quantization arithmetic,
@@ -149,11 +149,24 @@ def measure(config_path: Path, requests: int, window_tokens: int, logical_tokens
 
 def operators_and_syncs(run) -> tuple[Counter, int]:
     """`run()` once under the profiler: its top-level operators (`top_level_operators`) and
-    how many operators at any depth would sync a GPU (SYNCING_OPERATORS)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        run()
+    how many calls would sync a GPU: SYNCING_OPERATORS at any depth, and `Tensor.tolist`
+    (on a CPU tensor not an operator, so counted by wrapping it)."""
+    tolist_calls = 0
+    original_tolist = torch.Tensor.tolist
+
+    def counted_tolist(tensor):
+        nonlocal tolist_calls
+        tolist_calls += 1
+        return original_tolist(tensor)
+
+    torch.Tensor.tolist = counted_tolist
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            run()
+    finally:
+        torch.Tensor.tolist = original_tolist
     events = profiler.events()
-    return _top_level(events), sum(1 for event in events if event.name in SYNCING_OPERATORS)
+    return _top_level(events), tolist_calls + sum(1 for event in events if event.name in SYNCING_OPERATORS)
 
 
 def measure_compress_pass(config_path: Path, prompts: int, prompt_len: int, q_heads: int = 28,

@@ -317,9 +317,10 @@ class CompressedKVPool(MHATokenToKVPool):
 
     def seal(self, tokens: torch.Tensor) -> None:
         """Outside a forward pass: quantize whatever of `tokens` is still staged, in every
-        layer, and release their staging rows: decode tokens leaving the decode window
-        (before each decode step), the last decode tokens of a finished request, a prompt
-        whose prefill was aborted; so tokens kept by the radix tree never pin staging rows."""
+        layer, and release their staging rows: the last decode tokens of a finished request,
+        a prompt whose prefill was aborted (so tokens kept by the radix tree never pin staging
+        rows), decode tokens leaving the window of a request the decode window does not know.
+        Finding the staged ones reads the map back (a host sync on a GPU)."""
         self.seal_staged(tokens[self.staged_mask(tokens)].unique())
 
     def seal_staged(self, tokens: torch.Tensor) -> None:

@@ -51,6 +51,11 @@ SMALL_CONFIG = {
 }
 
 
+def small_config(**quantization) -> CompressionConfig:
+    """SMALL_CONFIG with some quantization fields replaced (e.g. decode_window=0)."""
+    return config_from_dict({**SMALL_CONFIG, "quantization": {**SMALL_CONFIG["quantization"], **quantization}})
+
+
 class _Layer:
     """What SGLang's RadixAttention hands the pool: only `layer_id` is read."""
 
@@ -133,6 +138,12 @@ class Simulator:
         return True
 
     # ---- prefill ------------------------------------------------------------------------------------
+    def prefill(self, sim: SimRequest) -> None:
+        """Admit the request (it must fit) and prefill its whole prompt, chunk by chunk."""
+        assert self.admit(sim), f"{sim.rid} does not fit"
+        while not sim.prompt_done:
+            self.prefill_chunk(sim)
+
     def prefill_chunk(self, sim: SimRequest) -> None:
         """One EXTEND pass over the next chunk of the prompt (SGLang's prepare_for_extend,
         the forward, then cache_unfinished_req)."""

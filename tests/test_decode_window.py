@@ -7,10 +7,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sim import SMALL_CONFIG, Simulator
+from sim import Simulator, small_config
 
 from sglang_kvc.backend import DecodeRequests
-from sglang_kvc.config import config_from_dict
 from sglang_kvc.decode_window import UNKNOWN, DecodeWindow
 from sglang_kvc.pool import tier_of
 
@@ -19,26 +18,52 @@ def prompt(length: int, start: int = 100) -> list[int]:
     return list(range(start, start + length))
 
 
-def scenario(window: int, joins: int, forget_slots: bool, seed: int = 0) -> Simulator:
-    """Two prompts, the second joining the decode batch at step `joins`, then both finish;
-    with `forget_slots` the engine loses its host bookkeeping before every decode step."""
-    quantization = {**SMALL_CONFIG["quantization"], "decode_window": window}
-    sim = Simulator(config=config_from_dict({**SMALL_CONFIG, "quantization": quantization}), seed=seed)
+def scenario(window: int, joins: int, forget_slots: bool = False, after_step=None, steps: int = 20) -> Simulator:
+    """Two prompts, the second joining the decode batch at step `joins`; `after_step(sim,
+    batch)` runs after every decode step. With `forget_slots` the engine loses its host
+    bookkeeping before every decode step (so every seal reads the staging map)."""
+    sim = Simulator(config=small_config(decode_window=window))
     first = sim.new_request(prompt(40), max_new_tokens=30)
     second = sim.new_request(prompt(27, 500), max_new_tokens=30)
-    for request in (first, second):
-        assert sim.admit(request)
-        while not request.prompt_done:
-            sim.prefill_chunk(request)
+    sim.prefill(first)
+    sim.prefill(second)
     batch = [first]
-    for step in range(20):
+    for step in range(steps):
         if step == joins:
             batch.append(second)
         if forget_slots:
             sim.engine.decode_window.staged_from = [UNKNOWN] * len(sim.engine.decode_window.staged_from)
         sim.decode_step(batch)
         sim.check()
+        if after_step is not None:
+            after_step(sim, batch)
     return sim
+
+
+@given(window=st.sampled_from([0, 1, 5, 6]), joins=st.integers(0, 7))
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_decode_tokens_leave_staging_in_batches_within_the_window(window, joins):
+    """Sealing runs every max(1, window // 2) steps: a decode token is bf16 for at most
+    `decode_window` steps after its own, no request holds more than window + 1 staged decode
+    tokens (what the planner sizes staging for), and a request that joins the decode batch
+    mid-interval is covered too."""
+
+    def staged_within_the_window(sim, batch):
+        for request in batch:
+            req = request.req
+            tokens = sim.req_to_token_pool.req_to_token[req.req_pool_idx, : req.kv_committed_len].long()
+            staged = sim.pool.staged_mask(tokens).nonzero().squeeze(1)
+            assert staged.numel() <= window + 1
+            assert (staged >= len(req.origin_input_ids)).all()  # prompt tokens were placed at prefill
+            # The newest staged token is this step's; the oldest at most `window` steps older.
+            newest = req.kv_committed_len - 1
+            assert staged.numel() and int(staged.max()) == newest
+            assert int(staged.min()) >= newest - window
+
+    sim = scenario(window, joins, after_step=staged_within_the_window, steps=24)
+    for request in list(sim.live):
+        sim.finish(request)
+    assert sim.pool.staged_count == 0
 
 
 @given(window=st.sampled_from([0, 1, 2, 5, 6]), joins=st.integers(0, 9))
@@ -65,7 +90,7 @@ def test_a_known_batch_never_reads_the_staging_map(monkeypatch):
         raise AssertionError("the seal read the staging map although the host knew every slot")
 
     monkeypatch.setattr(DecodeWindow, "_seal_by_map", no_map_read)
-    sim = scenario(window=2, joins=3, forget_slots=False)
+    sim = scenario(window=2, joins=3)
     assert sim.engine.decode_window.steps == 20
     for request in list(sim.live):
         sim.finish(request)  # the release seal still reads the map (scheduler side)
@@ -75,9 +100,7 @@ def test_a_known_batch_never_reads_the_staging_map(monkeypatch):
 def test_a_slot_the_host_does_not_know_falls_back_to_the_map():
     sim = Simulator()
     request = sim.new_request(prompt(40), max_new_tokens=12)
-    assert sim.admit(request)
-    while not request.prompt_done:
-        sim.prefill_chunk(request)
+    sim.prefill(request)
     slot = request.req.req_pool_idx
     sim.engine.decode_window.staged_from[slot] = UNKNOWN  # e.g. a prefill this engine did not see
     for _ in range(12):
@@ -99,10 +122,7 @@ def test_decode_requests_are_taken_once_and_only_for_their_batch_size():
 
 @pytest.mark.parametrize("window", [0, 4])
 def test_prompt_done_then_seals_start_at_the_first_decode_token(window):
-    sim = Simulator(config=config_from_dict({**SMALL_CONFIG, "quantization": {**SMALL_CONFIG["quantization"],
-                                                                              "decode_window": window}}))
+    sim = Simulator(config=small_config(decode_window=window))
     request = sim.new_request(prompt(33), max_new_tokens=10)
-    assert sim.admit(request)
-    while not request.prompt_done:
-        sim.prefill_chunk(request)
+    sim.prefill(request)
     assert sim.engine.decode_window.staged_from[request.req.req_pool_idx] == 33

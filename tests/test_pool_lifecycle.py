@@ -6,9 +6,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
-from sim import SMALL_CONFIG, Simulator
+from sim import Simulator, small_config
 
-from sglang_kvc.config import config_from_dict
 from sglang_kvc.patches import scheduler as hooks
 from sglang_kvc.pool import Tier, tier_of
 
@@ -32,12 +31,20 @@ def assert_fully_free(sim: Simulator) -> None:
     pool.check_invariants(full=True)
 
 
+def serve(sim: Simulator, request) -> None:
+    """Admit, prefill, decode and finish: what the request leaves is cached in the tree."""
+    assert sim.admit(request)
+    run_to_completion(sim, request)
+    sim.finish(request)
+
+
 def held_per_layer(sim: Simulator, tokens: torch.Tensor) -> list[dict[Tier, int]]:
     tiers = tier_of(sim.pool.location[:, tokens])
     return [{tier: int((tiers[layer] == tier).sum()) for tier in Tier} for layer in range(sim.num_layers)]
 
 
 def run_to_completion(sim: Simulator, request, decode_steps: int | None = None) -> None:
+    """Prefill the (admitted) request chunk by chunk, then decode, checking after each pass."""
     while not request.prompt_done:
         sim.prefill_chunk(request)
         sim.check()
@@ -62,43 +69,6 @@ def test_chunked_prefill_decode_finish_and_eviction_free_every_row():
     sim.evict_all()
     sim.check()
     assert_fully_free(sim)
-
-
-@given(window=st.sampled_from([0, 1, 5, 6]), joins=st.integers(0, 7))
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_decode_tokens_leave_staging_in_batches_within_the_window(window, joins):
-    """Sealing runs every max(1, window // 2) steps: a decode token is bf16 for at most
-    `decode_window` steps after its own, no request holds more than window + 1 staged decode
-    tokens (what the planner sizes staging for), and a request that joins the decode batch
-    mid-interval is covered too."""
-    quantization = {**SMALL_CONFIG["quantization"], "decode_window": window}
-    sim = Simulator(config=config_from_dict({**SMALL_CONFIG, "quantization": quantization}))
-    first = sim.new_request(prompt(40), max_new_tokens=30)
-    second = sim.new_request(prompt(24, 500), max_new_tokens=30)
-    for request in (first, second):
-        assert sim.admit(request)
-        while not request.prompt_done:
-            sim.prefill_chunk(request)
-    batch = [first]
-    for step in range(24):
-        if step == joins:
-            batch.append(second)
-        sim.decode_step(batch)
-        sim.check()
-        for request in batch:
-            req = request.req
-            tokens = sim.req_to_token_pool.req_to_token[req.req_pool_idx, : req.kv_committed_len].long()
-            staged = sim.pool.staged_mask(tokens).nonzero().squeeze(1)
-            prompt_len = len(req.origin_input_ids)
-            assert staged.numel() <= window + 1
-            assert (staged >= prompt_len).all()  # prompt tokens were placed at prefill
-            # The newest staged token is this step's; the oldest at most `window` steps older.
-            newest = req.kv_committed_len - 1
-            assert staged.numel() and int(staged.max()) == newest
-            assert int(staged.min()) >= newest - window
-    sim.finish(first)
-    sim.finish(second)
-    assert sim.pool.staged_count == 0
 
 
 def test_each_layer_keeps_exactly_its_budget_and_guard_share():
@@ -138,9 +108,7 @@ def test_sinks_and_recent_window_are_always_kept():
 def test_prefix_reuse_reads_compressed_tokens_and_compresses_only_its_own():
     sim = Simulator()
     first = sim.new_request(prompt(100), max_new_tokens=2)
-    assert sim.admit(first)
-    run_to_completion(sim, first)
-    sim.finish(first)
+    serve(sim, first)
     before = sim.pool.location.clone()
 
     second = sim.new_request(prompt(80) + prompt(40, start=5000), max_new_tokens=2)
@@ -261,8 +229,7 @@ def test_pressure_evicts_radix_nodes_until_rows_are_free():
     guard_bits=st.sampled_from([8, 16]),
 )
 def test_random_lifecycles_keep_every_invariant(operations, guard_bits):
-    raw = {**SMALL_CONFIG, "quantization": {**SMALL_CONFIG["quantization"], "guard_bits": guard_bits}}
-    sim = Simulator(logical_tokens=1500, config=config_from_dict(raw))
+    sim = Simulator(logical_tokens=1500, config=small_config(guard_bits=guard_bits))
     prefixes = [prompt(40, start=10), prompt(40, start=20_000)]
     for op, draw in operations:
         running = [r for r in sim.live if r.prompt_done and r.outputs < r.max_new_tokens]
@@ -296,13 +263,10 @@ def test_admission_budget_counts_rows_that_eviction_can_really_free():
     from sglang.srt.managers.schedule_policy import PrefillAdder
     from sglang.srt.mem_cache import common
 
-
     sim = Simulator(logical_tokens=2048)
     for i in range(6):
         request = sim.new_request(prompt(150, start=1000 * (i + 1)), max_new_tokens=2)
-        assert sim.admit(request)
-        run_to_completion(sim, request)
-        sim.finish(request)
+        serve(sim, request)
 
     def new_adder():
         return PrefillAdder(1, sim.tree, sim.allocator, None, 0.7, rem_input_tokens=4096, rem_chunk_tokens=None)
@@ -524,9 +488,7 @@ def test_admission_counter_follows_the_trees_locks_inserts_and_evictions():
 def test_idle_check_corrects_a_drifted_admission_counter(caplog):
     sim = Simulator()
     request = sim.new_request(prompt(80), max_new_tokens=2)
-    assert sim.admit(request)
-    run_to_completion(sim, request)
-    sim.finish(request)
+    serve(sim, request)
     truth = sim.allocator.evictable_rows.per_layer()
     sim.allocator.evictable_rows._rows += 5  # a bookkeeping bug would look like this
     with caplog.at_level("ERROR"):
