@@ -177,6 +177,17 @@ def measure_compress_pass(config_path: Path, prompts: int, prompt_len: int, q_he
     "kvc.score"` leaves out the scorer's. `scorer="triton"` scores with the window-score
     kernels (on the CPU in Triton's interpreter, whose own tensor bookkeeping then counts
     among the operators: compare counts across prompt counts, not with the torch scorer's)."""
+    return top_level_operators(compress_pass(config_path, prompts, prompt_len, q_heads, scorer), outside=outside)
+
+
+def compress_pass_syncs(config_path: Path, prompts: int, prompt_len: int, q_heads: int = 28) -> int:
+    """How many calls of that pass (torch scorer) would sync a GPU (`operators_and_syncs`)."""
+    return operators_and_syncs(compress_pass(config_path, prompts, prompt_len, q_heads))[1]
+
+
+def compress_pass(config_path: Path, prompts: int, prompt_len: int, q_heads: int = 28, scorer: str = "torch"):
+    """A pool holding `prompts` fresh staged prompts and their K/V, and the pass's compression
+    (`compress_layer` in every layer) as a callable, ready to run once."""
     generator = torch.Generator().manual_seed(0)
     # Room in every layer's tiers (as in a server's pool of millions of rows): the one-write placing.
     pool = build_pool(config_path, logical_tokens=2 * prompts * prompt_len + 64)
@@ -197,7 +208,7 @@ def measure_compress_pass(config_path: Path, prompts: int, prompt_len: int, q_he
         for layer in range(pool.layer_num):
             engine.compress_layer(layer, queries)
 
-    return top_level_operators(every_layer, outside=outside)
+    return every_layer
 
 
 def main(argv=None) -> int:
@@ -228,7 +239,8 @@ def main(argv=None) -> int:
     for prompts, counts in by_prompts.items():
         outside = measure_compress_pass(args.config, prompts, args.prompt_len, outside="kvc.score")
         row = {"not_views": launching(counts), "not_views_per_layer": per_layer(counts),
-               "not_views_outside_scoring": launching(outside), "not_views_per_layer_outside_scoring": per_layer(outside)}
+               "not_views_outside_scoring": launching(outside), "not_views_per_layer_outside_scoring": per_layer(outside),
+               "device_syncs": compress_pass_syncs(args.config, prompts, args.prompt_len)}
         if not args.no_triton_scorer:
             triton_counts = measure_compress_pass(args.config, prompts, args.prompt_len, scorer="triton")
             row.update(not_views_with_the_triton_scorer=launching(triton_counts),

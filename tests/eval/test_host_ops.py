@@ -9,7 +9,7 @@ from eval import host_ops
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_sealing_does_not_loop_over_the_layers():
+def test_sealing_does_not_loop_over_the_layers_and_the_decode_windows_seal_reads_nothing_back():
     # Layer by layer, a seal of Qwen2.5-7B's 28 layers dispatched ~2,600 operators (eval/host_ops.py
     # at 6e35bff); all layers at once it is ~130, most of them the torch quantizer's.
     counts = host_ops.measure(REPO / "configs" / "qwen_8x_tuned.yaml", requests=4, window_tokens=2,
@@ -17,11 +17,6 @@ def test_sealing_does_not_loop_over_the_layers():
     assert counts["seal"]["operators"] < 300
     assert counts["stage"]["operators"] < 20
     assert counts["free"]["operators"] < 400
-
-
-def test_the_decode_windows_seal_reads_nothing_back_from_the_device():
-    counts = host_ops.measure(REPO / "configs" / "qwen_8x_tuned.yaml", requests=4, window_tokens=2,
-                              logical_tokens=4096)
     # Finding the staged tokens in the map selects by a mask and deduplicates (a GPU sync each);
     # tokens the decode window knows to be staged need neither, nor does staging a step.
     assert counts["seal"]["device_syncs"] >= 2
@@ -41,3 +36,11 @@ def test_a_pass_compresses_every_layer_at_once():
     layers = 28
     assert one < 400
     assert (eight - four) / 4 / layers < 5
+
+
+def test_a_prefill_passs_compression_syncs_a_bounded_number_of_times():
+    # The pass reads back which tokens are staged (one nonzero) and how many per prompt (one
+    # tolist), however many prompts and layers.
+    config = REPO / "configs" / "qwen_8x_tuned.yaml"
+    one, four = (host_ops.compress_pass_syncs(config, prompts, prompt_len=320, q_heads=8) for prompts in (1, 4))
+    assert 1 <= one <= 4 and four == one
