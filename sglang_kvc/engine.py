@@ -236,6 +236,10 @@ class CompressedAttention:
         # its last chunk, so when every request of a pass started with none, the pass's prefix
         # is all in staging and the extend path reads no other tier.
         self.started_with_prefix: dict[str, int] = {}
+        # Requests in prefill whose staged chunks another request may have matched in the
+        # radix tree (one began with a prefix while they were in prefill): their candidates
+        # are read from the staging map, since the other may have compressed some of them.
+        self.staged_chunks_maybe_shared: set[str] = set()
         self.prefix_in_staging_only = False  # set per extend pass by `begin`
         self.rids_in_pass: set[str] = set()  # the current extend pass's requests (set by `begin`)
         self.batch: BatchInfo | None = None
@@ -269,7 +273,10 @@ class CompressedAttention:
             self.rids_in_pass = set(batch.rids)
             for rid, prefix_len in zip(batch.rids, batch.prefix_lens):
                 if rid not in self.started_with_prefix:
+                    if prefix_len:  # it may have matched the staged chunks of any request in prefill
+                        self.staged_chunks_maybe_shared.update(self.started_with_prefix)
                     _remember(self.started_with_prefix, rid, prefix_len, self.rids_in_pass)
+            self.staged_chunks_maybe_shared &= self.started_with_prefix.keys()
             # A request dropped from the bounded map counts as having a prefix: only extra reads.
             self.prefix_in_staging_only = all(self.started_with_prefix.get(rid, 1) == 0 for rid in batch.rids)
         # Per-request host state, built on first use: extend and the torch decode path need
@@ -520,17 +527,28 @@ class CompressedAttention:
 
     def _compression_candidates(self) -> list[torch.Tensor | None]:
         """Per request finishing its prompt: positions of its still-staged tokens (None for
-        the others); their logical ids, request order, in `candidate_tokens`. A staged token
-        shared by two such requests (one matched the other's staged chunks in the radix
-        tree) goes to the first, so no token is placed twice. One nonzero and one count for
-        the whole pass: per request, each was a device sync."""
+        the others); their logical ids, request order, in `candidate_tokens`.
+
+        A request that started without a prefix, and whose staged chunks no other request
+        can have matched, holds only its own tokens, all still staged (its chunks stay staged
+        until its last): every position, known on the host. Otherwise the staging map says
+        which (one nonzero and one count for the pass, two host syncs), and a staged token
+        shared by two finishing requests (one matched the other's staged chunks in the radix
+        tree) goes to the first, so no token is placed twice."""
         batch = self.batch
         finishing = [i for i in range(len(batch.rids)) if batch.last_chunk[i]]
         result: list[torch.Tensor | None] = [None] * len(batch.rids)
-        self.candidate_tokens = torch.empty(0, dtype=torch.int64, device=self.pool.location.device)
+        device = self.pool.location.device
+        self.candidate_tokens = torch.empty(0, dtype=torch.int64, device=device)
         if not finishing:
             return result
         rows = [self.token_rows[i] for i in finishing]
+        if all(self.started_with_prefix.get(batch.rids[i], 1) == 0
+               and batch.rids[i] not in self.staged_chunks_maybe_shared for i in finishing):
+            for i in finishing:
+                result[i] = torch.arange(batch.seq_lens[i], device=device)
+            self.candidate_tokens = torch.cat(rows)
+            return result
         tokens = torch.cat(rows)
         staged = self.pool.staged_mask(tokens)
         row_lengths = [len(row) for row in rows]
@@ -625,6 +643,7 @@ class CompressedAttention:
             if self.batch.last_chunk[i]:
                 self.scoring_queries.pop(rid, None)
                 self.started_with_prefix.pop(rid, None)
+                self.staged_chunks_maybe_shared.discard(rid)
 
     # ---- decode -----------------------------------------------------------------------------------
     def decode(self, layer_id: int, q: torch.Tensor, scaling: float, logit_cap: float = 0.0) -> torch.Tensor:

@@ -496,3 +496,37 @@ def test_idle_check_corrects_a_drifted_admission_counter(caplog):
     assert "counted as" in caplog.text
     assert sim.allocator.evictable_rows.per_layer() == truth
     assert hooks.check_evictable_rows(sim.tree, sim.allocator)
+
+
+class _EveryRequest(set):
+    """Stands in for the engine's `staged_chunks_maybe_shared`: every request counts as
+    possibly shared, so every pass reads its candidates from the staging map."""
+
+    def __contains__(self, rid) -> bool:
+        return True
+
+    def __iand__(self, other):
+        return self
+
+
+@given(lengths=st.lists(st.integers(20, 90), min_size=1, max_size=4), chunk=st.sampled_from([25, 64, 1000]))
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fresh_prompts_candidates_from_the_host_are_those_of_the_staging_map(lengths, chunk):
+    """Prompts without a prefix, chunked or not, prefilled together: the host's candidates
+    (every position) place exactly what reading the staging map places."""
+    def run(from_map: bool) -> Simulator:
+        sim = Simulator()
+        if from_map:
+            sim.engine.staged_chunks_maybe_shared = _EveryRequest()
+        requests = [sim.new_request(prompt(n, start=1000 * (i + 1)), max_new_tokens=2, chunk_size=chunk)
+                    for i, n in enumerate(lengths)]
+        for request in requests:
+            assert sim.admit(request)
+        while not all(r.prompt_done for r in requests):
+            sim.prefill_chunks([r for r in requests if not r.prompt_done])
+            sim.check()
+        return sim
+
+    from_host, from_map = run(False), run(True)
+    assert torch.equal(from_host.pool.location, from_map.pool.location)
+    assert torch.equal(from_host.pool.staging_row, from_map.pool.staging_row)
