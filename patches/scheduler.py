@@ -11,7 +11,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from sglang_kvc.allocator import compressed_allocator_of
-from sglang_kvc.backend import DECODE_REQUESTS, LAST_CHUNKS, CompressedAttnBackend
+from sglang_kvc.backend import DECODE_REQUESTS, EXTEND_REQUESTS, CompressedAttnBackend
 from sglang_kvc.pool import CompressedKVPool
 from sglang_kvc.runtime import active_config
 
@@ -24,15 +24,17 @@ INIT_INFO_KEY = "kv_compress"
 
 def publish_batch_requests(result, cls, batch, model_runner, **kwargs):
     """AFTER ForwardBatch.init_new: what the backend needs on the host and the ForwardBatch
-    it sees does not carry. EXTEND: does this pass finish each request's prompt (the chunked
-    request, batch.chunked_req, is the one that does not)? DECODE: the requests' slots and
-    sequence lengths (so that the graph replay's seal reads nothing back from the device)."""
+    it sees does not carry (or holds only on the device). EXTEND: does this pass finish each
+    request's prompt (the chunked request, batch.chunked_req, is the one that does not), and
+    the requests' slots. DECODE: the requests' slots and sequence lengths (so that a decode
+    pass and its seal read nothing back from the device)."""
     if active_config() is None:
         return None
     mode = result.forward_mode
     if mode.is_extend():
         chunked = getattr(batch, "chunked_req", None)
-        LAST_CHUNKS.publish([req.rid for req in batch.reqs], [req is not chunked for req in batch.reqs])
+        EXTEND_REQUESTS.publish([req.rid for req in batch.reqs], [req is not chunked for req in batch.reqs],
+                                [req.req_pool_idx for req in batch.reqs])
     elif mode.is_decode() and result.seq_lens_cpu is not None:
         DECODE_REQUESTS.publish([req.req_pool_idx for req in batch.reqs], result.seq_lens_cpu.tolist())
     return None

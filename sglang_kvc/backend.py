@@ -26,28 +26,32 @@ from sglang_kvc.pool import CompressedKVPool
 
 logger = logging.getLogger(__name__)
 
-class LastChunkFlags:
-    """For each request of the next EXTEND pass: does it finish the request's prompt?
+class ExtendRequests:
+    """For each request of the next EXTEND pass: does it finish the request's prompt, and
+    its request slot on the host.
 
     Published by the ForwardBatch.init_new hook (patches.scheduler), which still sees the
-    ScheduleBatch and its `chunked_req`; read by `init_forward_metadata`. The flags travel
-    keyed by request id because SGLang's runners copy the ForwardBatch into static
-    buffers before the backend sees it, dropping any attribute added to it.
+    ScheduleBatch and its `chunked_req`; read by `init_forward_metadata`. They travel keyed
+    by request id because SGLang's runners copy the ForwardBatch into static buffers before
+    the backend sees it, dropping any attribute added to it; the ForwardBatch has the slots
+    only on the device (reading them back would be a host sync per pass).
     """
 
     def __init__(self) -> None:
-        self._by_rid: dict[str, bool] = {}
+        self._by_rid: dict[str, tuple[bool, int]] = {}
 
-    def publish(self, rids: list[str], flags: list[bool]) -> None:
-        self._by_rid = dict(zip(rids, flags))
+    def publish(self, rids: list[str], last_chunk: list[bool], slots: list[int]) -> None:
+        self._by_rid = dict(zip(rids, zip(last_chunk, slots)))
 
-    def lookup(self, rids: list[str] | None) -> list[bool] | None:
+    def lookup(self, rids: list[str] | None) -> tuple[list[bool], list[int]] | None:
+        """(last-chunk flags, slots) in the order of `rids`, or None if any is unknown."""
         if not rids or any(rid not in self._by_rid for rid in rids):
             return None
-        return [self._by_rid[rid] for rid in rids]
+        flags, slots = zip(*(self._by_rid[rid] for rid in rids))
+        return list(flags), list(slots)
 
 
-LAST_CHUNKS = LastChunkFlags()
+EXTEND_REQUESTS = ExtendRequests()
 
 
 class DecodeRequests:
@@ -91,15 +95,21 @@ class CompressedAttnBackend(TritonAttnBackend):
             return
         if mode.is_mixed() or mode.is_target_verify() or mode.is_draft_extend_v2():
             raise NotImplementedError(f"--kv-compress does not support forward mode {mode.name}")
-        last_chunk = None
-        if not mode.is_decode():
-            last_chunk = LAST_CHUNKS.lookup(forward_batch.rids)
-            if last_chunk is None and not self._warned_missing_flags:
+        last_chunk = slots = None
+        if mode.is_decode():
+            published = DECODE_REQUESTS.take(forward_batch.batch_size)
+            slots = published[0] if published is not None else None
+        else:
+            published = EXTEND_REQUESTS.lookup(forward_batch.rids)
+            if published is not None:
+                last_chunk, slots = published
+            elif not self._warned_missing_flags:
                 # A forward SGLang runs without a ScheduleBatch (e.g. a warm-up pass):
                 # treat its prompts as complete.
                 logger.info("kv-compress: an extend pass without last-chunk flags; compressing its prompts")
                 self._warned_missing_flags = True
-        self.engine.begin(BatchInfo.from_forward_batch(forward_batch, last_chunk), forward_batch.out_cache_loc)
+        batch = BatchInfo.from_forward_batch(forward_batch, last_chunk, slots)
+        self.engine.begin(batch, forward_batch.out_cache_loc)
 
     # ---- CUDA graphs (decode) ----------------------------------------------------------------
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, kv_indices_buf=None, cuda_graph_num_kv_splits_buf=None):

@@ -183,9 +183,12 @@ class BatchInfo:
     rids: list[str]
 
     @classmethod
-    def from_forward_batch(cls, forward_batch, last_chunk: list[bool] | None = None) -> "BatchInfo":
+    def from_forward_batch(cls, forward_batch, last_chunk: list[bool] | None = None,
+                           req_pool_indices: list[int] | None = None) -> "BatchInfo":
+        """`req_pool_indices`: the request slots on the host, if the caller has them (the
+        ForwardBatch holds them on the device: reading them back is a host sync)."""
         seq_lens = [int(x) for x in forward_batch.seq_lens_cpu.tolist()]
-        rpi = [int(x) for x in forward_batch.req_pool_indices.tolist()]
+        rpi = req_pool_indices if req_pool_indices is not None else [int(x) for x in forward_batch.req_pool_indices.tolist()]
         bs = len(seq_lens)
         rids = list(forward_batch.rids) if forward_batch.rids else [str(i) for i in rpi]
         if forward_batch.forward_mode.is_decode():

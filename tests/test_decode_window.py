@@ -9,7 +9,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sim import Simulator, small_config
 
-from sglang_kvc.backend import DecodeRequests
 from sglang_kvc.decode_window import UNKNOWN, DecodeWindow
 from sglang_kvc.pool import tier_of
 
@@ -109,15 +108,6 @@ def test_a_slot_the_host_does_not_know_falls_back_to_the_map():
     window = sim.config.quantization.decode_window
     assert sim.pool.staged_count <= window + 1
     assert sim.engine.decode_window.staged_from[slot] == UNKNOWN  # stays on the map path
-
-
-def test_decode_requests_are_taken_once_and_only_for_their_batch_size():
-    published = DecodeRequests()
-    published.publish([3, 5], [100, 7])
-    assert published.take(3) is None  # a padded or other batch: no host lists
-    published.publish([3, 5], [100, 7])
-    assert published.take(2) == ([3, 5], [100, 7])
-    assert published.take(2) is None
 
 
 @pytest.mark.parametrize("window", [0, 4])
