@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sim import Simulator, small_config
@@ -511,11 +511,13 @@ class _EveryRequest(set):
 
 @given(lengths=st.lists(st.integers(20, 90), min_size=1, max_size=4), chunk=st.sampled_from([25, 64, 1000]))
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(lengths=[51, 51, 55], chunk=25)  # three chunked prompts, more than the default pool holds staged
 def test_fresh_prompts_candidates_from_the_host_are_those_of_the_staging_map(lengths, chunk):
     """Prompts without a prefix, chunked or not, prefilled together: the host's candidates
     (every position) place exactly what reading the staging map places."""
     def run(from_map: bool) -> Simulator:
-        sim = Simulator()
+        # Room for every prompt at once: the simulator admits without reserving, as it goes.
+        sim = Simulator(logical_tokens=4096)
         if from_map:
             sim.engine.staged_chunks_maybe_shared = _EveryRequest()
         requests = [sim.new_request(prompt(n, start=1000 * (i + 1)), max_new_tokens=2, chunk_size=chunk)
