@@ -36,7 +36,8 @@ def publish_batch_requests(result, cls, batch, model_runner, **kwargs):
         EXTEND_REQUESTS.publish([req.rid for req in batch.reqs], [req is not chunked for req in batch.reqs],
                                 [req.req_pool_idx for req in batch.reqs])
     elif mode.is_decode() and result.seq_lens_cpu is not None:
-        DECODE_REQUESTS.publish([req.req_pool_idx for req in batch.reqs], result.seq_lens_cpu.tolist())
+        DECODE_REQUESTS.publish([req.rid for req in batch.reqs], [req.req_pool_idx for req in batch.reqs],
+                                result.seq_lens_cpu.tolist())
     return None
 
 

@@ -57,21 +57,24 @@ EXTEND_REQUESTS = ExtendRequests()
 class DecodeRequests:
     """For the next DECODE pass: its requests' slots and sequence lengths on the host.
 
-    Published by the same ForwardBatch.init_new hook; read by the graph replay's
-    preparation, whose ForwardBatch view holds them only on the device (reading them back
-    would be a host sync per step). Taken once: a pass of another size gets None."""
+    Published by the same ForwardBatch.init_new hook; read by the pass's metadata (eager) or
+    the graph replay's preparation, whose ForwardBatch holds them only on the device (reading
+    them back would be a host sync per step). Taken once; a pass of another size, or other
+    request ids where the caller has them, gets None (the caller then reads the device)."""
 
     def __init__(self) -> None:
-        self._published: tuple[list[int], list[int]] | None = None
+        self._published: tuple[list[str], list[int], list[int]] | None = None
 
-    def publish(self, slots: list[int], seq_lens: list[int]) -> None:
-        self._published = (slots, seq_lens)
+    def publish(self, rids: list[str], slots: list[int], seq_lens: list[int]) -> None:
+        self._published = (rids, slots, seq_lens)
 
-    def take(self, batch_size: int) -> tuple[list[int], list[int]] | None:
+    def take(self, batch_size: int, rids: list[str] | None = None) -> tuple[list[int], list[int]] | None:
         published, self._published = self._published, None
-        if published is None or len(published[0]) != batch_size:
+        if published is None or len(published[1]) != batch_size:
             return None
-        return published
+        if rids and list(rids[:batch_size]) != published[0]:
+            return None
+        return published[1], published[2]
 
 
 DECODE_REQUESTS = DecodeRequests()
@@ -97,7 +100,7 @@ class CompressedAttnBackend(TritonAttnBackend):
             raise NotImplementedError(f"--kv-compress does not support forward mode {mode.name}")
         last_chunk = slots = None
         if mode.is_decode():
-            published = DECODE_REQUESTS.take(forward_batch.batch_size)
+            published = DECODE_REQUESTS.take(forward_batch.batch_size, forward_batch.rids)
             slots = published[0] if published is not None else None
         else:
             published = EXTEND_REQUESTS.lookup(forward_batch.rids)
@@ -133,7 +136,7 @@ class CompressedAttnBackend(TritonAttnBackend):
         real = forward_batch.batch_size - getattr(forward_batch, "num_padding", 0)
         self.engine.prepare_replay(
             forward_batch.req_pool_indices[:real], forward_batch.seq_lens[:real], forward_batch.out_cache_loc,
-            DECODE_REQUESTS.take(real),
+            DECODE_REQUESTS.take(real, forward_batch.rids),
         )
 
     def init_forward_metadata_in_graph(self, forward_batch):

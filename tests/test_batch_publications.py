@@ -16,10 +16,14 @@ def test_extend_requests_are_looked_up_by_request_id_in_the_passs_order():
     assert published.lookup(["a"]) is None
 
 
-def test_decode_requests_are_taken_once_and_only_for_their_batch_size():
+def test_decode_requests_are_taken_once_and_only_for_their_batch():
     published = DecodeRequests()
-    published.publish([3, 5], [100, 7])
+    published.publish(["a", "b"], [3, 5], [100, 7])
     assert published.take(3) is None  # a padded or other batch: no host lists
-    published.publish([3, 5], [100, 7])
-    assert published.take(2) == ([3, 5], [100, 7])
-    assert published.take(2) is None
+    published.publish(["a", "b"], [3, 5], [100, 7])
+    assert published.take(2, ["a", "c"]) is None  # other requests than the ones published
+    published.publish(["a", "b"], [3, 5], [100, 7])
+    assert published.take(2, ["a", "b"]) == ([3, 5], [100, 7])
+    assert published.take(2) is None  # taken once
+    published.publish(["a", "b"], [3, 5], [100, 7])
+    assert published.take(2, None) == ([3, 5], [100, 7])  # no ids to compare: the size decides
