@@ -188,7 +188,9 @@ class BatchInfo:
         """`req_pool_indices`: the request slots on the host, if the caller has them (the
         ForwardBatch holds them on the device: reading them back is a host sync)."""
         seq_lens = [int(x) for x in forward_batch.seq_lens_cpu.tolist()]
-        rpi = req_pool_indices if req_pool_indices is not None else [int(x) for x in forward_batch.req_pool_indices.tolist()]
+        rpi = req_pool_indices
+        if rpi is None:
+            rpi = [int(x) for x in forward_batch.req_pool_indices.tolist()]
         bs = len(seq_lens)
         rids = list(forward_batch.rids) if forward_batch.rids else [str(i) for i in rpi]
         if forward_batch.forward_mode.is_decode():
@@ -280,8 +282,7 @@ class CompressedAttention:
                         self.staged_chunks_maybe_shared.update(self.started_with_prefix)
                     _remember(self.started_with_prefix, rid, prefix_len, self.rids_in_pass)
             self.staged_chunks_maybe_shared &= self.started_with_prefix.keys()
-            # A request dropped from the bounded map counts as having a prefix: only extra reads.
-            self.prefix_in_staging_only = all(self.started_with_prefix.get(rid, 1) == 0 for rid in batch.rids)
+            self.prefix_in_staging_only = all(self._started_without_prefix(rid) for rid in batch.rids)
         # Per-request host state, built on first use: extend and the torch decode path need
         # it, the Triton decode path does not.
         self._token_rows = self._positions = self._recent_rows = self._extend_pass_inputs = None
@@ -546,8 +547,8 @@ class CompressedAttention:
         if not finishing:
             return result
         rows = [self.token_rows[i] for i in finishing]
-        if all(self.started_with_prefix.get(batch.rids[i], 1) == 0
-               and batch.rids[i] not in self.staged_chunks_maybe_shared for i in finishing):
+        if all(self._started_without_prefix(batch.rids[i]) and batch.rids[i] not in self.staged_chunks_maybe_shared
+               for i in finishing):
             for i in finishing:
                 result[i] = torch.arange(batch.seq_lens[i], device=device)
             self.candidate_tokens = torch.cat(rows)
@@ -555,7 +556,7 @@ class CompressedAttention:
         tokens = torch.cat(rows)
         staged = self.pool.staged_mask(tokens)
         row_lengths = [len(row) for row in rows]
-        if len(finishing) > 1 and any(self.started_with_prefix.get(batch.rids[i], 1) for i in finishing):
+        if len(finishing) > 1 and not all(self._started_without_prefix(batch.rids[i]) for i in finishing):
             staged &= ~_claimed_earlier(tokens, row_lengths)
         flat = staged.nonzero().squeeze(1)
         lengths = to_device(row_lengths, torch.int64, tokens.device)
@@ -568,6 +569,11 @@ class CompressedAttention:
             result[i] = request_positions
         self.candidate_tokens = tokens[flat]
         return result
+
+    def _started_without_prefix(self, rid: str) -> bool:
+        """Did request `rid` begin its prefill with no cached prefix? A request dropped from the
+        bounded map counts as having one: that only costs extra reads."""
+        return self.started_with_prefix.get(rid, 1) == 0
 
     def _recent_query_rows(self) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Rows of the pass's queries that window scoring keeps (each request's last
