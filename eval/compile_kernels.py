@@ -167,13 +167,17 @@ def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD
 
 
 def region_builder_cases() -> list[tuple[str, callable]]:
-    """The two launches of decode_entries_in_regions as it makes them (BLOCK 1024, 4 warps;
-    32 position blocks: a 32K context)."""
+    """The launches of a decode pass's entry lists as the engine makes them (BLOCK 1024, 4
+    warps; 32 position blocks: a 32K context): every layer's counts at once, then one
+    scatter per layer."""
     pointers = {"req_pool_indices_ptr": "*i64", "entry_tier_ptr": "*i8"}
-    strides = {"stride_req_to_token": 32768, "num_blocks": 32}
+    strides = {"stride_req_to_token": 32768, "num_blocks": 32, "stride_location_layer": 1 << 20,
+               "num_layers": 28, "batch": 64}
     return [
-        ("entry builder in regions: count (BLOCK 1024)",
-         lambda: compile_and_measure(decode_module._count_held_kernel, pointers, {"BLOCK": 1024}, strides)),
+        ("entry builder in regions: count, all layers (BLOCK 1024)",
+         lambda: compile_and_measure(decode_module._count_held_kernel, pointers,
+                                     {"BLOCK": 1024, "LAYERS_PER_STEP": decode_module._COUNT_LAYERS_PER_STEP},
+                                     strides)),
         ("entry builder in regions: scatter (BLOCK 1024, 32 blocks)",
          lambda: compile_and_measure(decode_module._region_scatter_kernel, pointers,
                                      {"BLOCK": 1024, "BLOCKS_POW2": 32}, strides)),

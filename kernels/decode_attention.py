@@ -210,25 +210,44 @@ _ENTRY_BUILDER_JIT = {"do_not_specialize": ["num_blocks"], "do_not_specialize_on
 
 @triton.jit(**_ENTRY_BUILDER_JIT)
 def _count_held_kernel(
-    location_ptr,
+    location_ptr,  # [layers, tokens] location words
     req_to_token_ptr,
     req_pool_indices_ptr,
     seq_lens_ptr,
-    block_counts_ptr,  # [B, num_blocks, 3] int32: held tokens per tier in each block
+    block_counts_ptr,  # [layers, B, num_blocks, 3] int32, zeroed: held tokens per tier in each block
+    stride_location_layer,
     stride_req_to_token,
+    num_layers,
+    batch,
     num_blocks,
     BLOCK: tl.constexpr,
+    LAYERS_PER_STEP: tl.constexpr,
 ):
+    """Grid (request, block of BLOCK positions). The block's token ids are read once, then
+    its location words LAYERS_PER_STEP layers at a time: a decode step counts every layer in
+    one launch (the map does not change during the pass; `stage` wrote the new tokens'
+    words before it). Blocks past the request's length leave their zeros."""
     request = tl.program_id(0)
     block = tl.program_id(1)
-    in_sequence, locations = _block_locations(
-        location_ptr, req_to_token_ptr, req_pool_indices_ptr, seq_lens_ptr, stride_req_to_token, request, block, BLOCK
-    )
-    tiers = locations & _TIER_MASK
-    offs_tier = tl.arange(0, 4)  # the three held tiers, padded to a power of two
-    in_tier = in_sequence[:, None] & (tiers[:, None] == (offs_tier + _STAGING)[None, :])
-    counts = tl.sum(in_tier.to(tl.int32), axis=0)
-    tl.store(block_counts_ptr + (request * num_blocks + block) * 3 + offs_tier, counts, mask=offs_tier < 3)
+    seq_len = tl.load(seq_lens_ptr + request)
+    if block * BLOCK >= seq_len:
+        return
+    req_slot = tl.load(req_pool_indices_ptr + request).to(tl.int64)
+    positions = block * BLOCK + tl.arange(0, BLOCK)
+    in_sequence = positions < seq_len
+    tokens = tl.load(req_to_token_ptr + req_slot * stride_req_to_token + positions, mask=in_sequence, other=0)
+    tokens = tokens.to(tl.int64)
+    for first_layer in range(0, num_layers, LAYERS_PER_STEP):
+        layers = first_layer + tl.arange(0, LAYERS_PER_STEP)
+        in_layers = layers < num_layers
+        held_mask = in_layers[:, None] & in_sequence[None, :]
+        locations = tl.load(location_ptr + layers.to(tl.int64)[:, None] * stride_location_layer + tokens[None, :],
+                            mask=held_mask, other=0)
+        tiers = locations & _TIER_MASK
+        counts_of_block = block_counts_ptr + ((layers.to(tl.int64) * batch + request) * num_blocks + block) * 3
+        for tier_index in tl.static_range(3):
+            counts = tl.sum((held_mask & (tiers == tier_index + _STAGING)).to(tl.int32), axis=1)
+            tl.store(counts_of_block + tier_index, counts, mask=in_layers)
 
 
 @triton.jit(**_ENTRY_BUILDER_JIT)
@@ -261,15 +280,33 @@ def _scatter_entries_kernel(
         tl.store(entry_row_ptr + destination, rows, mask=selected > 0)
 
 
-def _held_per_block(location, req_to_token, req_pool_indices, seq_lens, grid, block) -> torch.Tensor:
-    """[B, blocks, 3] int32 held tokens per tier in each block of `block` positions (both
-    builders' first launch)."""
-    block_counts = torch.empty((*grid, 3), dtype=torch.int32, device=location.device)
-    _count_held_kernel[grid](
-        location, req_to_token, req_pool_indices, seq_lens, block_counts,
-        req_to_token.stride(0), grid[1], BLOCK=block,
-    )
-    return block_counts
+def held_per_block(location, req_to_token, req_pool_indices, seq_lens, max_seq_len: int,
+                   block: int = 1024) -> torch.Tensor:
+    """[layers, B, blocks, 3] int32: held tokens per tier in each block of `block` positions
+    of every request, for every layer of `location` ([layers, tokens], or one layer's
+    [tokens]: then [B, blocks, 3]). One launch; the builders' first step, which a decode
+    pass takes once for all its layers (`decode_entries_in_regions(block_counts=...)`)."""
+    one_layer = location.dim() == 1
+    if one_layer:
+        location = location.unsqueeze(0)
+    if location.stride(-1) != 1 or req_to_token.stride(-1) != 1:
+        raise ValueError("location and req_to_token rows must be contiguous")
+    batch = req_pool_indices.numel()
+    grid = (batch, max(1, triton.cdiv(max_seq_len, block)))
+    block_counts = torch.zeros((location.shape[0], *grid, 3), dtype=torch.int32, device=location.device)
+    if batch:
+        _count_held_kernel[grid](
+            location, req_to_token, req_pool_indices.to(location.device),
+            seq_lens.to(device=location.device, dtype=torch.int32), block_counts,
+            location.stride(0), req_to_token.stride(0), location.shape[0], batch, grid[1],
+            BLOCK=block, LAYERS_PER_STEP=_COUNT_LAYERS_PER_STEP,
+        )
+    return block_counts[0] if one_layer else block_counts
+
+
+# Location words of 4 layers x 1024 positions per step of the count loop: 32 registers per
+# thread at 4 warps.
+_COUNT_LAYERS_PER_STEP = 4
 
 
 def decode_entries(
@@ -300,7 +337,7 @@ def decode_entries(
     seq_lens = seq_lens.to(device=device, dtype=torch.int32)
     req_pool_indices = req_pool_indices.to(device)
     grid = (batch, num_blocks)
-    block_counts = _held_per_block(location, req_to_token, req_pool_indices, seq_lens, grid, block)
+    block_counts = held_per_block(location, req_to_token, req_pool_indices, seq_lens, max_seq_len, block)
     tier_counts = block_counts.sum(1)  # [B, 3]
     indptr[1:] = tier_counts.sum(1).cumsum(0)
     tier_start = indptr[:-1, None] + tier_counts.cumsum(1) - tier_counts
@@ -328,7 +365,7 @@ def _region_scatter_kernel(
     req_pool_indices_ptr,
     seq_lens_ptr,
     region_indptr_ptr,  # [B + 1]: request b's region starts at region_indptr[b], seq_lens[b] slots
-    block_counts_ptr,  # [B, num_blocks, 3] int32 from _count_held_kernel
+    block_counts_ptr,  # [B, num_blocks, 3] int32 from _count_held_kernel (one layer's)
     entry_tier_ptr,
     entry_row_ptr,
     tier_indptr_ptr,  # [B, 4] out
@@ -400,10 +437,13 @@ def decode_entries_in_regions(
     capacity: int,
     max_seq_len: int,
     block: int = 1024,
+    block_counts: torch.Tensor | None = None,
 ) -> DecodeEntries:
     """The entry lists of one layer in two launches over (request, block of positions) and
     no host glue, so it can be recorded into a CUDA graph: count held tokens per tier and
     block, then place them (each program scans its request's block counts itself).
+    `block_counts`: this layer's counts [B, blocks, 3] from a `held_per_block` of all
+    layers at once (same `max_seq_len` and `block`); then the layer's build is one launch.
 
     Request b owns the fixed region `region_indptr[b] :` + seq_lens[b] of the entry arrays
     (`capacity` slots in all; eager: `region_indptr_for`, regions back to back; CUDA graph:
@@ -428,7 +468,11 @@ def decode_entries_in_regions(
     seq_lens = seq_lens.to(device=device, dtype=torch.int32)
     req_pool_indices = req_pool_indices.to(device)
     grid = (batch, num_blocks)
-    block_counts = _held_per_block(location, req_to_token, req_pool_indices, seq_lens, grid, block)
+    if block_counts is None:
+        block_counts = held_per_block(location, req_to_token, req_pool_indices, seq_lens, max_seq_len, block)
+    elif block_counts.shape != (*grid, 3):
+        raise ValueError(f"block_counts must be [{batch}, {num_blocks}, 3] for max_seq_len {max_seq_len} "
+                         f"in blocks of {block}, got {tuple(block_counts.shape)}")
     _region_scatter_kernel[grid](
         location, req_to_token, req_pool_indices, seq_lens, region_indptr, block_counts,
         entry_tier, entry_row, tier_indptr, req_to_token.stride(0), num_blocks,
@@ -1486,12 +1530,14 @@ def decode_attention_for_pool(
     max_seq_len: int | None = None,
     max_entries: int | None = None,
     region_indptr: torch.Tensor | None = None,
+    block_counts: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """Entries of one layer of a CompressedKVPool + `decode_attention` (v2, from the
     builder's tier ranges, unless `version="v1"` is passed). With `region_indptr` (and
     `max_entries`: the entry arrays' size, `max_seq_len`: the grid bound)
-    `decode_entries_in_regions` builds them, else `decode_entries`. `layer` is the pool-local layer index; q must already be
+    `decode_entries_in_regions` builds them (from this layer's `block_counts`, if given),
+    else `decode_entries`. `layer` is the pool-local layer index; q must already be
     rotated (pool.rotate)."""
     if region_indptr is not None:
         if max_entries is None:
@@ -1499,7 +1545,7 @@ def decode_attention_for_pool(
         if max_seq_len is None:
             raise ValueError("region_indptr needs max_seq_len (it bounds the builder's grid)")
         entries = decode_entries_in_regions(pool.location[layer], req_to_token, req_pool_indices, seq_lens,
-                                            region_indptr, max_entries, max_seq_len)
+                                            region_indptr, max_entries, max_seq_len, block_counts=block_counts)
     else:
         entries = decode_entries(pool.location[layer], req_to_token, req_pool_indices, seq_lens,
                                  max_seq_len, max_entries)

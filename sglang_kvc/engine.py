@@ -22,7 +22,8 @@ Per layer of an EXTEND pass:
 
 Per layer of a DECODE pass: the new K/V are written to staging, then attention. Decode
 attention has two implementations (`attention_impl`): "triton" builds the layer's entry
-lists for the whole batch (two launches) and runs the split-K kernel of
+lists for the whole batch (one launch; the first layer also counts every layer's held
+tokens per block, one launch for the pass) and runs the split-K kernel of
 `sglang_kvc.kernels` on the packed tiers; "torch" gathers and dequantizes per request
 (`pool.gather` + `attend`) and is the numerical reference. "auto" picks triton when the
 pool is on CUDA and the kernels are enabled (runtime.triton_kernels_enabled).
@@ -257,6 +258,8 @@ class CompressedAttention:
         self.candidate_tokens: torch.Tensor | None = None
         self.capturing = False  # is the current decode pass being recorded into a CUDA graph?
         self.decode_launch: DecodeLaunch | None = None
+        # Per decode pass, from its first layer: [layers, B, blocks, 3] held tokens per tier.
+        self.held_block_counts: torch.Tensor | None = None
         self.graphs_captured: dict[int, DecodeLaunch] = {}  # by batch size
 
     # ---- per forward pass -------------------------------------------------------------------
@@ -265,6 +268,7 @@ class CompressedAttention:
         out_cache_loc), staged here."""
         self.batch = batch
         self.capturing = False
+        self.held_block_counts = None
         device = self.pool.location.device
         self.req_pool_indices_device = to_device(batch.req_pool_indices, torch.int64, device)
         if batch.is_decode and self.decode_window.due():
@@ -297,7 +301,7 @@ class CompressedAttention:
             self.qo_indptr_device = to_device([0, *itertools.accumulate(batch.extend_lens)], torch.int32, device)
         else:
             # Each request's slots in every layer's entry arrays: fixed for the step, so each
-            # layer's build is two launches with no host glue (kernels.decode_entries_in_regions).
+            # layer's build needs no host glue (kernels.decode_entries_in_regions).
             from sglang_kvc.kernels.decode_attention import region_indptr_for
 
             max_seq_len = max(batch.seq_lens, default=0)
@@ -354,6 +358,7 @@ class CompressedAttention:
         device = self.pool.location.device
         # No host-side per-request state inside a graph: fail loudly if a layer reached for it.
         self.batch = self._token_rows = self._positions = None
+        self.held_block_counts = None
         self.capturing = True
         self.decode_launch = DecodeLaunch(
             req_pool_indices=req_pool_indices,
@@ -671,12 +676,17 @@ class CompressedAttention:
     def _decode_triton(self, layer: int, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """The layer's entry lists for the whole batch in the pass's fixed regions (each
         layer evicts different tokens), then the split-K kernel; reads only `decode_launch`
-        and device tables, so a captured pass records it as is."""
+        and device tables, so a captured pass records it as is. The first layer counts every
+        layer's held tokens per block in one launch (the map is final before the pass), so
+        each layer's build is a single scatter launch."""
         # Imported on first use: triton.jit fixes at import whether kernels are interpreted
         # (tests/kernels/conftest.py sets that first), and torch-only runs need no Triton.
-        from sglang_kvc.kernels.decode_attention import decode_attention_for_pool
+        from sglang_kvc.kernels.decode_attention import decode_attention_for_pool, held_per_block
 
         launch = self.decode_launch
+        if layer == 0:
+            self.held_block_counts = held_per_block(self.pool.location, self.req_to_token, launch.req_pool_indices,
+                                                    launch.seq_lens, launch.max_seq_len)
         return decode_attention_for_pool(
             self.pool,
             layer,
@@ -691,6 +701,7 @@ class CompressedAttention:
             max_seq_len=launch.max_seq_len,
             max_entries=launch.entry_capacity,
             region_indptr=launch.region_indptr,
+            block_counts=None if self.held_block_counts is None else self.held_block_counts[layer],
         )
 
     def _decode_torch(self, layer: int, q: torch.Tensor, scaling: float, logit_cap: float) -> torch.Tensor:

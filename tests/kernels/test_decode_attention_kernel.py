@@ -33,6 +33,7 @@ from sglang_kvc.kernels.decode_attention import (
     decode_entries,
     decode_entries_in_regions,
     decode_entries_torch,
+    held_per_block,
     layer_tables,
     region_indptr_for,
     register_operand_slots,
@@ -582,6 +583,60 @@ def test_region_builder_in_fixed_slot_regions(gen, device):
         assert start == b * MAX_CONTEXT and end - start == len(want)
         assert list(zip(entries.tier[start:end].tolist(), entries.row[start:end].tolist())) == want
         assert (entries.tier[end : start + int(seq_lens[b])] == TIER_EMPTY).all()
+
+
+def expected_block_counts(location, req_to_token, req_pool_indices, seq_lens, num_blocks, block):
+    """Python loop: [B, num_blocks, 3] held tokens of tiers (staging, low-bit, guard) per block."""
+    counts = torch.zeros((len(seq_lens), num_blocks, 3), dtype=torch.int32)
+    for b, (slot, seq_len) in enumerate(zip(req_pool_indices.tolist(), seq_lens.tolist())):
+        tiers = (location[req_to_token[slot, :seq_len].to(torch.int64)] & 7).tolist()
+        for position, tier in enumerate(tiers):
+            if tier in HELD_TIERS_IN_ORDER:
+                counts[b, position // block, HELD_TIERS_IN_ORDER.index(tier)] += 1
+    return counts
+
+
+@pytest.mark.parametrize("layers", [1, 5])  # 5: one full step of the count loop and a partial one
+def test_held_counts_of_every_layer_in_one_launch(layers, gen, device):
+    """held_per_block over a [layers, tokens] map gives every layer's per-block counts, zero
+    past each request's length, and a one-layer map gives that layer's [B, blocks, 3]."""
+    pool = build_pool(gen, device, layers=layers)
+    req_to_token, req_pool_indices, seq_lens = build_batch([33, 0, 1, 7, 20, MAX_CONTEXT], gen, device)
+    counts = held_per_block(pool.location, req_to_token, req_pool_indices, seq_lens, MAX_CONTEXT, block=8)
+    num_blocks = -(-MAX_CONTEXT // 8)
+    assert counts.shape == (layers, len(seq_lens), num_blocks, 3) and counts.dtype == torch.int32
+    for layer in range(layers):
+        want = expected_block_counts(pool.location[layer], req_to_token, req_pool_indices, seq_lens, num_blocks, 8)
+        assert torch.equal(counts[layer].cpu(), want), f"layer {layer}"
+        one_layer = held_per_block(pool.location[layer], req_to_token, req_pool_indices, seq_lens, MAX_CONTEXT, block=8)
+        assert torch.equal(one_layer, counts[layer])
+
+
+def test_region_builder_from_counts_of_all_layers(gen, device, monkeypatch):
+    """A layer's build from its slice of the all-layer counts (the engine's decode pass: one
+    count launch, then one scatter per layer) fills the regions as its own two launches do,
+    in graph-style fixed regions with a grid sized for MAX_CONTEXT."""
+    pool = build_pool(gen, device, layers=3)
+    req_to_token, req_pool_indices, seq_lens = build_batch([1, 33, 0, 20, MAX_CONTEXT], gen, device)
+    batch = len(seq_lens)
+    region_indptr = torch.arange(batch + 1, dtype=torch.int32, device=device) * MAX_CONTEXT
+    counts = held_per_block(pool.location, req_to_token, req_pool_indices, seq_lens, MAX_CONTEXT, block=8)
+    real_empty = torch.empty
+    for layer in range(3):
+        args = (pool.location[layer], req_to_token, req_pool_indices, seq_lens, region_indptr,
+                batch * MAX_CONTEXT, MAX_CONTEXT)
+        monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(77))
+        from_counts = decode_entries_in_regions(*args, block=8, block_counts=counts[layer])
+        own = decode_entries_in_regions(*args, block=8)
+        monkeypatch.setattr(torch, "empty", real_empty)
+        assert torch.equal(from_counts.tier_indptr, own.tier_indptr), f"layer {layer}"
+        for b, want in enumerate(expected_entries(pool.location[layer], req_to_token, req_pool_indices, seq_lens)):
+            start, end = from_counts.tier_indptr[b, 0].item(), from_counts.tier_indptr[b, 3].item()
+            assert start == b * MAX_CONTEXT and end - start == len(want)
+            assert list(zip(from_counts.tier[start:end].tolist(), from_counts.row[start:end].tolist())) == want
+            assert (from_counts.tier[end : start + int(seq_lens[b])] == TIER_EMPTY).all()
+    with pytest.raises(ValueError, match="block_counts must be"):
+        decode_entries_in_regions(*args, block=16, block_counts=counts[0])
 
 
 def test_region_entries_feed_both_kernels(version, gen, device):

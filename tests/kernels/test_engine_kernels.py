@@ -282,6 +282,43 @@ def _captured_graph_forward(sim: Simulator, batch, loc: torch.Tensor) -> None:
 
 
 @needs_interpreter
+@pytest.mark.parametrize("captured", [False, True], ids=["eager", "graph"])
+def test_a_decode_pass_counts_every_layer_in_one_launch(captured, seed, monkeypatch):
+    """Per decode pass the entry builders launch one count for all layers (at the first
+    layer) and one scatter per layer: what each layer's attention call launches, in order."""
+    import sglang_kvc.kernels.decode_attention as decode_module
+
+    calls: list[list[str]] = []
+
+    def record(name):
+        kernel = getattr(decode_module, name)
+
+        class Spy:
+            def __getitem__(self, grid):
+                calls[-1].append(name)
+                return kernel[grid]
+
+        monkeypatch.setattr(decode_module, name, Spy())
+
+    record("_count_held_kernel")
+    record("_region_scatter_kernel")
+    for method in ("decode", "extend"):
+        real = getattr(RecordingAttention, method)
+
+        def marked(self, layer_id, *args, _real=real, _method=method, **kwargs):
+            calls.append([f"{_method} {layer_id}"])
+            return _real(self, layer_id, *args, **kwargs)
+
+        monkeypatch.setattr(RecordingAttention, method, marked)
+    sim = simulate("triton", 14, 16, seed, captured=captured)
+    decode_calls = [call for call in calls if call[0].startswith("decode")]
+    assert len(decode_calls) == DECODE_STEPS * sim.num_layers
+    for call in decode_calls:
+        first_layer = call[0] == "decode 0"
+        assert call[1:] == (["_count_held_kernel"] if first_layer else []) + ["_region_scatter_kernel"], call
+
+
+@needs_interpreter
 def test_captured_decode_matches_eager_decode(seed):
     """The CUDA-graph decode path (static buffers, fixed regions, padded batch) gives the
     eager Triton path's outputs for the real requests and leaves the pool in the same state."""
