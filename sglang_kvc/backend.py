@@ -134,9 +134,10 @@ class CompressedAttnBackend(TritonAttnBackend):
         # A replay view: its tensors are the static buffers padded to the graph's batch
         # size; out_cache_loc is the real batch's (padded slots are 0 in the graph's copy).
         real = forward_batch.batch_size - getattr(forward_batch, "num_padding", 0)
+        # SGLang's replay view (build_replay_fb_view) carries no request ids: the batch size decides.
         self.engine.prepare_replay(
             forward_batch.req_pool_indices[:real], forward_batch.seq_lens[:real], forward_batch.out_cache_loc,
-            DECODE_REQUESTS.take(real, forward_batch.rids),
+            DECODE_REQUESTS.take(real, getattr(forward_batch, "rids", None)),
         )
 
     def init_forward_metadata_in_graph(self, forward_batch):

@@ -3,7 +3,15 @@ ForwardBatch it sees holds request slots only on the device, and no last-chunk f
 
 from __future__ import annotations
 
-from sglang_kvc.backend import DecodeRequests, ExtendRequests
+from types import SimpleNamespace
+
+import torch
+from sglang.srt.mem_cache.allocation import alloc_token_slots
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.model_executor.runner.decode_cuda_graph_runner import build_replay_fb_view
+from sim import Simulator
+
+from sglang_kvc.backend import DECODE_REQUESTS, CompressedAttnBackend, DecodeRequests, ExtendRequests
 
 
 def test_extend_requests_are_looked_up_by_request_id_in_the_passs_order():
@@ -27,3 +35,32 @@ def test_decode_requests_are_taken_once_and_only_for_their_batch():
     assert published.take(2) is None  # taken once
     published.publish(["a", "b"], [3, 5], [100, 7])
     assert published.take(2, None) == ([3, 5], [100, 7])  # no ids to compare: the size decides
+
+
+def test_graph_replay_preparation_takes_sglangs_replay_view():
+    """The decode graph runner hands the backend the view SGLang's `build_replay_fb_view`
+    makes (padded static buffers, no request ids): the replay's preparation stages the real
+    requests' new tokens and takes the host lists the init_new hook published."""
+    sim = Simulator()
+    request = sim.new_request(list(range(100, 140)), 8)
+    sim.prefill(request)
+    backend = CompressedAttnBackend.__new__(CompressedAttnBackend)  # only its replay side, no model runner
+    backend.engine = sim.engine
+    req = request.req
+    seq_len = req.kv_committed_len + 1
+    new_token = alloc_token_slots(sim.tree, 1)
+    sim.req_to_token_pool.write((req.req_pool_idx, seq_len - 1), new_token.to(torch.int32))
+    padded = 3  # the captured batch size: two padded slots (request slot 0, length 1)
+    buffers = SimpleNamespace(
+        input_ids=torch.zeros(padded, dtype=torch.int64), positions=torch.zeros(padded, dtype=torch.int64),
+        req_pool_indices=torch.tensor([req.req_pool_idx, 0, 0]), seq_lens=torch.tensor([seq_len, 1, 1]),
+        seq_lens_cpu=torch.tensor([seq_len, 1, 1]), encoder_lens=None, mamba_track_indices=None,
+    )
+    forward_batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, seq_lens_sum=seq_len,
+                                    seq_lens_cpu=torch.tensor([seq_len]), out_cache_loc=new_token, spec_info=None)
+    view = build_replay_fb_view(forward_batch, buffers, bs=padded, raw_bs=1, num_tokens=padded, seq_len_fill_value=1,
+                                capture_forward_mode=ForwardMode.DECODE, is_encoder_decoder=False)
+    DECODE_REQUESTS.publish([request.rid], [req.req_pool_idx], [seq_len])
+    backend.init_forward_metadata_out_graph(view)
+    assert DECODE_REQUESTS.take(1) is None  # the replay took them
+    assert sim.pool.staged_mask(new_token).all()
