@@ -91,8 +91,8 @@ def admission_in_rows(result, self, *args, **kwargs):
     """AFTER PrefillAdder.__init__. The adder budgets `available + evictable` logical
     tokens, but evicting a compressed token frees at most one row per layer and often
     none; lower its budget to what evicting every unlocked node would really free (the
-    allocator's `evictable_rows`, kept current by patches.radix_cache: one read of a
-    per-layer counter, whatever the size of the cache)."""
+    allocator's `evictable_rows`, kept current by patches.radix_cache: a lower bound read
+    without a device sync, whatever the size of the cache)."""
     allocator = compressed_allocator_of(self)
     tree_cache = self.tree_cache
     if allocator is None or tree_cache is None or tree_cache.is_chunk_cache():
@@ -104,7 +104,7 @@ def admission_in_rows(result, self, *args, **kwargs):
     logical = allocator.logical_available_size() + evictable
     if pool.headroom_tokens() >= logical:
         return None  # rows already cover every logical token the adder could count on
-    rows = allocator.evictable_rows.per_layer()
+    rows = allocator.evictable_rows.admission_rows()
     physical = min(pool.free_rows(layer) + rows[layer] for layer in range(pool.layer_num)) - pool.staged_count
     budgeted = allocator.available_size() + evictable
     correction = budgeted - min(logical, physical)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sim import Simulator, small_config
 
+from sglang_kvc.evictable_rows import HostCopy
 from sglang_kvc.patches import scheduler as hooks
 from sglang_kvc.pool import Tier, tier_of
 
@@ -483,6 +484,40 @@ def test_admission_counter_follows_the_trees_locks_inserts_and_evictions():
     sim.evict_all()
     assert counter.per_layer() == [0] * sim.num_layers
     assert_fully_free(sim)
+
+
+class _QueuedCopy(HostCopy):
+    """A host copy that lands only when told, as a GPU copy queued behind a forward does."""
+
+    arrived = False
+
+    def landed(self) -> bool:
+        return self.arrived
+
+
+def test_admission_reads_a_lower_bound_of_the_counter_without_waiting():
+    """Admission reads the last copy of the counter that has reached the host, less a row
+    per layer for every token taken off since that copy was queued: never more than the
+    exact count (so it never admits what eviction cannot free), exact once a copy lands."""
+    sim = Simulator()
+    counter = sim.allocator.evictable_rows
+    counter._copy = _QueuedCopy(counter._rows)
+    first = sim.new_request(prompt(120), max_new_tokens=3)
+    serve(sim, first)
+    assert counter.admission_rows() == [0] * sim.num_layers  # no copy has landed yet: nothing to count on
+    counter._copy.arrived = True
+    cached = counter.per_layer()
+    assert counter.admission_rows() == cached and min(cached) > 0
+    counter._copy.arrived = False
+    second = sim.new_request(prompt(120) + prompt(30, start=900), max_new_tokens=2)
+    assert sim.admit(second)  # locks the cached prompt: its tokens are taken off the counter
+    locked_tokens = second.req.prefix_indices.numel()
+    exact = counter.per_layer()
+    bound = counter.admission_rows()
+    assert bound == [max(0, rows - locked_tokens) for rows in cached]
+    assert all(low <= rows for low, rows in zip(bound, exact))
+    counter._copy.arrived = True  # the copy queued by the last read, after the lock
+    assert counter.admission_rows() == exact
 
 
 def test_idle_check_corrects_a_drifted_admission_counter(caplog):
