@@ -55,6 +55,7 @@ _LOWBIT = tl.constexpr(TIER_LOWBIT)
 _GUARD = tl.constexpr(TIER_GUARD)
 
 _LOG2_E = 1.4426950408889634
+_OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ---- layer tables ----------------------------------------------------------------------------
@@ -1255,7 +1256,7 @@ def _decode_split_kernel_v2(
 def _merge_splits_kernel(
     partial_out_ptr,  # [B, Hq, NUM_SPLITS, D] fp32
     partial_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32, base 2
-    out_ptr,  # [B, Hq, D] fp32
+    out_ptr,  # [B, Hq, D] fp32, bf16 or fp16
     stride_po_batch,
     stride_po_head,
     stride_po_split,
@@ -1291,7 +1292,8 @@ def _merge_splits_kernel(
     partial = tl.load(partial_ptrs, mask=split_mask[:, None] & dim_mask[None, :], other=0.0)
     total = tl.sum(weights, axis=0)
     out = tl.sum(weights[:, None] * partial, axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + request * stride_out_batch + q_head * stride_out_head + offs_d, out, mask=dim_mask)
+    tl.store(out_ptr + request * stride_out_batch + q_head * stride_out_head + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=dim_mask)
 
 
 def _packed_args(codes: torch.Tensor, scale_min: torch.Tensor) -> tuple[tuple, tuple]:
@@ -1346,10 +1348,12 @@ def decode_attention(
     num_warps: int = 4,
     prefetch: bool | None = None,
 ) -> torch.Tensor:
-    """Attention of one decode query per request over its entries -> fp32 [B, Hq, D].
+    """Attention of one decode query per request over its entries -> [B, Hq, D] (fp32,
+    or `out`'s dtype).
 
     q: [B, Hq, D] (rotated like the keys); entries as `DecodeEntries` (CSR over requests);
-    `scaling` multiplies q . k. `out` (fp32 [B, Hq, D]) is written in full if given.
+    `scaling` multiplies q . k. `out` ([B, Hq, D], fp32, or bf16 / fp16: the merge rounds
+    into it, saving a conversion launch per layer) is written in full if given.
 
     `version`: "v2" (the default when `tier_indptr`, `DecodeEntries.tier_indptr`, is
     given) loops over each request's staging / low-bit / guard ranges separately and
@@ -1404,8 +1408,10 @@ def decode_attention(
         raise ValueError("q and the staging K/V tables need a contiguous last dimension and equal strides")
     if out is None:
         out = torch.empty((batch, q_heads, head_dim), dtype=torch.float32, device=q.device)
-    elif out.shape != (batch, q_heads, head_dim) or out.dtype != torch.float32 or out.stride(-1) != 1:
-        raise ValueError(f"out must be fp32 [{batch}, {q_heads}, {head_dim}] with a contiguous last dim")
+    elif (out.shape != (batch, q_heads, head_dim) or out.dtype not in _OUTPUT_DTYPES
+          or out.stride(-1) != 1):
+        raise ValueError(f"out must be fp32, bf16 or fp16 [{batch}, {q_heads}, {head_dim}] with a contiguous "
+                         f"last dim, got {out.dtype} {tuple(out.shape)}")
     if batch == 0:
         return out
 

@@ -258,7 +258,9 @@ class CompressedAttention:
         self.candidate_tokens: torch.Tensor | None = None
         self.capturing = False  # is the current decode pass being recorded into a CUDA graph?
         self.decode_launch: DecodeLaunch | None = None
-        # Per decode pass, from its first layer: [layers, B, blocks, 3] held tokens per tier.
+        # Per decode pass, from its first layer: the sequence lengths as int32 and
+        # [layers, B, blocks, 3] held tokens per tier.
+        self.decode_seq_lens: torch.Tensor | None = None
         self.held_block_counts: torch.Tensor | None = None
         self.graphs_captured: dict[int, DecodeLaunch] = {}  # by batch size
 
@@ -268,7 +270,7 @@ class CompressedAttention:
         out_cache_loc), staged here."""
         self.batch = batch
         self.capturing = False
-        self.held_block_counts = None
+        self.decode_seq_lens = self.held_block_counts = None
         device = self.pool.location.device
         self.req_pool_indices_device = to_device(batch.req_pool_indices, torch.int64, device)
         if batch.is_decode and self.decode_window.due():
@@ -358,7 +360,7 @@ class CompressedAttention:
         device = self.pool.location.device
         # No host-side per-request state inside a graph: fail loudly if a layer reached for it.
         self.batch = self._token_rows = self._positions = None
-        self.held_block_counts = None
+        self.decode_seq_lens = self.held_block_counts = None
         self.capturing = True
         self.decode_launch = DecodeLaunch(
             req_pool_indices=req_pool_indices,
@@ -685,16 +687,23 @@ class CompressedAttention:
 
         launch = self.decode_launch
         if layer == 0:
+            # int32 once per pass (a graph's static buffer is int64): one cast, not one per layer.
+            self.decode_seq_lens = launch.seq_lens.to(torch.int32)
             self.held_block_counts = held_per_block(self.pool.location, self.req_to_token, launch.req_pool_indices,
-                                                    launch.seq_lens, launch.max_seq_len)
+                                                    self.decode_seq_lens, launch.max_seq_len)
+        # On the GPU the merge writes q's dtype (no conversion launch per layer); fp32 in the
+        # interpreter, whose outputs the tests compare with the fp32 reference.
+        out = torch.empty((q.shape[0], q.shape[1], self.pool.head_dim), device=q.device,
+                          dtype=q.dtype if q.device.type == "cuda" else torch.float32)
         return decode_attention_for_pool(
             self.pool,
             layer,
             q,
             self.req_to_token,
             launch.req_pool_indices,
-            launch.seq_lens,
+            launch.seq_lens if self.decode_seq_lens is None else self.decode_seq_lens,
             scaling,
+            out=out,
             num_splits=launch.num_splits,
             block_n=self.decode_kernel_block_n,
             dot_precision=self.decode_dot_precision,

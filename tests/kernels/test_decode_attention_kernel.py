@@ -653,6 +653,24 @@ def test_region_entries_feed_both_kernels(version, gen, device):
     check_close(out, reference_decode(pool, 1, q, *batch, scaling), pool)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_output_written_in_the_querys_dtype(dtype, gen, device):
+    """With a bf16 / fp16 `out` (the engine's, on the GPU) the merge rounds the fp32 result
+    into it: the fp32 output converted, every slot written (within one unit in the last
+    place: the interpreter rounds to bf16 by truncation, the GPU to nearest)."""
+    pool = build_pool(gen, device)
+    req_to_token, req_pool_indices, seq_lens = build_batch([33, 0, 1, 20], gen, device)
+    q = random_queries(4, 7, gen, device)
+    entries = decode_entries_torch(pool.location[0], req_to_token, req_pool_indices, seq_lens)
+    lists = (q, entries.indptr, entries.tier, entries.row, *layer_tables(pool, 0), HEAD_DIM**-0.5, 3)
+    full = decode_attention(*lists, tier_indptr=entries.tier_indptr, block_n=BLOCK_N)
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=device)
+    decode_attention(*lists, tier_indptr=entries.tier_indptr, block_n=BLOCK_N, out=out)
+    torch.testing.assert_close(out, full.to(dtype), atol=1e-6, rtol=torch.finfo(dtype).eps)
+    with pytest.raises(ValueError, match="out must be"):
+        decode_attention(*lists, tier_indptr=entries.tier_indptr, out=torch.empty(q.shape, dtype=torch.int32))
+
+
 def test_pool_entry_point_with_regions(gen, device):
     pool = build_pool(gen, device)
     req_to_token, req_pool_indices, seq_lens = build_batch([20, 1, 33], gen, device)
