@@ -15,7 +15,7 @@ bound without one either (`admission_rows`): the last copy of the counts that ha
 the host, less the tokens taken off since that copy was queued (a token holds at most one
 row per layer; rows added since only make the bound looser). Reading the counts themselves
 waits for the forward in flight, which with the overlap scheduler left the GPU idle while
-the next prefill batch was prepared (serving run 20: 9 of 81 ms per 64 x 512 prefill step).
+the next prefill batch was prepared (serving run 20b: 9 of 81 ms per 64 x 512 prefill step).
 The idle check compares the exact counts with a walk of the tree (`matches_tree`).
 """
 
