@@ -10,6 +10,10 @@ head_dim 128) and times, under torch.profiler, what the server does around decod
     every layer, finding them in the staging map (`pool.seal`: a finished request's tokens,
     and the decode window's fallback); `seal_known`: the same for tokens the caller knows
     to be staged (`pool.seal_staged`: the decode window every `decode_window / 2` steps);
+  * `seal_released`: the release seal of `--requests` finished requests with
+    `window-tokens` staged decode tokens each, from the decode window's per-slot
+    bookkeeping (`DecodeWindow.seal_released`, one call per request; before, and still for
+    a request the window does not know, `pool.seal` on each request's tokens);
   * `free`: returning those tokens' rows in every layer (a finished request, an eviction);
   * `compress_pass`: a prefill pass's compression when it finishes `--prefill-requests`
     prompts of `--prompt-len` tokens (`CompressedAttention.compress_layer` after every
@@ -45,6 +49,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sglang_kvc.config import load_config  # noqa: E402
+from sglang_kvc.decode_window import DecodeWindow  # noqa: E402
 from sglang_kvc.engine import BatchInfo, CompressedAttention  # noqa: E402
 from sglang_kvc.planner import ModelShape, RuntimeLimits, plan_for  # noqa: E402
 from sglang_kvc.policy import scorer_from_config  # noqa: E402
@@ -131,13 +136,17 @@ def measure(config_path: Path, requests: int, window_tokens: int, logical_tokens
         next_token += sealed.numel()
         known = staged_tokens(pool, next_token, requests * window_tokens, generator)
         next_token += known.numel()
+        released = staged_tokens(pool, next_token, requests * window_tokens, generator)
+        next_token += released.numel()
+        window = released_requests(pool, released.view(requests, window_tokens))
         step = torch.arange(next_token, next_token + requests, dtype=torch.int64)
         next_token += requests
         operations = {
             "stage": lambda: pool.stage(step),
             "seal": lambda: pool.seal(sealed),
             "seal_known": lambda: pool.seal_staged(known),
-            "free": lambda: pool.free_tokens(torch.cat((sealed, known, step))),
+            "seal_released": lambda: [window.seal_released(slot, window_tokens) for slot in range(1, requests + 1)],
+            "free": lambda: pool.free_tokens(torch.cat((sealed, known, released, step))),
         }
         for name, run in operations.items():
             counts[name], syncs[name] = operators_and_syncs(run)
@@ -145,6 +154,19 @@ def measure(config_path: Path, requests: int, window_tokens: int, logical_tokens
     return {name: {"operators": sum(c.values()), "not_views": launching(c), "device_syncs": syncs[name],
                    "most_dispatched": dict(c.most_common(8))}
             for name, c in counts.items()}
+
+
+def released_requests(pool: CompressedKVPool, tokens_per_request: torch.Tensor) -> DecodeWindow:
+    """A decode window over request slots 1..n whose rows of `req_to_token` hold
+    `tokens_per_request` (staged decode tokens from position 0), as it stands when those
+    requests finish."""
+    requests, tokens = tokens_per_request.shape
+    req_to_token = torch.zeros((requests + 1, tokens), dtype=torch.int32)
+    req_to_token[1:] = tokens_per_request
+    window = DecodeWindow(pool, req_to_token, pool.config.quantization.decode_window)
+    for slot in range(1, requests + 1):
+        window.prompt_done(slot, 0)
+    return window
 
 
 def operators_and_syncs(run) -> tuple[Counter, int]:

@@ -116,15 +116,21 @@ def admission_in_rows(result, self, *args, **kwargs):
 
 def seal_released_request(req, tree_cache, is_insert=True):
     """BEFORE common.release_kv_cache: tokens a finished request leaves in the radix tree
-    must not stay in staging (its last decode tokens, an aborted prompt's chunks)."""
+    must not stay in staging (its last decode tokens, an aborted prompt's chunks). The
+    decode window knows on the host which they are for a request that finished its prompt;
+    otherwise the staging map is read (a device sync, which would wait for the forward in
+    flight)."""
     allocator = compressed_allocator_of(tree_cache)
     if allocator is None or not is_insert or tree_cache.is_chunk_cache() or req.req_pool_idx is None:
         return None
     if getattr(req, "skip_radix_cache_insert", False):
         return None
     committed = req.effective_kv_committed_len()
+    pool = allocator.pool
+    if pool.decode_window is not None and pool.decode_window.seal_released(req.req_pool_idx, committed):
+        return None
     tokens = tree_cache.req_to_token_pool.req_to_token[req.req_pool_idx, :committed].to(torch.int64)
-    allocator.pool.seal(tokens)
+    pool.seal(tokens)
     return None
 
 

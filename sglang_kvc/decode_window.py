@@ -14,8 +14,10 @@ decode tokens still staged (its prompt's length when its prefill ends, then each
 bound). So a seal pops a host-known count of rows from the free lists and needs no device
 sync. A sync here would wait for the previous decode step on the GPU and delay this step's
 launch, a bubble the overlap scheduler cannot hide (serving run 17: three syncs, 5.6 ms per
-seal). A slot whose prefill this engine did not see falls back to reading the staging map
-(`pool.seal`, which syncs).
+seal). The same bookkeeping seals a finished request's last staged decode tokens
+(`seal_released`, from `patches.scheduler.seal_released_request`). A slot whose prefill this
+engine did not see finish (an aborted prompt, a warm-up) falls back to reading the staging
+map (`pool.seal`, which syncs).
 """
 
 from __future__ import annotations
@@ -37,10 +39,29 @@ class DecodeWindow:
         self.steps = 0
         # Per request slot: the first position of its decode tokens still staged.
         self.staged_from = [UNKNOWN] * req_to_token.shape[0]
+        pool.decode_window = self  # for the scheduler's release hook, which sees the pool only
 
     def prompt_done(self, slot: int, prompt_len: int) -> None:
         """The request in `slot` finished its prompt: its decode tokens start at `prompt_len`."""
         self.staged_from[slot] = prompt_len
+
+    def prompt_chunk(self, slot: int) -> None:
+        """The request in `slot` prefilled a chunk that does not finish its prompt: nothing is
+        known of it (a request that left the slot without `seal_released` may have left its
+        value behind)."""
+        self.staged_from[slot] = UNKNOWN
+
+    def seal_released(self, slot: int, committed: int) -> bool:
+        """The request in `slot` finished with `committed` tokens of KV: seal its decode tokens
+        still staged (every position from `staged_from` on: each was staged by the decode pass
+        that wrote it, and SGLang counts a token as committed once its pass is issued) and
+        forget the slot. False, sealing nothing, if the host does not know the slot."""
+        start, self.staged_from[slot] = self.staged_from[slot], UNKNOWN
+        if start == UNKNOWN:
+            return False
+        if committed > start:
+            self.pool.seal_staged(self.req_to_token[slot, start:committed].to(torch.int64))
+        return True
 
     def due(self) -> bool:
         """Counts decode steps; True every `interval`-th."""

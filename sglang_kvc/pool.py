@@ -98,6 +98,9 @@ class CompressedKVPool(MHATokenToKVPool):
         self.plan = plan
         self.config = plan.config
         self.sizes = sizes
+        # Set by the engine's `decode_window.DecodeWindow`: what the host knows of each request
+        # slot's staged decode tokens (the scheduler's release hook reaches it through the pool).
+        self.decode_window = None
         # The stock constructor calls _create_buffers(), which builds our tiers.
         super().__init__(
             size,

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from sim import Simulator, small_config
 
 from sglang_kvc.decode_window import UNKNOWN, DecodeWindow
-from sglang_kvc.pool import tier_of
+from sglang_kvc.pool import CompressedKVPool, tier_of
 
 
 def prompt(length: int, start: int = 100) -> list[int]:
@@ -91,9 +91,52 @@ def test_a_known_batch_never_reads_the_staging_map(monkeypatch):
     monkeypatch.setattr(DecodeWindow, "_seal_by_map", no_map_read)
     sim = scenario(window=2, joins=3)
     assert sim.engine.decode_window.steps == 20
+    staged_before = sim.pool.staged_count
+    monkeypatch.setattr(CompressedKVPool, "seal", lambda self, tokens: no_map_read(self, None, None))
     for request in list(sim.live):
-        sim.finish(request)  # the release seal still reads the map (scheduler side)
+        slot = request.req.req_pool_idx
+        sim.finish(request)  # the release seal: the same host bookkeeping
         sim.check()
+        assert sim.engine.decode_window.staged_from[slot] == UNKNOWN
+    assert staged_before > 0 and sim.pool.staged_count == 0
+
+
+def test_a_release_seals_what_the_staging_map_would():
+    """Finishing requests at any point of their decode window (and one that had decoded
+    nothing): the host's release seal leaves the pool as the map's does."""
+    def finish_all(forget: bool) -> Simulator:
+        sim = scenario(window=5, joins=2, steps=7)
+        short = sim.new_request(prompt(19, 900), max_new_tokens=1)
+        sim.prefill(short)  # finished at prefill: no decode token staged
+        for request in list(sim.live):
+            if forget:
+                sim.engine.decode_window.staged_from[request.req.req_pool_idx] = UNKNOWN
+            sim.finish(request)
+            sim.check()
+        return sim
+
+    by_host, by_map = finish_all(forget=False), finish_all(forget=True)
+    assert by_host.pool.staged_count == by_map.pool.staged_count == 0
+    assert torch.equal(tier_of(by_host.pool.location), tier_of(by_map.pool.location))
+    for layer in range(by_host.num_layers):
+        assert by_host.pool.lowbit_free[layer].available() == by_map.pool.lowbit_free[layer].available()
+
+
+def test_a_prompt_chunk_forgets_what_the_slot_held_before():
+    """A request that left its slot without the release seal (e.g. retracted) leaves its
+    bookkeeping behind; the next request's first chunk clears it, so an abort before its last
+    chunk seals from the staging map (its chunks are staged from position 0)."""
+    sim = Simulator()
+    window = sim.engine.decode_window
+    window.staged_from = [7] * len(window.staged_from)  # stale in every slot
+    chunked = sim.new_request(prompt(90, 600), max_new_tokens=3, chunk_size=32)
+    assert sim.admit(chunked)
+    sim.prefill_chunk(chunked)
+    assert not chunked.prompt_done and sim.pool.staged_count == 32
+    assert window.staged_from[chunked.req.req_pool_idx] == UNKNOWN
+    sim.abort(chunked)
+    sim.check()
+    assert sim.pool.staged_count == 0
 
 
 def test_a_slot_the_host_does_not_know_falls_back_to_the_map():

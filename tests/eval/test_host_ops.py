@@ -21,6 +21,7 @@ def test_sealing_does_not_loop_over_the_layers_and_the_decode_windows_seal_reads
     # tokens the decode window knows to be staged need neither, nor does staging a step.
     assert counts["seal"]["device_syncs"] >= 2
     assert counts["seal_known"]["device_syncs"] == 0
+    assert counts["seal_released"]["device_syncs"] == 0  # finished requests, from the decode window
     assert counts["stage"]["device_syncs"] == 0
 
 
