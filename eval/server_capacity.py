@@ -18,6 +18,12 @@ launches `python -m sglang.launch_server` with dummy weights, waits for /health,
     all configs, each one's tokens and log-probabilities are compared with the bf16 run's
     (--fidelity-concurrent sends the K at once, so that requests finish and free their KV
     while others still decode, as under load);
+  - optionally (--arrivals N RATE P NEW): N requests arriving at RATE per second (a seeded
+    Poisson process), each for NEW/2..NEW tokens, so that requests join and finish while
+    others decode (continuous batching, which the batch rounds, all arriving and finishing
+    together, never exercise): output tokens per second and request latencies. SGLang's
+    own `bench_serving` does the same but needs the model's tokenizer, which a
+    dummy-weight checkpoint lacks;
   - optionally (--concurrent): many requests at once, then checks the server is healthy;
 records GPU memory, stops the server, and appends everything to a JSON file (rewritten
 after every config, so a timeout keeps what was measured).
@@ -212,6 +218,52 @@ def batch_decode_shapes(url: str, rng: random.Random, shapes: list[list[int]], r
     return {"batch_decode": results[0], **({"batch_decode_more": results[1:]} if len(results) > 1 else {})}
 
 
+def staggered_arrivals(url: str, rng: random.Random, count: int, rate: float, prompt_len: int,
+                       max_new_tokens: int) -> dict:
+    """`count` fresh prompts arriving as a Poisson process of `rate` requests per second,
+    each asking for between max_new_tokens // 2 and max_new_tokens tokens (both drawn from
+    `rng`, so every server gets the same schedule): the output tokens per second over the
+    whole run and the requests' latencies."""
+    offsets, elapsed = [], 0.0
+    for _ in range(count):
+        elapsed += rng.expovariate(rate)
+        offsets.append(elapsed)
+    lengths = [rng.randint(max(1, max_new_tokens // 2), max_new_tokens) for _ in range(count)]
+    prompts = [random_prompt(rng, prompt_len) for _ in range(count)]
+    results: list[dict] = [{} for _ in range(count)]
+    start = time.perf_counter()
+
+    def send(i: int) -> None:
+        time.sleep(max(0.0, start + offsets[i] - time.perf_counter()))
+        sent = time.perf_counter()
+        try:
+            results[i] = generate(url, prompts[i], lengths[i])
+            results[i]["latency_s"] = time.perf_counter() - sent
+        except Exception as exc:  # noqa: BLE001 - counted as a failed request
+            results[i] = {"error": f"{type(exc).__name__}: {exc}"}
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    completed = [r for r, wanted in zip(results, lengths) if r.get("completion_tokens") == wanted]
+    latencies = sorted(r["latency_s"] for r in completed)
+    summary = {
+        "requests": count, "rate_per_s": rate, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
+        "completed": len(completed),
+        "wall_s": round(wall, 3),
+        "output_tokens_per_s": round(sum(r["completion_tokens"] for r in completed) / wall, 1),
+        "latency_s": {"median": round(statistics.median(latencies), 3),
+                      "p90": round(latencies[int(0.9 * (len(latencies) - 1))], 3),
+                      "max": round(latencies[-1], 3)} if latencies else None,
+        "errors": [r["error"] for r in results if "error" in r][:5],
+    }
+    summary["ok"] = summary["completed"] == count
+    return summary
+
+
 def profile_batch_decode(url: str, rng: random.Random, batch: int, prompt_len: int, max_new_tokens: int,
                          steps: int, trace_dir: Path, timeout: float = 300) -> dict:
     """One more batch round with SGLang's profiler on for `steps` decode steps (its prefill
@@ -389,6 +441,11 @@ def run_one(args, config: str, log_dir: Path) -> dict:
                 print(f"[{name}] decode profile: " + json.dumps(
                     {k: record["decode_profile"][k] for k in ("span_ms", "gpu_busy_ms", "kernel_launches_per_step")}),
                     flush=True)
+        if args.arrivals:
+            count, rate, prompt_len, max_new = args.arrivals
+            record["arrivals"] = staggered_arrivals(url, rng, int(count), rate, int(prompt_len), int(max_new))
+            print(f"[{name}] arrivals: {record['arrivals']}", flush=True)
+            record["ok"] = record["ok"] and record["arrivals"]["ok"]
         if args.fidelity_samples:
             record["fidelity_samples"] = fidelity_samples(
                 url, args.seed, args.fidelity_samples, args.fidelity_len, args.fidelity_new_tokens,
@@ -424,6 +481,8 @@ def main() -> int:
                         help="repeat the batch round this often (fresh prompts), report medians and the range")
     parser.add_argument("--profile-decode-steps", type=int, default=0,
                         help="then profile this many decode steps of one more batch round (needs --batch-decode)")
+    parser.add_argument("--arrivals", type=float, nargs=4, metavar=("COUNT", "RATE", "PROMPT_LEN", "NEW_TOKENS"),
+                        help="COUNT requests arriving at RATE per second (Poisson), each for NEW_TOKENS/2..NEW_TOKENS")
     parser.add_argument("--fidelity-samples", type=int, default=0, help="greedy prompts compared with the bf16 run")
     parser.add_argument("--fidelity-len", type=int, default=4096)
     parser.add_argument("--fidelity-new-tokens", type=int, default=32)
@@ -451,6 +510,11 @@ def main() -> int:
         parser.error(f"--batch-rounds must be at least 1, got {args.batch_rounds}")
     if args.profile_decode_steps and not args.batch_decode:
         parser.error("--profile-decode-steps profiles the --batch-decode round: give --batch-decode")
+    if args.arrivals:
+        count, rate, prompt_len, new_tokens = args.arrivals
+        if not (rate > 0 and all(value >= 1 and value.is_integer() for value in (count, prompt_len, new_tokens))):
+            parser.error("--arrivals needs whole COUNT, PROMPT_LEN, NEW_TOKENS >= 1 and RATE > 0, "
+                         f"got {args.arrivals}")
     if args.fidelity_samples and "bf16" not in args.configs:
         parser.error("--fidelity-samples compares with the stock run: include bf16 in --configs")
     for config in args.configs:

@@ -9,6 +9,8 @@
 # OVERLAP=0 runs every server with --disable-overlap-schedule (default: SGLang's overlap
 # scheduler on for all); FIDELITY_AT_ONCE=1 sends the fidelity prompts all at once;
 # CONCURRENT=N ends each server with N requests at once and a health / leak check.
+# ARRIVALS="COUNT RATE PROMPT_LEN NEW_TOKENS": requests arriving spread out (Poisson), so
+# that they join and finish while others decode.
 # JSON and each server's log to $OUT.
 #   run(command="bash eval/gpu/serving.sh [CONFIG...]", carry=[".gpu-rig"])
 set -u
@@ -25,6 +27,7 @@ timeout "${BUDGET_S:-560}" python3 eval/server_capacity.py --model-path .gpu-rig
   --configs "${CONFIGS[@]}" --prompt-lens ${PROMPT_LENS:-8192 32448} --max-new-tokens "${MAX_NEW:-256}" \
   "${BATCH_ARGS[@]}" --batch-rounds "${BATCH_ROUNDS:-3}" --fidelity-samples "${FIDELITY:-8}" \
   --profile-decode-steps "${PROFILE_STEPS:-0}" --concurrent "${CONCURRENT:-0}" \
+  $([ -n "${ARRIVALS:-}" ] && echo --arrivals $ARRIVALS) \
   $([ "${FIDELITY_AT_ONCE:-0}" = 1 ] && echo --fidelity-concurrent) \
   --out "$OUT/serving.json" --log-dir "$OUT" --server-args --cuda-graph-max-bs "${GRAPH_MAX_BS:-16}" \
   $([ "${OVERLAP:-1}" = 0 ] && echo --disable-overlap-schedule)

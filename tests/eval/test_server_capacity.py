@@ -140,3 +140,34 @@ def test_a_round_with_failed_requests_has_no_throughput(capacity, monkeypatch):
     assert [r["decode_tokens_per_s"] for r in summary["per_round"]] == [40.0, None]
     assert summary["decode_tokens_per_s"] == 40.0 and summary["completed"] == 0
     assert not summary["ok"] and summary["errors"]
+
+
+def test_staggered_arrivals_send_the_seeded_schedule_and_count_what_completed(capacity, monkeypatch):
+    """Every server gets the same schedule from the same seed; each request asks for
+    NEW/2..NEW tokens; a failed one is reported and makes the run not ok."""
+    import random
+
+    sent = []
+
+    def fake_generate(url, prompt, max_new_tokens, logprobs=False):
+        sent.append((len(prompt), max_new_tokens))
+        if len(sent) == 3 and fail:
+            raise ConnectionError("refused")
+        return {"completion_tokens": max_new_tokens, "output_ids": [1] * max_new_tokens}
+
+    monkeypatch.setattr(capacity, "generate", fake_generate)
+    fail = False
+    first = capacity.staggered_arrivals("http://x", random.Random(3), count=6, rate=500.0, prompt_len=5,
+                                        max_new_tokens=8)
+    schedule = sorted(sent)
+    assert first["ok"] and first["completed"] == 6 and first["errors"] == []
+    assert all(length == 5 and 4 <= new <= 8 for length, new in sent)
+    # (wall_s is rounded to ms, so the quotient only roughly)
+    assert first["output_tokens_per_s"] == pytest.approx(sum(new for _, new in sent) / first["wall_s"], rel=0.1)
+    assert first["latency_s"]["median"] <= first["latency_s"]["p90"] <= first["latency_s"]["max"]
+    sent.clear()
+    fail = True
+    second = capacity.staggered_arrivals("http://x", random.Random(3), count=6, rate=500.0, prompt_len=5,
+                                         max_new_tokens=8)
+    assert sorted(sent) == schedule  # the same lengths for the same seed
+    assert not second["ok"] and second["completed"] == 5 and second["errors"] == ["ConnectionError: refused"]
