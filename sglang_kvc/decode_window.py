@@ -15,8 +15,8 @@ bound). So a seal pops a host-known count of rows from the free lists and needs 
 sync. A sync here would wait for the previous decode step on the GPU and delay this step's
 launch, a bubble the overlap scheduler cannot hide (serving run 17: three syncs, 5.6 ms per
 seal). The same bookkeeping seals a finished request's last staged decode tokens
-(`seal_released`, from `patches.scheduler.seal_released_request`). A slot whose prefill this
-engine did not see finish (an aborted prompt, a warm-up) falls back to reading the staging
+(`seal_released`, from `patches.scheduler.seal_released_request`). A slot whose prompt this
+engine did not see finish (a request aborted in prefill) falls back to reading the staging
 map (`pool.seal`, which syncs).
 """
 
