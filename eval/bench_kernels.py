@@ -70,6 +70,7 @@ from sglang_kvc.kernels.decode_attention import (
     decode_attention_for_pool,
     decode_entries,
     decode_entries_in_regions,
+    held_per_block,
     layer_tables,
     region_indptr_for,
 )
@@ -404,6 +405,8 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
               "v3": guarded(check, together("v3", engine_splits, engine_block_n))}
 
     num_bytes = attention_bytes(plan, layer, batch)
+    all_layers_location = layer.location[0].expand(shape.num_layers, -1).contiguous()
+    layer_counts = held_per_block(layer.location[0], *list_args[1:], batch.tokens)
     result = {
         "per_request": {"tokens": batch.tokens, "held": layer.held_per_request, "staged": layer.staged_per_request,
                         "guard": layer.guard_per_request, "lowbit": layer.lowbit_per_request},
@@ -411,6 +414,12 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
         "entry_build": timer(lambda: decode_entries_in_regions(*list_args, region_indptr,
                                                                list_sizes["max_entries"], batch.tokens)),
         "entry_build_csr": timer(lambda: decode_entries(*list_args, **list_sizes)),
+        # As a decode pass runs it: every layer's counts in one launch at the first layer
+        # (timed on this layer's map repeated for each of the model's layers), then one
+        # scatter per layer from its slice.
+        "entry_count_all_layers": timer(lambda: held_per_block(all_layers_location, *list_args[1:], batch.tokens)),
+        "entry_build_from_counts": timer(lambda: decode_entries_in_regions(
+            *list_args, region_indptr, list_sizes["max_entries"], batch.tokens, block_counts=layer_counts)),
         "engine_kernel": {"version": "v2", "block_n": engine_block_n, "entry_lists": "regions"},
         # The engine's kernel (v2 at its BLOCK_N) at every split count.
         "attention_by_splits": compiled[engine_block_n]["by_splits"],

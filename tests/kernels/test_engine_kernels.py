@@ -454,6 +454,8 @@ def test_bench_kernels_smoke(tmp_path, monkeypatch):
             assert 0 < cell["bytes"]["attention"] < cell["bytes"]["together"]
             assert cell["summary"]["together_GBps"] > 0
             assert cell["together"]["v2_graph"]["ms"] > 0, cell["together"]["v2_graph"]
+            # The decode pass's split of the entry build: all layers' counts, then a scatter per layer.
+            assert cell["entry_count_all_layers"]["ms"] > 0 and cell["entry_build_from_counts"]["ms"] > 0
     for written in report["write_packed"].values():
         assert "error" not in written and written["kernel"]["ms"] > 0
     table = (tmp_path / "bench_kernels.md").read_text()
