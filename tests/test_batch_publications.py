@@ -3,15 +3,19 @@ ForwardBatch it sees holds request slots only on the device, and no last-chunk f
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from sglang.srt.mem_cache.allocation import alloc_token_slots
-from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 from sglang.srt.model_executor.runner.decode_cuda_graph_runner import build_replay_fb_view
 from sim import Simulator
 
-from sglang_kvc.backend import DECODE_REQUESTS, CompressedAttnBackend, DecodeRequests, ExtendRequests
+from sglang_kvc.backend import DECODE_REQUESTS, EXTEND_REQUESTS, CompressedAttnBackend, DecodeRequests, ExtendRequests
+from sglang_kvc.runtime import CONFIG_ENV_VAR
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_extend_requests_are_looked_up_by_request_id_in_the_passs_order():
@@ -64,3 +68,37 @@ def test_graph_replay_preparation_takes_sglangs_replay_view():
     backend.init_forward_metadata_out_graph(view)
     assert DECODE_REQUESTS.take(1) is None  # the replay took them
     assert sim.pool.staged_mask(new_token).all()
+
+
+def test_the_init_new_hook_publishes_what_the_pass_needs(monkeypatch):
+    """patches.scheduler.publish_batch_requests after ForwardBatch.init_new, on SGLang's own
+    ScheduleBatch and ForwardBatch: an EXTEND pass's last-chunk flags (the batch's
+    chunked_req is the one whose prompt goes on) and slots, a DECODE pass's slots and
+    lengths; nothing without --kv-compress."""
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+    from sglang_kvc.patches.scheduler import publish_batch_requests
+
+    sim = Simulator()
+    finishing, chunked = (sim.new_request(list(range(start, start + 40)), 4) for start in (100, 700))
+    finishing.req.req_pool_idx, chunked.req.req_pool_idx = 3, 5
+    batch = ScheduleBatch(reqs=[finishing.req, chunked.req], chunked_req=chunked.req)
+
+    def forward_batch(mode: ForwardMode, seq_lens: list[int]) -> ForwardBatch:
+        lengths = torch.tensor(seq_lens)
+        return ForwardBatch(forward_mode=mode, batch_size=2, input_ids=torch.zeros(2, dtype=torch.int64),
+                            req_pool_indices=torch.tensor([3, 5]), seq_lens=lengths,
+                            out_cache_loc=torch.zeros(2, dtype=torch.int64), seq_lens_sum=sum(seq_lens),
+                            seq_lens_cpu=lengths)
+
+    rids = [finishing.rid, chunked.rid]
+    monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
+    EXTEND_REQUESTS.publish([], [], [])
+    publish_batch_requests(forward_batch(ForwardMode.EXTEND, [40, 32]), ForwardBatch, batch, None)
+    assert EXTEND_REQUESTS.lookup(rids) is None  # compression off: nothing published
+
+    monkeypatch.setenv(CONFIG_ENV_VAR, str(REPO / "configs" / "qwen_8x_tuned.yaml"))
+    publish_batch_requests(forward_batch(ForwardMode.EXTEND, [40, 32]), ForwardBatch, batch, None)
+    assert EXTEND_REQUESTS.lookup(rids) == ([True, False], [3, 5])
+    publish_batch_requests(forward_batch(ForwardMode.DECODE, [41, 77]), ForwardBatch, batch, None)
+    assert DECODE_REQUESTS.take(2, rids) == ([3, 5], [41, 77])
