@@ -23,7 +23,7 @@ head_dim 128) and times, under torch.profiler, what the server does around decod
     come from the torch scorer (and, counted separately, from the server's Triton scorer in
     Triton's interpreter) and the packed writes from the torch quantizer; on a GPU each is a
     few Triton launches.
-For each: the top-level torch operators dispatched, by name, and (stage / seal / free) the
+For each: the top-level torch operators dispatched, by name, and (the decode-step operations) the
 operators at any depth whose output size or value a GPU would have to read back first
 (`device_syncs`: boolean selection, `nonzero`, `unique`, `item`, `tolist`). On a GPU most of them are a
 kernel launch and its host work (views such as `slice` and no-op `to` are not; the packed

@@ -275,15 +275,14 @@ class CompressedAttention:
         self.req_pool_indices_device = to_device(batch.req_pool_indices, torch.int64, device)
         if batch.is_decode and self.decode_window.due():
             self.decode_window.seal(batch.req_pool_indices, batch.seq_lens)
+        if new_tokens is not None:
+            self.pool.stage(new_tokens)
         if not batch.is_decode:
             for slot, seq_len, last_chunk in zip(batch.req_pool_indices, batch.seq_lens, batch.last_chunk):
                 if last_chunk:
                     self.decode_window.prompt_done(slot, seq_len)
                 else:
                     self.decode_window.prompt_chunk(slot)
-        if new_tokens is not None:
-            self.pool.stage(new_tokens)
-        if not batch.is_decode:
             self.rids_in_pass = set(batch.rids)
             for rid, prefix_len in zip(batch.rids, batch.prefix_lens):
                 if rid not in self.started_with_prefix:
