@@ -180,9 +180,16 @@ def run_kernel(pool, layer, q, req_to_token, req_pool_indices, seq_lens, scaling
 # scale, one CI seed (904402330) 2.02e-3; so 4e-3, far below what a wrong row, code or scale gives.
 TOLERANCE = 4e-3
 TOLERANCE_FP16 = 4e-3
+# v3's register-operand low-bit loop (opt-in) errs about twice as much as v2's: on
+# test_bit_widths_and_group_sizes's 4-bit, group-32 case (scan_decode_error.py --case
+# bits4_g32, docs/results/decode-error-scan-2026-11-30.md) median 1.3e-3 against v2's 0.6e-3,
+# worst over seeds 0-149 2.8e-3 and one CI seed (1515882400) 4.03e-3; so 6e-3 for v3.
+TOLERANCE_V3 = 6e-3
 
 
-def check_close(out, expected, pool, tolerance=TOLERANCE):
+def check_close(out, expected, pool, tolerance=TOLERANCE, version=None):
+    if version == "v3":
+        tolerance = max(tolerance, TOLERANCE_V3)
     assert not out.isnan().any(), "output not fully written, or a poisoned row was read"
     torch.testing.assert_close(out, expected, atol=tolerance * pool.value_scale, rtol=0)
 
@@ -195,7 +202,7 @@ def test_bit_widths_and_group_sizes(bits, group_size, version, gen, device):
     q = random_queries(4, 4, gen, device)
     scaling = HEAD_DIM**-0.5
     out = run_kernel(pool, 1, q, *batch, scaling, version=version)
-    check_close(out, reference_decode(pool, 1, q, *batch, scaling), pool)
+    check_close(out, reference_decode(pool, 1, q, *batch, scaling), pool, version=version)
 
 
 @pytest.mark.parametrize("guard_bits", [16, 8])
@@ -207,7 +214,7 @@ def test_gqa_groups_and_guard_formats(query_group, guard_bits, version, gen, dev
     q = random_queries(3, query_group, gen, device)
     scaling = 0.3 * HEAD_DIM**-0.5
     out = run_kernel(pool, 0, q, *batch, scaling, version=version)
-    check_close(out, reference_decode(pool, 0, q, *batch, scaling), pool)
+    check_close(out, reference_decode(pool, 0, q, *batch, scaling), pool, version=version)
 
 
 @pytest.mark.parametrize("query_group", [1, 4, 7])
@@ -225,7 +232,7 @@ def test_register_operand_loop(key_bits, value_bits, group_size, head_dim, query
     q = random_queries(4, query_group, gen, device, head_dim=head_dim)
     scaling = head_dim**-0.5
     out = run_kernel(pool, 1, q, *batch, scaling, version="v3")
-    check_close(out, reference_decode(pool, 1, q, *batch, scaling), pool)
+    check_close(out, reference_decode(pool, 1, q, *batch, scaling), pool, version="v3")
 
 
 def test_register_operand_slots():
@@ -246,7 +253,7 @@ def test_split_counts(num_splits, version, gen, device):
     batch = build_batch([33, 7, 0, 1], gen, device)
     q = random_queries(4, 4, gen, device, dtype=torch.float32)
     out = run_kernel(pool, 1, q, *batch, HEAD_DIM**-0.5, num_splits=num_splits, version=version)
-    check_close(out, reference_decode(pool, 1, q, *batch, HEAD_DIM**-0.5), pool)
+    check_close(out, reference_decode(pool, 1, q, *batch, HEAD_DIM**-0.5), pool, version=version)
 
 
 def test_head_dim_not_a_power_of_two(version, gen, device):
@@ -256,7 +263,7 @@ def test_head_dim_not_a_power_of_two(version, gen, device):
     batch = build_batch([33, 1, 7], gen, device)
     q = random_queries(3, 4, gen, device, head_dim=96)
     out = run_kernel(pool, 1, q, *batch, 96**-0.5, version=version)
-    check_close(out, reference_decode(pool, 1, q, *batch, 96**-0.5), pool)
+    check_close(out, reference_decode(pool, 1, q, *batch, 96**-0.5), pool, version=version)
 
 
 def test_fp16_dot_operands(version, gen, device):
@@ -265,7 +272,7 @@ def test_fp16_dot_operands(version, gen, device):
     batch = build_batch([33, 7, 1], gen, device)
     q = random_queries(3, 7, gen, device)
     out = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, dot_precision="fp16", version=version)
-    check_close(out, reference_decode(pool, 0, q, *batch, HEAD_DIM**-0.5), pool, TOLERANCE_FP16)
+    check_close(out, reference_decode(pool, 0, q, *batch, HEAD_DIM**-0.5), pool, TOLERANCE_FP16, version=version)
 
 
 def test_requests_without_held_tokens_get_zero(version, gen, device):
@@ -289,7 +296,7 @@ def test_requests_without_held_tokens_get_zero(version, gen, device):
     expected = reference_decode(pool, layer, q, req_to_token, req_pool_indices, seq_lens, HEAD_DIM**-0.5)
     for b in (0, 1, 2):
         assert torch.equal(out[b], torch.zeros_like(out[b])), f"request {b} holds no token"
-    check_close(out, expected, pool)
+    check_close(out, expected, pool, version=version)
 
 
 def test_entries_of_other_tiers_are_skipped(gen, device):
@@ -320,7 +327,7 @@ def test_strided_queries_and_pool_entry_point(version, gen, device):
     assert not q.is_contiguous()
     out = decode_attention_for_pool(pool, 1, q, *batch, HEAD_DIM**-0.5, num_splits=2, block_n=BLOCK_N,
                                     **split_options(version))
-    check_close(out, reference_decode(pool, 1, q, *batch, HEAD_DIM**-0.5), pool)
+    check_close(out, reference_decode(pool, 1, q, *batch, HEAD_DIM**-0.5), pool, version=version)
 
 
 @pytest.mark.parametrize("block_n", [16, 32, 64])
@@ -331,7 +338,7 @@ def test_block_sizes(block_n, version, gen, device):
     batch = build_batch([MAX_CONTEXT, 33, 17, 1, 0], gen, device)
     q = random_queries(5, 7, gen, device)
     out = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, num_splits=2, version=version, block_n=block_n)
-    check_close(out, reference_decode(pool, 0, q, *batch, HEAD_DIM**-0.5), pool)
+    check_close(out, reference_decode(pool, 0, q, *batch, HEAD_DIM**-0.5), pool, version=version)
 
 
 def tokens_by_tier(pool, layer, minimum):
@@ -376,7 +383,7 @@ def test_requests_missing_tiers(guard_bits, version, gen, device):
     out = run_kernel(pool, layer, q, req_to_token, req_pool_indices, seq_lens, HEAD_DIM**-0.5, num_splits=2,
                      version=version)
     check_close(out, reference_decode(pool, layer, q, req_to_token, req_pool_indices, seq_lens, HEAD_DIM**-0.5),
-                pool)
+                pool, version=version)
 
 
 class KernelSpy:
@@ -650,7 +657,7 @@ def test_region_entries_feed_both_kernels(version, gen, device):
     out = torch.full(q.shape, float("nan"), dtype=torch.float32, device=device)
     decode_attention(q, entries.indptr, entries.tier, entries.row, staging, lowbit, guard, scaling, 3,
                      tier_indptr=entries.tier_indptr, out=out, block_n=BLOCK_N, **split_options(version))
-    check_close(out, reference_decode(pool, 1, q, *batch, scaling), pool)
+    check_close(out, reference_decode(pool, 1, q, *batch, scaling), pool, version=version)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
