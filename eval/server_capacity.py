@@ -12,8 +12,8 @@ launches `python -m sglang.launch_server` with dummy weights, waits for /health,
     (fresh prompts); the difference gives the batch's decode tokens per second, over
     --batch-rounds rounds (median and range); with
     --profile-decode-steps S, one more such round under SGLang's torch profiler (its
-    /start_profile, S decode steps; after the measured round, since exporting the trace
-    stalls the server), summarized per step by eval/trace_summary.py;
+    /start_profile, S decode steps; last of all, since exporting the trace stalls the server
+    and the profiler's trace can crash it later), summarized per step by eval/trace_summary.py;
   - optionally (--fidelity-samples K): K fixed prompts, greedy, with log-probabilities; after
     all configs, each one's tokens and log-probabilities are compared with the bf16 run's
     (--fidelity-concurrent sends the K at once, so that requests finish and free their KV
@@ -434,13 +434,6 @@ def run_one(args, config: str, log_dir: Path) -> dict:
             for result in [record["batch_decode"], *record.get("batch_decode_more", [])]:
                 print(f"[{name}] batch decode: {result}", flush=True)
                 record["ok"] = record["ok"] and result["ok"]
-            batch, prompt_len, max_new = args.batch_decode[0]
-            if args.profile_decode_steps:
-                record["decode_profile"] = profile_batch_decode(
-                    url, rng, batch, prompt_len, max_new, args.profile_decode_steps, log_dir / f"profile-{name}")
-                print(f"[{name}] decode profile: " + json.dumps(
-                    {k: record["decode_profile"][k] for k in ("span_ms", "gpu_busy_ms", "kernel_launches_per_step")}),
-                    flush=True)
         if args.arrivals:
             count, rate, prompt_len, max_new = args.arrivals
             record["arrivals"] = staggered_arrivals(url, rng, int(count), rate, int(prompt_len), int(max_new))
@@ -454,6 +447,16 @@ def run_one(args, config: str, log_dir: Path) -> dict:
         if args.concurrent:
             record["pressure"] = pressure(url, process, args)
             record["ok"] = record["ok"] and record["pressure"]["ok"]
+        # Last: a profiled server may die later of a segmentation fault in the torch
+        # profiler's trace destructor, whenever the garbage collector reaches it (runs 20b and
+        # 23: during the next workload), so nothing runs on a server after its profile.
+        if args.profile_decode_steps:
+            batch, prompt_len, max_new = args.batch_decode[0]
+            record["decode_profile"] = profile_batch_decode(
+                url, rng, batch, prompt_len, max_new, args.profile_decode_steps, log_dir / f"profile-{name}")
+            print(f"[{name}] decode profile: " + json.dumps(
+                {k: record["decode_profile"][k] for k in ("span_ms", "gpu_busy_ms", "kernel_launches_per_step")}),
+                flush=True)
     except Exception as exc:  # noqa: BLE001 - recorded, and the next config still runs
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["ok"] = False
