@@ -2,7 +2,8 @@
 
     python eval/tiny/serve_eval.py --configs bf16 configs/qwen_8x.yaml ... --out DIR \
         [--model-path eval/tiny/model] [--lengths 1024 2048 4096 8192] [--samples 25] \
-        [--shared-contexts 20] [--shared-questions 4] [--shared-length 8192] [--deadline-s 540]
+        [--shared-contexts 20] [--shared-questions 4] [--shared-length 8192] [--shared-task kv|multikey] \
+        [--deadline-s 540]
 
 Per config it starts `python -m sglang.launch_server` on the bundled model (with
 `--kv-compress CONFIG`, or stock for `bf16`; a name:path form such as
@@ -13,8 +14,9 @@ name ends in `+torch`, =1 for `+triton`; the default is the Triton path), then:
     `input_ids` to /generate, greedy, stopped at <|im_end|>; exact match of the first line.
     The predictions are kept, so they can be compared one by one with the transformers
     reference path (eval/tiny/quality.py) on the same samples;
-  * shared context (key-value lookups): one record list per context and several questions
-    about different records, each a separate request whose prompt is document + question:
+  * shared context (--shared-task: key-value lookups, or multi-key needles in filler): one
+    document per context and several questions about different needles in it, each a
+    separate request whose prompt is document + question (`shared_context_groups`):
       - shared: the first question of a context is answered first, then the others at once,
         so they reuse the document from the radix cache (compressed under the first question);
       - isolated: the radix cache is flushed before every request, so each question
@@ -76,32 +78,52 @@ def flush_cache(url: str) -> None:
 
 
 # ---- shared-context groups ----------------------------------------------------------------------
+SHARED_TASKS = ("kv", "multikey")
+
+
 @dataclass(frozen=True)
 class ContextGroup:
-    document_ids: tuple[int, ...]  # header + records, identical in every prompt of the group
+    document_ids: tuple[int, ...]  # header + context, identical in every prompt of the group
     questions: tuple[tuple[tuple[int, ...], str], ...]  # (question + answer prefix ids, answer)
 
 
-def shared_context_groups(encode, contexts: int, questions: int, length: int, seed: int) -> list[ContextGroup]:
-    """Key-value contexts (eval/tiny/tasks.py `kv`), each asked about `questions` records spread
-    over the list (the sample's own record first). Each prompt has the length budget of a
-    normal `kv` sample: the questions are the same size."""
+def shared_context_groups(encode, contexts: int, questions: int, length: int, seed: int,
+                          task: str = "kv") -> list[ContextGroup]:
+    """`contexts` documents, each asked `questions` questions about different needles. Each
+    prompt has the length budget of a normal sample of the task: the questions are the same size.
+      * kv: a record list (eval/tiny/tasks.py `kv`), asked about records spread over it (the
+        sample's own record first). Every record is a needle: nothing in the document says which
+        matter before a question names a key, the worst case for a question-independent choice.
+      * multikey: `questions` magic-number needles in filler text (tasks.py `multikey` with that
+        many keys), each asked once: the RULER-style shared-context suite (eval/shared_context.py)
+        at the tiny model's scale, where the needles stand out from the filler."""
+    if task not in SHARED_TASKS:
+        raise ValueError(f"shared-context task must be one of {SHARED_TASKS}, got {task!r}")
     groups = []
     for index in range(contexts):
-        sample = tasks.make_sample("kv", tasks.sample_rng(seed, "shared", "kv", length, index), encode, length,
-                                   depth=(index + 0.5) / contexts)
+        rng = tasks.sample_rng(seed, "shared", task, length, index)
+        depth = (index + 0.5) / contexts
+        if task == "kv":
+            sample = tasks.make_sample("kv", rng, encode, length, depth=depth)
+        else:
+            sample = tasks.multikey_sample(rng, encode, length, depth=depth, num_keys=questions)
         question_start = sample.prompt.rindex("Question:")
         document = sample.prompt[:question_start]
         document_ids = sample.prompt_ids[: len(sample.prompt_ids) - len(encode(sample.prompt[question_start:]))]
-        records = RECORD_LINE.findall(document)
-        unique = [(key, value) for key, value in records if document.count(value) == 1 and document.count(key) == 1]
-        own = [record for record in unique if record[1] == sample.answer]
-        others = [record for record in unique if record[1] != sample.answer]
-        step = max(1, len(others) // max(1, questions - 1))
-        chosen = own + others[step // 2 :: step][: questions - 1]
+        if task == "kv":
+            records = RECORD_LINE.findall(document)
+            unique = [(key, value) for key, value in records
+                      if document.count(value) == 1 and document.count(key) == 1]
+            own = [record for record in unique if record[1] == sample.answer]
+            others = [record for record in unique if record[1] != sample.answer]
+            step = max(1, len(others) // max(1, questions - 1))
+            chosen = own + others[step // 2 :: step][: questions - 1]
+            asked = [(tasks.KV_QUESTION.format(key=key), value) for key, value in chosen]
+        else:
+            own_question = sample.prompt[question_start:].split("\n", 1)[0]
+            asked = [(own_question, sample.answer), *sample.follow_ups][:questions]
         groups.append(ContextGroup(tuple(document_ids), tuple(
-            (tuple(encode(tasks.KV_QUESTION.format(key=key) + "\n" + tasks.ANSWER_PREFIX)), value)
-            for key, value in chosen)))
+            (tuple(encode(question + "\n" + tasks.ANSWER_PREFIX)), value) for question, value in asked)))
     return groups
 
 
@@ -128,8 +150,8 @@ def run_suite(url, samples, end_of_answer, decode, concurrency: int) -> dict:
     return {"accuracy": accuracy, "mean_accuracy": sum(cells) / len(cells), "predictions": predictions}
 
 
-def run_shared_context(url, groups: list[ContextGroup], end_of_answer, decode, concurrency: int) -> dict:
-    max_new = tasks.MAX_NEW_TOKENS["kv"]
+def run_shared_context(url, groups: list[ContextGroup], end_of_answer, decode, concurrency: int,
+                       max_new: int) -> dict:
     result = {}
     # isolated: nothing reused
     hits = total = 0
@@ -187,12 +209,14 @@ def run_config(args, name: str, config: str | None, samples, groups, tokenizer, 
         info = http_json(url + "/server_info")
         record["max_total_num_tokens"] = info.get("max_total_num_tokens")
         record["gpu_memory_used_mib"] = gpu_memory_used_mib()
-        start = time.time()
-        record["suite"] = run_suite(url, samples, end_of_answer, decode, args.concurrency)
-        record["suite_seconds"] = round(time.time() - start, 1)
+        if samples:
+            start = time.time()
+            record["suite"] = run_suite(url, samples, end_of_answer, decode, args.concurrency)
+            record["suite_seconds"] = round(time.time() - start, 1)
         start = time.time()
         if groups:
-            record["shared_context"] = run_shared_context(url, groups, end_of_answer, decode, args.concurrency)
+            record["shared_context"] = run_shared_context(url, groups, end_of_answer, decode, args.concurrency,
+                                                          tasks.MAX_NEW_TOKENS[args.shared_task])
             record["shared_context_seconds"] = round(time.time() - start, 1)
         record["ok"] = process.poll() is None
     except Exception as exc:  # noqa: BLE001 - recorded; the next config still runs
@@ -207,30 +231,34 @@ def run_config(args, name: str, config: str | None, samples, groups, tokenizer, 
 # ---- report ---------------------------------------------------------------------------------------
 def markdown(report: dict) -> str:
     suite = report["suite"]
-    columns = [(task, str(length)) for task in suite["tasks"] for length in suite["lengths"]]
+    shared_setup = report["shared_context"]
+    columns = [(task, str(length)) for task in suite["tasks"] for length in suite["lengths"]] if suite["samples"] else []
     lines = [f"# Tiny model on SGLang servers ({report['date']}, {report['device']})", "",
              f"`{report['command']}`", "",
              f"sglang {report['versions']['sglang']}, torch {report['versions']['torch']}. Suite: "
-             f"{suite['samples']} held-out samples per cell (seed {suite['seed']}), greedy, exact match. "
-             f"Shared context: {report['shared_context']['contexts']} key-value contexts x "
-             f"{report['shared_context']['questions']} questions at {report['shared_context']['length']} tokens.", "",
-             "| server | mean acc | rel. to bf16 | " + " | ".join(f"{t} {n}" for t, n in columns)
-             + " | shared-context isolated | shared | reusing requests | doc from cache |",
+             + (f"{suite['samples']} held-out samples per cell (seed {suite['seed']}), greedy, exact match. "
+                if suite["samples"] else "not run. ")
+             + f"Shared context: {shared_setup['contexts']} {shared_setup.get('task', 'kv')} contexts x "
+             f"{shared_setup['questions']} questions at {shared_setup['length']} tokens.", "",
+             "| server | mean acc | rel. to bf16 | " + "".join(f"{t} {n} | " for t, n in columns)
+             + "shared-context isolated | shared | reusing requests | doc from cache |",
              "|---|---:|---:|" + "---:|" * len(columns) + "---:|---:|---:|---:|"]
     base = next((r for r in report["servers"] if r["name"] == "bf16" and "suite" in r), None)
     for record in report["servers"]:
-        if "suite" not in record:
-            lines.append(f"| {record['name']} | error: {record.get('error', '?')} |")
+        if "error" in record and "suite" not in record and "shared_context" not in record:
+            lines.append(f"| {record['name']} | error: {record['error']} |")
             continue
-        s = record["suite"]
-        relative = f"{100 * s['mean_accuracy'] / base['suite']['mean_accuracy']:.1f}%" if base else "-"
-        cells = [f"{s['accuracy'].get(t, {}).get(n, float('nan')):.2f}" for t, n in columns]
+        s = record.get("suite")
+        head = ["-", "-"] if s is None else [
+            f"{s['mean_accuracy']:.3f}",
+            f"{100 * s['mean_accuracy'] / base['suite']['mean_accuracy']:.1f}%" if base else "-"]
+        cells = [f"{s['accuracy'].get(t, {}).get(n, float('nan')):.2f}" if s else "-" for t, n in columns]
         shared = record.get("shared_context")
         tail = (["-"] * 4 if not shared else
                 [f"{shared['isolated']['accuracy']:.2f}", f"{shared['shared']['accuracy']:.2f}",
                  f"{shared['shared']['accuracy_of_reusing_requests']:.2f}",
                  f"{shared['shared']['served_document_from_cache']}/{shared['shared']['reusing_requests']}"])
-        lines.append(f"| {record['name']} | {s['mean_accuracy']:.3f} | {relative} | " + " | ".join(cells + tail) + " |")
+        lines.append(f"| {record['name']} | " + " | ".join(head + cells + tail) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -256,11 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-path", type=Path, default=MODEL_DIR)
     parser.add_argument("--tasks", nargs="+", default=["passkey", "kv"], choices=tasks.TASK_NAMES)
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192])
-    parser.add_argument("--samples", type=int, default=25)
+    parser.add_argument("--samples", type=int, default=25, help="per (task, length); 0: no suite")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shared-contexts", type=int, default=20)
     parser.add_argument("--shared-questions", type=int, default=4)
     parser.add_argument("--shared-length", type=int, default=8192)
+    parser.add_argument("--shared-task", default="kv", choices=SHARED_TASKS,
+                        help="what the shared documents hold (see shared_context_groups)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--port", type=int, default=30123)
     parser.add_argument("--log-dir", type=Path, help="server logs (default: --out); their tails go to the JSON")
@@ -275,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     encode = tasks.TokenizerPieceEncoder(tokenizer)
     end_of_answer = tokenizer.token_to_id("<|im_end|>")
     suite = Suite(tuple(args.tasks), tuple(args.lengths), args.samples, args.seed)
-    samples = tasks.eval_samples(encode, suite.tasks, suite.lengths, suite.samples, suite.seed)
-    groups = shared_context_groups(encode, args.shared_contexts, args.shared_questions, args.shared_length, args.seed)
+    samples = tasks.eval_samples(encode, suite.tasks, suite.lengths, suite.samples, suite.seed) if suite.samples else {}
+    groups = shared_context_groups(encode, args.shared_contexts, args.shared_questions, args.shared_length, args.seed,
+                                   args.shared_task)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "eval/tiny/serve_eval.py", *argv]),
@@ -284,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"sglang": importlib.metadata.version("sglang"), "torch": torch.__version__},
         "suite": {"tasks": list(suite.tasks), "lengths": list(suite.lengths), "samples": suite.samples,
                   "seed": suite.seed},
-        "shared_context": {"contexts": len(groups), "questions": args.shared_questions, "length": args.shared_length},
+        "shared_context": {"task": args.shared_task, "contexts": len(groups), "questions": args.shared_questions,
+                           "length": args.shared_length},
         "servers": [],
     }
     for text in args.configs:
@@ -295,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         record = run_config(args, name, config, samples, groups, tokenizer, end_of_answer)
         report["servers"].append(record)
         print(f"[{name}] startup {record.get('startup_s')} s, suite "
-              f"{record.get('suite', {}).get('mean_accuracy')}, shared "
+              f"{(record.get('suite') or {}).get('mean_accuracy')}, shared "
               f"{json.dumps({k: v.get('accuracy') for k, v in record.get('shared_context', {}).items()})}, "
               f"error {record.get('error')}", flush=True)
         (args.out / "serve_eval.json").write_text(json.dumps(report, indent=1))

@@ -346,9 +346,11 @@ def _multikey_keys(rng: Random, count: int) -> list[str]:
     return keys
 
 
-def multikey_sample(rng: Random, encode: PieceEncoder, length: int, depth: float | None = None) -> Sample:
+def multikey_sample(rng: Random, encode: PieceEncoder, length: int, depth: float | None = None, *,
+                    num_keys: int | None = None) -> Sample:
+    """`num_keys` needles (default: 2-6, drawn), the first one asked; the others are follow-ups."""
     depth = rng.random() if depth is None else depth
-    keys = _multikey_keys(rng, rng.randint(2, 6))
+    keys = _multikey_keys(rng, rng.randint(2, 6) if num_keys is None else num_keys)
     values = [random_number(rng, 7) for _ in keys]
     needles = [Item(MULTIKEY_NEEDLE.format(key=key, value=value)) for key, value in zip(keys, values)]
     question = MULTIKEY_QUESTION.format(key=keys[0])

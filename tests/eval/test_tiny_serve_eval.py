@@ -32,6 +32,32 @@ def test_groups_share_the_document_and_ask_distinct_records(tokenizer):
             assert len(group.document_ids) + len(question_ids) + tasks.MAX_NEW_TOKENS["kv"] <= 1024
 
 
+def test_multikey_groups_ask_every_needle_of_a_filler_document(tokenizer):
+    encode = tasks.TokenizerPieceEncoder(tokenizer)
+    groups = shared_context_groups(encode, contexts=3, questions=4, length=2048, seed=7, task="multikey")
+    assert len(groups) == 3
+    for group in groups:
+        document = tokenizer.decode(list(group.document_ids))
+        assert document.startswith(tasks.MULTIKEY_HEADER.strip())
+        answers = [expected for _, expected in group.questions]
+        assert len(answers) == 4 and len(set(answers)) == 4
+        for question_ids, expected in group.questions:
+            question = tokenizer.decode(list(question_ids))
+            key = question.split("number for ")[1].split(" mentioned")[0]
+            assert tasks.MULTIKEY_NEEDLE.format(key=key, value=expected) in document
+            assert question.endswith(tasks.ANSWER_PREFIX)
+            assert len(group.document_ids) + len(question_ids) + tasks.MAX_NEW_TOKENS["multikey"] <= 2048
+        # document + question is exactly what a whole prompt encodes to (no merge across the join)
+        question_text = tokenizer.decode(list(group.questions[1][0]))
+        assert tuple(encode(document + question_text)) == group.document_ids + group.questions[1][0]
+
+
+def test_shared_task_names_the_allowed_tasks(tokenizer):
+    encode = tasks.TokenizerPieceEncoder(tokenizer)
+    with pytest.raises(ValueError, match="kv.*multikey"):
+        shared_context_groups(encode, contexts=1, questions=2, length=1024, seed=0, task="passkey")
+
+
 def test_config_names():
     assert parse_config("bf16") == ("bf16", None)
     assert parse_config("configs/qwen_8x.yaml") == ("qwen_8x", "configs/qwen_8x.yaml")
@@ -55,6 +81,23 @@ def test_markdown_reports_relative_accuracy_and_errors():
     table = markdown(report)
     assert "| x | 0.400 | 50.0% | 0.40 | 0.50 | 0.25 | 0.00 | 1/1 |" in table
     assert "| y | error: RuntimeError: boom |" in table
+    assert "1 kv contexts x 2 questions" in table
+
+
+def test_markdown_without_the_suite_shows_the_shared_context_only():
+    report = {
+        "date": "d", "device": "H200", "command": "c", "versions": {"sglang": "0.5.17", "torch": "2.11"},
+        "suite": {"tasks": ["kv"], "lengths": [1024], "samples": 0, "seed": 0},
+        "shared_context": {"task": "multikey", "contexts": 1, "questions": 2, "length": 1024},
+        "servers": [
+            {"name": "x", "shared_context": {"isolated": {"accuracy": 1.0},
+                                             "shared": {"accuracy": 0.5, "accuracy_of_reusing_requests": 0.0,
+                                                        "served_document_from_cache": 1, "reusing_requests": 1}}},
+        ],
+    }
+    table = markdown(report)
+    assert "Suite: not run. Shared context: 1 multikey contexts x 2 questions" in table
+    assert "| x | - | - | 1.00 | 0.50 | 0.00 | 1/1 |" in table
 
 
 def test_compare_matches_servers_to_reference_configs_and_pairs_kernel_paths():
