@@ -37,12 +37,17 @@ How this maps onto transformers 5.x:
     may see every key its layer holds, so the cache reports a one-key mask that
     broadcasts over any layer's length (see `CompressedLayer.get_mask_sizes`).
 
+A later request on a cached (compressed) prefix, as the radix cache serves it:
+`prefill_cache(model, prefix_ids, config)` then `answer_after_prefix(model, cache, rest_ids, n)`
+(the rest goes in one token per forward, on a copy of the cache).
+
 Limits: batch size 1; a prompt arrives in one forward pass (no chunked prefill, no
 second multi-token extend after compression); full-attention layers only.
 """
 
 from __future__ import annotations
 
+import copy
 import enum
 import sys
 from collections.abc import Mapping, Sequence
@@ -428,6 +433,39 @@ def _prompt_ids(tokenized_or_ids, device) -> torch.Tensor:
     return ids
 
 
+def _prefill(model, prompt_ids, config: CompressionConfig | None) -> tuple[Cache, torch.Tensor]:
+    """The prompt's forward into a new cache (full with None, else compressed at its end):
+    (cache, float32 logits of the prompt's last position)."""
+    device = next(model.parameters()).device
+    input_ids = _prompt_ids(prompt_ids, device)
+    cache: Cache = DynamicCache(config=model.config) if config is None else CompressedCache(config, model)
+    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1].float()
+    return cache, logits
+
+
+def _decode_greedily(model, cache: Cache, logits: torch.Tensor, max_new_tokens: int,
+                     eos_token_id: int | None) -> GenerationResult:
+    """Greedy tokens from `logits` (the last prompt position's) on, one forward per token."""
+    device = next(model.parameters()).device
+    tokens: list[int] = []
+    logits_per_step: list[torch.Tensor] = []
+    for step in range(max_new_tokens):
+        if step:
+            logits = model(input_ids=torch.tensor([[tokens[-1]]], device=device), past_key_values=cache,
+                           use_cache=True).logits[0, -1].float()
+        token = int(torch.argmax(logits))
+        tokens.append(token)
+        logits_per_step.append(logits.cpu())
+        if token == eos_token_id:
+            break
+    if isinstance(cache, CompressedCache):
+        kv, bf16 = cache.kv_bytes(), cache.bf16_kv_bytes()
+    else:
+        kv = bf16 = cache.get_seq_length() * model_shape(model.config).bf16_bytes_per_token()
+    step_logits = torch.stack(logits_per_step) if logits_per_step else torch.empty(0)
+    return GenerationResult(tokens, step_logits, kv, bf16, cache)
+
+
 @torch.no_grad()
 def generate_with_cache(
     model,
@@ -441,23 +479,33 @@ def generate_with_cache(
     or a `CompressedCache(config)`. `tokenizer_or_ids`: the tokenizer's output for one
     prompt (a mapping with `input_ids`) or the ids themselves. Stops after
     `max_new_tokens` or at `eos_token_id`."""
+    cache, logits = _prefill(model, tokenizer_or_ids, config)
+    return _decode_greedily(model, cache, logits, max_new_tokens, eos_token_id)
+
+
+@torch.no_grad()
+def prefill_cache(model, prompt_ids, config: CompressionConfig | None) -> Cache:
+    """A cache holding `prompt_ids` after their forward pass (compressed at its end with a
+    config, full with None), for later requests that continue it: `answer_after_prefix`."""
+    return _prefill(model, prompt_ids, config)[0]
+
+
+@torch.no_grad()
+def answer_after_prefix(
+    model, prefix_cache: Cache, continuation_ids, max_new_tokens: int, *, eos_token_id: int | None = None
+) -> GenerationResult:
+    """A later request whose prompt is the cached prefix + `continuation_ids`, as when the radix
+    cache serves the prefix: the continuation goes in one token per forward on a copy of
+    `prefix_cache` (which stays as it was), then greedy decoding.
+
+    The continuation is not compressed with the prefix (SGLang compresses only a request's
+    uncached tokens, and keeps every token of a tail shorter than `min_prompt_len`); here its
+    tokens pass through the decode window like decoded tokens, so they stay bf16 for
+    `decode_window` steps where SGLang stores them low-bit (or guarded) once its prompt ends."""
     device = next(model.parameters()).device
-    input_ids = _prompt_ids(tokenizer_or_ids, device)
-    cache: Cache = DynamicCache(config=model.config) if config is None else CompressedCache(config, model)
-    tokens: list[int] = []
-    logits_per_step: list[torch.Tensor] = []
-    next_input = input_ids
-    for _ in range(max_new_tokens):
-        logits = model(input_ids=next_input, past_key_values=cache, use_cache=True).logits[0, -1].float()
-        token = int(torch.argmax(logits))
-        tokens.append(token)
-        logits_per_step.append(logits.cpu())
-        if token == eos_token_id:
-            break
-        next_input = torch.tensor([[token]], device=device)
-    if isinstance(cache, CompressedCache):
-        kv, bf16 = cache.kv_bytes(), cache.bf16_kv_bytes()
-    else:
-        kv = bf16 = cache.get_seq_length() * model_shape(model.config).bf16_bytes_per_token()
-    step_logits = torch.stack(logits_per_step) if logits_per_step else torch.empty(0)
-    return GenerationResult(tokens, step_logits, kv, bf16, cache)
+    cache = copy.deepcopy(prefix_cache)
+    ids = _prompt_ids(continuation_ids, device)[0].tolist()
+    for token in ids:
+        logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
+                       use_cache=True).logits[0, -1].float()
+    return _decode_greedily(model, cache, logits, max_new_tokens, eos_token_id)

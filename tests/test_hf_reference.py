@@ -14,8 +14,10 @@ from sglang_kvc.context_queries import context_query_positions
 from sglang_kvc.hf_reference import (
     CompressedCache,
     TokenTier,
+    answer_after_prefix,
     generate_with_cache,
     model_shape,
+    prefill_cache,
 )
 from sglang_kvc.planner import FREE_LIST_ENTRY_BYTES, LOCATION_BYTES
 from sglang_kvc.quant import PackedFormat, dequantize, hadamard_matrix, quantize
@@ -220,6 +222,36 @@ def test_model_generate_matches_the_explicit_decode_loop(attn_implementation):
 
 
 @torch.no_grad()
+def test_a_later_request_on_a_full_prefix_answers_as_the_whole_prompt_would():
+    # fp32: the prompt in one forward and the same tokens one per forward then agree closely.
+    model, prefix, rest = tiny_model(), prompt_ids(150), prompt_ids(6, seed=2)
+    whole = generate_with_cache(model, torch.cat((prefix, rest), dim=1), None, 8)
+    cache = prefill_cache(model, prefix, None)
+    later = answer_after_prefix(model, cache, rest, 8)
+    assert later.token_ids == whole.token_ids
+    torch.testing.assert_close(later.step_logits, whole.step_logits, rtol=1e-4, atol=1e-4)
+    assert cache.get_seq_length() == 150  # the prefix cache is left as it was
+
+
+def test_later_requests_continue_the_compressed_prefix_and_leave_it_unchanged():
+    model, prefix = tiny_model().to(torch.bfloat16), prompt_ids(200)
+    config = compression(**COMPRESSING)
+    cache = prefill_cache(model, prefix, config)
+    kept = cache.kept_tokens()
+    assert kept == [config.layer_budget(r, 200) for r in config.layer_retain_ratios(2)]
+    positions = [layer.positions.clone() for layer in cache.layers]
+    first = answer_after_prefix(model, cache, prompt_ids(5, seed=3), 6)
+    second = answer_after_prefix(model, cache, prompt_ids(5, seed=4), 6)
+    assert cache.kept_tokens() == kept and cache.get_seq_length() == 200
+    assert all(torch.equal(layer.positions, before) for layer, before in zip(cache.layers, positions))
+    for result in (first, second):
+        # the prefix's kept tokens, then the 5 continuation tokens and the decoded ones but the last
+        assert result.cache.kept_tokens() == [n + 5 + len(result.token_ids) - 1 for n in kept]
+        assert result.cache.get_seq_length() == 200 + 5 + len(result.token_ids) - 1
+    # each request sees its own continuation, not the other's
+    assert first.step_logits.shape[0] == 6 and not torch.equal(first.step_logits[0], second.step_logits[0])
+
+
 def test_window_queries_are_the_queries_the_model_attends_with():
     """With temperature 1 and no pooling the scores are the attention probabilities of the
     prompt's last W queries, summed over heads: eager attention reports those directly."""

@@ -20,8 +20,11 @@ name ends in `+torch`, =1 for `+triton`; the default is the Triton path), then:
       - shared: the first question of a context is answered first, then the others at once,
         so they reuse the document from the radix cache (compressed under the first question);
       - isolated: the radix cache is flushed before every request, so each question
-        prefills (and compresses) the document itself.
-    Both modes are scored the same way; the gap is the cost of reusing a compressed prefix.
+        prefills (and compresses) the document itself;
+      - context first: the document alone is sent first (a client caching a context before
+        any question), so it is compressed with no question in its window; then every
+        question at once, each served the cached document.
+    All modes are scored the same way; the gaps are the cost of reusing a compressed prefix.
 
 Writes DIR/serve_eval.json after every config (a deadline or a failure keeps what was
 measured) and DIR/serve_eval.md. Server logs: --log-dir (default DIR)/server-NAME.log.
@@ -33,13 +36,11 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,13 +49,13 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from eval.server_capacity import gpu_memory_used_mib, http_json, stop, wait_healthy  # noqa: E402
 from eval.tiny import tasks  # noqa: E402
+from eval.tiny.shared_suite import SHARED_TASKS, ContextGroup, shared_context_groups  # noqa: E402
 from eval.tiny.quality import MODEL_DIR, Suite  # noqa: E402
 
 SERVER_ARGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--host", "127.0.0.1",
                "--context-length", "8192", "--mem-fraction-static", "0.5"]
 # Stock runs use the graph and scheduler settings --kv-compress forces: they differ in the pool only.
 STOCK_SAME_AS_COMPRESSED = ["--disable-decode-cuda-graph", "--disable-prefill-cuda-graph", "--disable-overlap-schedule"]
-RECORD_LINE = re.compile(r"^([0-9a-f]{4}-[0-9a-f]{4}): (\d{6})$", re.MULTILINE)
 
 
 # ---- requests -----------------------------------------------------------------------------------
@@ -75,56 +76,6 @@ def flush_cache(url: str) -> None:
     with urllib.request.urlopen(urllib.request.Request(url + "/flush_cache", data=b"{}", method="POST"),
                                 timeout=60) as response:
         response.read()
-
-
-# ---- shared-context groups ----------------------------------------------------------------------
-SHARED_TASKS = ("kv", "multikey")
-
-
-@dataclass(frozen=True)
-class ContextGroup:
-    document_ids: tuple[int, ...]  # header + context, identical in every prompt of the group
-    questions: tuple[tuple[tuple[int, ...], str], ...]  # (question + answer prefix ids, answer)
-
-
-def shared_context_groups(encode, contexts: int, questions: int, length: int, seed: int,
-                          task: str = "kv") -> list[ContextGroup]:
-    """`contexts` documents, each asked `questions` questions about different needles. Each
-    prompt has the length budget of a normal sample of the task: the questions are the same size.
-      * kv: a record list (eval/tiny/tasks.py `kv`), asked about records spread over it (the
-        sample's own record first). Every record is a needle: nothing in the document says which
-        matter before a question names a key, the worst case for a question-independent choice.
-      * multikey: `questions` magic-number needles in filler text (tasks.py `multikey` with that
-        many keys), each asked once: the RULER-style shared-context suite (eval/shared_context.py)
-        at the tiny model's scale, where the needles stand out from the filler."""
-    if task not in SHARED_TASKS:
-        raise ValueError(f"shared-context task must be one of {SHARED_TASKS}, got {task!r}")
-    groups = []
-    for index in range(contexts):
-        rng = tasks.sample_rng(seed, "shared", task, length, index)
-        depth = (index + 0.5) / contexts
-        if task == "kv":
-            sample = tasks.make_sample("kv", rng, encode, length, depth=depth)
-        else:
-            sample = tasks.multikey_sample(rng, encode, length, depth=depth, num_keys=questions)
-        question_start = sample.prompt.rindex("Question:")
-        document = sample.prompt[:question_start]
-        document_ids = sample.prompt_ids[: len(sample.prompt_ids) - len(encode(sample.prompt[question_start:]))]
-        if task == "kv":
-            records = RECORD_LINE.findall(document)
-            unique = [(key, value) for key, value in records
-                      if document.count(value) == 1 and document.count(key) == 1]
-            own = [record for record in unique if record[1] == sample.answer]
-            others = [record for record in unique if record[1] != sample.answer]
-            step = max(1, len(others) // max(1, questions - 1))
-            chosen = own + others[step // 2 :: step][: questions - 1]
-            asked = [(tasks.KV_QUESTION.format(key=key), value) for key, value in chosen]
-        else:
-            own_question = sample.prompt[question_start:].split("\n", 1)[0]
-            asked = [(own_question, sample.answer), *sample.follow_ups][:questions]
-        groups.append(ContextGroup(tuple(document_ids), tuple(
-            (tuple(encode(question + "\n" + tasks.ANSWER_PREFIX)), value) for question, value in asked)))
-    return groups
 
 
 # ---- one server -----------------------------------------------------------------------------------
@@ -182,6 +133,20 @@ def run_shared_context(url, groups: list[ContextGroup], end_of_answer, decode, c
     result["shared"] = {"accuracy": hits / total, "requests": total,
                         "accuracy_of_reusing_requests": later_hits / max(1, later_total),
                         "reusing_requests": later_total, "served_document_from_cache": cached}
+    # context first: the document alone (compressed under its own last window, no question in
+    # sight), then every question at once, each served the cached document
+    hits = total = cached = 0
+    flush_cache(url)
+    with ThreadPoolExecutor(concurrency) as pool:
+        for group in groups:
+            answer(url, list(group.document_ids), 1, end_of_answer, decode)
+            prompts = [(list(group.document_ids + q), expected) for q, expected in group.questions]
+            for (_, expected), got in zip(prompts, pool.map(
+                    lambda p: answer(url, p[0], max_new, end_of_answer, decode), prompts)):
+                hits += got["answer"] == expected
+                total += 1
+                cached += (got["cached_tokens"] or 0) >= len(group.document_ids) - 1
+    result["context_first"] = {"accuracy": hits / total, "requests": total, "served_document_from_cache": cached}
     return result
 
 
@@ -241,8 +206,8 @@ def markdown(report: dict) -> str:
              + f"Shared context: {shared_setup['contexts']} {shared_setup.get('task', 'kv')} contexts x "
              f"{shared_setup['questions']} questions at {shared_setup['length']} tokens.", "",
              "| server | mean acc | rel. to bf16 | " + "".join(f"{t} {n} | " for t, n in columns)
-             + "shared-context isolated | shared | reusing requests | doc from cache |",
-             "|---|---:|---:|" + "---:|" * len(columns) + "---:|---:|---:|---:|"]
+             + "shared-context isolated | shared | reusing requests | doc from cache | context first |",
+             "|---|---:|---:|" + "---:|" * len(columns) + "---:|---:|---:|---:|---:|"]
     base = next((r for r in report["servers"] if r["name"] == "bf16" and "suite" in r), None)
     for record in report["servers"]:
         if "error" in record and "suite" not in record and "shared_context" not in record:
@@ -254,10 +219,11 @@ def markdown(report: dict) -> str:
             f"{100 * s['mean_accuracy'] / base['suite']['mean_accuracy']:.1f}%" if base else "-"]
         cells = [f"{s['accuracy'].get(t, {}).get(n, float('nan')):.2f}" if s else "-" for t, n in columns]
         shared = record.get("shared_context")
-        tail = (["-"] * 4 if not shared else
+        tail = (["-"] * 5 if not shared else
                 [f"{shared['isolated']['accuracy']:.2f}", f"{shared['shared']['accuracy']:.2f}",
                  f"{shared['shared']['accuracy_of_reusing_requests']:.2f}",
-                 f"{shared['shared']['served_document_from_cache']}/{shared['shared']['reusing_requests']}"])
+                 f"{shared['shared']['served_document_from_cache']}/{shared['shared']['reusing_requests']}",
+                 f"{shared['context_first']['accuracy']:.2f}" if "context_first" in shared else "-"])
         lines.append(f"| {record['name']} | " + " | ".join(head + cells + tail) + " |")
     return "\n".join(lines) + "\n"
 

@@ -7,7 +7,8 @@ from tokenizers import Tokenizer
 
 from eval.tiny import tasks
 from eval.tiny.quality import MODEL_DIR
-from eval.tiny.serve_eval import markdown, parse_config, shared_context_groups
+from eval.tiny.serve_eval import markdown, parse_config
+from eval.tiny.shared_suite import shared_context_groups
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_markdown_reports_relative_accuracy_and_errors():
         ],
     }
     table = markdown(report)
-    assert "| x | 0.400 | 50.0% | 0.40 | 0.50 | 0.25 | 0.00 | 1/1 |" in table
+    assert "| x | 0.400 | 50.0% | 0.40 | 0.50 | 0.25 | 0.00 | 1/1 | - |" in table
     assert "| y | error: RuntimeError: boom |" in table
     assert "1 kv contexts x 2 questions" in table
 
@@ -92,12 +93,13 @@ def test_markdown_without_the_suite_shows_the_shared_context_only():
         "servers": [
             {"name": "x", "shared_context": {"isolated": {"accuracy": 1.0},
                                              "shared": {"accuracy": 0.5, "accuracy_of_reusing_requests": 0.0,
-                                                        "served_document_from_cache": 1, "reusing_requests": 1}}},
+                                                        "served_document_from_cache": 1, "reusing_requests": 1},
+                                             "context_first": {"accuracy": 0.25}}},
         ],
     }
     table = markdown(report)
     assert "Suite: not run. Shared context: 1 multikey contexts x 2 questions" in table
-    assert "| x | - | - | 1.00 | 0.50 | 0.00 | 1/1 |" in table
+    assert "| x | - | - | 1.00 | 0.50 | 0.00 | 1/1 | 0.25 |" in table
 
 
 def test_compare_matches_servers_to_reference_configs_and_pairs_kernel_paths():
