@@ -217,10 +217,26 @@ def suite_from_args(args: argparse.Namespace) -> Suite:
     return Suite(tuple(args.tasks), tuple(args.lengths), args.samples, args.seed)
 
 
+def load_configs(parser: argparse.ArgumentParser, paths: Sequence[Path]) -> dict:
+    """Config YAMLs by name; a bad one ends the command with the parser's error (naming the key)."""
+    from sglang_kvc.config import ConfigError, load_config
+
+    try:
+        return {config.name: config for config in map(load_config, paths)}
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
+def write_report(out: Path | None, stem: str, report_json: dict, table: str) -> None:
+    """OUT/STEM.json and OUT/STEM.md (the command, then the table), if `out` is given."""
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(report_json, indent=1))
+        (out / f"{stem}.md").write_text(f"`{report_json['command']}`\n\n{table}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import shlex
-
-    from sglang_kvc.config import ConfigError, load_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -228,20 +244,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder for quality.json and quality.md")
     add_suite_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        configs = {config.name: config for config in map(load_config, args.configs)}
-    except ConfigError as exc:
-        parser.error(str(exc))
+    configs = load_configs(parser, args.configs)
     evaluator = TinyEvaluator(args.model, args.device)
     suite = suite_from_args(args)
     results = evaluate_configs(evaluator, configs, suite)
     output = report(results, suite, evaluator, shlex.join(["python", "-m", "eval.tiny.quality", *argv]))
     table = markdown_table(output)
     print(table)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "quality.json").write_text(json.dumps(output, indent=1))
-        (args.out / "quality.md").write_text(f"`{output['command']}`\n\n{table}")
+    write_report(args.out, "quality", output, table)
     return 0
 
 

@@ -49,8 +49,8 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from eval.server_capacity import gpu_memory_used_mib, http_json, stop, wait_healthy  # noqa: E402
 from eval.tiny import tasks  # noqa: E402
-from eval.tiny.shared_suite import SHARED_TASKS, ContextGroup, shared_context_groups  # noqa: E402
 from eval.tiny.quality import MODEL_DIR, Suite  # noqa: E402
+from eval.tiny.shared_suite import SHARED_TASKS, ContextGroup, shared_context_groups  # noqa: E402
 
 SERVER_ARGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--host", "127.0.0.1",
                "--context-length", "8192", "--mem-fraction-static", "0.5"]

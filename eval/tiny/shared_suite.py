@@ -20,7 +20,6 @@ needs a cache cut back to the document, which the reference path does not do.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -33,6 +32,7 @@ from eval.tiny import tasks
 SHARED_TASKS = ("kv", "multikey")
 MODES = ("isolated", "context_first")
 RECORD_LINE = re.compile(r"^([0-9a-f]{4}-[0-9a-f]{4}): (\d{6})$", re.MULTILINE)
+
 
 @dataclass(frozen=True)
 class ContextGroup:
@@ -131,8 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     import transformers
 
-    from eval.tiny.quality import MODEL_DIR, TinyEvaluator
-    from sglang_kvc.config import ConfigError, load_config
+    from eval.tiny.quality import MODEL_DIR, TinyEvaluator, load_configs, write_report
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -147,10 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, help="folder for shared_suite.json and shared_suite.md")
     args = parser.parse_args(argv)
-    try:
-        configs = {config.name: config for config in map(load_config, args.configs)}
-    except ConfigError as exc:
-        parser.error(str(exc))
+    configs = load_configs(parser, args.configs)
     evaluator = TinyEvaluator(args.model, args.device)
     groups = shared_context_groups(evaluator.encode, args.contexts, args.questions, args.length, args.seed, args.task)
     max_new = tasks.MAX_NEW_TOKENS[args.task]
@@ -168,10 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     table = markdown(report)
     print(table)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "shared_suite.json").write_text(json.dumps(report, indent=1))
-        (args.out / "shared_suite.md").write_text(f"`{report['command']}`\n\n{table}")
+    write_report(args.out, "shared_suite", report, table)
     return 0
 
 

@@ -1,62 +1,9 @@
-"""The shared-context groups and the report of eval/tiny/serve_eval.py (the servers run on the GPU)."""
+"""The report of eval/tiny/serve_eval.py (the servers run on the GPU); its shared-context
+groups are tested with eval/tiny/shared_suite.py."""
 
 from __future__ import annotations
 
-import pytest
-from tokenizers import Tokenizer
-
-from eval.tiny import tasks
-from eval.tiny.quality import MODEL_DIR
 from eval.tiny.serve_eval import markdown, parse_config
-from eval.tiny.shared_suite import shared_context_groups
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
-
-
-def test_groups_share_the_document_and_ask_distinct_records(tokenizer):
-    encode = tasks.TokenizerPieceEncoder(tokenizer)
-    groups = shared_context_groups(encode, contexts=3, questions=4, length=1024, seed=7)
-    assert len(groups) == 3
-    for group in groups:
-        document = tokenizer.decode(list(group.document_ids))
-        answers = [expected for _, expected in group.questions]
-        assert len(answers) == 4 and len(set(answers)) == 4
-        for question_ids, expected in group.questions:
-            question = tokenizer.decode(list(question_ids))
-            key = question.split("key ")[1].split("?")[0]
-            assert f"{key}: {expected}" in document  # the asked record is in the shared document
-            assert document.count(expected) == 1
-            assert question.endswith(tasks.ANSWER_PREFIX)
-            assert len(group.document_ids) + len(question_ids) + tasks.MAX_NEW_TOKENS["kv"] <= 1024
-
-
-def test_multikey_groups_ask_every_needle_of_a_filler_document(tokenizer):
-    encode = tasks.TokenizerPieceEncoder(tokenizer)
-    groups = shared_context_groups(encode, contexts=3, questions=4, length=2048, seed=7, task="multikey")
-    assert len(groups) == 3
-    for group in groups:
-        document = tokenizer.decode(list(group.document_ids))
-        assert document.startswith(tasks.MULTIKEY_HEADER.strip())
-        answers = [expected for _, expected in group.questions]
-        assert len(answers) == 4 and len(set(answers)) == 4
-        for question_ids, expected in group.questions:
-            question = tokenizer.decode(list(question_ids))
-            key = question.split("number for ")[1].split(" mentioned")[0]
-            assert tasks.MULTIKEY_NEEDLE.format(key=key, value=expected) in document
-            assert question.endswith(tasks.ANSWER_PREFIX)
-            assert len(group.document_ids) + len(question_ids) + tasks.MAX_NEW_TOKENS["multikey"] <= 2048
-        # document + question is exactly what a whole prompt encodes to (no merge across the join)
-        question_text = tokenizer.decode(list(group.questions[1][0]))
-        assert tuple(encode(document + question_text)) == group.document_ids + group.questions[1][0]
-
-
-def test_shared_task_names_the_allowed_tasks(tokenizer):
-    encode = tasks.TokenizerPieceEncoder(tokenizer)
-    with pytest.raises(ValueError, match="kv.*multikey"):
-        shared_context_groups(encode, contexts=1, questions=2, length=1024, seed=0, task="passkey")
 
 
 def test_config_names():
