@@ -222,6 +222,22 @@ def build_variants(base: CompressionConfig, groups: Sequence[str]) -> dict[str, 
     return variants
 
 
+def chosen_variants(parser: argparse.ArgumentParser, base: Path, groups: Sequence[str],
+                    names: Sequence[str] | None) -> dict[str, tuple[str, CompressionConfig]]:
+    """`build_variants` of the base config, only those `names` if given; an unknown name or a
+    bad base config ends the command with the parser's error (naming what there is)."""
+    try:
+        variants = build_variants(load_config(base), groups)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if names:
+        unknown = [name for name in names if name not in variants]
+        if unknown:
+            parser.error(f"unknown variant {unknown[0]!r}; the chosen groups have: {sorted(variants)}")
+        variants = {name: variants[name] for name in names}
+    return variants
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -263,12 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quality.add_suite_arguments(parser, quality.Suite(lengths=(1024, 2048, 4096), samples=30))
     args = parser.parse_args(argv)
 
-    variants = build_variants(load_config(args.base), args.only)
-    if args.variants:
-        unknown = [name for name in args.variants if name not in variants]
-        if unknown:
-            parser.error(f"unknown variant {unknown[0]!r}; the chosen groups have: {sorted(variants)}")
-        variants = {name: variants[name] for name in args.variants}
+    variants = chosen_variants(parser, args.base, args.only, args.variants)
     evaluator = quality.TinyEvaluator(args.model, args.device)
     suite = quality.suite_from_args(args)
     results = quality.evaluate_configs(evaluator, {name: config for name, (_, config) in variants.items()}, suite)

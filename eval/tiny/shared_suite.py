@@ -2,7 +2,10 @@
 
     python -m eval.tiny.shared_suite --configs configs/qwen_8x_tuned.yaml ... --task multikey \
         [--contexts 20] [--questions 4] [--length 4096] [--seed 1] [--modes isolated context_first] \
-        [--device cpu] [--out DIR]
+        [--base CONFIG [--only long] [--variants NAME ...]] [--device cpu] [--out DIR]
+
+`--base` adds eval/ablate.py's variants of a config (its groups, default `long`: one knob at
+a time at the base's planned ratio), named as there.
 
 `shared_context_groups` builds the documents and questions (SGLang servers run them in
 eval/tiny/serve_eval.py). This module's command runs them through the transformers reference
@@ -131,11 +134,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     import transformers
 
+    from eval import ablate
     from eval.tiny.quality import MODEL_DIR, TinyEvaluator, load_configs, write_report
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", type=Path, required=True, help="compression config YAMLs")
+    parser.add_argument("--configs", nargs="+", type=Path, default=[], help="compression config YAMLs")
+    parser.add_argument("--base", type=Path, help="also run eval/ablate.py's variants of this config")
+    parser.add_argument("--only", nargs="+", choices=sorted(ablate.GROUPS), default=["long"],
+                        help="with --base: the ablation groups (default: long)")
+    parser.add_argument("--variants", nargs="+", metavar="NAME", help="with --base: only these variants")
     parser.add_argument("--task", default="multikey", choices=SHARED_TASKS)
     parser.add_argument("--contexts", type=int, default=20)
     parser.add_argument("--questions", type=int, default=4)
@@ -146,7 +154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, help="folder for shared_suite.json and shared_suite.md")
     args = parser.parse_args(argv)
+    if not args.configs and not args.base:
+        parser.error("give --configs, --base, or both")
     configs = load_configs(parser, args.configs)
+    if args.base:
+        configs.update({name: config for name, (_, config) in
+                        ablate.chosen_variants(parser, args.base, args.only, args.variants).items()})
     evaluator = TinyEvaluator(args.model, args.device)
     groups = shared_context_groups(evaluator.encode, args.contexts, args.questions, args.length, args.seed, args.task)
     max_new = tasks.MAX_NEW_TOKENS[args.task]

@@ -37,6 +37,19 @@ def test_long_group_only_runs_when_asked():
     assert "long" not in ablate.DEFAULT_GROUPS and "long" in ablate.GROUPS
 
 
+def test_chosen_variants_keep_the_named_ones_and_name_what_there_is():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="x")
+    base = REPO / "configs" / "qwen_8x_tuned.yaml"
+    chosen = ablate.chosen_variants(parser, base, ["long"], ["long: observation window 4"])
+    assert list(chosen) == ["long: observation window 4"]
+    group, config = chosen["long: observation window 4"]
+    assert group == "long" and config.sparsity.observation_window == 4
+    with pytest.raises(SystemExit):
+        ablate.chosen_variants(parser, base, ["long"], ["long: no such knob"])
+
+
 def test_long_group_leaves_out_what_the_base_cannot_take():
     """A base keeping 0.884 of the prompt (qwen_5x_tuned before its guard): a pyramid of
     slope 0.25 would ask its first layer for more than the whole prompt, so that variant is
