@@ -1,7 +1,7 @@
 """Shared-context suite: several questions about one long context, sent as separate requests.
 
     python -m eval.shared_context generate --tokenizer PATH --out DATA.jsonl [--length 32768]
-    python -m eval.shared_context run --data DATA.jsonl --out-dir OUT --mode shared|isolated [--flush-cache]
+    python -m eval.shared_context run --data DATA.jsonl --out-dir OUT --mode shared|isolated|context_first [--flush-cache]
     python -m eval.shared_context score OUT
 
 Each context is a RULER-style essay haystack holding one needle per question. Every prompt is
@@ -14,8 +14,11 @@ for all questions of a context:
   others so that they find it cached instead of racing it.
 - isolated: every prompt starts with a fresh random nonce line, so no prefix is ever shared
   and every request prefills (and compresses) the context itself.
+- context_first: each document is sent alone first (one token asked), as a client caching a
+  context before any question arrives, so it is compressed with no question in view; then
+  every question, each finding the document in the radix cache.
 
-Comparing the two isolates the cost of reusing a compressed prefix.
+Comparing each reusing mode with isolated measures the cost of reusing a compressed prefix.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import sys
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -36,7 +40,7 @@ from eval import ruler
 from eval.client import GenerationParams, OpenAICompatClient, ResultsFile, ServerConfig
 from eval.tokens import PromptTokenizer
 
-MODES = ("shared", "isolated")
+MODES = ("shared", "isolated", "context_first")
 TOKENS_TO_GENERATE = 128  # RULER's NIAH budget
 
 
@@ -131,14 +135,27 @@ def results_path(out_dir: Path, mode: str) -> Path:
     return out_dir / f"shared_context_{mode}.jsonl"
 
 
+def send_documents(client: OpenAICompatClient, documents: Sequence[str], concurrency: int) -> None:
+    """Each document alone, for one token, so that the radix cache holds it (compressed with
+    no question in view) before its questions arrive."""
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(lambda document: client.complete(document, GenerationParams(1, 0.0)), documents))
+
+
 def run(data_path: Path, out_dir: Path, mode: str, server: ServerConfig, concurrency: int,
         flush_cache: bool = False) -> list[client_lib.RunSummary]:
-    requests = expand_requests(client_lib.read_jsonl(data_path))
+    contexts = client_lib.read_jsonl(data_path)
+    requests = expand_requests(contexts)
     results = ResultsFile(results_path(out_dir, mode), id_field="id")
     with OpenAICompatClient(server, max_connections=concurrency) as client:
         if flush_cache:
             client.flush_cache()
         worker = partial(predict, client, mode)
+        if mode == "context_first":
+            # Only the documents whose questions are still to run (a resumed run sends those again).
+            done = results.done_ids()
+            waiting = {r["context_id"] for r in requests if str(r["id"]) not in done}
+            send_documents(client, [c["document"] for c in contexts if c["context_id"] in waiting], concurrency)
         if mode == "shared":
             first_questions = [r for r in requests if r["question_index"] == 0]
             follow_ups = [r for r in requests if r["question_index"] > 0]
@@ -177,8 +194,9 @@ def score_dir(out_dir: Path) -> dict[str, Any]:
                 "follow_up_questions": accuracy([r for r in records if r["question_index"] > 0]),
                 "num_requests": len(records),
             }
-    if all(mode in result for mode in MODES):
-        result["shared_minus_isolated"] = round(result["shared"]["accuracy"] - result["isolated"]["accuracy"], 2)
+    for mode in ("shared", "context_first"):
+        if mode in result and "isolated" in result:
+            result[f"{mode}_minus_isolated"] = round(result[mode]["accuracy"] - result["isolated"]["accuracy"], 2)
     return result
 
 

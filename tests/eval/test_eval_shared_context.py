@@ -100,6 +100,30 @@ def test_isolated_mode_prefixes_a_unique_nonce(fake_server, contexts, data_path,
     assert {NONCE_LINE.sub("", prompt) for prompt in prompts} == expected
 
 
+def test_context_first_mode_sends_every_document_alone_before_any_question(fake_server, contexts, data_path,
+                                                                          tmp_path):
+    right = correct_answer(contexts)
+    documents = {c["document"] for c in contexts}
+    fake_server.responder = lambda path, body: " x" if body["prompt"] in documents else right(path, body)
+    server = ServerConfig(base_url=fake_server.url, max_retries=0)
+    shared_context.run(data_path, tmp_path / "out", "context_first", server, concurrency=4)
+
+    completions = fake_server.requests
+    assert len(completions) == 2 + 6
+    # the two documents, alone and for one token, before the six questions
+    assert {r.prompt for r in completions[:2]} == documents
+    assert all(r.body["max_tokens"] == 1 for r in completions[:2])
+    expected = {r["prompt"] for r in shared_context.expand_requests(contexts)}
+    assert {r.prompt for r in completions[2:]} == expected
+    result = shared_context.score_dir(tmp_path / "out")
+    assert result["context_first"]["accuracy"] == 100.0 and result["context_first"]["num_requests"] == 6
+
+    # a resumed run with nothing left sends no document again
+    before = len(fake_server.requests)
+    shared_context.run(data_path, tmp_path / "out", "context_first", server, concurrency=4)
+    assert len(fake_server.requests) == before
+
+
 def test_score_reports_each_mode_and_the_difference(fake_server, contexts, data_path, tmp_path):
     right = correct_answer(contexts)
     server = ServerConfig(base_url=fake_server.url, max_retries=0)
