@@ -74,18 +74,20 @@ class EvictableRows:
         """Per layer, rows that evicting every unlocked node frees at least, without a
         device sync: from the last copy of the counts that has landed on the host (and a new
         copy queued for the next call)."""
-        if self._copy_in_flight is not None and self._copy.landed():
-            self._landed = (self._copy.host.tolist(), self._copy_in_flight)
-            self._copy_in_flight = None
+        self._take_landed_copy()
         if self._copy_in_flight is None:
             self._copy.start(self._rows)
             self._copy_in_flight = self._removed_tokens
-            if self._copy.landed():  # the CPU: no reason to wait for the next call
-                self._landed = (self._copy.host.tolist(), self._copy_in_flight)
-                self._copy_in_flight = None
+            self._take_landed_copy()  # the CPU: it has landed already, no reason to wait for the next call
         counts, tag = self._landed
         removed_since = self._removed_tokens - tag
         return [max(0, rows - removed_since) for rows in counts]
+
+    def _take_landed_copy(self) -> None:
+        """If the copy in flight has reached the host, it becomes the bound's basis."""
+        if self._copy_in_flight is not None and self._copy.landed():
+            self._landed = (self._copy.host.tolist(), self._copy_in_flight)
+            self._copy_in_flight = None
 
     def _set(self, counts: list[int]) -> None:
         """The counts are now `counts`, exactly (a copy in flight may predate the change)."""

@@ -443,16 +443,21 @@ def _prefill(model, prompt_ids, config: CompressionConfig | None) -> tuple[Cache
     return cache, logits
 
 
+def _forward_one(model, cache: Cache, token: int) -> torch.Tensor:
+    """One token's forward on `cache`: float32 logits of its position."""
+    device = next(model.parameters()).device
+    return model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
+                 use_cache=True).logits[0, -1].float()
+
+
 def _decode_greedily(model, cache: Cache, logits: torch.Tensor, max_new_tokens: int,
                      eos_token_id: int | None) -> GenerationResult:
     """Greedy tokens from `logits` (the last prompt position's) on, one forward per token."""
-    device = next(model.parameters()).device
     tokens: list[int] = []
     logits_per_step: list[torch.Tensor] = []
     for step in range(max_new_tokens):
         if step:
-            logits = model(input_ids=torch.tensor([[tokens[-1]]], device=device), past_key_values=cache,
-                           use_cache=True).logits[0, -1].float()
+            logits = _forward_one(model, cache, tokens[-1])
         token = int(torch.argmax(logits))
         tokens.append(token)
         logits_per_step.append(logits.cpu())
@@ -502,10 +507,7 @@ def answer_after_prefix(
     uncached tokens, and keeps every token of a tail shorter than `min_prompt_len`); here its
     tokens pass through the decode window like decoded tokens, so they stay bf16 for
     `decode_window` steps where SGLang stores them low-bit (or guarded) once its prompt ends."""
-    device = next(model.parameters()).device
     cache = copy.deepcopy(prefix_cache)
-    ids = _prompt_ids(continuation_ids, device)[0].tolist()
-    for token in ids:
-        logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
-                       use_cache=True).logits[0, -1].float()
+    for token in _prompt_ids(continuation_ids, "cpu")[0].tolist():
+        logits = _forward_one(model, cache, token)
     return _decode_greedily(model, cache, logits, max_new_tokens, eos_token_id)
