@@ -247,13 +247,27 @@ def compile_backbone(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def causal_mask_mapping(model: torch.nn.Module) -> dict[str, None]:
+    """The attention mask of a training batch, passed to the model as already built. Left to
+    build it, transformers' Qwen2Model looks at the position ids for rows that pack several
+    sequences, in a Python `if` on a device tensor: a device sync in every training step, so
+    the host could not prepare the next step while the GPU ran this one. A training row is one
+    sequence (padding only at its end, never attended to by a scored position), and SDPA makes
+    attention causal from its `is_causal` flag when the mask is None."""
+    implementation, layer_types = model.config._attn_implementation, set(model.config.layer_types)
+    if implementation != "sdpa" or layer_types != {"full_attention"}:
+        raise ValueError("training expects full SDPA attention in every layer (causal without a mask), "
+                         f"got {implementation!r} and layer types {sorted(layer_types)}")
+    return {"full_attention": None}
+
+
 def answer_loss(model: torch.nn.Module, input_ids: torch.Tensor, targets: LossTargets,
                 context_loss_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to minimize, its answer part). The answer part is the mean cross-entropy on
     answer tokens; the LM head runs on the target positions alone (the padded batch never
     needs its [tokens, vocab] logits). Prompt targets (LossTargets.of's context share) add
     `context_loss_weight` times their mean cross-entropy."""
-    hidden = model.model(input_ids=input_ids).last_hidden_state
+    hidden = model.model(input_ids=input_ids, attention_mask=causal_mask_mapping(model)).last_hidden_state
     logits = model.lm_head(hidden.flatten(0, 1)[targets.positions]).float()
     per_target = F.cross_entropy(logits, targets.token_ids, reduction="none")
     answer_weight = targets.is_answer.float()
@@ -481,9 +495,16 @@ class Trainer:
         train_started = time.monotonic()
         passed = config.init is not None and self.periodic_check(0.0)
         last_check, losses = time.monotonic(), []
+        # Where the loop's time goes between log lines, periodic checks excluded: blocked on the
+        # data workers, and queueing the steps on the host (copies, forward, backward, optimizer),
+        # against the wall time per step (the log line's read-back waits for the device).
+        loop = {"data_wait": 0.0, "host_step": 0.0}
+        interval_started = fetch_started = time.monotonic()
+        check_seconds = 0.0
         stream = iter(batches)
         for input_ids, targets in stream:
             now = time.monotonic()
+            loop["data_wait"] += now - fetch_started
             progress = (now - train_started) / self.train_budget(train_started)
             if passed or progress >= 1.0 or (config.max_steps is not None and self.step >= config.max_steps):
                 break
@@ -492,21 +513,29 @@ class Trainer:
             targets = targets.to(config.device, non_blocking=True)
             input_ids = input_ids.to(config.device, non_blocking=True)
             loss, answer_part = train_step(self.model, self.optimizer, input_ids, targets, config)
+            loop["host_step"] += time.monotonic() - now
             self.step += 1
             self.tokens_seen += input_ids.numel()
             losses.append(torch.stack([loss.detach(), answer_part.detach()]))
             if self.step % config.log_every == 0:
                 mean_loss, mean_answer_loss = torch.stack(losses).mean(0).tolist()
+                wall = time.monotonic() - interval_started - check_seconds
                 entry = {"step": self.step, "time": self.elapsed(), "length": input_ids.shape[1],
                          "loss": round(mean_loss, 4), "answer_loss": round(mean_answer_loss, 4),
                          "lr": round(self.optimizer.param_groups[0]["lr"], 6), "tokens": self.tokens_seen,
-                         "stage": self.stages[self.curriculum.stage.value]}
-                losses = []
+                         "stage": self.stages[self.curriculum.stage.value],
+                         "step_ms": round(1e3 * wall / config.log_every, 2),
+                         **{f"{name}_ms": round(1e3 * seconds / config.log_every, 2) for name, seconds in loop.items()}}
+                loop = dict.fromkeys(loop, 0.0)
+                interval_started, check_seconds, losses = time.monotonic(), 0.0, []
                 self.log["train"].append(entry)
                 print(json.dumps(entry), flush=True)
             if time.monotonic() - last_check >= config.eval_every:
+                check_started = time.monotonic()
                 passed = self.periodic_check(progress)
                 last_check = time.monotonic()
+                check_seconds += last_check - check_started
+            fetch_started = time.monotonic()
         del stream  # stops the data workers before the final evaluation
         return self.finish(passed, train_started)
 

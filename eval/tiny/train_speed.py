@@ -6,7 +6,8 @@
 Per curriculum length, on batches made exactly as training makes them (eval/tiny/train.py):
   * `wall_ms`: steps queued back to back, one sync at the end (what training gets);
   * `device_ms`: the same steps' device time (CUDA events around each);
-  * `host_ms`: the host's time to queue one step (Python, autograd, launches).
+  * `host_ms`: the host's time to queue one step (Python, autograd, launches);
+  * `sync_sites` (CUDA): where one step waits for the device, if anywhere.
 `wall_ms` near `host_ms` and well above `device_ms` means the host bounds training, not the
 GPU. Then the data workers alone: batches and tokens per second at the final curriculum stage
 with training's worker count. `--compile` repeats the step timing with torch.compile;
@@ -57,6 +58,23 @@ def time_steps(model, optimizer, batches, steps: int, config: train.TrainConfig)
     device = sorted(b.elapsed_time(e) for b, e in events)[steps // 2] if cuda else None
     return {"wall_ms": round(wall * 1e3, 2), "device_ms": device and round(device, 2),
             "host_ms": round(sorted(host)[steps // 2] * 1e3, 2)}
+
+
+def sync_sites(model, optimizer, batch, config: train.TrainConfig) -> list[str]:
+    """Where one training step waits for the device (torch's sync debug mode): each
+    synchronizing call as "file:line". A step that syncs cannot overlap the host's next
+    batch with the device's work."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train.train_step(model, optimizer, *batch, config)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
 
 
 def profile_table(model, optimizer, batches, config: train.TrainConfig) -> str:
@@ -141,6 +159,8 @@ def main(argv=None) -> int:
                 result["width"] = batches[length][0][0].shape[1]
                 result["first_seconds"] = round(time.perf_counter() - started, 1)
                 result["tokens_per_s"] = round(batches[length][0][0].numel() / (result["wall_ms"] / 1e3))
+                if cuda:
+                    result["sync_sites"] = sync_sites(model, optimizer, batches[length][0], config)
                 report["steps"].setdefault(name, {})[str(length)] = result
                 print(name, length, json.dumps(result), flush=True)
                 if args.profile:

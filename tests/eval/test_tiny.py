@@ -261,6 +261,38 @@ def test_context_loss_is_off_by_default_and_adds_prompt_loss(tokenizer_dir, enco
     assert torch.allclose(answer_part, expected, atol=1e-5)
 
 
+def test_training_loss_needs_no_mask_from_transformers_and_stays_causal(tokenizer_dir, encode, tokenizer, monkeypatch):
+    """Building the mask costs a device sync per step (transformers checks for packed rows in
+    Python); the training loss passes it as already built. Same logits as the model's own
+    forward on padded rows, and causal: a later token changed leaves earlier losses alone."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    model = tiny_model.build_model(tiny_model.config_for_tokenizer(tokenizer_dir, "toy"), seed=2)
+    eos_id = tokenizer.token_to_id("<|im_end|>")
+    rows = [tiny_train.training_example(sample, encode, eos_id) for sample in _samples(encode, length=256, count=1)[:2]]
+    width = max(len(ids) for ids, _ in rows) + 3
+    ids = torch.zeros((2, width), dtype=torch.long)
+    labels = torch.full((2, width), -100, dtype=torch.long)
+    for row, (row_ids, row_labels) in enumerate(rows):
+        ids[row, : len(row_ids)], labels[row, : len(row_labels)] = torch.tensor(row_ids), torch.tensor(row_labels)
+    targets = tiny_train.LossTargets.of(ids, labels)
+    logits = model(input_ids=ids).logits.flatten(0, 1)[targets.positions]
+    expected = torch.nn.functional.cross_entropy(logits, targets.token_ids)
+
+    def no_mask_building(**kwargs):
+        raise AssertionError("answer_loss built a causal mask")
+
+    monkeypatch.setattr(modeling_qwen2, "create_causal_mask", no_mask_building)
+    loss, _ = tiny_train.answer_loss(model, ids, targets)
+    assert torch.allclose(loss, expected, atol=1e-5)
+    changed = ids.clone()
+    changed[:, -1] = 7  # past every scored position
+    assert torch.allclose(tiny_train.answer_loss(model, changed, targets)[0], loss, atol=1e-6)
+    model.config._attn_implementation = "eager"  # would attend to every position without a mask
+    with pytest.raises(ValueError, match="SDPA"):
+        tiny_train.answer_loss(model, ids, targets)
+
+
 def test_loss_targets_pick_answers_and_a_share_of_the_prompt(encode, tokenizer):
     sample = _samples(encode, length=256, count=1)[0]
     ids, labels = tiny_train.training_example(sample, encode, tokenizer.token_to_id("<|im_end|>"), 64)
@@ -298,6 +330,10 @@ def test_smoke_training_writes_a_loadable_qwen2_folder(tmp_path):
     log = json.loads((out / "train_log.json").read_text())
     assert log["final"]["steps"] == 6 and set(log["final"]["accuracy"]) == set(tasks.TASK_NAMES)
     assert all(set(cells) == {"256"} for cells in log["final"]["accuracy"].values())
+    # Every log line (one per step here) says where the loop's time went.
+    assert len(log["train"]) == 6
+    for entry in log["train"]:
+        assert entry["step_ms"] > 0 and 0 <= entry["data_wait_ms"] and 0 < entry["host_step_ms"] <= entry["step_ms"]
 
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
