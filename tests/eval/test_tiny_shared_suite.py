@@ -7,8 +7,10 @@ each mode relative to the full cache.
 Thresholds from measurement (python -m eval.tiny.shared_suite --configs configs/qwen_8x_tuned.yaml
 configs/qwen_12x_tuned.yaml configs/qwen_5x_tuned.yaml --task multikey --contexts 12 --questions 4
 --length 1024 --seed 0, 2026-11-30, docs/results/tiny-shared-reference-multikey-1k-2026-11-30.json):
-full 48/48 in both modes; qwen_8x_tuned 48/48 isolated, 40/48 context first. Each threshold
-sits two answers below its measurement."""
+full 48/48 in both modes; qwen_8x_tuned 48/48 isolated, 40/48 context first; with observation
+window 8 since (the same with `--configs configs/qwen_8x_tuned.yaml` alone, 2026-11-30,
+tiny-shared-reference-multikey-1k-window8-2026-11-30.json):
+48/48 isolated, 47/48 context first. Each threshold sits two answers below its measurement."""
 
 from __future__ import annotations
 
@@ -91,7 +93,7 @@ def test_qwen_8x_tuned_keeps_the_needles_of_a_document_cached_before_its_questio
                            tasks.MAX_NEW_TOKENS["multikey"])
     assert result["isolated"]["requests"] == result["context_first"]["requests"] == 48
     assert round(result["isolated"]["accuracy"] * 48) >= 46
-    assert round(result["context_first"]["accuracy"] * 48) >= 38
+    assert round(result["context_first"]["accuracy"] * 48) >= 45
 
 
 def test_markdown_gives_each_mode_relative_to_the_full_cache():
