@@ -27,6 +27,10 @@ def compressed_allocator_of(obj) -> "CompressedTokenAllocator | None":
 class CompressedTokenAllocator(TokenToKVPoolAllocator):
     def __init__(self, size: int, dtype: torch.dtype, device: str, kvcache: CompressedKVPool):
         self.report_logical_size = False
+        # Below this much row headroom (in logical tokens), or below the tokens of the frees
+        # still being counted if those are more, `available_size` waits for the count: near the
+        # limit, an admission or a decode step's retraction check could turn on those rows.
+        self.exact_below_headroom = 4096
         # Rows held by the radix cache's unlocked nodes (patches.radix_cache keeps it current).
         self.evictable_rows = EvictableRows(kvcache)
         self._evicting_from_tree = False
@@ -45,18 +49,31 @@ class CompressedTokenAllocator(TokenToKVPoolAllocator):
             # SGLang's idle leak check balances logical ids (available + cached == total);
             # patches.scheduler turns this on around it and checks the rows separately.
             return logical
-        return max(0, min(logical, self.pool.headroom_tokens()))
+        headroom = self.pool.headroom_tokens()
+        pending = self.pool.deferred_frees
+        if pending and headroom < max(self.exact_below_headroom, pending.pending_tokens()):
+            # Nearly full: whether the next request fits, or a decode step needs retraction,
+            # may turn on rows still being counted, so count them now (a device sync).
+            self.pool.return_freed_rows(wait=True)
+            headroom = self.pool.headroom_tokens()
+        return max(0, min(logical, headroom))
 
     def alloc(self, need_size: int):
         if need_size > self.available_size():
-            return None
+            if not self.pool.deferred_frees:
+                return None
+            self.pool.return_freed_rows(wait=True)
+            if need_size > self.available_size():
+                return None
         return super().alloc(need_size)
 
     def free(self, free_index: torch.Tensor):
         if free_index.numel() == 0:
             return
         if self.is_not_in_free_group:
-            self.pool.free_tokens(free_index)
+            # The radix cache evicts until `available_size` covers its need, so what it frees
+            # must count at once; other frees return their rows without a host sync.
+            self.pool.free_tokens(free_index, wait=self._evicting_from_tree)
         super().free(free_index)
 
     @contextlib.contextmanager

@@ -33,6 +33,7 @@ import logging
 import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 
+from sglang_kvc.deferred_frees import DeferredFrees
 from sglang_kvc.planner import KVPlan, PoolSizes
 from sglang_kvc.policy import Selection
 from sglang_kvc.quant import hadamard_matrix
@@ -135,6 +136,7 @@ class CompressedKVPool(MHATokenToKVPool):
         self.location = torch.zeros((self.layer_num, self.size + 1), dtype=torch.int32, device=dev)
         self.staging_row = torch.zeros(self.size + 1, dtype=torch.int64, device=dev)
         self.staged_count = 0
+        self.deferred_frees = DeferredFrees()
         self.rotation = (
             hadamard_matrix(dim, dev)
             if self.config.quantization.key_transform == "hadamard"
@@ -164,6 +166,7 @@ class CompressedKVPool(MHATokenToKVPool):
         self.location.zero_()
         self.staging_row.zero_()
         self.staged_count = 0
+        self.deferred_frees.clear()
         self.staging_free.clear()
         for free_list in self.lowbit_free + self.guard_free:
             free_list.clear()
@@ -200,6 +203,8 @@ class CompressedKVPool(MHATokenToKVPool):
         """Give a forward pass's new tokens a staging row (the same in every layer), before
         the pass: the allocation is host bookkeeping, so it cannot run inside a CUDA graph."""
         count = tokens.numel()
+        if count > self.staging_free.available():
+            self.return_freed_rows(wait=True)  # rows of freed staged tokens may be pending
         if count > self.staging_free.available():
             raise RuntimeError(
                 f"kv-compress staging tier exhausted ({count} new tokens, "
@@ -351,27 +356,47 @@ class CompressedKVPool(MHATokenToKVPool):
         self.location[:, tokens] = encode_location(Tier.LOWBIT, rows)
 
     # ---- freeing ----------------------------------------------------------------------------------
-    def free_tokens(self, tokens: torch.Tensor) -> None:
-        """Return every row `tokens` hold, in every layer and tier."""
-        tokens = tokens[tokens > 0]
+    def free_tokens(self, tokens: torch.Tensor, wait: bool = False) -> None:
+        """Return every row `tokens` hold, in every layer and tier. The map forgets them at
+        once (an id may be handed out again right away); the rows go back to their free
+        lists when the device has counted them (`deferred_frees`: no host sync here), or
+        before returning with `wait` (a caller that needs the rows now, e.g. the radix
+        cache evicting until enough are free)."""
         if tokens.numel() == 0:
             return
+        tokens = tokens.to(torch.int64)
+        # SGLang's padding id 0 holds nothing; it is left out of the counts rather than out
+        # of `tokens` (a boolean selection is a host sync).
+        real = tokens > 0
         locations = self.location[:, tokens]
         tiers, rows = tier_of(locations), row_of(locations)
         # Every layer's low-bit rows, then its guard rows, first in its row of `ordered`
-        # (a stable sort on the tier); one host sync for all the counts.
-        lowbit, guard = tiers == Tier.LOWBIT, tiers == Tier.GUARD
+        # (a stable sort on the tier); the staged tokens' staging rows likewise.
+        lowbit, guard = (tiers == Tier.LOWBIT) & real, (tiers == Tier.GUARD) & real
         rank = torch.where(lowbit, 0, torch.where(guard, 1, 2)).to(torch.int8)
         ordered = rows.gather(1, torch.argsort(rank, dim=1, stable=True))
-        counts = torch.stack((lowbit.sum(1), guard.sum(1))).tolist()
-        for layer in range(self.layer_num):
-            lowbit_count, guard_count = counts[0][layer], counts[1][layer]
-            self.lowbit_free[layer].free(ordered[layer, :lowbit_count])
-            self.guard_free[layer].free(ordered[layer, lowbit_count : lowbit_count + guard_count])
-        staged = self.staged_mask(tokens)
-        if staged.any():
-            self.release_staging(tokens[staged])
-        self.location.index_fill_(1, tokens.to(torch.int64), int(Tier.EMPTY))
+        staging_rows = self.staging_row[tokens]
+        staged = (staging_rows > 0) & real
+        staging_rows = staging_rows[torch.argsort((~staged).to(torch.int8), stable=True)]
+        counts = torch.cat((lowbit.sum(1), guard.sum(1), staged.sum().reshape(1)))
+        self.location.index_fill_(1, tokens, int(Tier.EMPTY))
+        self.staging_row.index_fill_(0, tokens, 0)
+        self.deferred_frees.push(counts, ordered, staging_rows)
+        self.return_freed_rows(wait=wait)
+
+    def return_freed_rows(self, wait: bool = False) -> None:
+        """Put the rows of frees the device has counted back on their free lists (with
+        `wait`, of every pending free, waiting for the device)."""
+        layers = self.layer_num
+        for freed in self.deferred_frees.completed(wait=wait):
+            counts = freed.counts.numpy().tolist()  # a host tensor by now: no device read
+            for layer in range(layers):
+                lowbit_count, guard_count = counts[layer], counts[layers + layer]
+                self.lowbit_free[layer].free(freed.ordered_rows[layer, :lowbit_count])
+                self.guard_free[layer].free(freed.ordered_rows[layer, lowbit_count : lowbit_count + guard_count])
+            staged_count = counts[2 * layers]
+            self.staging_free.free(freed.staging_rows[:staged_count])
+            self.staged_count -= staged_count
 
     # ---- accounting -------------------------------------------------------------------------------
     def _free_list(self, tier: Tier, layer: int) -> RowFreeList:
@@ -382,7 +407,9 @@ class CompressedKVPool(MHATokenToKVPool):
 
     def headroom_tokens(self) -> int:
         """Logical tokens that can still be admitted: every staged token will take at most
-        one row per layer when placed, so it is charged a row in every layer now."""
+        one row per layer when placed, so it is charged a row in every layer now. Rows of
+        frees still being counted on the device are not in it yet (a lower bound)."""
+        self.return_freed_rows()
         return min(self.free_rows(layer) for layer in range(self.layer_num)) - self.staged_count
 
     def row_usage(self) -> float:
@@ -404,6 +431,7 @@ class CompressedKVPool(MHATokenToKVPool):
         all layers; counters match the maps. `full=False` skips the per-row uniqueness sort
         (the scheduler's idle check). Works one layer at a time, so its temporaries stay
         small next to the pool. Raises PoolInvariantError."""
+        self.return_freed_rows(wait=True)
         problems = []
         staged_tokens = (self.staging_row > 0).nonzero().squeeze(1)
         if int(staged_tokens.numel()) != self.staged_count:

@@ -224,6 +224,17 @@ class Simulator:
         sim.finished = True
         self.live.remove(sim)
 
+    def retract(self, sim: SimRequest) -> None:
+        """A release that caches nothing (SGLang's retraction under memory pressure): the
+        request's tokens beyond its cached prefix are freed, staged ones included."""
+        if sim.req.req_pool_idx is None:
+            self.tree.dec_lock_ref(sim.req.last_node)
+        else:
+            hooks.seal_released_request(sim.req, self.tree, is_insert=False)
+            common.release_kv_cache(sim.req, self.tree, is_insert=False)
+        sim.finished = True
+        self.live.remove(sim)
+
     def abort(self, sim: SimRequest) -> None:
         """An abort mid-prefill or mid-decode goes through the normal finish path."""
         self.finish(sim)
