@@ -59,8 +59,10 @@ def compile_and_measure(kernel, pointer_types: dict[str, str], constexprs: dict,
     representative value in `int_values` are specialized as Triton's launcher does (1 ->
     constexpr, a multiple of 16 -> divisibility 16), so strides compile as in a real call."""
     signature, attributes, constexprs = {}, {}, dict(constexprs)
+    unspecialized = {param.name for param in kernel.params if param.do_not_specialize}
     for index, name in enumerate(kernel.arg_names):
-        value = (int_values or {}).get(name)
+        # An argument the kernel does not specialize on compiles as a plain i32 in a real call.
+        value = None if name in unspecialized else (int_values or {}).get(name)
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
@@ -120,7 +122,7 @@ def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD
                 "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32"}
     if not guard_packed:
         pointers.update({name: "*bf16" for name in ("guard_k_ptr", "guard_v_ptr", "guard_k_pairs_ptr", "guard_v_pairs_ptr")})
-    constexprs = {"QUERY_GROUP": query_group, "HEAD_DIM": head_dim, "NUM_SPLITS": 16, "KEY_BITS": key_bits,
+    constexprs = {"QUERY_GROUP": query_group, "HEAD_DIM": head_dim, "KEY_BITS": key_bits,
                   "KEY_GROUP_SIZE": group, "VALUE_BITS": value_bits, "VALUE_GROUP_SIZE": group,
                   "GUARD_PACKED": guard_packed, "GUARD_BITS": guard_bits,
                   "GUARD_GROUP_SIZE": group if guard_packed else head_dim, "BLOCK_G": 16,
@@ -180,7 +182,8 @@ def region_builder_cases() -> list[tuple[str, callable]]:
                                      strides)),
         ("entry builder in regions: scatter (BLOCK 1024, 32 blocks)",
          lambda: compile_and_measure(decode_module._region_scatter_kernel, pointers,
-                                     {"BLOCK": 1024, "BLOCKS_POW2": 32}, strides)),
+                                     {"BLOCK": 1024, "BLOCKS_PER_STEP": decode_module._SCATTER_BLOCKS_PER_STEP},
+                                     strides)),
     ]
 
 

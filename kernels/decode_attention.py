@@ -203,10 +203,18 @@ def _block_locations(
     return in_sequence, locations
 
 
-# The entry builders' block count and location rows vary with the batch and the layer; one
-# compiled variant for all of them (Triton would otherwise specialize on a count of 1, on
-# multiples of 16 and on each layer row's alignment, compiling in the middle of requests).
-_ENTRY_BUILDER_JIT = {"do_not_specialize": ["num_blocks"], "do_not_specialize_on_alignment": ["location_ptr"]}
+# The entry builders' block and request counts and location rows vary with the batch and
+# the layer; one compiled variant for all of them (Triton would otherwise specialize on a
+# count of 1, on multiples of 16 and on each layer row's alignment, compiling in the middle
+# of requests: a few seconds per variant for the split kernel).
+_ENTRY_BUILDER_JIT = {"do_not_specialize": ["num_blocks", "batch"], "do_not_specialize_on_alignment": ["location_ptr"]}
+# Likewise the split count of the attention kernels and the partial outputs' strides, which
+# follow it: the eager path picks the count per batch (a batch larger than the captured
+# CUDA graphs met a new variant and waited ~3 s for it on the H200, serving run 26).
+_ATTENTION_JIT = {"do_not_specialize": ["num_splits", "stride_po_batch", "stride_po_head",
+                                        "stride_pl_batch", "stride_pl_head"]}
+_MERGE_SPLITS_PER_STEP = 16
+_SCATTER_BLOCKS_PER_STEP = 32  # block counts summed at once (1024-token blocks: 32K tokens)
 
 
 @triton.jit(**_ENTRY_BUILDER_JIT)
@@ -360,7 +368,7 @@ def _scatter_tier_block(entry_tier_ptr, entry_row_ptr, in_sequence, tiers, rows,
     tl.store(entry_row_ptr + first + rank, rows, mask=selected > 0)
 
 
-@triton.jit
+@triton.jit(**_ENTRY_BUILDER_JIT)
 def _region_scatter_kernel(
     location_ptr,
     req_to_token_ptr,
@@ -374,11 +382,11 @@ def _region_scatter_kernel(
     stride_req_to_token,
     num_blocks,
     BLOCK: tl.constexpr,
-    BLOCKS_POW2: tl.constexpr,
+    BLOCKS_PER_STEP: tl.constexpr,
 ):
     """Grid (request, block of BLOCK positions). Each program finds where its block's held
-    tokens go from the per-block counts of its request (a prefix over at most BLOCKS_POW2
-    counts, no separate scan launch), scatters them tier-grouped from the region's start,
+    tokens go from the per-block counts of its request (summed BLOCKS_PER_STEP blocks at a
+    time, no separate scan launch), scatters them tier-grouped from the region's start,
     and marks EMPTY the region slots of its block's range past the request's entries (so
     that v1, which walks whole regions, skips them). Block 0 writes the tier ranges."""
     request = tl.program_id(0)
@@ -387,17 +395,31 @@ def _region_scatter_kernel(
     if block > 0 and block * BLOCK >= seq_len:
         return  # past the request: nothing to place, no region slot to mark
     region_start = tl.load(region_indptr_ptr + request)
-    offs_block = tl.arange(0, BLOCKS_POW2)
-    counted = offs_block < num_blocks
-    earlier = offs_block < block
-    counts_row = block_counts_ptr + request.to(tl.int64) * num_blocks * 3 + offs_block * 3
-    staging = tl.load(counts_row + 0, mask=counted, other=0)
-    lowbit = tl.load(counts_row + 1, mask=counted, other=0)
-    guard = tl.load(counts_row + 2, mask=counted, other=0)
+    counts_row = block_counts_ptr + request.to(tl.int64) * num_blocks * 3
+    # Per tier: the request's total, and the part in blocks before this one.
+    staging_total = tl.zeros([], dtype=tl.int32)
+    lowbit_total = tl.zeros([], dtype=tl.int32)
+    guard_total = tl.zeros([], dtype=tl.int32)
+    staging_before = tl.zeros([], dtype=tl.int32)
+    lowbit_before = tl.zeros([], dtype=tl.int32)
+    guard_before = tl.zeros([], dtype=tl.int32)
+    for first in range(0, num_blocks, BLOCKS_PER_STEP):
+        offs_block = first + tl.arange(0, BLOCKS_PER_STEP)
+        counted = offs_block < num_blocks
+        earlier = offs_block < block
+        staging = tl.load(counts_row + offs_block * 3 + 0, mask=counted, other=0)
+        lowbit = tl.load(counts_row + offs_block * 3 + 1, mask=counted, other=0)
+        guard = tl.load(counts_row + offs_block * 3 + 2, mask=counted, other=0)
+        staging_total += tl.sum(staging, axis=0)
+        lowbit_total += tl.sum(lowbit, axis=0)
+        guard_total += tl.sum(guard, axis=0)
+        staging_before += tl.sum(tl.where(earlier, staging, 0), axis=0)
+        lowbit_before += tl.sum(tl.where(earlier, lowbit, 0), axis=0)
+        guard_before += tl.sum(tl.where(earlier, guard, 0), axis=0)
     staging_start = region_start
-    lowbit_start = staging_start + tl.sum(staging, axis=0)
-    guard_start = lowbit_start + tl.sum(lowbit, axis=0)
-    entries_end = guard_start + tl.sum(guard, axis=0)
+    lowbit_start = staging_start + staging_total
+    guard_start = lowbit_start + lowbit_total
+    entries_end = guard_start + guard_total
     if block == 0:
         tl.store(tier_indptr_ptr + request * 4 + 0, staging_start)
         tl.store(tier_indptr_ptr + request * 4 + 1, lowbit_start)
@@ -409,11 +431,11 @@ def _region_scatter_kernel(
     tiers = locations & _TIER_MASK
     rows = locations >> _TIER_BITS
     _scatter_tier_block(entry_tier_ptr, entry_row_ptr, in_sequence, tiers, rows, _STAGING,
-                        staging_start + tl.sum(tl.where(earlier, staging, 0), axis=0))
+                        staging_start + staging_before)
     _scatter_tier_block(entry_tier_ptr, entry_row_ptr, in_sequence, tiers, rows, _STAGING + 1,
-                        lowbit_start + tl.sum(tl.where(earlier, lowbit, 0), axis=0))
+                        lowbit_start + lowbit_before)
     _scatter_tier_block(entry_tier_ptr, entry_row_ptr, in_sequence, tiers, rows, _STAGING + 2,
-                        guard_start + tl.sum(tl.where(earlier, guard, 0), axis=0))
+                        guard_start + guard_before)
 
     slots = region_start + block * BLOCK + tl.arange(0, BLOCK)
     in_tail = (slots >= entries_end) & (slots < region_start + seq_len)
@@ -478,7 +500,7 @@ def decode_entries_in_regions(
     _region_scatter_kernel[grid](
         location, req_to_token, req_pool_indices, seq_lens, region_indptr, block_counts,
         entry_tier, entry_row, tier_indptr, req_to_token.stride(0), num_blocks,
-        BLOCK=block, BLOCKS_POW2=triton.next_power_of_2(num_blocks),
+        BLOCK=block, BLOCKS_PER_STEP=_SCATTER_BLOCKS_PER_STEP,
     )
     return DecodeEntries(region_indptr, entry_tier, entry_row, tier_indptr)
 
@@ -675,10 +697,10 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _split_range(entries_start, entries_end, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _split_range(entries_start, entries_end, split, num_splits, BLOCK_N: tl.constexpr):
     """[split_start, split_end) of a request's entries: a split owns whole BLOCK_N blocks;
     trailing splits may be empty."""
-    entries_per_split = tl.cdiv(tl.cdiv(entries_end - entries_start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    entries_per_split = tl.cdiv(tl.cdiv(entries_end - entries_start, num_splits), BLOCK_N) * BLOCK_N
     split_start = entries_start + split * entries_per_split
     return split_start, tl.minimum(split_start + entries_per_split, entries_end)
 
@@ -699,7 +721,7 @@ def _load_group_queries(q_ptr, request, kv_head, stride_q_batch, stride_q_head,
     return q, q_heads, offs_d, group_mask, dim_mask
 
 
-@triton.jit
+@triton.jit(**_ATTENTION_JIT)
 def _decode_split_kernel(
     q_ptr,  # [B, Hq, D]
     entries_indptr_ptr,  # [B + 1]
@@ -715,8 +737,8 @@ def _decode_split_kernel(
     guard_k_pairs_ptr,  # packed guard only
     guard_v_ptr,
     guard_v_pairs_ptr,
-    partial_out_ptr,  # [B, Hq, NUM_SPLITS, D] fp32
-    partial_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32, base 2
+    partial_out_ptr,  # [B, Hq, splits, D] fp32
+    partial_lse_ptr,  # [B, Hq, splits] fp32, base 2
     qk_scale,  # scaling * log2(e): logits are kept in base 2 (exp2)
     stride_q_batch,
     stride_q_head,
@@ -741,7 +763,7 @@ def _decode_split_kernel(
     stride_pl_head,
     QUERY_GROUP: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    num_splits,  # runtime, like the strides below it depends on: one compiled variant for any split count
     KEY_BITS: tl.constexpr,
     KEY_GROUP_SIZE: tl.constexpr,
     VALUE_BITS: tl.constexpr,
@@ -759,7 +781,7 @@ def _decode_split_kernel(
     split = tl.program_id(2)
 
     split_start, split_end = _split_range(tl.load(entries_indptr_ptr + request),
-                                          tl.load(entries_indptr_ptr + request + 1), split, NUM_SPLITS, BLOCK_N)
+                                          tl.load(entries_indptr_ptr + request + 1), split, num_splits, BLOCK_N)
     q, q_heads, offs_d, group_mask, dim_mask = _load_group_queries(
         q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP, HEAD_DIM, BLOCK_G, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -1053,7 +1075,7 @@ def _lowbit_register_operand_loop(
     return m_i, l_i, accs
 
 
-@triton.jit
+@triton.jit(**_ATTENTION_JIT)
 def _decode_split_kernel_v2(
     q_ptr,  # [B, Hq, D]
     tier_indptr_ptr,  # [B, 4]: (staging start, low-bit start, guard start, end) per request
@@ -1068,8 +1090,8 @@ def _decode_split_kernel_v2(
     guard_k_pairs_ptr,  # packed guard only
     guard_v_ptr,
     guard_v_pairs_ptr,
-    partial_out_ptr,  # [B, Hq, NUM_SPLITS, D] fp32
-    partial_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32, base 2
+    partial_out_ptr,  # [B, Hq, splits, D] fp32
+    partial_lse_ptr,  # [B, Hq, splits] fp32, base 2
     qk_scale,  # scaling * log2(e): logits are kept in base 2 (exp2)
     stride_q_batch,
     stride_q_head,
@@ -1096,7 +1118,7 @@ def _decode_split_kernel_v2(
     stride_pl_head,
     QUERY_GROUP: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    num_splits,  # runtime, like the strides below it depends on: one compiled variant for any split count
     KEY_BITS: tl.constexpr,
     KEY_GROUP_SIZE: tl.constexpr,
     VALUE_BITS: tl.constexpr,
@@ -1133,9 +1155,9 @@ def _decode_split_kernel_v2(
     # Every split takes its share of each tier, so the splits are balanced whatever the tiers
     # cost per entry (bf16 guard rows take the tf32 loop; a tier at the end of one shared range
     # would all land in the last splits, the kernel then waiting for them).
-    staging_first, staging_end = _split_range(staging_start, lowbit_start, split, NUM_SPLITS, BLOCK_N)
-    lowbit_first, lowbit_end = _split_range(lowbit_start, guard_start, split, NUM_SPLITS, BLOCK_N)
-    guard_first, guard_end = _split_range(guard_start, entries_end, split, NUM_SPLITS, BLOCK_N)
+    staging_first, staging_end = _split_range(staging_start, lowbit_start, split, num_splits, BLOCK_N)
+    lowbit_first, lowbit_end = _split_range(lowbit_start, guard_start, split, num_splits, BLOCK_N)
+    guard_first, guard_end = _split_range(guard_start, entries_end, split, num_splits, BLOCK_N)
     q, q_heads, offs_d, group_mask, dim_mask = _load_group_queries(
         q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP, HEAD_DIM, BLOCK_G, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -1158,7 +1180,7 @@ def _decode_split_kernel_v2(
 
     # -- low-bit: packed K and V, each in its own format.
     if REGISTER_OPERANDS:
-        # v3: its own softmax state, written as split NUM_SPLITS + split (the merge kernel
+        # v3: its own softmax state, written as split num_splits + split (the merge kernel
         # combines it with the bf16 tiers' state like any other split).
         lowbit_m, lowbit_l, lowbit_accs = _lowbit_register_operand_loop(
             q_ptr, request, kv_head, stride_q_batch, stride_q_head, entry_row_ptr, lowbit_first, lowbit_end,
@@ -1170,7 +1192,7 @@ def _decode_split_kernel_v2(
         offs_vc = tl.arange(0, HEAD_DIM // VALUE_SLOTS)
         for slot in tl.static_range(VALUE_SLOTS):
             _store_split_partial(partial_out_ptr, partial_lse_ptr, lowbit_m, lowbit_l, lowbit_accs[slot], request,
-                                 q_heads, NUM_SPLITS + split, offs_vc * VALUE_SLOTS + slot, group_mask,
+                                 q_heads, num_splits + split, offs_vc * VALUE_SLOTS + slot, group_mask,
                                  offs_vc < HEAD_DIM // VALUE_SLOTS, stride_po_batch, stride_po_head,
                                  stride_po_split, stride_pl_batch, stride_pl_head)
     elif PREFETCH:
@@ -1253,10 +1275,10 @@ def _decode_split_kernel_v2(
                          stride_pl_batch, stride_pl_head)
 
 
-@triton.jit
+@triton.jit(**_ATTENTION_JIT)
 def _merge_splits_kernel(
-    partial_out_ptr,  # [B, Hq, NUM_SPLITS, D] fp32
-    partial_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32, base 2
+    partial_out_ptr,  # [B, Hq, splits, D] fp32
+    partial_lse_ptr,  # [B, Hq, splits] fp32, base 2
     out_ptr,  # [B, Hq, D] fp32, bf16 or fp16
     stride_po_batch,
     stride_po_head,
@@ -1265,34 +1287,38 @@ def _merge_splits_kernel(
     stride_pl_head,
     stride_out_batch,
     stride_out_head,
+    num_splits,
     HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    SPLITS_PER_STEP: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """Grid (request, query head): weights exp2(lse_s - max lse), output sum_s w_s out_s /
+    sum_s w_s, SPLITS_PER_STEP splits at a time (the split count is a runtime value)."""
     request = tl.program_id(0).to(tl.int64)
     q_head = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    split_mask = offs_s < NUM_SPLITS
     dim_mask = offs_d < HEAD_DIM
+    lse_row = partial_lse_ptr + request * stride_pl_batch + q_head * stride_pl_head
+    partial_row = partial_out_ptr + request * stride_po_batch + q_head * stride_po_head
 
-    lse = tl.load(partial_lse_ptr + request * stride_pl_batch + q_head * stride_pl_head + offs_s,
-                  mask=split_mask, other=float("-inf"))
-    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.full([], float("-inf"), dtype=tl.float32)
+    for first in range(0, num_splits, SPLITS_PER_STEP):
+        offs_s = first + tl.arange(0, SPLITS_PER_STEP)
+        lse = tl.load(lse_row + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+        lse_max = tl.maximum(lse_max, tl.max(lse, axis=0))
     # A request without entries has only -inf: every weight is then 0 and the output 0.
     lse_shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    weights = tl.math.exp2(lse - lse_shift)
-    partial_ptrs = (
-        partial_out_ptr
-        + request * stride_po_batch
-        + q_head * stride_po_head
-        + offs_s[:, None] * stride_po_split
-        + offs_d[None, :]
-    )
-    partial = tl.load(partial_ptrs, mask=split_mask[:, None] & dim_mask[None, :], other=0.0)
-    total = tl.sum(weights, axis=0)
-    out = tl.sum(weights[:, None] * partial, axis=0) / tl.where(total > 0, total, 1.0)
+    total = tl.zeros([], dtype=tl.float32)
+    out = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for first in range(0, num_splits, SPLITS_PER_STEP):
+        offs_s = first + tl.arange(0, SPLITS_PER_STEP)
+        split_mask = offs_s < num_splits
+        weights = tl.math.exp2(tl.load(lse_row + offs_s, mask=split_mask, other=float("-inf")) - lse_shift)
+        partial = tl.load(partial_row + offs_s[:, None] * stride_po_split + offs_d[None, :],
+                          mask=split_mask[:, None] & dim_mask[None, :], other=0.0)
+        total += tl.sum(weights, axis=0)
+        out += tl.sum(weights[:, None] * partial, axis=0)
+    out = out / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + request * stride_out_batch + q_head * stride_out_head + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=dim_mask)
 
@@ -1491,7 +1517,7 @@ def decode_attention(
         partial_lse.stride(1),
         QUERY_GROUP=query_group,
         HEAD_DIM=head_dim,
-        NUM_SPLITS=num_splits,
+        num_splits=num_splits,
         KEY_BITS=lowbit.key_format.bits,
         KEY_GROUP_SIZE=lowbit.key_format.group_size,
         VALUE_BITS=lowbit.value_format.bits,
@@ -1516,9 +1542,9 @@ def decode_attention(
         partial_lse.stride(1),
         out.stride(0),
         out.stride(1),
+        partials,
         HEAD_DIM=head_dim,
-        NUM_SPLITS=partials,
-        BLOCK_S=triton.next_power_of_2(partials),
+        SPLITS_PER_STEP=_MERGE_SPLITS_PER_STEP,
         BLOCK_D=block_d,
         num_warps=1,
     )

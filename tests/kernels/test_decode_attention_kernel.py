@@ -404,6 +404,69 @@ class KernelSpy:
         return record
 
 
+class LaunchRecorder:
+    """Stands in for a kernel: records each launch's arguments by name, then runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def record(*args, **kwargs):
+            self.launches.append({**dict(zip(self.kernel.arg_names, args)), **kwargs})
+            return launch(*args, **kwargs)
+
+        return record
+
+
+def unspecialized_arguments(kernel) -> set[str]:
+    """The integer arguments Triton compiles no variant for (`do_not_specialize`), whether the
+    kernel is compiled (JITFunction) or interpreted (InterpretedFunction keeps the options)."""
+    if hasattr(kernel, "params"):
+        return {param.name for param in kernel.params if param.do_not_specialize}
+    return set(kernel.kwargs.get("do_not_specialize", ()))
+
+
+def specialization(value) -> str:
+    """How Triton's launcher tells integer arguments apart when it picks a compiled variant."""
+    return "1" if value == 1 else ("multiple of 16" if value % 16 == 0 else "other")
+
+
+def test_the_decode_path_compiles_one_variant_whatever_the_batch(gen, device, monkeypatch):
+    """A decode batch of a shape the server has not run yet (more requests than its CUDA
+    graphs, longer sequences, another split count) must not wait for Triton to compile: in
+    serving run 26 the first such batch stalled the server ~3 s. So across two batches of
+    different sizes, lengths and split counts, every kernel of the decode path gets the same
+    compile-time constants, and every integer argument whose specialization class changes
+    is one the kernel does not specialize on."""
+    names = ("_count_held_kernel", "_region_scatter_kernel", "_decode_split_kernel_v2", "_merge_splits_kernel")
+    recorders = {name: LaunchRecorder(getattr(decode_module, name)) for name in names}
+    for name, recorder in recorders.items():
+        monkeypatch.setattr(decode_module, name, recorder)
+    pool = build_pool(gen, device, layers=2, key_bits=4, group_size=32)
+    tables = layer_tables(pool, 1)
+    for seq_lens, num_splits in (([7], 1), ([33, 1, 20, 40, 5], 2), ([40] * 8, 16)):
+        req_to_token, req_pool_indices, lengths = build_batch(seq_lens, gen, device)
+        counts = held_per_block(pool.location, req_to_token, req_pool_indices, lengths, max(seq_lens), block=8)
+        region_indptr = region_indptr_for(seq_lens, device)
+        entries = decode_entries_in_regions(pool.location[1], req_to_token, req_pool_indices, lengths, region_indptr,
+                                            sum(seq_lens), max(seq_lens), block=8, block_counts=counts[1])
+        q = random_queries(len(seq_lens), 4, gen, device)
+        decode_attention(q, entries.indptr, entries.tier, entries.row, *tables, HEAD_DIM**-0.5, num_splits,
+                         tier_indptr=entries.tier_indptr, block_n=16)
+    for name, recorder in recorders.items():
+        first, *others = recorder.launches
+        kernel = recorder.kernel
+        unspecialized = unspecialized_arguments(kernel)
+        for launch in others:
+            assert {k: v for k, v in launch.items() if k.isupper()} == {k: v for k, v in first.items() if k.isupper()}, name
+            for argument, value in launch.items():
+                if isinstance(value, int) and not isinstance(value, bool) and not argument.isupper():
+                    if argument not in unspecialized:
+                        assert specialization(value) == specialization(first[argument]), (name, argument)
+
+
 def test_version_selection(gen, device, monkeypatch):
     """v2 when tier_indptr is given (and in decode_attention_for_pool), v1 otherwise or
     when asked, v3 when asked (its loop only for 2/4/8-bit formats); v2 without tier_indptr
@@ -551,7 +614,11 @@ def region_entries(location, req_to_token, req_pool_indices, seq_lens, block=8):
     return entries
 
 
-def test_region_builder_fills_each_request_region(gen, device, monkeypatch):
+@pytest.mark.parametrize("blocks_per_step", [32, 2], ids=["one step", "several steps"])
+def test_region_builder_fills_each_request_region(gen, device, monkeypatch, blocks_per_step):
+    # The scatter sums its request's block counts a fixed number at a time (a runtime block
+    # count: one compiled variant); 2 at a time walks the 5 blocks of MAX_CONTEXT in 3 steps.
+    monkeypatch.setattr(decode_module, "_SCATTER_BLOCKS_PER_STEP", blocks_per_step)
     pool = build_pool(gen, device, layers=1)
     req_to_token, req_pool_indices, seq_lens = build_batch([0, 33, 1, 7, 20, MAX_CONTEXT], gen, device)
     args = (pool.location[0], req_to_token, req_pool_indices, seq_lens)
