@@ -111,9 +111,8 @@ def decode_block_n(key_bits: int) -> int:
 def decode_num_splits(batch_size: int, kv_heads: int, max_seq_len: int, sm_count: int) -> int:
     """Splits per request for `decode_attention`: enough (request, KV head, split)
     programs to give every SM `_PROGRAMS_PER_SM` of them, but no split shorter than
-    `_MIN_TOKENS_PER_SPLIT` logical tokens. Rounded down to a power of two: the split
-    count is a compile-time constant of the kernel, so a server compiles at most 7
-    variants however its batch sizes vary."""
+    `_MIN_TOKENS_PER_SPLIT` logical tokens. Rounded down to a power of two (the kernel
+    takes any count at run time, without a compiled variant per count)."""
     wanted = math.ceil(_PROGRAMS_PER_SM * sm_count / max(1, batch_size * kv_heads))
     splits = max(1, min(wanted, max_seq_len // _MIN_TOKENS_PER_SPLIT, _MAX_SPLITS))
     return 1 << (splits.bit_length() - 1)
