@@ -30,6 +30,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import sglang_kvc.kernels.decode_attention as decode_module  # noqa: E402
+import sglang_kvc.kernels.gather_rows as gather_module  # noqa: E402
 import sglang_kvc.kernels.score as score_module  # noqa: E402
 import sglang_kvc.kernels.staging as staging_module  # noqa: E402
 from sglang_kvc.quant import PackedFormat  # noqa: E402
@@ -187,6 +188,35 @@ def region_builder_cases() -> list[tuple[str, callable]]:
     ]
 
 
+def gather_case(formats: tuple) -> dict:
+    """The prefix gather of prefill over a cached prefix (kernels/gather_rows.py), bf16 out."""
+    key_bits, value_bits, group, guard_bits = formats
+    guard_packed = guard_bits != 16
+    pointers = {name: "*bf16" for name in ("out_k_ptr", "out_v_ptr", "staging_k_ptr", "staging_v_ptr")}
+    pointers["entry_tier_ptr"] = "*i8"
+    if not guard_packed:
+        pointers.update({name: "*bf16" for name in ("guard_k_ptr", "guard_v_ptr", "guard_k_pairs_ptr", "guard_v_pairs_ptr")})
+    constexprs = {"KEY_BITS": key_bits, "KEY_GROUP_SIZE": group, "VALUE_BITS": value_bits, "VALUE_GROUP_SIZE": group,
+                  "GUARD_PACKED": guard_packed, "GUARD_BITS": guard_bits,
+                  "GUARD_GROUP_SIZE": group if guard_packed else HEAD_DIM, "HEAD_DIM": HEAD_DIM,
+                  "BLOCK_N": gather_module._BLOCK_N, "BLOCK_D": HEAD_DIM}
+    words = {bits: -(-HEAD_DIM // (32 // bits)) for bits in (key_bits, value_bits, guard_bits)}
+    groups = HEAD_DIM // group
+    strides = {"stride_out_row": KV_HEADS * HEAD_DIM, "stride_out_head": HEAD_DIM,
+               "stride_staging_row": KV_HEADS * HEAD_DIM, "stride_staging_head": HEAD_DIM,
+               "stride_lk_row": KV_HEADS * words[key_bits], "stride_lk_head": words[key_bits],
+               "stride_lk_pairs_row": KV_HEADS * groups, "stride_lk_pairs_head": groups,
+               "stride_lv_row": KV_HEADS * words[value_bits], "stride_lv_head": words[value_bits],
+               "stride_lv_pairs_row": KV_HEADS * groups, "stride_lv_pairs_head": groups}
+    if guard_packed:
+        strides.update(stride_guard_row=KV_HEADS * words[guard_bits], stride_guard_head=words[guard_bits],
+                       stride_guard_pairs_row=KV_HEADS * groups, stride_guard_pairs_head=groups)
+    else:
+        strides.update(stride_guard_row=KV_HEADS * HEAD_DIM, stride_guard_head=HEAD_DIM,
+                       stride_guard_pairs_row=0, stride_guard_pairs_head=0)
+    return compile_and_measure(gather_module._gather_rows_kernel, pointers, constexprs, strides)
+
+
 def score_case(kernel, dot_precision: str = "tf32") -> dict:
     pointers = {"q_ptr": "*fp32", "row_positions_ptr": "*i64", "k_ptr": "*bf16", "key_positions_ptr": "*i64",
                 "key_starts_ptr": "*i64",
@@ -214,6 +244,8 @@ def cases() -> list[tuple[str, callable]]:
     result.append(("decode v2 tuned (K4V2 g64) BLOCK_N 64, tiny model (head_dim 64, group 4)",
                    lambda: decode_case("v2", DECODE_FORMATS["tuned (K4V2 g64)"], 64, head_dim=64, query_group=4)))
     result += region_builder_cases()
+    for name in ("tuned (K4V2 g64)", "qwen_8x", "8-bit guard (K2V2 g32)"):
+        result.append((f"prefix gather {name}", lambda f=DECODE_FORMATS[name]: gather_case(f)))
     result.append(("staging insert (K and V, 4 heads x 128)", lambda: compile_and_measure(
         staging_module._write_staged_kernel,
         {"k_ptr": "*bf16", "v_ptr": "*bf16", "slots_ptr": "*i64", "staging_row_ptr": "*i32", "k_table_ptr": "*bf16",

@@ -1332,6 +1332,46 @@ def _packed_args(codes: torch.Tensor, scale_min: torch.Tensor) -> tuple[tuple, t
     return (codes, pairs), (codes.stride(0), codes.stride(1), pairs.stride(0), pairs.stride(1))
 
 
+@dataclass(frozen=True)
+class _TierArgs:
+    """The low-bit and guard tables of one layer as kernel arguments: packed tables as
+    (codes, pairs) with their (row, head) strides, a bf16 guard as (rows, rows) with pair
+    strides 0 (the pair pointer is a placeholder no load reads), and the guard's format."""
+
+    lowbit_k: tuple
+    lowbit_k_strides: tuple
+    lowbit_v: tuple
+    lowbit_v_strides: tuple
+    guard_k: tuple
+    guard_v: tuple
+    guard_strides: tuple  # (row, head, pairs row, pairs head), shared by K and V
+    guard_packed: bool
+    guard_bits: int
+    guard_group_size: int
+
+    @classmethod
+    def of(cls, lowbit: PackedTables, guard: "DenseTables | PackedTables", codes_view=None) -> "_TierArgs":
+        """`codes_view`: applied to the low-bit code words first (v3's 16-bit containers)."""
+        k_codes, v_codes = lowbit.k_codes, lowbit.v_codes
+        if codes_view is not None:
+            k_codes, v_codes = codes_view(k_codes), codes_view(v_codes)
+        lowbit_k, lowbit_k_strides = _packed_args(k_codes, lowbit.k_scale_min)
+        lowbit_v, lowbit_v_strides = _packed_args(v_codes, lowbit.v_scale_min)
+        if isinstance(guard, PackedTables):
+            if guard.key_format != guard.value_format:
+                raise ValueError("a packed guard tier uses one format for K and V")
+            guard_k, guard_strides = _packed_args(guard.k_codes, guard.k_scale_min)
+            guard_v, guard_v_strides = _packed_args(guard.v_codes, guard.v_scale_min)
+            if guard_strides != guard_v_strides:
+                raise ValueError("packed guard K and V tables must have equal strides")
+            return cls(lowbit_k, lowbit_k_strides, lowbit_v, lowbit_v_strides, guard_k, guard_v, guard_strides,
+                       True, guard.key_format.bits, guard.key_format.group_size)
+        if guard.k.stride() != guard.v.stride() or guard.k.stride(-1) != 1:
+            raise ValueError("dense guard K and V tables need equal strides, contiguous last dim")
+        return cls(lowbit_k, lowbit_k_strides, lowbit_v, lowbit_v_strides, (guard.k, guard.k), (guard.v, guard.v),
+                   (guard.k.stride(0), guard.k.stride(1), 0, 0), False, 16, guard.head_dim)
+
+
 DECODE_VERSIONS = ("v1", "v2", "v3")
 DOT_PRECISIONS = ("auto", "tf32", "fp16", "ieee")
 
@@ -1442,26 +1482,11 @@ def decode_attention(
     if batch == 0:
         return out
 
-    k_codes, v_codes = lowbit.k_codes, lowbit.v_codes
-    if register_operands:
-        k_codes, v_codes = _container_view(k_codes), _container_view(v_codes)
-    lowbit_k, lowbit_k_strides = _packed_args(k_codes, lowbit.k_scale_min)
-    lowbit_v, lowbit_v_strides = _packed_args(v_codes, lowbit.v_scale_min)
-    guard_packed = isinstance(guard, PackedTables)
-    if guard_packed:
-        if guard.key_format != guard.value_format:
-            raise ValueError("a packed guard tier uses one format for K and V")
-        guard_k, guard_strides = _packed_args(guard.k_codes, guard.k_scale_min)
-        guard_v, guard_v_strides = _packed_args(guard.v_codes, guard.v_scale_min)
-        if guard_strides != guard_v_strides:
-            raise ValueError("packed guard K and V tables must have equal strides")
-        guard_bits, guard_group_size = guard.key_format.bits, guard.key_format.group_size
-    else:
-        if guard.k.stride() != guard.v.stride() or guard.k.stride(-1) != 1:
-            raise ValueError("dense guard K and V tables need equal strides, contiguous last dim")
-        guard_k, guard_v = (guard.k, guard.k), (guard.v, guard.v)  # no pair tables: placeholders
-        guard_strides = (guard.k.stride(0), guard.k.stride(1), 0, 0)
-        guard_bits, guard_group_size = 16, head_dim
+    tiers = _TierArgs.of(lowbit, guard, codes_view=_container_view if register_operands else None)
+    lowbit_k, lowbit_k_strides, lowbit_v, lowbit_v_strides = (tiers.lowbit_k, tiers.lowbit_k_strides, tiers.lowbit_v,
+                                                              tiers.lowbit_v_strides)
+    guard_k, guard_v, guard_strides, guard_packed = tiers.guard_k, tiers.guard_v, tiers.guard_strides, tiers.guard_packed
+    guard_bits, guard_group_size = tiers.guard_bits, tiers.guard_group_size
 
     query_group = q_heads // kv_heads
     # v3 writes two partial states per split: the bf16 tiers' and the low-bit tier's.

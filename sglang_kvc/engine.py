@@ -473,10 +473,12 @@ class CompressedAttention:
         (staged bf16), causal among the new ones: one launch for the batch. The prefix is
         dequantized into a transient buffer (prefill only, and only the kept tokens): the
         Triton entry builder lists each request's held prefix tokens (one pass over the
-        batch, no loop over requests), and each tier is read once for the whole batch."""
+        batch, no loop over requests), and one launch reads every listed row from its tier
+        (`kernels/gather_rows.py`)."""
         from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
 
         from sglang_kvc.kernels.decode_attention import decode_entries
+        from sglang_kvc.kernels.gather_rows import gather_held_rows
 
         batch, pool = self.batch, self.pool
         device = q.device
@@ -497,22 +499,16 @@ class CompressedAttention:
                 pool.location[layer], self.req_to_token, self.req_pool_indices_device, self.prefix_lens_device,
                 max_seq_len=max(prefix_lens), max_entries=capacity,
             )
-            listed = torch.arange(capacity, device=device) < entries.indptr[-1]  # slots past it: unspecified
             if self.prefix_in_staging_only:
                 # Later chunks of fresh prompts: the whole prefix is still in staging.
+                listed = torch.arange(capacity, device=device) < entries.indptr[-1]  # slots past it: unspecified
                 rows = torch.where(listed, entries.row.to(torch.int64), 0)
                 k_buffer, v_buffer = pool.staging.read(layer, rows, dtype)
             else:
-                # Each tier read over every slot, the others' rows replaced by row 0 (every
-                # table has one), and kept where the slot is of that tier: selecting the slots
-                # first would need their count on the host, a device sync in every layer.
-                k_buffer = torch.zeros(shape, dtype=dtype, device=device)
-                v_buffer = torch.zeros(shape, dtype=dtype, device=device)
-                for tier, store in pool.stores.items():
-                    in_tier = (entries.tier == int(tier)) & listed
-                    k, v = store.read(layer, torch.where(in_tier, entries.row.to(torch.int64), 0), dtype)
-                    k_buffer = torch.where(in_tier[:, None, None], k, k_buffer)
-                    v_buffer = torch.where(in_tier[:, None, None], v, v_buffer)
+                # Every listed entry from its own tier, dequantized, in one launch (a torch read
+                # per tier was ~45 operators per layer: a short extend on a cached prompt was
+                # host-bound on them).
+                k_buffer, v_buffer = gather_held_rows(pool, layer, entries, capacity, dtype)
             kv_indptr = entries.indptr
         # Just written to staging by set_kv_buffer: every new token is held there.
         k_extend, v_extend = pool.staging.read(layer, inputs.new_token_rows, dtype)

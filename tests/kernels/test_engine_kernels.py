@@ -22,6 +22,7 @@ from sim import SMALL_CONFIG, Simulator
 
 from sglang_kvc.config import config_from_dict
 from sglang_kvc.engine import CompressedAttention, decode_num_splits
+from sglang_kvc.kernels import gather_rows
 from sglang_kvc.pool import Tier, tier_of
 from sglang_kvc.quant import PackedFormat, quantize
 from sglang_kvc.stores import PackedStore
@@ -137,21 +138,18 @@ def simulate_batched_prefill(attention_impl: str, seed: int) -> Simulator:
 @needs_interpreter
 def test_later_chunks_of_a_fresh_prompt_read_only_staging(seed, monkeypatch):
     """A fresh prompt's earlier chunks are still staged at its later chunks: the extend path
-    reads no packed tier then (each would be dequantized over every prefix slot). A prompt
-    that starts from the radix cache reads them."""
+    reads staging alone then, not every tier. A prompt that starts from the radix cache
+    reads every tier (one gather per layer)."""
     sim = Simulator(num_layers=2, kv_heads=2, q_heads=4, seed=seed)
     sim.engine = CompressedAttention(sim.pool, sim.req_to_token_pool.req_to_token, attention_impl="triton")
-    packed_reads = []
+    packed_reads = []  # layers whose prefix was read from every tier (kernels/gather_rows.py)
+    gather = gather_rows.gather_held_rows
 
-    def counted(tier, read):
-        def read_and_count(*args, **kwargs):
-            packed_reads.append(tier)
-            return read(*args, **kwargs)
-        return read_and_count
+    def counted(pool, layer, *args, **kwargs):
+        packed_reads.append(layer)
+        return gather(pool, layer, *args, **kwargs)
 
-    for tier in ("lowbit", "guard"):
-        store = getattr(sim.pool, tier)
-        monkeypatch.setattr(store, "read", counted(tier, store.read))
+    monkeypatch.setattr(gather_rows, "gather_held_rows", counted)
     chunked = sim.new_request(prompt(40, 100), chunk_size=16)
     assert sim.admit(chunked)
     while not chunked.prompt_done:
@@ -160,7 +158,7 @@ def test_later_chunks_of_a_fresh_prompt_read_only_staging(seed, monkeypatch):
     shared = sim.new_request(prompt(32, 100) + prompt(8, 700))
     assert sim.admit(shared) and len(shared.req.prefix_indices) == 32
     sim.prefill_chunk(shared)
-    assert set(packed_reads) == {"lowbit", "guard"}
+    assert packed_reads == [0, 1]
 
 
 @needs_interpreter
