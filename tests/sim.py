@@ -242,6 +242,29 @@ class Simulator:
     def evict_all(self) -> None:
         self.tree.evict(common.EvictParams(num_tokens=self.logical_tokens))
 
+    # ---- random lifecycles ----------------------------------------------------------------------------------
+    def random_step(self, op: str, draw: int, prefixes: list[list[int]]) -> None:
+        """One step of a random lifecycle (the tests' hypothesis operations): admit a request
+        (on one of `prefixes`, so the radix tree shares compressed and staged tokens),
+        prefill a chunk, decode, finish / abort / retract, or evict from the tree; a step
+        with nothing to act on does nothing."""
+        running = [r for r in self.live if r.prompt_done and r.outputs < r.max_new_tokens]
+        prefilling = [r for r in self.live if not r.prompt_done]
+        if op == "new" and len(self.live) < self.max_requests - 1:
+            length = 5 + draw % 90
+            tokens = (prefixes[draw % 2] + list(range(30_000 + draw, 30_000 + draw + length)))[: 10 + length]
+            self.admit(self.new_request(tokens, max_new_tokens=1 + draw % 5, chunk_size=8 + draw % 50))
+        elif op == "prefill" and prefilling:
+            self.prefill_chunk(prefilling[draw % len(prefilling)])
+        elif op == "decode" and running:
+            self.decode_step(running[: 1 + draw % len(running)])
+        elif op in ("finish", "abort") and self.live:
+            self.finish(self.live[draw % len(self.live)])
+        elif op == "retract" and self.live:
+            self.retract(self.live[draw % len(self.live)])
+        elif op == "evict":
+            self.tree.evict(common.EvictParams(num_tokens=draw % 200))
+
     # ---- invariants ---------------------------------------------------------------------------------------
     def check(self) -> None:
         """Our rows are consistent, and SGLang's logical accounting balances: every id is

@@ -171,25 +171,11 @@ def test_random_lifecycles_with_frees_counted_late_keep_every_invariant(operatio
     sim, held = held_simulator(logical_tokens=1500, config=small_config(guard_bits=guard_bits))
     prefixes = [prompt(40, start=10), prompt(40, start=20_000)]
     for op, draw in operations:
-        running = [r for r in sim.live if r.prompt_done and r.outputs < r.max_new_tokens]
-        prefilling = [r for r in sim.live if not r.prompt_done]
-        if op == "new" and len(sim.live) < sim.max_requests - 1:
-            length = 5 + draw % 90
-            tokens = (prefixes[draw % 2] + prompt(length, start=30_000 + draw))[: 10 + length]
-            sim.admit(sim.new_request(tokens, max_new_tokens=1 + draw % 5, chunk_size=8 + draw % 50))
-        elif op == "prefill" and prefilling:
-            sim.prefill_chunk(prefilling[draw % len(prefilling)])
-        elif op == "decode" and running:
-            sim.decode_step(running[: 1 + draw % len(running)])
-        elif op == "finish" and sim.live:
-            sim.finish(sim.live[draw % len(sim.live)])
-        elif op == "retract" and sim.live:
-            sim.retract(sim.live[draw % len(sim.live)])
-        elif op == "evict":
-            sim.tree.evict(EvictParams(num_tokens=draw % 200))
-        elif op == "device":
+        if op == "device":
             held.device_catches_up()
             sim.pool.return_freed_rows()
+        else:
+            sim.random_step(op, draw, prefixes)
         if not held:
             sim.check()
     for request in list(sim.live):

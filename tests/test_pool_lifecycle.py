@@ -233,22 +233,7 @@ def test_random_lifecycles_keep_every_invariant(operations, guard_bits):
     sim = Simulator(logical_tokens=1500, config=small_config(guard_bits=guard_bits))
     prefixes = [prompt(40, start=10), prompt(40, start=20_000)]
     for op, draw in operations:
-        running = [r for r in sim.live if r.prompt_done and r.outputs < r.max_new_tokens]
-        prefilling = [r for r in sim.live if not r.prompt_done]
-        if op == "new" and len(sim.live) < sim.max_requests - 1:
-            # Shared prefixes make the radix tree share compressed (and staged) tokens.
-            length = 5 + draw % 90
-            tokens = (prefixes[draw % 2] + prompt(length, start=30_000 + draw))[: 10 + length]
-            request = sim.new_request(tokens, max_new_tokens=1 + draw % 5, chunk_size=8 + draw % 50)
-            sim.admit(request)
-        elif op == "prefill" and prefilling:
-            sim.prefill_chunk(prefilling[draw % len(prefilling)])
-        elif op == "decode" and running:
-            sim.decode_step(running[: 1 + draw % len(running)])
-        elif op in ("finish", "abort") and sim.live:
-            sim.finish(sim.live[draw % len(sim.live)])
-        elif op == "evict":
-            sim.tree.evict(EvictParams(num_tokens=draw % 200))
+        sim.random_step(op, draw, prefixes)
         sim.check()
     for request in list(sim.live):
         sim.finish(request)
