@@ -91,6 +91,12 @@ class TrainConfig:
     # several answers per context instead of one, and for multikey the contrast between its keys.
     follow_up_tokens: int = 192
     compile: bool = True  # regional torch.compile on CUDA (compile_backbone); ignored on the CPU
+    # How often each task is drawn, from its mean accuracy at the last periodic check:
+    # floor + per_error * (1 - accuracy). The defaults (0.5, 1.0: a mastered task keeps a third
+    # of an unlearnt one's weight) trained the bundled model; late in a run every task is
+    # nearly learnt and the draws are nearly uniform, so solved tasks keep half the samples.
+    task_weight_floor: float = 0.5
+    task_weight_per_error: float = 1.0
 
     @property
     def curriculum(self) -> tuple[int, ...]:
@@ -101,6 +107,13 @@ class TrainConfig:
             raise ValueError(f"lengths below {tasks.MIN_LENGTH} tokens cannot hold every task's prompt")
         if self.follow_up_tokens < 0:
             raise ValueError(f"follow_up_tokens must be >= 0 (0: one question per row), got {self.follow_up_tokens}")
+        if self.task_weight_floor <= 0 or self.task_weight_per_error < 0:
+            raise ValueError("task_weight_floor must be > 0 (every task keeps being drawn) and task_weight_per_error "
+                             f">= 0, got {self.task_weight_floor} and {self.task_weight_per_error}")
+
+    def task_weight(self, mean_accuracy: float) -> float:
+        """How often a task is drawn relative to the others, from its mean accuracy."""
+        return self.task_weight_floor + self.task_weight_per_error * (1.0 - mean_accuracy)
 
 
 def smoke_config(out: Path) -> TrainConfig:
@@ -460,10 +473,9 @@ class Trainer:
                 break
             curriculum.stage.value = stage + 1
             entry["opened"] = self.stages[stage + 1]
-        # Draw the weakest tasks more often (a mastered task keeps a third of an unlearnt one's weight).
+        # Draw the weakest tasks more often (TrainConfig.task_weight).
         for index, task in enumerate(config.tasks):
-            mean = sum(accuracy[task].values()) / len(accuracy[task])
-            curriculum.task_weights[index] = 0.5 + (1.0 - mean)
+            curriculum.task_weights[index] = config.task_weight(sum(accuracy[task].values()) / len(accuracy[task]))
         seconds = time.monotonic() - eval_started
         # The final set, in prompt tokens, is this many times the periodic one.
         final_share = sum(length * len(samples) for (_, length), samples in self.final_sets.items()) / sum(
@@ -592,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", type=Path, default=None, help="continue from a saved model folder")
     p.add_argument("--follow-up-tokens", type=int, default=defaults.follow_up_tokens,
                    help="room per training row for follow-up questions about its context (0: one question)")
+    p.add_argument("--task-weight-floor", type=float, default=defaults.task_weight_floor,
+                   help="a task's draw weight is FLOOR + PER_ERROR x (1 - its mean accuracy at the last check)")
+    p.add_argument("--task-weight-per-error", type=float, default=defaults.task_weight_per_error)
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="train in plain eager mode (default on CUDA: compile_backbone)")
     p.add_argument("--smoke", action="store_true", help="a few CPU steps of a toy model at 256 tokens")
@@ -608,6 +623,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         batch_tokens=args.batch_tokens, lr=args.lr, eval_every=args.eval_every, workers=args.workers,
         max_steps=args.max_steps, tasks=tuple(args.tasks), context_loss_weight=args.context_loss_weight,
         init=args.init, follow_up_tokens=args.follow_up_tokens, compile=args.compile,
+        task_weight_floor=args.task_weight_floor, task_weight_per_error=args.task_weight_per_error,
     )
 
 

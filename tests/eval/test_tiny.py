@@ -320,6 +320,30 @@ def test_curriculum_rejects_lengths_too_short_for_the_tasks():
         tiny_train.TrainConfig(out=Path("."), follow_up_tokens=-1)
 
 
+def test_task_weights_favour_the_weak_tasks_as_configured():
+    defaults = tiny_train.TrainConfig(out=Path("."))
+    # The bundled model's rule: a mastered task keeps a third of an unlearnt one's weight.
+    assert defaults.task_weight(1.0) == 0.5 and defaults.task_weight(0.0) == 1.5
+    # Late in a run (the fifth training run's last check: passkey and multikey solved, kv and
+    # vt at ~0.94-0.96), the default draws solved tasks about half the time; a low floor and
+    # a steep slope give the unsolved ones most of the samples.
+    means = {"passkey": 1.0, "multikey": 0.995, "kv": 0.943, "vt": 0.96}
+
+    def unsolved_share(config):
+        weights = {task: config.task_weight(mean) for task, mean in means.items()}
+        return (weights["kv"] + weights["vt"]) / sum(weights.values())
+
+    assert 0.5 < unsolved_share(defaults) < 0.55
+    sharp = tiny_train.TrainConfig(out=Path("."), task_weight_floor=0.1, task_weight_per_error=4.0)
+    assert unsolved_share(sharp) > 0.7
+    with pytest.raises(ValueError, match="task_weight_floor"):
+        tiny_train.TrainConfig(out=Path("."), task_weight_floor=0.0)
+    args = tiny_train.build_parser().parse_args(["--out", "x", "--task-weight-floor", "0.1",
+                                                 "--task-weight-per-error", "4"])
+    config = tiny_train.config_from_args(args)
+    assert (config.task_weight_floor, config.task_weight_per_error) == (0.1, 4.0)
+
+
 def test_smoke_training_writes_a_loadable_qwen2_folder(tmp_path):
     out = tmp_path / "tiny"
     assert tiny_train.main(["--out", str(out), "--smoke"]) == 0
