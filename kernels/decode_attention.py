@@ -206,11 +206,11 @@ def _block_locations(
 # The entry builders' block and request counts and location rows vary with the batch and
 # the layer; one compiled variant for all of them (Triton would otherwise specialize on a
 # count of 1, on multiples of 16 and on each layer row's alignment, compiling in the middle
-# of requests: a few seconds per variant for the split kernel).
+# of requests).
 _ENTRY_BUILDER_JIT = {"do_not_specialize": ["num_blocks", "batch"], "do_not_specialize_on_alignment": ["location_ptr"]}
 # Likewise the split count of the attention kernels and the partial outputs' strides, which
 # follow it: the eager path picks the count per batch (a batch larger than the captured
-# CUDA graphs met a new variant and waited ~3 s for it on the H200, serving run 26).
+# CUDA graphs met a new variant and waited ~3 s for its compile on the H200, serving run 26).
 _ATTENTION_JIT = {"do_not_specialize": ["num_splits", "stride_po_batch", "stride_po_head",
                                         "stride_pl_batch", "stride_pl_head"]}
 _MERGE_SPLITS_PER_STEP = 16
@@ -763,7 +763,7 @@ def _decode_split_kernel(
     stride_pl_head,
     QUERY_GROUP: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,
-    num_splits,  # runtime, like the strides below it depends on: one compiled variant for any split count
+    num_splits,  # a runtime value (_ATTENTION_JIT), as are the partial strides: one variant for any count
     KEY_BITS: tl.constexpr,
     KEY_GROUP_SIZE: tl.constexpr,
     VALUE_BITS: tl.constexpr,
@@ -1118,7 +1118,7 @@ def _decode_split_kernel_v2(
     stride_pl_head,
     QUERY_GROUP: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,
-    num_splits,  # runtime, like the strides below it depends on: one compiled variant for any split count
+    num_splits,  # a runtime value (_ATTENTION_JIT), as are the partial strides: one variant for any count
     KEY_BITS: tl.constexpr,
     KEY_GROUP_SIZE: tl.constexpr,
     VALUE_BITS: tl.constexpr,
