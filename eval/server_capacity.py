@@ -41,6 +41,7 @@ sglang_kvc only on the client side, so it runs in the GPU image as is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -149,9 +150,11 @@ def timed_prompt(url: str, rng: random.Random, prompt_len: int, max_new_tokens: 
     return result
 
 
-def concurrently(url: str, prompts: list[list[int]], max_new_tokens: int,
-                 logprobs: bool = False) -> tuple[float, list[dict]]:
-    """Send all prompts at once; (wall seconds, results; failures as {"error": ...})."""
+def concurrently(url: str, prompts: list[list[int]], max_new_tokens: int, logprobs: bool = False,
+                 stall_s: float | None = None, on_stall=None) -> tuple[float, list[dict]]:
+    """Send all prompts at once; (wall seconds, results; failures as {"error": ...}). With
+    `stall_s`: if no request finishes for that long, call `on_stall()` and stop waiting
+    (the unfinished ones count as failed)."""
     results: list[dict] = [{} for _ in prompts]
 
     def send(i: int) -> None:
@@ -161,12 +164,60 @@ def concurrently(url: str, prompts: list[list[int]], max_new_tokens: int,
             results[i] = {"error": f"{type(exc).__name__}: {exc}"}
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(prompts))]
+    threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(len(prompts))]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    finished, last_progress = 0, start
+    while finished < len(threads):
+        time.sleep(0.2)
+        now_finished = sum(not thread.is_alive() for thread in threads)
+        if now_finished != finished:
+            finished, last_progress = now_finished, time.perf_counter()
+        elif stall_s is not None and time.perf_counter() - last_progress > stall_s:
+            if on_stall is not None:
+                on_stall()
+            for i, thread in enumerate(threads):
+                if thread.is_alive():
+                    results[i] = {"error": f"stalled: no request finished for {stall_s:g} s"}
+            break
     return time.perf_counter() - start, results
+
+
+def scheduler_pids(server: subprocess.Popen) -> list[int]:
+    """The server's scheduler processes (SGLang titles them `sglang::scheduler...`)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != server.pid:
+                continue
+            if b"sglang::scheduler" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return pids
+
+
+def diagnose_stall(server: subprocess.Popen, dumps: int = 3, interval_s: float = 2.0) -> dict:
+    """What a server that stopped finishing requests is doing: the GPU's utilization (a kernel
+    that never ends keeps it busy; a scheduler that admits nothing leaves it idle) and, via
+    the handlers of sglang_kvc.diagnostics, each scheduler's KV accounting (SIGUSR2) and its
+    Python stacks (SIGUSR1), written to the server log, the stacks `dumps` times `interval_s`
+    apart (the same frame every time: blocked there)."""
+    pids = scheduler_pids(server)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR2)
+    utilization = []
+    for _ in range(dumps):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+        utilization.append(gpu_query("utilization.gpu"))
+        time.sleep(interval_s)
+    return {"scheduler_pids": pids, "stack_dumps_in_log": dumps if pids else 0,
+            "gpu_utilization_pct": utilization}
 
 
 def batch_decode(url: str, rng: random.Random, batch: int, prompt_len: int, max_new_tokens: int,
@@ -342,7 +393,9 @@ def pressure(url: str, process: subprocess.Popen, args) -> dict:
         tail_len = args.pressure_len - (len(shared_prefix) if i % 2 else 0)
         head = shared_prefix if i % 2 else []
         prompts.append(head + [rng.randrange(VOCAB) for _ in range(tail_len)])
-    wall, results = concurrently(url, prompts, args.max_new_tokens)
+    stall: dict = {}
+    wall, results = concurrently(url, prompts, args.max_new_tokens, stall_s=args.stall_s,
+                                 on_stall=lambda: stall.update(diagnose_stall(process)))
     time.sleep(5)  # let the scheduler go idle and run its leak check
     completed = sum(1 for r in results if r.get("completion_tokens") == args.max_new_tokens)
     alive = process.poll() is None
@@ -361,15 +414,18 @@ def pressure(url: str, process: subprocess.Popen, args) -> dict:
         "healthy_after": healthy,
         "errors": [r["error"] for r in results if "error" in r][:5],
     }
+    if stall:
+        summary["stall"] = stall
     summary["ok"] = completed == len(prompts) and alive and healthy
     print(f"[pressure] {summary}", flush=True)
     return summary
 
 
-def gpu_memory_used_mib() -> int | None:
+def gpu_query(field: str) -> int | None:
+    """One `nvidia-smi --query-gpu` integer field of the first GPU (None without one)."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
             capture_output=True, text=True, timeout=30, check=True,
         ).stdout
         return int(out.split()[0])
@@ -409,7 +465,7 @@ def run_one(args, config: str, log_dir: Path) -> dict:
         record["max_total_num_tokens"] = info.get("max_total_num_tokens")
         record["max_running_requests"] = info.get("max_running_requests")
         record["kv_compress"] = info.get("kv_compress")
-        record["gpu_memory_used_mib"] = gpu_memory_used_mib()
+        record["gpu_memory_used_mib"] = gpu_query("memory.used")
         record["cuda_graph"] = {key: info.get(key) for key in
                                 ("disable_cuda_graph", "disable_decode_cuda_graph", "disable_prefill_cuda_graph",
                                  "cuda_graph_max_bs")}
@@ -493,6 +549,9 @@ def main() -> int:
                         help="send the fidelity prompts all at once instead of one after another")
     parser.add_argument("--concurrent", type=int, default=0, help="then send this many requests at once")
     parser.add_argument("--pressure-len", type=int, default=8192, help="prompt length of those requests")
+    parser.add_argument("--stall-s", type=float, default=45,
+                        help="if none of those requests finishes for this long, record the GPU's utilization "
+                             "and the schedulers' Python stacks (in the server log) and stop waiting")
     parser.add_argument("--out", required=True)
     parser.add_argument("--log-dir", default=None)
     parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[])

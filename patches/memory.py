@@ -8,6 +8,7 @@ import math
 
 from sglang.srt.runtime_context import get_parallel
 
+from sglang_kvc import diagnostics
 from sglang_kvc.allocator import CompressedTokenAllocator
 from sglang_kvc.planner import KVPlan, ModelShape, RuntimeLimits, plan_for
 from sglang_kvc.pool import CompressedKVPool
@@ -122,4 +123,7 @@ def build_compressed_allocator(original, self, *args, **kwargs):
             f"kv-compress: SGLang built a {type(pool).__name__} instead of CompressedKVPool; "
             "this model or setting takes a pool path the plugin does not hook"
         )
-    return CompressedTokenAllocator(kwargs["sizes"].max_total_num_tokens, self.kv_cache_dtype, self.device, pool)
+    allocator = CompressedTokenAllocator(kwargs["sizes"].max_total_num_tokens, self.kv_cache_dtype, self.device, pool)
+    diagnostics.dump_stacks_on_sigusr1()
+    diagnostics.log_accounting_on_sigusr2(allocator)
+    return allocator

@@ -11,6 +11,7 @@ import time
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
+from sglang_kvc import diagnostics
 from sglang_kvc.allocator import compressed_allocator_of
 from sglang_kvc.backend import DECODE_REQUESTS, EXTEND_REQUESTS, CompressedAttnBackend
 from sglang_kvc.pool import CompressedKVPool
@@ -99,6 +100,9 @@ def admission_in_rows(result, self, *args, **kwargs):
     if allocator is None or tree_cache is None or tree_cache.is_chunk_cache():
         return None
     evictable = tree_cache.evictable_size()
+    decision = diagnostics.LAST_ADMISSION
+    decision.clear()
+    decision.update(evictable=evictable, correction=0)
     if evictable == 0:
         return None
     pool = allocator.pool
@@ -109,7 +113,9 @@ def admission_in_rows(result, self, *args, **kwargs):
     physical = min(pool.free_rows(layer) + rows[layer] for layer in range(pool.layer_num)) - pool.staged_count
     budgeted = allocator.available_size() + evictable
     correction = budgeted - min(logical, physical)
+    decision.update(logical=logical, physical=physical, budgeted=budgeted)
     if correction > 0:
+        decision["correction"] = correction
         self.rem_total_token_offset += correction
         self.cur_rem_token_offset += correction
     return None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -171,3 +173,33 @@ def test_staggered_arrivals_send_the_seeded_schedule_and_count_what_completed(ca
                                          max_new_tokens=8)
     assert sorted(sent) == schedule  # the same lengths for the same seed
     assert not second["ok"] and second["completed"] == 5 and second["errors"] == ["ConnectionError: refused"]
+
+
+def test_requests_that_stop_finishing_are_diagnosed_once_and_not_waited_for(capacity, monkeypatch):
+    release = threading.Event()
+
+    def fake_generate(url, prompt, max_new_tokens, logprobs=False):
+        if prompt[0] % 2:  # odd prompts hang, as on a stalled server
+            release.wait(30)
+        return {"completion_tokens": max_new_tokens}
+
+    monkeypatch.setattr(capacity, "generate", fake_generate)
+    stalls = []
+    start = time.perf_counter()
+    wall, results = capacity.concurrently("u", [[i] for i in range(6)], 4, stall_s=0.5,
+                                          on_stall=lambda: stalls.append(time.perf_counter() - start))
+    release.set()
+    assert len(stalls) == 1 and stalls[0] >= 0.5 and wall < 10
+    assert [r.get("completion_tokens") for r in results[0::2]] == [4, 4, 4]
+    assert all(r["error"].startswith("stalled") for r in results[1::2])
+
+
+def test_requests_that_keep_finishing_are_not_a_stall(capacity, monkeypatch):
+    def fake_generate(url, prompt, max_new_tokens, logprobs=False):
+        time.sleep(0.15 * prompt[0])  # one finishes every 0.15 s, the last after 0.75 s
+        return {"completion_tokens": max_new_tokens}
+
+    monkeypatch.setattr(capacity, "generate", fake_generate)
+    wall, results = capacity.concurrently("u", [[i] for i in range(6)], 4, stall_s=0.5,
+                                          on_stall=lambda: pytest.fail("not a stall"))
+    assert all(r == {"completion_tokens": 4} for r in results)

@@ -1,0 +1,49 @@
+"""sglang_kvc.diagnostics: what a stalled server tells through its signals."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+from sglang_kvc import diagnostics
+from tests.sim import Simulator
+
+
+def test_sigusr1_writes_every_stack_and_the_process_goes_on():
+    code = """
+        import os, signal, time
+        from sglang_kvc.diagnostics import dump_stacks_on_sigusr1
+        dump_stacks_on_sigusr1()
+        def waiting_for_the_device():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.5)
+        waiting_for_the_device()
+        print("still running")
+    """
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            timeout=120, cwd="/")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "still running" in result.stdout
+    assert "waiting_for_the_device" in result.stderr and "Current thread" in result.stderr
+
+
+def test_sigusr2_logs_the_accounting_admission_reads(caplog):
+    sim = Simulator(logical_tokens=512)
+    sim.prefill(sim.new_request(list(range(1, 41)), max_new_tokens=2))
+    diagnostics.LAST_ADMISSION.update(evictable=7, correction=3)
+    previous = signal.getsignal(signal.SIGUSR2)
+    try:
+        diagnostics.log_accounting_on_sigusr2(sim.allocator)
+        with caplog.at_level(logging.WARNING, logger="sglang_kvc.diagnostics"):
+            os.kill(os.getpid(), signal.SIGUSR2)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+        diagnostics.LAST_ADMISSION.clear()
+    [record] = [r for r in caplog.records if "kv-compress accounting" in r.getMessage()]
+    logged = record.args  # logging keeps a lone mapping argument as the args themselves
+    assert logged == diagnostics.accounting(sim.allocator) | {"last_admission": {"evictable": 7, "correction": 3}}
+    assert logged["staged_count"] == sim.pool.staged_count and logged["logical_available"] == 512 - 40
