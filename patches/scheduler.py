@@ -94,7 +94,9 @@ def admission_in_rows(result, self, *args, **kwargs):
     tokens, but evicting a compressed token frees at most one row per layer and often
     none; lower its budget to what evicting every unlocked node would really free (the
     allocator's `evictable_rows`, kept current by patches.radix_cache: a lower bound read
-    without a device sync, whatever the size of the cache)."""
+    without a device sync, whatever the size of the cache, while requests run; exact, with
+    the pending frees counted, when none runs: a prefill turned down then is not retried
+    until a request finishes, and none will)."""
     allocator = compressed_allocator_of(self)
     tree_cache = self.tree_cache
     if allocator is None or tree_cache is None or tree_cache.is_chunk_cache():
@@ -106,14 +108,17 @@ def admission_in_rows(result, self, *args, **kwargs):
     if evictable == 0:
         return None
     pool = allocator.pool
+    nothing_running = self.running_batch is None or self.running_batch.is_empty()
+    if nothing_running:
+        pool.return_freed_rows(wait=True)
     logical = allocator.logical_available_size() + evictable
     if pool.headroom_tokens() >= logical:
         return None  # rows already cover every logical token the adder could count on
-    rows = allocator.evictable_rows.admission_rows()
+    rows = allocator.evictable_rows.refresh() if nothing_running else allocator.evictable_rows.admission_rows()
     physical = min(pool.free_rows(layer) + rows[layer] for layer in range(pool.layer_num)) - pool.staged_count
     budgeted = allocator.available_size() + evictable
     correction = budgeted - min(logical, physical)
-    decision.update(logical=logical, physical=physical, budgeted=budgeted)
+    decision.update(logical=logical, physical=physical, budgeted=budgeted, exact=nothing_running)
     if correction > 0:
         decision["correction"] = correction
         self.rem_total_token_offset += correction

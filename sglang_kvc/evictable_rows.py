@@ -16,7 +16,15 @@ the host, less the tokens taken off since that copy was queued (a token holds at
 row per layer; rows added since only make the bound looser). Reading the counts themselves
 waits for the forward in flight, which with the overlap scheduler left the GPU idle while
 the next prefill batch was prepared (serving run 20b: 9 of 81 ms per 64 x 512 prefill step).
-The idle check compares the exact counts with a walk of the tree (`matches_tree`).
+The bound lags: it stays low after tokens are taken off (each counted as a row per layer)
+until a copy queued after that lands, and it misses rows added since. A prefill that SGLang
+turns down for want of tokens is not retried until a running request finishes (its
+`batch_is_full`), so a bound that lagged when the last one finished left queued requests
+waiting for ever on an idle server (first pressure run of 2026-11-30, fifteenth session).
+So admission reads the exact counts when nothing is running (`refresh`: the sync has no
+forward to wait for), and tree eviction, whose frees have waited for the device already,
+refreshes the bound after it. The idle check compares the exact counts with a walk of the
+tree (`matches_tree`).
 """
 
 from __future__ import annotations
@@ -69,6 +77,15 @@ class EvictableRows:
     def per_layer(self) -> list[int]:
         """The exact counts (a device sync on a GPU: for checks)."""
         return self._rows.tolist()
+
+    def refresh(self) -> list[int]:
+        """The exact counts (a device sync), which also become the bound's basis: for callers
+        that have waited for the device anyway (tree eviction) or have nothing in flight to
+        wait for (admission with nothing running)."""
+        counts = self._rows.tolist()
+        self._landed = (counts, self._removed_tokens)
+        self._copy_in_flight = None  # an older copy: it landed in the sync
+        return counts
 
     def admission_rows(self) -> list[int]:
         """Per layer, rows that evicting every unlocked node frees at least, without a

@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 from sglang_kvc import diagnostics
-from tests.sim import Simulator
+from sim import Simulator
 
 
 def test_sigusr1_writes_every_stack_and_the_process_goes_on():
@@ -34,6 +34,7 @@ def test_sigusr1_writes_every_stack_and_the_process_goes_on():
 def test_sigusr2_logs_the_accounting_admission_reads(caplog):
     sim = Simulator(logical_tokens=512)
     sim.prefill(sim.new_request(list(range(1, 41)), max_new_tokens=2))
+    diagnostics.LAST_ADMISSION.clear()
     diagnostics.LAST_ADMISSION.update(evictable=7, correction=3)
     previous = signal.getsignal(signal.SIGUSR2)
     try:

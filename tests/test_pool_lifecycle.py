@@ -505,6 +505,61 @@ def test_admission_reads_a_lower_bound_of_the_counter_without_waiting():
     assert counter.admission_rows() == exact
 
 
+def test_with_nothing_running_admission_counts_exactly_what_eviction_frees():
+    """SGLang does not retry a prefill it turned down for want of tokens until a running
+    request finishes. With none running, a lagging bound would keep the queue waiting for
+    ever (the pressure run of 2026-11-30: 89 requests queued on an idle server), so admission
+    then reads the exact counter and the pending frees; while requests run it reads the
+    bound, without waiting for anything."""
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.managers.schedule_policy import PrefillAdder
+
+    from sglang.srt.mem_cache import common
+    from test_deferred_frees import HeldFrees
+
+    sim = Simulator(logical_tokens=2048)
+    counter = sim.allocator.evictable_rows
+    counter._copy = _QueuedCopy(counter._rows)  # no copy of the counter ever lands
+    for i in range(6):
+        serve(sim, sim.new_request(prompt(150, start=1000 * (i + 1)), max_new_tokens=2))
+    sim.pool.deferred_frees = held = HeldFrees()
+    sim.allocator.exact_below_headroom = 0
+    running = sim.new_request(prompt(40, start=9000), max_new_tokens=8)
+    serve(sim, running)  # leaves frees (its duplicate tokens) and counter changes the host has not seen
+    pool = sim.pool
+
+    def adder(running_batch):
+        new = PrefillAdder(1, sim.tree, sim.allocator, running_batch, 0.7, rem_input_tokens=4096, rem_chunk_tokens=None)
+        hooks.admission_in_rows(None, new)
+        return new
+
+    waits = held.waits
+    while_running = adder(ScheduleBatch(reqs=[running.req], batch_is_full=False))
+    assert held.waits == waits and not counter._copy.arrived  # nothing waited for
+    idle = adder(None)
+    exact = counter.per_layer()
+    physical = min(pool.free_rows(layer) + exact[layer] for layer in range(pool.layer_num)) - pool.staged_count
+    logical = sim.allocator.logical_available_size() + sim.tree.evictable_size()
+    assert idle.rem_total_tokens == min(logical, physical)
+    assert while_running.rem_total_tokens < idle.rem_total_tokens
+    # What it promised, eviction delivers.
+    hooks.evict_until_rows_free(common.evict_from_tree_cache, sim.tree, idle.rem_total_tokens)
+    assert sim.allocator.available_size() >= idle.rem_total_tokens
+    sim.check()
+
+
+def test_tree_eviction_leaves_the_admission_bound_exact():
+    """Eviction's frees wait for the device, so it refreshes the bound: without that, every
+    evicted token lowers the bound by a row per layer until a later copy lands."""
+    sim = Simulator(logical_tokens=2048)
+    counter = sim.allocator.evictable_rows
+    counter._copy = _QueuedCopy(counter._rows)
+    for i in range(4):
+        serve(sim, sim.new_request(prompt(150, start=1000 * (i + 1)), max_new_tokens=2))
+    sim.tree.evict(EvictParams(num_tokens=200))
+    assert counter.admission_rows() == counter.per_layer() and min(counter.per_layer()) > 0
+
+
 def test_idle_check_corrects_a_drifted_admission_counter(caplog):
     sim = Simulator()
     request = sim.new_request(prompt(80), max_new_tokens=2)
