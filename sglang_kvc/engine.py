@@ -319,19 +319,23 @@ class CompressedAttention:
 
     def warm_up_kernels(self, query_dtype: torch.dtype = torch.bfloat16, q_heads: int | None = None) -> None:
         """Compile, at start-up, the kernels that SGLang's own warm-up request (a few tokens)
-        does not reach, so that no user request waits for Triton: the entry builder of an
-        extend pass that reads a prefix (a radix-cache hit, a prompt's second chunk: 1.78 s
-        against stock's 0.10 s for a repeated 512-token prompt in serving run 12) and the
-        batched window-score kernels. Reads the pool's tables, writes nothing of them."""
+        does not reach, so that no user request waits for Triton: the entry builder and the
+        prefix gather of an extend pass that reads a prefix (a radix-cache hit, a prompt's
+        second chunk: 1.78 s against stock's 0.10 s for a repeated 512-token prompt in serving
+        run 12 before the builder was warmed; 0.75-1.06 s for a repeated 4K prompt on the
+        fifteenth session's first runs before the gather was) and the batched window-score
+        kernels. Reads the pool's tables, writes nothing of them."""
         if self.attention_impl != "triton":
             return
         from sglang_kvc.kernels.decode_attention import decode_entries
+        from sglang_kvc.kernels.gather_rows import gather_held_rows
 
         pool = self.pool
         device = pool.location.device
-        # Request slot 0, which SGLang's ReqToTokenPool never hands out.
-        decode_entries(pool.location[0], self.req_to_token, torch.zeros(1, dtype=torch.int64, device=device),
-                       torch.ones(1, dtype=torch.int32, device=device), max_seq_len=1, max_entries=1)
+        # Request slot 0, which SGLang's ReqToTokenPool never hands out (its token 0 holds nothing).
+        entries = decode_entries(pool.location[0], self.req_to_token, torch.zeros(1, dtype=torch.int64, device=device),
+                                 torch.ones(1, dtype=torch.int32, device=device), max_seq_len=1, max_entries=1)
+        gather_held_rows(pool, 0, entries, 1, query_dtype)
         if self.config.sparsity.scoring != "window":
             return
         # Two prompts with full windows, as every pass of several prompts or layers scores.

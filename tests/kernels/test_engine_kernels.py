@@ -351,7 +351,7 @@ def test_logit_cap_decodes_on_the_torch_path(seed):
 
 
 @needs_interpreter
-def test_kernel_warm_up_leaves_the_pool_as_it_was(seed):
+def test_kernel_warm_up_leaves_the_pool_as_it_was(seed, monkeypatch):
     """The start-up warm-up runs the extend path's entry builder on request slot 0 and the
     batched window-score kernels on scratch tensors: with prompts already prefilled and
     decoding, every table of the pool must be unchanged."""
@@ -360,10 +360,16 @@ def test_kernel_warm_up_leaves_the_pool_as_it_was(seed):
     before = [t.clone() for t in (pool.location, pool.staging_row, pool.staging_free.buffer)]
     engine = CompressedAttention(pool, sim.req_to_token_pool.req_to_token, attention_impl="triton")
     assert engine.scorer.implementation == "triton"
+    gathered = []
+    gather = gather_rows.gather_held_rows
+    monkeypatch.setattr(gather_rows, "gather_held_rows", lambda *args: gathered.append(gather(*args)))
     engine.warm_up_kernels(torch.bfloat16, q_heads=4)
     for table, want in zip((pool.location, pool.staging_row, pool.staging_free.buffer), before, strict=True):
         assert torch.equal(table, want)
     pool.check_invariants(full=True)
+    # The prefix gather ran (compiled, on a GPU) on slot 0, whose one token holds nothing.
+    [(k, v)] = gathered
+    assert k.dtype == torch.bfloat16 and not k.any() and not v.any()
 
 
 def test_attention_impl_choice():
