@@ -11,9 +11,10 @@ What it does:
     (about --batch-tokens tokens in all), tasks drawn with weights that favour the tasks the
     last evaluation found weakest;
   * curriculum: --warmup-lengths, then --lengths, one stage at a time; a stage opens when the
-    held-out accuracy at the current longest length reaches --advance-at on every task, or at
-    the latest when its share of the time budget is reached; half of every batch draw is the
-    newest length, the rest the shorter ones (so nothing is forgotten);
+    held-out accuracy at the current longest length reaches --advance-at on every task, or
+    when its share of the time budget is reached (one such stage per check: next_stage);
+    half of every batch draw is the newest length, the rest the shorter ones (so nothing is
+    forgotten);
   * each row: a sample's prompt and answer, exactly as evaluation asks it, then within
     --follow-up-tokens more tokens further questions about the same context with their
     answers (tasks.Sample.follow_ups: several answers per context, and for multikey the
@@ -363,6 +364,23 @@ def cells_at_least(accuracy: Mapping[str, Mapping[str, float]], lengths: Sequenc
     return all(accuracy[task][str(length)] >= threshold for task in accuracy for length in lengths)
 
 
+def next_stage(stage: int, stages: Sequence[int], accuracy: Mapping[str, Mapping[str, float]], progress: float,
+               config: TrainConfig) -> int:
+    """The curriculum stage after a check at `progress` (fraction of the training budget).
+    A stage opens when the newest length is learnt (several at once if the model masters
+    them), or, for time, when its share of the budget is used up (`latest_final_stage_start`):
+    at most one per check, since opening several for time skips their lengths (run v6 of
+    2026-11-30 opened 512 to 4K in one check and never learnt variable tracking)."""
+    while stage + 1 < len(stages):
+        if cells_at_least(accuracy, [stages[stage]], config.advance_at):
+            stage += 1
+            continue
+        if progress >= config.latest_final_stage_start * (stage + 1) / (len(stages) - 1):
+            stage += 1
+        break
+    return stage
+
+
 def autocast_for(device: str):
     """bf16 autocast on CUDA (training and evaluation); full fp32 on the CPU."""
     if device.startswith("cuda"):
@@ -463,16 +481,10 @@ class Trainer:
         accuracy = evaluate(self.model, self.periodic_sets, self.tokenizer, config)
         entry = {"step": self.step, "time": self.elapsed(), "stage": self.stages[curriculum.stage.value],
                  "samples": config.periodic_samples, "accuracy": accuracy}
-        # The next stage opens when the newest length is learnt, or at the latest when its share
-        # of the time is used up (all stages open by latest_final_stage_start).
-        while curriculum.stage.value + 1 < len(self.stages):
-            stage = curriculum.stage.value
-            ready = cells_at_least(accuracy, [self.stages[stage]], config.advance_at)
-            due = progress >= config.latest_final_stage_start * (stage + 1) / (len(self.stages) - 1)
-            if not (ready or due):
-                break
-            curriculum.stage.value = stage + 1
-            entry["opened"] = self.stages[stage + 1]
+        stage = next_stage(curriculum.stage.value, self.stages, accuracy, progress, config)
+        if stage != curriculum.stage.value:
+            curriculum.stage.value = stage
+            entry["opened"] = self.stages[stage]
         # Draw the weakest tasks more often (TrainConfig.task_weight).
         for index, task in enumerate(config.tasks):
             curriculum.task_weights[index] = config.task_weight(sum(accuracy[task].values()) / len(accuracy[task]))

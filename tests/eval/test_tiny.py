@@ -395,3 +395,22 @@ def test_base_config_is_small_gqa_and_valid_for_sglang(tokenizer_dir, tmp_path):
     served = ModelConfig(str(tmp_path))
     assert (served.head_dim, served.num_key_value_heads, served.context_len) == (64, 2, 8192)
     assert served.dtype == torch.bfloat16
+
+
+def test_a_check_opens_stages_for_learnt_lengths_but_only_one_for_time():
+    config = tiny_train.TrainConfig(out=Path("."))
+    stages = config.curriculum  # 256, 512, 1K, 2K, 4K, 8K
+
+    def accuracy(learnt_up_to: int) -> dict:
+        return {task: {str(length): float(length <= learnt_up_to) for length in stages} for task in config.tasks}
+
+    # Nothing learnt, most of the time gone: one stage, not the four whose share is used up
+    # (the sixth training run of 2026-11-30 opened 512-4K in one check).
+    assert tiny_train.next_stage(0, stages, accuracy(0), progress=0.5, config=config) == 1
+    # Early and nothing learnt: stay.
+    assert tiny_train.next_stage(0, stages, accuracy(0), progress=0.01, config=config) == 0
+    # Learnt up to 1K: through every learnt length, then one more stage if its time is due.
+    assert tiny_train.next_stage(0, stages, accuracy(1024), progress=0.01, config=config) == 3
+    assert tiny_train.next_stage(0, stages, accuracy(1024), progress=0.5, config=config) == 4
+    # Everything learnt: the last stage, never past it.
+    assert tiny_train.next_stage(2, stages, accuracy(8192), progress=1.0, config=config) == len(stages) - 1
