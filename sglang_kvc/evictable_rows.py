@@ -21,8 +21,8 @@ until a copy queued after that lands, and it misses rows added since. A prefill 
 turns down for want of tokens is not retried until a running request finishes (its
 `batch_is_full`), so a bound that lagged when the last one finished left queued requests
 waiting for ever on an idle server (first pressure run of 2026-11-30, fifteenth session).
-So admission reads the exact counts when nothing is running (`refresh`: the sync has no
-forward to wait for), and tree eviction, whose frees have waited for the device already,
+So admission reads the exact counts when nothing is running (`refresh`: no decode step to
+wait for, at most the last prefill), and tree eviction, whose frees have waited for the device already,
 refreshes the bound after it. The idle check compares the exact counts with a walk of the
 tree (`matches_tree`).
 """
@@ -80,7 +80,7 @@ class EvictableRows:
 
     def refresh(self) -> list[int]:
         """The exact counts (a device sync), which also become the bound's basis: for callers
-        that have waited for the device anyway (tree eviction) or have nothing in flight to
+        that have waited for the device anyway (tree eviction) or have little in flight to
         wait for (admission with nothing running)."""
         counts = self._rows.tolist()
         self._landed = (counts, self._removed_tokens)
