@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from eval.server_capacity import gpu_memory_used_mib, http_json, stop, wait_healthy  # noqa: E402
+from eval.server_capacity import gpu_query, http_json, stop, wait_healthy  # noqa: E402
 from eval.tiny import tasks  # noqa: E402
 from eval.tiny.quality import MODEL_DIR, Suite  # noqa: E402
 from eval.tiny.shared_suite import SHARED_TASKS, ContextGroup, shared_context_groups  # noqa: E402
@@ -173,7 +173,7 @@ def run_config(args, name: str, config: str | None, samples, groups, tokenizer, 
         record["startup_s"] = round(wait_healthy(url, process, 300), 1)
         info = http_json(url + "/server_info")
         record["max_total_num_tokens"] = info.get("max_total_num_tokens")
-        record["gpu_memory_used_mib"] = gpu_memory_used_mib()
+        record["gpu_memory_used_mib"] = gpu_query("memory.used")
         if samples:
             start = time.time()
             record["suite"] = run_suite(url, samples, end_of_answer, decode, args.concurrency)
