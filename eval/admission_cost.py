@@ -12,7 +12,7 @@ real SGLang objects on the CPU (RadixCache with those hooks, ReqToTokenPool, the
 allocator and pool with Qwen2.5-7B's 28 layers; one KV head of 128 dims, since neither
 depends on the head shape), inserts `--nodes` cached prompts of `--tokens-per-node` tokens
 as separate radix nodes, and times (median of 5 each) `admission_in_rows` on a PrefillAdder
-stand-in, the walk it used to do (host Python, now only in the idle check) and the row
+stand-in with requests running, the walk it used to do (host Python, now only in the idle check) and the row
 count of the walked tokens (tensor work a server does on its GPU).
 """
 
@@ -76,7 +76,10 @@ def time_admission(state: SimpleNamespace, repeats: int = 5) -> dict:
     the idle check still does: the walk over the radix nodes (host Python, as on a server) and
     the per-layer row count of the walked tokens (a gather and a sum over [layers, tokens]:
     CPU tensor work here, a GPU kernel and one sync on a server)."""
-    adder = SimpleNamespace(token_to_kv_pool_allocator=state.allocator, tree_cache=state.tree,
+    # Requests running (the usual case while admitting): the check reads the counter's bound,
+    # not the exact counts it reads when nothing runs.
+    running = SimpleNamespace(is_empty=lambda: False)
+    adder = SimpleNamespace(token_to_kv_pool_allocator=state.allocator, tree_cache=state.tree, running_batch=running,
                             rem_total_token_offset=0, cur_rem_token_offset=0)
     tokens = evictable_tokens(state.tree)
     # Whether the check gets past its early exit (rows already cover every logical token).
