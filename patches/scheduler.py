@@ -108,12 +108,14 @@ def admission_in_rows(result, self, *args, **kwargs):
     if evictable == 0:
         return None
     pool = allocator.pool
-    nothing_running = self.running_batch is None or self.running_batch.is_empty()
-    if nothing_running:
-        pool.return_freed_rows(wait=True)
     logical = allocator.logical_available_size() + evictable
     if pool.headroom_tokens() >= logical:
         return None  # rows already cover every logical token the adder could count on
+    nothing_running = self.running_batch is None or self.running_batch.is_empty()
+    if nothing_running:
+        pool.return_freed_rows(wait=True)  # the pending frees count too (they only add headroom)
+        if pool.headroom_tokens() >= logical:
+            return None
     rows = allocator.evictable_rows.refresh() if nothing_running else allocator.evictable_rows.admission_rows()
     physical = min(pool.free_rows(layer) + rows[layer] for layer in range(pool.layer_num)) - pool.staged_count
     budgeted = allocator.available_size() + evictable

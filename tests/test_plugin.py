@@ -150,4 +150,3 @@ def test_triton_switch_rejects_other_values(monkeypatch):
     monkeypatch.setenv("SGLANG_KVC_TRITON", "yes")
     with pytest.raises(ValueError, match="allowed: '0'"):
         triton_kernels_enabled()
-
