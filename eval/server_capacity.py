@@ -7,7 +7,10 @@ launches `python -m sglang.launch_server` with dummy weights, waits for /health,
 `max_total_num_tokens` (and the plugin's own report) from /server_info, and then
   - per prompt length: one request for a single token (its latency is the prefill time)
     and one for --max-new-tokens (the difference, per token, is the decode time);
-  - sends the last prompt twice to check that the radix cache reuses the (compressed) prefix;
+  - sends the last prompt again (--repeats times, streamed: time to first token and decode
+    ms/token) to check that the radix cache reuses the (compressed) prefix; with
+    --profile-repeat-steps S, once more under SGLang's profiler (its prefill step and S decode
+    steps; last of all, as below);
   - optionally (--batch-decode B P N, repeatable): B requests at once, first for 1 token, then for N
     (fresh prompts); the difference gives the batch's decode tokens per second, over
     --batch-rounds rounds (median and range); with
@@ -99,14 +102,53 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> float:
     raise TimeoutError(f"not healthy after {timeout} s")
 
 
-def generate(url: str, input_ids: list[int], max_new_tokens: int, logprobs: bool = False) -> dict:
+def streamed_json(url: str, payload: dict, timeout: float = 900) -> tuple[dict, list[tuple[float, int]]]:
+    """POST with "stream": true; (the last chunk, [(seconds since the request, completion
+    tokens so far) per chunk]). SGLang sends server-sent events, `data: {json}` per chunk,
+    then `data: [DONE]`."""
+    data = json.dumps({**payload, "stream": True}).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    last: dict = {}
+    arrivals: list[tuple[float, int]] = []
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            last = json.loads(line[len("data:"):])
+            if "error" in last:
+                raise RuntimeError(f"streamed request failed: {last['error']}")
+            arrivals.append((time.perf_counter() - start, last.get("meta_info", {}).get("completion_tokens", 0)))
+    return last, arrivals
+
+
+def token_timing(arrivals: list[tuple[float, int]]) -> dict:
+    """Time to the first token (the prefill, plus the queueing) and the decode time per token
+    after it, from a streamed request's chunk arrivals."""
+    if not arrivals:
+        return {"ttft_s": None, "decode_ms_per_token": None}
+    first_s, first_tokens = arrivals[0]
+    last_s, last_tokens = arrivals[-1]
+    per_token = (last_s - first_s) / (last_tokens - first_tokens) * 1000 if last_tokens > first_tokens else None
+    return {"ttft_s": round(first_s, 4),
+            "decode_ms_per_token": round(per_token, 2) if per_token is not None else None}
+
+
+def generate(url: str, input_ids: list[int], max_new_tokens: int, logprobs: bool = False,
+             stream: bool = False) -> dict:
+    """One greedy request; with `stream`, also its time to first token and decode time per
+    token (`token_timing`)."""
     payload = {
         "input_ids": input_ids,
         "sampling_params": {"max_new_tokens": max_new_tokens, "ignore_eos": True, "temperature": 0},
         "return_logprob": logprobs,
     }
     start = time.perf_counter()
-    result = http_json(url + "/generate", payload)
+    if stream:
+        result, arrivals = streamed_json(url + "/generate", payload)
+    else:
+        result = http_json(url + "/generate", payload)
     elapsed = time.perf_counter() - start
     meta = result.get("meta_info", {})
     record = {
@@ -120,6 +162,8 @@ def generate(url: str, input_ids: list[int], max_new_tokens: int, logprobs: bool
     if logprobs:
         record["output_ids"] = result.get("output_ids", [])
         record["output_logprobs"] = [entry[0] for entry in meta.get("output_token_logprobs", [])]
+    if stream:
+        record.update(token_timing(arrivals))
     return record
 
 
@@ -315,33 +359,61 @@ def staggered_arrivals(url: str, rng: random.Random, count: int, rate: float, pr
     return summary
 
 
-def profile_batch_decode(url: str, rng: random.Random, batch: int, prompt_len: int, max_new_tokens: int,
-                         steps: int, trace_dir: Path, timeout: float = 300) -> dict:
-    """One more batch round with SGLang's profiler on for `steps` decode steps (its prefill
-    steps go to a separate trace); returns the decode trace's per-step summary."""
+def profiled(url: str, trace_dir: Path, steps: int, send, stages: tuple[str, ...],
+             timeout: float = 300) -> dict[str, dict]:
+    """Run `send()` under SGLang's profiler by stage (its /start_profile: the first prefill
+    steps and then `steps` decode steps, each stage its own trace); per stage in `stages`
+    ("EXTEND", "DECODE"), the new trace's per-step summary (eval/trace_summary.py) over
+    `steps` steps for DECODE and over the one prefill step profiled for EXTEND."""
     import trace_summary  # eval/trace_summary.py, next to this script
 
-    if steps >= max_new_tokens - 1:
-        raise ValueError(f"--profile-decode-steps ({steps}) must be below the batch's new tokens - 1")
     trace_dir.mkdir(parents=True, exist_ok=True)
-    before = set(trace_dir.glob("*DECODE*.trace.json.gz"))
+    before = {stage: set(trace_dir.glob(f"*{stage}*.trace.json.gz")) for stage in stages}
     request = urllib.request.Request(
         url + "/start_profile", method="POST", headers={"Content-Type": "application/json"},
         data=json.dumps({"output_dir": str(trace_dir.resolve()), "num_steps": steps, "profile_by_stage": True,
                          "activities": ["CPU", "GPU"], "with_stack": False}).encode())
     with urllib.request.urlopen(request, timeout=60) as response:
         response.read()
-    concurrently(url, [random_prompt(rng, prompt_len) for _ in range(batch)], max_new_tokens)
-    deadline = time.monotonic() + timeout  # the trace is written after the last profiled step
-    while time.monotonic() < deadline:
-        traces = set(trace_dir.glob("*DECODE*.trace.json.gz")) - before
-        if traces:
-            time.sleep(2)  # let the writer finish the file
-            trace = max(traces, key=lambda path: path.stat().st_mtime)
-            summary = trace_summary.summarize(trace_summary.load_events(trace), steps)
-            return {"trace": trace.name, "batch": batch, "prompt_len": prompt_len, **summary}
+    send()
+    summaries: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout  # a trace is written after its stage's last profiled step
+    while time.monotonic() < deadline and len(summaries) < len(stages):
+        for stage in stages:
+            traces = set(trace_dir.glob(f"*{stage}*.trace.json.gz")) - before[stage]
+            if stage not in summaries and traces:
+                time.sleep(2)  # let the writer finish the file
+                trace = max(traces, key=lambda path: path.stat().st_mtime)
+                stage_steps = steps if stage == "DECODE" else 1
+                summaries[stage] = {"trace": trace.name,
+                                    **trace_summary.summarize(trace_summary.load_events(trace), stage_steps)}
         time.sleep(1)
-    raise TimeoutError(f"no decode trace in {trace_dir} after {timeout} s")
+    missing = [stage for stage in stages if stage not in summaries]
+    if missing:
+        raise TimeoutError(f"no {'/'.join(missing)} trace in {trace_dir} after {timeout} s")
+    return summaries
+
+
+def profile_batch_decode(url: str, rng: random.Random, batch: int, prompt_len: int, max_new_tokens: int,
+                         steps: int, trace_dir: Path) -> dict:
+    """One more batch round with the profiler on for `steps` decode steps; the decode
+    trace's per-step summary."""
+    if steps >= max_new_tokens - 1:
+        raise ValueError(f"--profile-decode-steps ({steps}) must be below the batch's new tokens - 1")
+    prompts = [random_prompt(rng, prompt_len) for _ in range(batch)]
+    summary = profiled(url, trace_dir, steps, lambda: concurrently(url, prompts, max_new_tokens), ("DECODE",))
+    return {"batch": batch, "prompt_len": prompt_len, **summary["DECODE"]}
+
+
+def profile_repeat(url: str, ids: list[int], max_new_tokens: int, steps: int, trace_dir: Path) -> dict:
+    """The repeated prompt once more with the profiler on: its prefill step (a radix-cache
+    hit: one new token over the cached prefix) and its first `steps` decode steps."""
+    if steps >= max_new_tokens - 1:
+        raise ValueError(f"--profile-repeat-steps ({steps}) must be below --max-new-tokens - 1")
+    sent: dict = {}
+    summary = profiled(url, trace_dir, steps, lambda: sent.update(generate(url, ids, max_new_tokens, stream=True)),
+                       ("EXTEND", "DECODE"))
+    return {"request": sent, "prefill": summary["EXTEND"], "decode": summary["DECODE"]}
 
 
 def fidelity_samples(url: str, seed: int, count: int, prompt_len: int, max_new_tokens: int,
@@ -481,12 +553,14 @@ def run_one(args, config: str, log_dir: Path) -> dict:
         if args.prompt_lens:
             repeats = []
             for _ in range(args.repeats):
-                repeat = generate(url, ids, args.max_new_tokens)
+                repeat = generate(url, ids, args.max_new_tokens, stream=True)
                 repeat["ok"] = (repeat["cached_tokens"] or 0) >= args.prompt_lens[-1] - 1
                 repeats.append(repeat)
                 print(f"[{name}] repeated prompt: {repeat}", flush=True)
             record["repeat_prompt"] = repeats[0]
             record["repeat_latencies_s"] = [r["latency_s"] for r in repeats]
+            record["repeat_ttft_s"] = [r["ttft_s"] for r in repeats]
+            record["repeat_decode_ms_per_token"] = [r["decode_ms_per_token"] for r in repeats]
             record["repeat_prompt"]["ok"] = all(r["ok"] for r in repeats)
         record["requests"] = requests
         record["ok"] = all(r["ok"] for r in requests) and record.get("repeat_prompt", {"ok": True})["ok"]
@@ -511,7 +585,14 @@ def run_one(args, config: str, log_dir: Path) -> dict:
         # Last: a profiled server may die later of a segmentation fault in the torch
         # profiler's trace destructor, whenever the garbage collector reaches it (runs 20b and
         # 23: during the next workload), so nothing runs on a server after its profile.
-        if args.profile_decode_steps:
+        if args.profile_repeat_steps:
+            record["repeat_profile"] = profile_repeat(
+                url, ids, args.max_new_tokens, args.profile_repeat_steps, log_dir / f"profile-repeat-{name}")
+            print(f"[{name}] repeat profile: " + json.dumps(
+                {stage: {k: record["repeat_profile"][stage][k] for k in ("span_ms", "gpu_busy_ms",
+                                                                         "kernel_launches_per_step")}
+                 for stage in ("prefill", "decode")}), flush=True)
+        elif args.profile_decode_steps:
             batch, prompt_len, max_new = args.batch_decode[0]
             record["decode_profile"] = profile_batch_decode(
                 url, rng, batch, prompt_len, max_new, args.profile_decode_steps, log_dir / f"profile-{name}")
@@ -546,6 +627,9 @@ def main() -> int:
                         help="repeat the batch round this often (fresh prompts), report medians and the range")
     parser.add_argument("--profile-decode-steps", type=int, default=0,
                         help="then profile this many decode steps of one more batch round (needs --batch-decode)")
+    parser.add_argument("--profile-repeat-steps", type=int, default=0,
+                        help="instead, profile the repeated prompt once more: its prefill step and this many "
+                             "decode steps (needs --prompt-lens)")
     parser.add_argument("--arrivals", type=float, nargs=4, metavar=("COUNT", "RATE", "PROMPT_LEN", "NEW_TOKENS"),
                         help="COUNT requests arriving at RATE per second (Poisson), each for NEW_TOKENS/2..NEW_TOKENS")
     parser.add_argument("--fidelity-samples", type=int, default=0, help="greedy prompts compared with the bf16 run")
@@ -580,6 +664,11 @@ def main() -> int:
         parser.error(f"--batch-rounds must be at least 1, got {args.batch_rounds}")
     if args.profile_decode_steps and not args.batch_decode:
         parser.error("--profile-decode-steps profiles the --batch-decode round: give --batch-decode")
+    if args.profile_repeat_steps and not args.prompt_lens:
+        parser.error("--profile-repeat-steps profiles the repeated prompt: give --prompt-lens")
+    if args.profile_repeat_steps and args.profile_decode_steps:
+        parser.error("one profile per server (a profiled server may crash later): give --profile-repeat-steps "
+                     "or --profile-decode-steps")
     if args.arrivals:
         count, rate, prompt_len, new_tokens = args.arrivals
         if not (rate > 0 and all(value >= 1 and value.is_integer() for value in (count, prompt_len, new_tokens))):

@@ -5,7 +5,9 @@
 # per prompt length the prefill time and decode ms/token, the decode throughput of a batch,
 # and greedy token / log-probability agreement with stock (eval/server_capacity.py);
 # PROFILE_STEPS=24 adds a profiled batch round per server (SGLang's torch profiler,
-# summarized per step: eval/trace_summary.py).
+# summarized per step: eval/trace_summary.py); PROFILE_REPEAT_STEPS=S instead profiles the
+# repeated prompt once more (its prefill step and S decode steps); REPEATS=N sends the last
+# prompt again N times (streamed: time to first token, decode ms/token).
 # OVERLAP=0 runs every server with --disable-overlap-schedule (default: SGLang's overlap
 # scheduler on for all); FIDELITY_AT_ONCE=1 sends the fidelity prompts all at once;
 # CONCURRENT=N ends each server with N requests at once and a health / leak check.
@@ -26,7 +28,8 @@ for shape in "${BATCH_SHAPES[@]}"; do BATCH_ARGS+=(--batch-decode $shape); done
 timeout "${BUDGET_S:-560}" python3 eval/server_capacity.py --model-path .gpu-rig/qwen2.5-7b-dummy \
   --configs "${CONFIGS[@]}" --prompt-lens ${PROMPT_LENS:-8192 32448} --max-new-tokens "${MAX_NEW:-256}" \
   "${BATCH_ARGS[@]}" --batch-rounds "${BATCH_ROUNDS:-3}" --fidelity-samples "${FIDELITY:-8}" \
-  --profile-decode-steps "${PROFILE_STEPS:-0}" --concurrent "${CONCURRENT:-0}" \
+  --profile-decode-steps "${PROFILE_STEPS:-0}" --profile-repeat-steps "${PROFILE_REPEAT_STEPS:-0}" \
+  --repeats "${REPEATS:-1}" --concurrent "${CONCURRENT:-0}" \
   $([ -n "${ARRIVALS:-}" ] && echo --arrivals $ARRIVALS) \
   $([ "${FIDELITY_AT_ONCE:-0}" = 1 ] && echo --fidelity-concurrent) \
   --out "$OUT/serving.json" --log-dir "$OUT" --server-args --cuda-graph-max-bs "${GRAPH_MAX_BS:-16}" \

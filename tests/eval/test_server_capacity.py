@@ -203,3 +203,125 @@ def test_requests_that_keep_finishing_are_not_a_stall(capacity, monkeypatch):
     wall, results = capacity.concurrently("u", [[i] for i in range(6)], 4, stall_s=0.5,
                                           on_stall=lambda: pytest.fail("not a stall"))
     assert all(r == {"completion_tokens": 4} for r in results)
+
+
+class StreamingServer:
+    """A local HTTP server answering /generate with server-sent events as SGLang does
+    (`data: {json}` per chunk with cumulative output_ids, then `data: [DONE]`), one chunk
+    per token after `first_s`, then `gap_s` apart."""
+
+    def __init__(self, tokens: int, first_s: float, gap_s: float, error: bool = False):
+        import http.server
+        import json as json_module
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server naming)
+                body = json_module.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.bodies.append(body)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                time.sleep(first_s)
+                for count in range(1, tokens + 1):
+                    chunk = ({"error": {"message": "boom"}} if error and count == 2 else
+                             {"output_ids": list(range(count)),
+                              "meta_info": {"prompt_tokens": 4, "cached_tokens": 3, "completion_tokens": count}})
+                    self.wfile.write(b"data: " + json_module.dumps(chunk).encode() + b"\n\n")
+                    self.wfile.flush()
+                    time.sleep(gap_s)
+                self.wfile.write(b"data: [DONE]\n\n")
+
+            def log_message(self, *args):
+                pass
+
+        self.bodies: list[dict] = []
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc_info):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_streamed_request_reports_its_first_token_and_the_decode_time_per_token(capacity):
+    with StreamingServer(tokens=6, first_s=0.3, gap_s=0.05) as url:
+        record = capacity.generate(url, [1, 2, 3, 4], max_new_tokens=6, stream=True)
+    assert record["completion_tokens"] == 6 and record["cached_tokens"] == 3
+    assert record["output_ids_head"] == [0, 1, 2, 3, 4, 5]
+    assert 0.3 <= record["ttft_s"] < 0.45
+    # 5 tokens after the first, 50 ms apart
+    assert 45 <= record["decode_ms_per_token"] < 80
+    assert record["latency_s"] >= record["ttft_s"]
+
+
+def test_a_stream_that_reports_an_error_fails_loudly(capacity):
+    with StreamingServer(tokens=3, first_s=0.0, gap_s=0.0, error=True) as url:
+        with pytest.raises(RuntimeError, match="boom"):
+            capacity.generate(url, [1], max_new_tokens=3, stream=True)
+
+
+def test_token_timing_of_one_chunk_has_no_decode_rate(capacity):
+    assert capacity.token_timing([(0.2, 1)]) == {"ttft_s": 0.2, "decode_ms_per_token": None}
+    assert capacity.token_timing([]) == {"ttft_s": None, "decode_ms_per_token": None}
+    # chunks of several tokens (SGLang's stream interval): the rate is over tokens, not chunks
+    assert capacity.token_timing([(0.1, 1), (0.2, 5), (0.3, 9)])["decode_ms_per_token"] == 25.0
+
+
+def test_a_profiled_send_summarizes_each_stage_over_its_own_steps(capacity, monkeypatch, tmp_path):
+    """SGLang writes one trace per stage; the prefill trace holds one step, the decode trace
+    `steps` steps; traces already in the folder (an earlier profile) are not taken."""
+    import gzip
+    import json as json_module
+
+    def write_trace(name, span_us):
+        events = [{"ph": "X", "cat": "kernel", "name": "k", "ts": 0, "dur": span_us, "pid": 0, "tid": 0}]
+        with gzip.open(tmp_path / name, "wt") as handle:
+            json_module.dump({"traceEvents": events}, handle)
+
+    write_trace("old-DECODE.trace.json.gz", 1)
+    posted = []
+
+    class Response:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            return False
+
+        def read(self):
+            return b"{}"
+
+    def fake_urlopen(request, timeout):
+        posted.append((request.full_url, json_module.loads(request.data)))
+        return Response()
+
+    monkeypatch.setattr(capacity.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(capacity.time, "sleep", lambda seconds: None)
+    monkeypatch.syspath_prepend(str(REPO / "eval"))
+
+    def send():
+        write_trace("new-EXTEND.trace.json.gz", 6000)
+        write_trace("new-DECODE.trace.json.gz", 8000)
+
+    summaries = capacity.profiled("http://x", tmp_path, steps=4, send=send, stages=("EXTEND", "DECODE"))
+    assert posted[0][0] == "http://x/start_profile"
+    assert posted[0][1]["num_steps"] == 4 and posted[0][1]["profile_by_stage"]
+    assert summaries["EXTEND"]["trace"] == "new-EXTEND.trace.json.gz"
+    assert summaries["EXTEND"]["gpu_busy_ms"] == pytest.approx(6.0)  # one step
+    assert summaries["DECODE"]["trace"] == "new-DECODE.trace.json.gz"
+    assert summaries["DECODE"]["gpu_busy_ms"] == pytest.approx(2.0)  # 8 ms over 4 steps
+
+
+def test_a_stage_whose_trace_never_comes_times_out(capacity, monkeypatch, tmp_path):
+    monkeypatch.setattr(capacity.urllib.request, "urlopen",
+                        lambda request, timeout: type("R", (), {"__enter__": lambda s: s, "read": lambda s: b"{}",
+                                                                "__exit__": lambda s, *a: False})())
+    monkeypatch.syspath_prepend(str(REPO / "eval"))
+    with pytest.raises(TimeoutError, match="EXTEND"):
+        capacity.profiled("http://x", tmp_path, steps=2, send=lambda: None, stages=("EXTEND",), timeout=0.5)
