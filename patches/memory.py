@@ -126,4 +126,5 @@ def build_compressed_allocator(original, self, *args, **kwargs):
     allocator = CompressedTokenAllocator(kwargs["sizes"].max_total_num_tokens, self.kv_cache_dtype, self.device, pool)
     diagnostics.dump_stacks_on_sigusr1()
     diagnostics.log_accounting_on_sigusr2(allocator)
+    diagnostics.log_triton_compiles()
     return allocator

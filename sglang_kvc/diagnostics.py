@@ -5,7 +5,9 @@ scheduler waits inside a CUDA call). SIGUSR2: the KV accounting that admission r
 allocator's and the pool's counters and the last admission decision), logged when the
 scheduler's main thread next runs Python (never, if it is blocked on the device).
 `patches.memory` installs both in each scheduler; eval/server_capacity.py sends them when
-requests stop finishing.
+requests stop finishing. It also installs a log line for every Triton kernel the scheduler
+compiles (or loads from Triton's disk cache) after start-up: a request that waits for one
+shows as a slow first token with no slow kernel in a profile.
 
     kill -USR1 <pid of sglang::scheduler>; kill -USR2 <pid>    # then read the server log
 """
@@ -16,6 +18,7 @@ import faulthandler
 import logging
 import signal
 import threading
+import time
 import weakref
 
 logger = logging.getLogger(__name__)
@@ -57,3 +60,32 @@ def log_accounting_on_sigusr2(allocator) -> None:
             logger.warning("kv-compress accounting: %s", accounting(live))
 
     signal.signal(signal.SIGUSR2, log_accounting)
+
+
+def log_triton_compiles() -> None:
+    """Log each Triton kernel compiled (or loaded from the disk cache) from now on in this
+    process: its name, how long it took and its specialization (Triton compiles a kernel
+    again for each new combination of constexprs, dtypes and integer arguments that are 1 or
+    divisible by 16). Chains to hooks already installed; Triton calls these only when its
+    in-memory kernel cache misses, so a warm server pays nothing."""
+    from triton import knobs
+
+    runtime = knobs.runtime
+    earlier_before, earlier_after = runtime.jit_cache_hook, runtime.jit_post_compile_hook
+    if getattr(earlier_after, "logs_compiles", False):
+        return  # installed already (one scheduler builds one allocator; tests build many)
+    started: dict[str, float] = {}
+
+    def before(**hook_args):
+        started[str(hook_args["key"])] = time.perf_counter()
+        return earlier_before(**hook_args) if earlier_before else None
+
+    def after(**hook_args):
+        began = started.pop(str(hook_args["key"]), None)
+        milliseconds = (time.perf_counter() - began) * 1000 if began is not None else float("nan")
+        logger.info("kv-compress: Triton compiled %s in %.1f ms: %s", hook_args["fn"].name, milliseconds,
+                    hook_args["repr"])
+        return earlier_after(**hook_args) if earlier_after else None
+
+    after.logs_compiles = True
+    runtime.jit_cache_hook, runtime.jit_post_compile_hook = before, after

@@ -48,3 +48,33 @@ def test_sigusr2_logs_the_accounting_admission_reads(caplog):
     logged = record.args  # logging keeps a lone mapping argument as the args themselves
     assert logged == diagnostics.accounting(sim.allocator) | {"last_admission": {"evictable": 7, "correction": 3}}
     assert logged["staged_count"] == sim.pool.staged_count and logged["logical_available"] == 512 - 40
+
+
+def test_each_triton_compile_is_logged_and_earlier_hooks_still_run(caplog, monkeypatch):
+    """Triton calls jit_cache_hook before compiling a kernel (after its in-memory cache
+    missed) and jit_post_compile_hook after; both with these keyword arguments
+    (triton/runtime/jit.py, JITFunction._call_hook). The interpreter compiles nothing, so the
+    hooks are called here as Triton calls them."""
+    from triton import knobs
+    from triton.runtime.jit import JitFunctionInfo
+
+    calls = []
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", lambda **kwargs: calls.append(("before", kwargs["key"])))
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook",
+                        lambda **kwargs: calls.append(("after", kwargs["key"])))
+    diagnostics.log_triton_compiles()
+    diagnostics.log_triton_compiles()  # a second install neither doubles the lines nor loses the chain
+
+    def hook_arguments(key):
+        return {"key": key, "repr": f"decode_kernel[num_warps=4](n: i32 {key})", "compile": {},
+                "fn": JitFunctionInfo("sglang_kvc.kernels.decode", "decode_kernel", None),
+                "is_manual_warmup": False, "already_compiled": False}
+
+    with caplog.at_level(logging.INFO, logger="sglang_kvc.diagnostics"):
+        assert knobs.runtime.jit_cache_hook(**hook_arguments(("A", 16))) is None  # None: go on compiling
+        knobs.runtime.jit_post_compile_hook(**hook_arguments(("A", 16)))
+    lines = [r.getMessage() for r in caplog.records if "Triton compiled" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].startswith("kv-compress: Triton compiled decode_kernel in ")
+    assert lines[0].endswith("ms: decode_kernel[num_warps=4](n: i32 ('A', 16))")
+    assert calls == [("before", ("A", 16)), ("after", ("A", 16))]
