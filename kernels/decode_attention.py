@@ -129,10 +129,10 @@ class DecodeEntries:
 
 
 def _tier_indptr(indptr: torch.Tensor, tier_counts: torch.Tensor) -> torch.Tensor:
-    """[B, 4] int32 tier boundaries from indptr [B + 1] and held tokens per tier [B, 3]."""
-    tier_indptr = torch.empty((tier_counts.shape[0], 4), dtype=torch.int32, device=indptr.device)
-    tier_indptr[:, 0] = indptr[:-1]
-    tier_indptr[:, 1:] = indptr[:-1, None] + tier_counts.cumsum(1)
+    """[..., B, 4] int32 tier boundaries from indptr [..., B + 1] and held tokens per tier [..., B, 3]."""
+    tier_indptr = torch.empty((*tier_counts.shape[:-1], 4), dtype=torch.int32, device=indptr.device)
+    tier_indptr[..., 0] = indptr[..., :-1]
+    tier_indptr[..., 1:] = indptr[..., :-1, None] + tier_counts.cumsum(-1)
     return tier_indptr
 
 
@@ -208,6 +208,9 @@ def _block_locations(
 # count of 1, on multiples of 16 and on each layer row's alignment, compiling in the middle
 # of requests).
 _ENTRY_BUILDER_JIT = {"do_not_specialize": ["num_blocks", "batch"], "do_not_specialize_on_alignment": ["location_ptr"]}
+# The scatter also offsets each layer's entries by the pass's entry capacity.
+_SCATTER_JIT = {"do_not_specialize": ["num_blocks", "batch", "max_entries"],
+                "do_not_specialize_on_alignment": ["location_ptr"]}
 # Likewise the split count of the attention kernels and the partial outputs' strides, which
 # follow it: the eager path picks the count per batch (a batch larger than the captured
 # CUDA graphs met a new variant and waited ~3 s for its compile on the H200, serving run 26).
@@ -259,34 +262,42 @@ def _count_held_kernel(
             tl.store(counts_of_block + tier_index, counts, mask=in_layers)
 
 
-@triton.jit(**_ENTRY_BUILDER_JIT)
+@triton.jit(**_SCATTER_JIT)
 def _scatter_entries_kernel(
-    location_ptr,
+    location_ptr,  # [layers, tokens] location words
     req_to_token_ptr,
     req_pool_indices_ptr,
     seq_lens_ptr,
-    block_offsets_ptr,  # [B, num_blocks, 3] int32: first entry of each (block, tier)
-    entry_tier_ptr,
-    entry_row_ptr,
+    block_offsets_ptr,  # [layers, B, num_blocks, 3] int32: first entry of each (block, tier), per layer
+    entry_tier_ptr,  # [layers, max_entries]
+    entry_row_ptr,  # [layers, max_entries]
+    stride_location_layer,
     stride_req_to_token,
+    batch,
     num_blocks,
+    max_entries,
     BLOCK: tl.constexpr,
 ):
+    """Grid (request, block of BLOCK positions, layer)."""
     request = tl.program_id(0)
     block = tl.program_id(1)
+    layer = tl.program_id(2).to(tl.int64)
     in_sequence, locations = _block_locations(
-        location_ptr, req_to_token_ptr, req_pool_indices_ptr, seq_lens_ptr, stride_req_to_token, request, block, BLOCK
+        location_ptr + layer * stride_location_layer, req_to_token_ptr, req_pool_indices_ptr, seq_lens_ptr,
+        stride_req_to_token, request, block, BLOCK
     )
     tiers = locations & _TIER_MASK
     rows = locations >> _TIER_BITS
+    offsets_of_block = block_offsets_ptr + ((layer * batch + request) * num_blocks + block) * 3
+    layer_tier_ptr = entry_tier_ptr + layer * max_entries
+    layer_row_ptr = entry_row_ptr + layer * max_entries
     for tier_index in tl.static_range(3):
         tier = tier_index + _STAGING
         selected = (in_sequence & (tiers == tier)).to(tl.int32)
         rank = tl.cumsum(selected, axis=0) - selected  # exclusive: keeps position order
-        first = tl.load(block_offsets_ptr + (request * num_blocks + block) * 3 + tier_index)
-        destination = first + rank
-        tl.store(entry_tier_ptr + destination, tiers.to(tl.int8), mask=selected > 0)
-        tl.store(entry_row_ptr + destination, rows, mask=selected > 0)
+        destination = tl.load(offsets_of_block + tier_index) + rank
+        tl.store(layer_tier_ptr + destination, tiers.to(tl.int8), mask=selected > 0)
+        tl.store(layer_row_ptr + destination, rows, mask=selected > 0)
 
 
 def held_per_block(location, req_to_token, req_pool_indices, seq_lens, max_seq_len: int,
@@ -331,32 +342,48 @@ def decode_entries(
     """Same lists as `decode_entries_torch`, built by two Triton launches over
     (request, block of positions): count held tokens per tier, then scatter them. Each
     pass reads req_to_token and location once (8 bytes per logical token); the glue
-    between them works on [B, blocks, 3] counts only."""
+    between them works on [B, blocks, 3] counts only.
+
+    `location` is one layer's [tokens] words, or [layers, tokens]: then every layer's lists
+    come from the same two launches and one glue pass, each array with a leading layer axis
+    (indptr [layers, B + 1], tier / row [layers, max_entries], tier_indptr [layers, B, 4];
+    `layer_entries` takes one layer's). An extend pass over a cached prefix builds them so,
+    once for all its layers: per layer, the glue's ~25 operators made a one-token extend on a
+    cached 512-token prompt host-bound (serving run 33)."""
+    one_layer = location.dim() == 1
+    if one_layer:
+        location = location.unsqueeze(0)
     device = location.device
-    batch = req_pool_indices.numel()
+    layers, batch = location.shape[0], req_pool_indices.numel()
     max_seq_len, max_entries = _entry_shapes(req_pool_indices, seq_lens, max_seq_len, max_entries)
-    indptr = torch.zeros(batch + 1, dtype=torch.int32, device=device)
-    entry_tier = torch.zeros(max_entries, dtype=torch.int8, device=device)
-    entry_row = torch.zeros(max_entries, dtype=torch.int32, device=device)
+    indptr = torch.zeros((layers, batch + 1), dtype=torch.int32, device=device)
+    entry_tier = torch.zeros((layers, max_entries), dtype=torch.int8, device=device)
+    entry_row = torch.zeros((layers, max_entries), dtype=torch.int32, device=device)
     num_blocks = triton.cdiv(max_seq_len, block)
     if batch == 0 or num_blocks == 0:
-        tier_indptr = torch.zeros((batch, 4), dtype=torch.int32, device=device)
-        return DecodeEntries(indptr, entry_tier, entry_row, tier_indptr)
+        tier_indptr = torch.zeros((layers, batch, 4), dtype=torch.int32, device=device)
+        entries = DecodeEntries(indptr, entry_tier, entry_row, tier_indptr)
+        return layer_entries(entries, 0) if one_layer else entries
     if req_to_token.stride(-1) != 1:
         raise ValueError("req_to_token rows must be contiguous")
     seq_lens = seq_lens.to(device=device, dtype=torch.int32)
     req_pool_indices = req_pool_indices.to(device)
-    grid = (batch, num_blocks)
     block_counts = held_per_block(location, req_to_token, req_pool_indices, seq_lens, max_seq_len, block)
-    tier_counts = block_counts.sum(1)  # [B, 3]
-    indptr[1:] = tier_counts.sum(1).cumsum(0)
-    tier_start = indptr[:-1, None] + tier_counts.cumsum(1) - tier_counts
-    block_offsets = (tier_start[:, None, :] + block_counts.cumsum(1) - block_counts).to(torch.int32)
-    _scatter_entries_kernel[grid](
-        location, req_to_token, req_pool_indices, seq_lens, block_offsets.contiguous(),
-        entry_tier, entry_row, req_to_token.stride(0), num_blocks, BLOCK=block,
+    tier_counts = block_counts.sum(2)  # [layers, B, 3]
+    indptr[:, 1:] = tier_counts.sum(2).cumsum(1)
+    tier_start = indptr[:, :-1, None] + tier_counts.cumsum(2) - tier_counts
+    block_offsets = (tier_start[:, :, None, :] + block_counts.cumsum(2) - block_counts).to(torch.int32)
+    _scatter_entries_kernel[(batch, num_blocks, layers)](
+        location, req_to_token, req_pool_indices, seq_lens, block_offsets.contiguous(), entry_tier, entry_row,
+        location.stride(0), req_to_token.stride(0), batch, num_blocks, max_entries, BLOCK=block,
     )
-    return DecodeEntries(indptr, entry_tier, entry_row, _tier_indptr(indptr, tier_counts))
+    entries = DecodeEntries(indptr, entry_tier, entry_row, _tier_indptr(indptr, tier_counts))
+    return layer_entries(entries, 0) if one_layer else entries
+
+
+def layer_entries(entries: DecodeEntries, layer: int) -> DecodeEntries:
+    """One layer's lists (views) of a multi-layer `decode_entries` result."""
+    return DecodeEntries(entries.indptr[layer], entries.tier[layer], entries.row[layer], entries.tier_indptr[layer])
 
 
 @triton.jit

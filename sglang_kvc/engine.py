@@ -41,6 +41,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -51,6 +52,9 @@ from sglang_kvc.device_copy import to_device
 from sglang_kvc.policy import PromptCandidates, TokenScorer, prompt_budgets, scorer_from_config, select_for_requests
 from sglang_kvc.pool import CompressedKVPool, Tier
 from sglang_kvc.runtime import triton_kernels_enabled
+
+if TYPE_CHECKING:  # the kernels import Triton, which the torch path does without
+    from sglang_kvc.kernels.decode_attention import DecodeEntries
 
 logger = logging.getLogger(__name__)
 
@@ -293,6 +297,7 @@ class CompressedAttention:
         # Per-request host state, built on first use: extend and the torch decode path need
         # it, the Triton decode path does not.
         self._token_rows = self._positions = self._recent_rows = self._extend_pass_inputs = None
+        self._prefix_entries = None  # every layer's, built at the pass's first extend layer
         # Decided at the first layer (the pass's new tokens are staged by then).
         self.candidates = self.candidate_tokens = None
         if self.attention_impl != "triton":
@@ -327,15 +332,15 @@ class CompressedAttention:
         kernels. Reads the pool's tables, writes nothing of them."""
         if self.attention_impl != "triton":
             return
-        from sglang_kvc.kernels.decode_attention import decode_entries
+        from sglang_kvc.kernels.decode_attention import decode_entries, layer_entries
         from sglang_kvc.kernels.gather_rows import gather_held_rows
 
         pool = self.pool
         device = pool.location.device
         # Request slot 0, which SGLang's ReqToTokenPool never hands out (its token 0 holds nothing).
-        entries = decode_entries(pool.location[0], self.req_to_token, torch.zeros(1, dtype=torch.int64, device=device),
+        entries = decode_entries(pool.location, self.req_to_token, torch.zeros(1, dtype=torch.int64, device=device),
                                  torch.ones(1, dtype=torch.int32, device=device), max_seq_len=1, max_entries=1)
-        gather_held_rows(pool, 0, entries, 1, query_dtype)
+        gather_held_rows(pool, 0, layer_entries(entries, 0), 1, query_dtype)
         if self.config.sparsity.scoring != "window":
             return
         # Two prompts with full windows, as every pass of several prompts or layers scores.
@@ -481,7 +486,7 @@ class CompressedAttention:
         (`kernels/gather_rows.py`)."""
         from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
 
-        from sglang_kvc.kernels.decode_attention import decode_entries
+        from sglang_kvc.kernels.decode_attention import layer_entries
         from sglang_kvc.kernels.gather_rows import gather_held_rows
 
         batch, pool = self.batch, self.pool
@@ -499,10 +504,7 @@ class CompressedAttention:
         if not capacity:
             k_buffer = v_buffer = inputs.empty_prefix
         else:
-            entries = decode_entries(
-                pool.location[layer], self.req_to_token, self.req_pool_indices_device, self.prefix_lens_device,
-                max_seq_len=max(prefix_lens), max_entries=capacity,
-            )
+            entries = layer_entries(self._held_prefix_entries(capacity), layer)
             if self.prefix_in_staging_only:
                 # Later chunks of fresh prompts: the whole prefix is still in staging.
                 listed = torch.arange(capacity, device=device) < entries.indptr[-1]  # slots past it: unspecified
@@ -523,6 +525,20 @@ class CompressedAttention:
             1.0, 1.0, sm_scale=scaling, logit_cap=logit_cap,
         )
         return out  # in q's dtype on the GPU, as the backend returns it (a float32 copy cost two passes per layer)
+
+    def _held_prefix_entries(self, capacity: int) -> DecodeEntries:
+        """Every layer's list of each request's held prefix tokens, built at the pass's first
+        extend layer in one build (`decode_entries` over all layers): the map does not change
+        during the pass (the new tokens were staged in `begin`; compression runs after the
+        last layer)."""
+        from sglang_kvc.kernels.decode_attention import decode_entries
+
+        if self._prefix_entries is None:
+            self._prefix_entries = decode_entries(
+                self.pool.location, self.req_to_token, self.req_pool_indices_device, self.prefix_lens_device,
+                max_seq_len=max(self.prefix_lens), max_entries=capacity,
+            )
+        return self._prefix_entries
 
     def _extend_inputs(self, prefix_slots: int, dtype, device) -> ExtendInputs:
         """What every layer's extend launch of this pass shares, built at its first layer."""

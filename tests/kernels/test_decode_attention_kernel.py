@@ -34,6 +34,7 @@ from sglang_kvc.kernels.decode_attention import (
     decode_entries_in_regions,
     decode_entries_torch,
     held_per_block,
+    layer_entries,
     layer_tables,
     region_indptr_for,
     register_operand_slots,
@@ -603,6 +604,34 @@ def test_builders_agree(gen, device):
     assert torch.equal(by_torch.tier[:used], by_triton.tier[:used])
     assert torch.equal(by_torch.row[:used], by_triton.row[:used])
     check_tier_indptr(by_triton, expected_entries(*args))
+
+
+def test_every_layer_in_one_build_gives_each_layers_own_lists(gen, device):
+    """decode_entries over [layers, tokens] (an extend pass over a cached prefix builds all
+    its layers' lists at once): each layer's lists are its own one-layer build's, in blocks
+    of 8 positions so that counts carry across blocks, with layers whose tiers differ."""
+    pool = build_pool(gen, device, layers=3)
+    req_to_token, req_pool_indices, seq_lens = build_batch([33, 0, 1, 7, 20], gen, device)
+    capacity = int(seq_lens.sum())
+    every = decode_entries(pool.location, req_to_token, req_pool_indices, seq_lens, max_seq_len=33,
+                           max_entries=capacity, block=8)
+    assert every.indptr.shape == (3, 6) and every.tier.shape == every.row.shape == (3, capacity)
+    assert every.tier_indptr.shape == (3, 5, 4)
+    per_layer_counts = set()
+    for layer in range(3):
+        one = layer_entries(every, layer)
+        expected = expected_entries(pool.location[layer], req_to_token, req_pool_indices, seq_lens)
+        per_layer_counts.add(tuple(len(e) for e in expected))
+        indptr = one.indptr.tolist()
+        assert [b - a for a, b in zip(indptr, indptr[1:])] == [len(e) for e in expected], f"layer {layer}"
+        for b, want in enumerate(expected):
+            span = slice(indptr[b], indptr[b + 1])
+            assert list(zip(one.tier[span].tolist(), one.row[span].tolist())) == want, f"layer {layer}, request {b}"
+        check_tier_indptr(one, expected)
+        alone = decode_entries(pool.location[layer], req_to_token, req_pool_indices, seq_lens, max_seq_len=33,
+                               max_entries=capacity, block=8)
+        assert torch.equal(alone.indptr, one.indptr) and torch.equal(alone.tier_indptr, one.tier_indptr)
+    assert len(per_layer_counts) > 1, "the layers must hold different tokens for this test to tell them apart"
 
 
 def region_entries(location, req_to_token, req_pool_indices, seq_lens, block=8):

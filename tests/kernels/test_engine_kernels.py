@@ -162,6 +162,50 @@ def test_later_chunks_of_a_fresh_prompt_read_only_staging(seed, monkeypatch):
 
 
 @needs_interpreter
+def test_an_extend_pass_over_a_cached_prefix_builds_every_layers_lists_at_once(seed, monkeypatch):
+    """A prompt that starts from the radix cache lists its held prefix for all layers in
+    one count and one scatter launch, at the pass's first layer; each layer then only
+    gathers (per layer, the lists' torch glue made a short extend host-bound)."""
+    import sglang_kvc.kernels.decode_attention as decode_module
+
+    launches: list[tuple[str, int]] = []  # (kernel, layers in its grid)
+    layer_calls: list[int] = []
+
+    def spy(name):
+        kernel = getattr(decode_module, name)
+
+        class Spy:
+            def __getitem__(self, grid):
+                launches.append((name, layer_calls[-1]))
+                return kernel[grid]
+
+        monkeypatch.setattr(decode_module, name, Spy())
+
+    spy("_count_held_kernel")
+    spy("_scatter_entries_kernel")
+    real_extend = CompressedAttention.extend
+
+    def marked(self, layer_id, *args, **kwargs):
+        layer_calls.append(layer_id)
+        return real_extend(self, layer_id, *args, **kwargs)
+
+    monkeypatch.setattr(CompressedAttention, "extend", marked)
+    sim = Simulator(num_layers=3, kv_heads=2, q_heads=4, seed=seed)
+    sim.engine = CompressedAttention(sim.pool, sim.req_to_token_pool.req_to_token, attention_impl="triton")
+    first = sim.new_request(prompt(40, 100))
+    assert sim.admit(first)
+    sim.prefill_chunk(first)
+    launches.clear()
+    layer_calls.clear()
+    shared = sim.new_request(prompt(32, 100) + prompt(8, 700))
+    assert sim.admit(shared) and len(shared.req.prefix_indices) == 32
+    sim.prefill_chunk(shared)
+    assert layer_calls == [0, 1, 2]
+    assert launches == [("_count_held_kernel", 0), ("_scatter_entries_kernel", 0)]
+    sim.check()
+
+
+@needs_interpreter
 def test_prompts_prefilled_together_compress_as_with_the_torch_reference(seed):
     """Several prompts finishing in one pass are scored by one pair of window-score launches
     and selected together (policy.select_for_requests); the torch path scores them one by
