@@ -208,8 +208,8 @@ def _block_locations(
 # count of 1, on multiples of 16 and on each layer row's alignment, compiling in the middle
 # of requests).
 _ENTRY_BUILDER_JIT = {"do_not_specialize": ["num_blocks", "batch"], "do_not_specialize_on_alignment": ["location_ptr"]}
-# The scatter also offsets each layer's entries by the pass's entry capacity.
-_SCATTER_JIT = {"do_not_specialize": ["num_blocks", "batch", "max_entries"],
+# The scatter also offsets each layer's entries by the arrays' layer stride.
+_SCATTER_JIT = {"do_not_specialize": ["num_blocks", "batch", "stride_entries_layer"],
                 "do_not_specialize_on_alignment": ["location_ptr"]}
 # Likewise the split count of the attention kernels and the partial outputs' strides, which
 # follow it: the eager path picks the count per batch (a batch larger than the captured
@@ -269,13 +269,13 @@ def _scatter_entries_kernel(
     req_pool_indices_ptr,
     seq_lens_ptr,
     block_offsets_ptr,  # [layers, B, num_blocks, 3] int32: first entry of each (block, tier), per layer
-    entry_tier_ptr,  # [layers, max_entries]
-    entry_row_ptr,  # [layers, max_entries]
+    entry_tier_ptr,  # [layers, max_entries], layer stride stride_entries_layer
+    entry_row_ptr,  # [layers, max_entries], the same layer stride
     stride_location_layer,
     stride_req_to_token,
     batch,
     num_blocks,
-    max_entries,
+    stride_entries_layer,
     BLOCK: tl.constexpr,
 ):
     """Grid (request, block of BLOCK positions, layer)."""
@@ -289,8 +289,8 @@ def _scatter_entries_kernel(
     tiers = locations & _TIER_MASK
     rows = locations >> _TIER_BITS
     offsets_of_block = block_offsets_ptr + ((layer * batch + request) * num_blocks + block) * 3
-    layer_tier_ptr = entry_tier_ptr + layer * max_entries
-    layer_row_ptr = entry_row_ptr + layer * max_entries
+    layer_tier_ptr = entry_tier_ptr + layer * stride_entries_layer
+    layer_row_ptr = entry_row_ptr + layer * stride_entries_layer
     for tier_index in tl.static_range(3):
         tier = tier_index + _STAGING
         selected = (in_sequence & (tiers == tier)).to(tl.int32)
@@ -356,9 +356,13 @@ def decode_entries(
     device = location.device
     layers, batch = location.shape[0], req_pool_indices.numel()
     max_seq_len, max_entries = _entry_shapes(req_pool_indices, seq_lens, max_seq_len, max_entries)
-    indptr = torch.zeros((layers, batch + 1), dtype=torch.int32, device=device)
-    entry_tier = torch.zeros((layers, max_entries), dtype=torch.int8, device=device)
-    entry_row = torch.zeros((layers, max_entries), dtype=torch.int32, device=device)
+    # Every layer's rows start 16-byte aligned, as a one-layer build's do: Triton compiles a
+    # kernel again for each new pointer alignment (ours, and SGLang's extend kernel, which
+    # takes indptr), so unaligned layer rows compiled three variants in the middle of a
+    # request (1.9 s, serving run 34).
+    indptr = torch.zeros((layers, _round_up(batch + 1, 4)), dtype=torch.int32, device=device)[:, : batch + 1]
+    entry_tier = torch.zeros((layers, _round_up(max_entries, 16)), dtype=torch.int8, device=device)[:, :max_entries]
+    entry_row = torch.zeros((layers, _round_up(max_entries, 16)), dtype=torch.int32, device=device)[:, :max_entries]
     num_blocks = triton.cdiv(max_seq_len, block)
     if batch == 0 or num_blocks == 0:
         tier_indptr = torch.zeros((layers, batch, 4), dtype=torch.int32, device=device)
@@ -375,10 +379,14 @@ def decode_entries(
     block_offsets = (tier_start[:, :, None, :] + block_counts.cumsum(2) - block_counts).to(torch.int32)
     _scatter_entries_kernel[(batch, num_blocks, layers)](
         location, req_to_token, req_pool_indices, seq_lens, block_offsets.contiguous(), entry_tier, entry_row,
-        location.stride(0), req_to_token.stride(0), batch, num_blocks, max_entries, BLOCK=block,
+        location.stride(0), req_to_token.stride(0), batch, num_blocks, entry_row.stride(0), BLOCK=block,
     )
     entries = DecodeEntries(indptr, entry_tier, entry_row, _tier_indptr(indptr, tier_counts))
     return layer_entries(entries, 0) if one_layer else entries
+
+
+def _round_up(count: int, multiple: int) -> int:
+    return -(-count // multiple) * multiple
 
 
 def layer_entries(entries: DecodeEntries, layer: int) -> DecodeEntries:

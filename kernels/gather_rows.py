@@ -29,7 +29,9 @@ from sglang_kvc.kernels.decode_attention import (
 _BLOCK_N = 16  # entries per program
 
 
-@triton.jit(do_not_specialize=["capacity"])
+# One variant for every capacity, and for every batch size: the listed count is read from
+# indptr[-1], whose alignment follows the batch size.
+@triton.jit(do_not_specialize=["capacity"], do_not_specialize_on_alignment=["listed_end_ptr"])
 def _gather_rows_kernel(
     entry_tier_ptr,  # [capacity] int8
     entry_row_ptr,  # [capacity] int32

@@ -631,7 +631,12 @@ def test_every_layer_in_one_build_gives_each_layers_own_lists(gen, device):
         alone = decode_entries(pool.location[layer], req_to_token, req_pool_indices, seq_lens, max_seq_len=33,
                                max_entries=capacity, block=8)
         assert torch.equal(alone.indptr, one.indptr) and torch.equal(alone.tier_indptr, one.tier_indptr)
+        # As a one-layer build's: Triton compiles a kernel again for a new pointer alignment
+        # (here 6 requests' indptr rows and 61 entries would put layer 1 off 16 bytes).
+        for name in ("indptr", "tier", "row", "tier_indptr"):
+            assert getattr(one, name).data_ptr() % 16 == 0, f"layer {layer}: {name} row not 16-byte aligned"
     assert len(per_layer_counts) > 1, "the layers must hold different tokens for this test to tell them apart"
+    assert capacity % 16 and (len(seq_lens) + 1) % 4, "sizes that would misalign unpadded layer rows"
 
 
 def region_entries(location, req_to_token, req_pool_indices, seq_lens, block=8):
