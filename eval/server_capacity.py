@@ -550,7 +550,7 @@ def run_one(args, config: str, log_dir: Path) -> dict:
             requests.append(result)
             print(f"[{name}] prompt {prompt_len}: {result}", flush=True)
         # The same prompt again (--repeats times): its prefix must come from the radix cache.
-        if args.prompt_lens:
+        if args.prompt_lens and args.repeats:
             repeats = []
             for _ in range(args.repeats):
                 repeat = generate(url, ids, args.max_new_tokens, stream=True)
@@ -616,7 +616,9 @@ def main() -> int:
     parser.add_argument("--prompt-lens", type=int, nargs="*", default=[8192, 32704],
                         help="single-request lengths (none: skip that phase and the repeated prompt)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=1, help="send the last prompt again this many times")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="send the last prompt again this many times (0 with --profile-repeat-steps: profile "
+                             "the first repeat)")
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--startup-timeout", type=float, default=300)
@@ -658,8 +660,9 @@ def main() -> int:
         "sglang_version": package_version("sglang"),
         "runs": [],
     }
-    if args.repeats < 1:
-        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.repeats < (0 if args.profile_repeat_steps else 1):
+        parser.error(f"--repeats must be at least 1 (0 with --profile-repeat-steps: the profile is then the first "
+                     f"repeat), got {args.repeats}")
     if args.batch_rounds < 1:
         parser.error(f"--batch-rounds must be at least 1, got {args.batch_rounds}")
     if args.profile_decode_steps and not args.batch_decode:

@@ -84,8 +84,25 @@ def log_triton_compiles() -> None:
         began = started.pop(str(hook_args["key"]), None)
         milliseconds = (time.perf_counter() - began) * 1000 if began is not None else float("nan")
         logger.info("kv-compress: Triton compiled %s in %.1f ms: %s", hook_args["fn"].name, milliseconds,
-                    hook_args["repr"])
+                    specialization_summary(hook_args["compile"]))
         return earlier_after(**hook_args) if earlier_after else None
 
     after.logs_compiles = True
     runtime.jit_cache_hook, runtime.jit_post_compile_hook = before, after
+
+
+def specialization_summary(compile_info: dict) -> str:
+    """One line telling a kernel's compiled variants apart: each argument's type, `/16` where
+    Triton specialized it as divisible by 16 (a pointer's alignment, an integer's value),
+    `=value` for constexprs and for integers specialized to a constant (1). From the
+    `compile` mapping Triton passes its JIT hooks (signature, constants, configs)."""
+    constants = compile_info.get("constants") or {}
+    attributes = (compile_info.get("configs") or [{}])[0]
+    parts = []
+    for index, (name, type_name) in enumerate(compile_info.get("signature", {}).items()):
+        if (index,) in constants:
+            parts.append(f"{name}={constants[(index,)]}")
+            continue
+        divisible = any(attribute == "tt.divisibility" for attribute, _ in attributes.get((index,), []))
+        parts.append(f"{name}:{type_name}{'/16' if divisible else ''}")
+    return ", ".join(parts)

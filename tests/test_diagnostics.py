@@ -66,7 +66,11 @@ def test_each_triton_compile_is_logged_and_earlier_hooks_still_run(caplog, monke
     diagnostics.log_triton_compiles()  # a second install neither doubles the lines nor loses the chain
 
     def hook_arguments(key):
-        return {"key": key, "repr": f"decode_kernel[num_warps=4](n: i32 {key})", "compile": {},
+        # As triton/runtime/jit.py's _pack_args builds them: types by name, constexprs and
+        # specialized values by (argument index,), attributes of the first config likewise.
+        compile_info = {"key": key, "signature": {"q_ptr": "*bf16", "n": "i32", "one": "i32", "BLOCK": "constexpr"},
+                        "constants": {(2,): 1, (3,): 64}, "configs": [{(0,): [["tt.divisibility", 16]]}]}
+        return {"key": key, "repr": "decode_kernel[num_warps=4](...)", "compile": compile_info,
                 "fn": JitFunctionInfo("sglang_kvc.kernels.decode", "decode_kernel", None),
                 "is_manual_warmup": False, "already_compiled": False}
 
@@ -76,5 +80,5 @@ def test_each_triton_compile_is_logged_and_earlier_hooks_still_run(caplog, monke
     lines = [r.getMessage() for r in caplog.records if "Triton compiled" in r.getMessage()]
     assert len(lines) == 1
     assert lines[0].startswith("kv-compress: Triton compiled decode_kernel in ")
-    assert lines[0].endswith("ms: decode_kernel[num_warps=4](n: i32 ('A', 16))")
+    assert lines[0].endswith("ms: q_ptr:*bf16/16, n:i32, one=1, BLOCK=64")
     assert calls == [("before", ("A", 16)), ("after", ("A", 16))]
