@@ -16,6 +16,12 @@ For a trace of N forward steps it reports, per step:
     copies from pinned memory are queued like kernels and left out.
 `span_ms` well above `gpu_busy_ms` means the GPU waits for the host: the host-side ranges
 and runtime calls then say where the step goes.
+
+With `--layer-marker OP` (a host operator each layer runs once, e.g. `sglang::apply_rope_inplace`)
+it also reports where a one-step trace's host time goes by layer (`layer_periods`): before the
+first layer, the first layer, the median later layer and after the last; and the median time of
+`--yardstick` (default `aten::linear`) calls, to compare the host's speed across traces taken on
+different machines.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -122,14 +129,47 @@ def summarize(events: list[dict], steps: int, top: int = 20) -> dict:
     return summary
 
 
+def layer_periods(events: list[dict], marker: str, yardstick: str = "aten::linear") -> dict:
+    """Host time of a one-step trace by layer, from the start times of `marker` (once per layer),
+    in ms: `before_first_layer`, `first_layer`, `median_layer` (the later ones),
+    `after_last_layer` (from the last layer's marker to the end of the step), and the median
+    duration of `yardstick` calls in µs. The step is SGLang's `step[...]` range when the trace
+    holds one (the trace itself runs on into the next batch, whose `run_batch` range also holds
+    the profiler's own stop), else the whole trace."""
+    events = [e for e in events if e.get("ph") == "X" and "dur" in e and "ts" in e]
+    starts = sorted(e["ts"] for e in events if e.get("name") == marker)
+    if len(starts) < 2:
+        raise ValueError(f"{marker!r} occurs {len(starts)} times: a layer marker must occur once per layer")
+    steps = [e for e in events if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("step[")]
+    bounds = steps if len(steps) == 1 else events
+    trace_start = min(e["ts"] for e in bounds)
+    trace_end = max(e["ts"] + e["dur"] for e in bounds)
+    periods = [later - earlier for earlier, later in zip(starts, starts[1:])]
+    yardstick_us = sorted(e["dur"] for e in events if e.get("name") == yardstick)
+    return {
+        "layers": len(starts),
+        "before_first_layer_ms": round((starts[0] - trace_start) / 1e3, 3),
+        "first_layer_ms": round(periods[0] / 1e3, 3),
+        "median_layer_ms": round(statistics.median(periods[1:]) / 1e3, 3) if len(periods) > 1 else None,
+        "after_last_layer_ms": round((trace_end - starts[-1]) / 1e3, 3),
+        "yardstick": yardstick,
+        "yardstick_median_us": round(statistics.median(yardstick_us), 1) if yardstick_us else None,
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trace", type=Path)
     parser.add_argument("--steps", type=int, required=True, help="forward steps the trace holds")
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--layer-marker", help="a host operator each layer runs once: adds `layer_periods`")
+    parser.add_argument("--yardstick", default="aten::linear", help="host operator whose median time is reported")
     args = parser.parse_args(argv)
-    summary = summarize(load_events(args.trace), args.steps, args.top)
+    events = load_events(args.trace)
+    summary = summarize(events, args.steps, args.top)
+    if args.layer_marker:
+        summary["layer_periods"] = layer_periods(events, args.layer_marker, args.yardstick)
     text = json.dumps(summary, indent=1)
     if args.out:
         args.out.write_text(text + "\n")

@@ -70,3 +70,27 @@ def test_bad_input_is_refused():
         trace_summary.summarize(two_steps(), steps=0)
     with pytest.raises(ValueError, match="no complete"):
         trace_summary.summarize([{"ph": "i", "name": "x", "ts": 0}], steps=1)
+
+
+def test_layer_periods_of_a_one_step_trace(tmp_path):
+    """Three layers marked by `rope` at 100, 400 and 600 us; the trace runs 50 .. 1000 us."""
+    events = [event("cpu_op", "step", 50, 950),
+              event("cpu_op", "rope", 100, 10), event("cpu_op", "aten::linear", 120, 30),
+              event("cpu_op", "rope", 400, 10), event("cpu_op", "aten::linear", 420, 50),
+              event("cpu_op", "rope", 600, 10), event("cpu_op", "aten::linear", 620, 40)]
+    periods = trace_summary.layer_periods(events, "rope")
+    assert periods == {"layers": 3, "before_first_layer_ms": 0.05, "first_layer_ms": 0.3, "median_layer_ms": 0.2,
+                       "after_last_layer_ms": 0.4, "yardstick": "aten::linear", "yardstick_median_us": 40}
+    with pytest.raises(ValueError, match="once per layer"):
+        trace_summary.layer_periods(events, "absent")
+    # SGLang's step range bounds it when there is one (the trace runs on into the next batch).
+    stepped = events + [event("user_annotation", "step[EXTEND bs=1 toks=1]", 80, 820),
+                        event("user_annotation", "scheduler.run_batch", 950, 400)]
+    assert trace_summary.layer_periods(stepped, "rope") == periods | {"before_first_layer_ms": 0.02,
+                                                                      "after_last_layer_ms": 0.3}
+    path = tmp_path / "t.trace.json.gz"
+    with gzip.open(path, "wt") as handle:
+        json.dump({"traceEvents": events}, handle)
+    out = tmp_path / "s.json"
+    assert trace_summary.main([str(path), "--steps", "1", "--layer-marker", "rope", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["layer_periods"] == periods
