@@ -75,6 +75,12 @@ class ObservationWindowScorer:
     temperature: float = 1.0
     pooling_kernel: int = 7
     implementation: str = "torch"
+    # The config's observation window: the batched Triton scoring pads every prompt's queries
+    # to at least this many rows, so that its row count (a constexpr) and with it the compiled
+    # variant is the one start-up warmed; a prompt shorter than the window (SGLang's 3-token
+    # warm-up, its 1-token health check, any short user prompt) compiled a new variant in the
+    # middle of a request otherwise (~1.1 s each, serving runs 33-35).
+    window: int = 0
 
     scoring: ClassVar[str] = "window"  # the `sparsity.scoring` value this class implements
 
@@ -92,7 +98,8 @@ class ObservationWindowScorer:
                 f"sglang_kvc.policy.scorer_from_config, and feed it the queries that mode samples "
                 f"(context: sglang_kvc.context_queries.StridedQuerySampler)"
             )
-        return cls(temperature=s.temperature, pooling_kernel=s.pooling_kernel, implementation=implementation)
+        return cls(temperature=s.temperature, pooling_kernel=s.pooling_kernel, implementation=implementation,
+                   window=s.observation_window)
 
     def per_kv_head(self, window_queries, window_positions, keys, key_positions) -> torch.Tensor:
         """[kv_heads, N] fp32: summed softmax attention of each head's window queries."""
@@ -134,7 +141,7 @@ class ObservationWindowScorer:
 
         device = keys.device
         lengths = [prompt.positions.numel() for prompt in prompts]
-        window = max(prompt.window_queries.shape[0] for prompt in prompts)
+        window = max(self.window, *(prompt.window_queries.shape[0] for prompt in prompts))
 
         def padded(rows: torch.Tensor, value=0) -> torch.Tensor:
             """A prompt shorter than the window has fewer queries: pad them at position -1

@@ -4,11 +4,15 @@ shorter than W, a single key, GQA groups 1, 4 and 7, head_dim 64 and 96 (padded)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from sglang_kvc.kernels.score import window_scores, window_scores_batched
 from sglang_kvc.policy import ObservationWindowScorer
+
+REPO = Path(__file__).resolve().parents[2]
 
 KV_HEADS = 2
 
@@ -134,3 +138,38 @@ def test_scorer_scores_a_pass_of_prompts_in_one_go(pooling_kernel, gen, device):
     assert got.shape == (3, 90)
     assert torch.isinf(got[1, 33:]).all() and torch.isinf(got[2, 1:]).all()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_short_windows_are_padded_to_the_configs_window(gen, device, monkeypatch):
+    """Prompts shorter than the observation window (a 3-token and a 1-token one, as SGLang's
+    warm-up and health check send) reach the kernels with the config's window of rows, the
+    row count start-up compiled for, and score as without the padding."""
+    import sglang_kvc.kernels.score as score_module
+    from sglang_kvc.policy import PromptCandidates
+
+    row_counts = []
+    batched = score_module.window_scores_batched
+
+    def spy(queries, *args, **kwargs):
+        row_counts.append(queries.shape[1])
+        return batched(queries, *args, **kwargs)
+
+    monkeypatch.setattr(score_module, "window_scores_batched", spy)
+    prompts, keys = [], []
+    for num_keys in (3, 1):
+        q, window_positions, k, key_positions = case(gen, device, group=4, window=num_keys, num_keys=num_keys)
+        prompts.append(PromptCandidates(q, window_positions, key_positions, num_keys))
+        keys.append(k)
+    keys = torch.cat(keys)
+    padded = ObservationWindowScorer(implementation="triton", window=8).score_prompts(prompts, keys)
+    unpadded = ObservationWindowScorer(implementation="triton").score_prompts(prompts, keys)
+    assert row_counts == [8, 3]
+    torch.testing.assert_close(padded, unpadded, atol=1e-6, rtol=1e-5)
+    assert torch.isfinite(padded[0, :3]).all() and torch.isfinite(padded[1, :1]).all()
+
+
+def test_the_scorer_takes_the_configs_window():
+    from sglang_kvc.config import load_config
+
+    config = load_config(REPO / "configs" / "qwen_8x_tuned.yaml")
+    assert ObservationWindowScorer.from_config(config).window == config.sparsity.observation_window == 8
