@@ -86,7 +86,7 @@ class ObservationWindowScorer:
 
     @classmethod
     def from_config(cls, config: CompressionConfig, implementation: str = "torch") -> "ObservationWindowScorer":
-        """This class, with the config's temperature and pooling kernel. A config whose
+        """This class, with the config's temperature, pooling kernel and window. A config whose
         `sparsity.scoring` asks for another scorer is refused: `scorer_from_config` picks
         the class, and a caller that builds the window scorer by name must not score a
         context-mode config with the wrong queries."""
