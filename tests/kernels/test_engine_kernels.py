@@ -168,7 +168,7 @@ def test_an_extend_pass_over_a_cached_prefix_builds_every_layers_lists_at_once(s
     gathers (per layer, the lists' torch glue made a short extend host-bound)."""
     import sglang_kvc.kernels.decode_attention as decode_module
 
-    launches: list[tuple[str, int]] = []  # (kernel, layers in its grid)
+    launches: list[tuple[str, int]] = []  # (kernel, the layer whose extend launched it)
     layer_calls: list[int] = []
 
     def spy(name):
