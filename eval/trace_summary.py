@@ -19,9 +19,10 @@ and runtime calls then say where the step goes.
 
 With `--layer-marker OP` (a host operator each layer runs once, e.g. `sglang::apply_rope_inplace`)
 it also reports where a one-step trace's host time goes by layer (`layer_periods`): before the
-first layer, the first layer, the median later layer and after the last; and the median time of
-`--yardstick` (default `aten::linear`) calls, to compare the host's speed across traces taken on
-different machines.
+first layer, the first layer, the median later layer and after the last; the later layers'
+host operators per layer (outermost ones only) and the time between them; and the median time
+of `--yardstick` (default `aten::linear`) calls, to compare the host's speed across traces
+taken on different machines.
 """
 
 from __future__ import annotations
@@ -129,13 +130,42 @@ def summarize(events: list[dict], steps: int, top: int = 20) -> dict:
     return summary
 
 
-def layer_periods(events: list[dict], marker: str, yardstick: str = "aten::linear") -> dict:
+HOST_CATEGORIES = ("cpu_op", "cuda_runtime", "cuda_driver")
+
+
+def top_level_host_ops(events: list[dict], start: float, end: float, layers: int, top: int) -> dict:
+    """Host events in [start, end) not nested in another one (an operator, a runtime or driver
+    call: what the host did, each counted once), by name, per layer over `layers` layers;
+    and the time between them (Python outside any operator: argument handling, Triton's
+    launcher)."""
+    host = sorted((e for e in events if e.get("cat") in HOST_CATEGORIES and start <= e["ts"] < end),
+                  key=lambda e: (e["ts"], -e["dur"]))
+    outer, covered_until = [], float("-inf")
+    for event in host:
+        if event["ts"] >= covered_until:
+            outer.append(event)
+            covered_until = event["ts"] + event["dur"]
+    calls: dict[str, int] = defaultdict(int)
+    total_us: dict[str, float] = defaultdict(float)
+    for event in outer:
+        calls[event["name"]] += 1
+        total_us[event["name"]] += event["dur"]
+    names = sorted(total_us, key=total_us.get, reverse=True)[:top]
+    return {
+        "between_ops_ms_per_layer": round((end - start - sum(total_us.values())) / 1e3 / layers, 3),
+        "ops": [{"name": name, "calls_per_layer": round(calls[name] / layers, 2),
+                 "us_per_layer": round(total_us[name] / layers, 1)} for name in names],
+    }
+
+
+def layer_periods(events: list[dict], marker: str, yardstick: str = "aten::linear", top: int = 20) -> dict:
     """Host time of a one-step trace by layer, from the start times of `marker` (once per layer),
     in ms: `before_first_layer`, `first_layer`, `median_layer` (the later ones),
     `after_last_layer` (from the last layer's marker to the end of the step), and the median
-    duration of `yardstick` calls in µs. The step is SGLang's `step[...]` range when the trace
-    holds one (the trace itself runs on into the next batch, whose `run_batch` range also holds
-    the profiler's own stop), else the whole trace."""
+    duration of `yardstick` calls in µs; with three or more layers, what the host did in the
+    later layers' periods (`top_level_host_ops`, per layer). The step is SGLang's `step[...]`
+    range when the trace holds one (the trace itself runs on into the next batch, whose
+    `run_batch` range also holds the profiler's own stop), else the whole trace."""
     events = [e for e in events if e.get("ph") == "X" and "dur" in e and "ts" in e]
     starts = sorted(e["ts"] for e in events if e.get("name") == marker)
     if len(starts) < 2:
@@ -154,6 +184,8 @@ def layer_periods(events: list[dict], marker: str, yardstick: str = "aten::linea
         "after_last_layer_ms": round((trace_end - starts[-1]) / 1e3, 3),
         "yardstick": yardstick,
         "yardstick_median_us": round(statistics.median(yardstick_us), 1) if yardstick_us else None,
+        "later_layers": (top_level_host_ops(events, starts[1], starts[-1], len(starts) - 2, top)
+                         if len(starts) > 2 else None),
     }
 
 
@@ -169,7 +201,7 @@ def main(argv=None) -> int:
     events = load_events(args.trace)
     summary = summarize(events, args.steps, args.top)
     if args.layer_marker:
-        summary["layer_periods"] = layer_periods(events, args.layer_marker, args.yardstick)
+        summary["layer_periods"] = layer_periods(events, args.layer_marker, args.yardstick, args.top)
     text = json.dumps(summary, indent=1)
     if args.out:
         args.out.write_text(text + "\n")

@@ -78,9 +78,15 @@ def test_layer_periods_of_a_one_step_trace(tmp_path):
               event("cpu_op", "rope", 100, 10), event("cpu_op", "aten::linear", 120, 30),
               event("cpu_op", "rope", 400, 10), event("cpu_op", "aten::linear", 420, 50),
               event("cpu_op", "rope", 600, 10), event("cpu_op", "aten::linear", 620, 40)]
+    # The later layers: one period (400 .. 600 us), rope 10 + linear 50 us in it; nested
+    # operators count in their parent only.
+    events.append(event("cpu_op", "aten::addmm", 430, 20))
     periods = trace_summary.layer_periods(events, "rope")
     assert periods == {"layers": 3, "before_first_layer_ms": 0.05, "first_layer_ms": 0.3, "median_layer_ms": 0.2,
-                       "after_last_layer_ms": 0.4, "yardstick": "aten::linear", "yardstick_median_us": 40}
+                       "after_last_layer_ms": 0.4, "yardstick": "aten::linear", "yardstick_median_us": 40,
+                       "later_layers": {"between_ops_ms_per_layer": 0.14, "ops": [
+                           {"name": "aten::linear", "calls_per_layer": 1.0, "us_per_layer": 50.0},
+                           {"name": "rope", "calls_per_layer": 1.0, "us_per_layer": 10.0}]}}
     with pytest.raises(ValueError, match="once per layer"):
         trace_summary.layer_periods(events, "absent")
     # SGLang's step range bounds it when there is one (the trace runs on into the next batch).
@@ -88,6 +94,7 @@ def test_layer_periods_of_a_one_step_trace(tmp_path):
                         event("user_annotation", "scheduler.run_batch", 950, 400)]
     assert trace_summary.layer_periods(stepped, "rope") == periods | {"before_first_layer_ms": 0.02,
                                                                       "after_last_layer_ms": 0.3}
+    assert trace_summary.layer_periods(events[:5], "rope")["later_layers"] is None  # two layers: no later ones
     path = tmp_path / "t.trace.json.gz"
     with gzip.open(path, "wt") as handle:
         json.dump({"traceEvents": events}, handle)
