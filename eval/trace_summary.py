@@ -62,12 +62,18 @@ def busy_time(intervals: Iterable[tuple[float, float]]) -> float:
     return total
 
 
-def top_by_total(events: list[dict], steps: int, top: int) -> list[dict]:
+def totals_by_name(events: Iterable[dict]) -> tuple[dict[str, int], dict[str, float]]:
+    """(calls, total µs) per event name."""
     calls: dict[str, int] = defaultdict(int)
     total_us: dict[str, float] = defaultdict(float)
     for event in events:
         calls[event["name"]] += 1
         total_us[event["name"]] += event["dur"]
+    return calls, total_us
+
+
+def top_by_total(events: list[dict], steps: int, top: int) -> list[dict]:
+    calls, total_us = totals_by_name(events)
     ranked = sorted(total_us, key=total_us.get, reverse=True)[:top]
     return [{"name": name, "calls": calls[name], "total_ms": round(total_us[name] / 1e3, 3),
              "ms_per_step": round(total_us[name] / 1e3 / steps, 4)} for name in ranked]
@@ -145,11 +151,7 @@ def top_level_host_ops(events: list[dict], start: float, end: float, layers: int
         if event["ts"] >= covered_until:
             outer.append(event)
             covered_until = event["ts"] + event["dur"]
-    calls: dict[str, int] = defaultdict(int)
-    total_us: dict[str, float] = defaultdict(float)
-    for event in outer:
-        calls[event["name"]] += 1
-        total_us[event["name"]] += event["dur"]
+    calls, total_us = totals_by_name(outer)
     names = sorted(total_us, key=total_us.get, reverse=True)[:top]
     return {
         "between_ops_ms_per_layer": round((end - start - sum(total_us.values())) / 1e3 / layers, 3),
