@@ -66,8 +66,9 @@ def eviction_takes_rows_off(original, tree, *args, **kwargs):
     """AROUND RadixCache.evict: it frees each evicted node with `free_segment`, which takes
     the node's rows off the counter while this is on (the allocator's `evicting_from_tree`).
     Those frees wait for the device (eviction runs for allocations, outside SGLang's free
-    groups), so the exact counts cost no further wait: refresh the admission bound with them (else it stays low by a row per layer for every evicted
-    token until a later copy lands, and admits a fraction of what fits)."""
+    groups), so the exact counts cost no further wait: refresh the admission bound with them
+    (else it stays low by a row per layer for every evicted token until a later copy lands,
+    and admits a fraction of what fits)."""
     allocator = compressed_allocator_of(tree)
     if allocator is None or tree.disable:
         return original(tree, *args, **kwargs)

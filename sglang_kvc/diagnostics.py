@@ -1,4 +1,5 @@
-"""Signals a running compressed server answers without stopping, for when it stalls.
+"""What a running compressed server tells without stopping: two signals, for when it stalls,
+and a log line per Triton compile.
 
 SIGUSR1: every thread's Python stack to the server log (faulthandler: written even while the
 scheduler waits inside a CUDA call). SIGUSR2: the KV accounting that admission reads (the

@@ -370,7 +370,8 @@ def next_stage(stage: int, stages: Sequence[int], accuracy: Mapping[str, Mapping
     A stage opens when the newest length is learnt (several at once if the model masters
     them), or, for time, when its share of the budget is used up (`latest_final_stage_start`):
     at most one per check, since opening several for time skips their lengths (run v6 of
-    2026-11-30 opened 512 to 4K in one check and never learnt variable tracking)."""
+    2026-11-30 opened 512 to 4K in one check; its variable-tracking collapse came from its
+    task weights, as run v7 showed, but no length should go untrained)."""
     while stage + 1 < len(stages):
         if cells_at_least(accuracy, [stages[stage]], config.advance_at):
             stage += 1
