@@ -151,7 +151,11 @@ class CompressedAttnBackend(TritonAttnBackend):
             raise NotImplementedError("--kv-compress does not support sliding-window layers")
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, score_mod=None, aux_tensors=None):
-        return self._forward(self.engine.extend, q, k, v, layer, forward_batch, save_kv_cache, sinks, score_mod)
+        def extend(layer_id, q3, scaling, logit_cap):
+            # The new tokens' K/V as just staged, so the extend kernel need not read them back.
+            return self.engine.extend(layer_id, q3, scaling, logit_cap, new_kv=(k, v) if save_kv_cache else None)
+
+        return self._forward(extend, q, k, v, layer, forward_batch, save_kv_cache, sinks, score_mod)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, score_mod=None, aux_tensors=None):
         return self._forward(self.engine.decode, q, k, v, layer, forward_batch, save_kv_cache, sinks, score_mod)

@@ -259,6 +259,7 @@ class CompressedAttention:
         # Per extend pass, decided at its first layer (`_compression_candidates`).
         self.candidates: list[torch.Tensor | None] | None = None
         self.candidate_tokens: torch.Tensor | None = None
+        self.seal_candidates = False  # every candidate kept unguarded (`_keeps_every_candidate_unguarded`)
         self.capturing = False  # is the current decode pass being recorded into a CUDA graph?
         self.decode_launch: DecodeLaunch | None = None
         # Per decode pass, from its first layer: the sequence lengths as int32 and
@@ -415,14 +416,17 @@ class CompressedAttention:
         return self._positions
 
     # ---- extend ---------------------------------------------------------------------------------
-    def extend(self, layer_id: int, q: torch.Tensor, scaling: float, logit_cap: float = 0.0) -> torch.Tensor:
+    def extend(self, layer_id: int, q: torch.Tensor, scaling: float, logit_cap: float = 0.0,
+               new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """q: [extend tokens, q_heads, head_dim] -> [extend tokens, q_heads, v_head_dim]
-        (float32 on the torch path and in the interpreter, q's dtype on the GPU)."""
+        (float32 on the torch path and in the interpreter, q's dtype on the GPU). `new_kv`:
+        the new tokens' K/V as the layer just wrote them to staging (the backend's forward
+        arguments), so that the Triton path need not read them back."""
         pool = self.pool
         layer = layer_id - pool.start_layer
         q = pool.rotate(q)
         if self.attention_impl == "triton":
-            out = self._extend_triton(layer, q, scaling, logit_cap)
+            out = self._extend_triton(layer, q, scaling, logit_cap, new_kv)
         else:
             out = self._extend_torch(layer, q, scaling, logit_cap)
         # Every request of the pass has attended before any of them compresses.
@@ -440,7 +444,10 @@ class CompressedAttention:
         batch = self.batch
         if self.candidates is None:
             self.candidates = self._compression_candidates()
-        if self.config.sparsity.scoring == "window":
+            self.seal_candidates = self._keeps_every_candidate_unguarded()
+        if self.seal_candidates:
+            pass  # no scores will be needed: no scoring queries either
+        elif self.config.sparsity.scoring == "window":
             # One gather per layer of every request's last `window` queries; each request
             # keeps a view of it (no copy per request and layer).
             rows, spans = self._recent_query_rows()
@@ -458,8 +465,32 @@ class CompressedAttention:
                 offset += extend_len
         if layer == self.last_layer:
             finishing = [i for i in range(len(batch.rids)) if batch.last_chunk[i] and self.candidates[i].numel()]
-            if finishing:
+            if not finishing:
+                return
+            if self.seal_candidates:
+                # Every candidate goes to the low-bit tier: the decode window's seal, which
+                # also returns the staging rows (no scoring, selection or per-tier placing).
+                self.pool.seal_staged(self.candidate_tokens)
+            else:
                 self._compress(finishing)
+                self.pool.release_staging(self.candidate_tokens)
+
+    def _keeps_every_candidate_unguarded(self) -> bool:
+        """Does every request of the pass finish its prompt keeping all its candidates, in
+        every layer, none of them guarded? Then scores decide nothing: a prompt of fewer
+        candidates than `min_prompt_len` with too few for a guarded one (a repeated prompt
+        whose cached prefix leaves a token or two to compute; a short prompt without a guard
+        tier). The prefill of such a pass was host-bound on the scoring and placing it skips
+        (serving runs 33-35: ~11 ms of a ~98 ms profiled step after the last layer)."""
+        batch = self.batch
+        if not all(batch.last_chunk):
+            return False
+        ratios = set(self.layer_retain)
+        for positions in self.candidates:
+            count = positions.numel()
+            if self.config.guard_count(count) or any(self.config.layer_budget(r, count) != count for r in ratios):
+                return False
+        return True
 
     def _extend_torch(self, layer: int, q: torch.Tensor, scaling: float, logit_cap: float) -> torch.Tensor:
         """The reference: per request, every held token of the layer, dequantized, through
@@ -477,7 +508,8 @@ class CompressedAttention:
             offset += extend_len
         return out
 
-    def _extend_triton(self, layer: int, q: torch.Tensor, scaling: float, logit_cap: float) -> torch.Tensor:
+    def _extend_triton(self, layer: int, q: torch.Tensor, scaling: float, logit_cap: float,
+                       new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """SGLang's Triton extend kernel over the layer's held prefix and the new tokens
         (staged bf16), causal among the new ones: one launch for the batch. The prefix is
         dequantized into a transient buffer (prefill only, and only the kept tokens): the
@@ -516,8 +548,7 @@ class CompressedAttention:
                 # host-bound on them).
                 k_buffer, v_buffer = gather_held_rows(pool, layer, entries, capacity, dtype)
             kv_indptr = entries.indptr
-        # Just written to staging by set_kv_buffer: every new token is held there.
-        k_extend, v_extend = pool.staging.read(layer, inputs.new_token_rows, dtype)
+        k_extend, v_extend = self._new_tokens_kv(layer, inputs, new_kv, q.shape[0], dtype)
         out = torch.empty((q.shape[0], q.shape[1], pool.head_dim), dtype=dtype, device=device)
         extend_attention_fwd(
             q.to(dtype).contiguous(), k_extend.contiguous(), v_extend.contiguous(), out, k_buffer, v_buffer,
@@ -525,6 +556,18 @@ class CompressedAttention:
             1.0, 1.0, sm_scale=scaling, logit_cap=logit_cap,
         )
         return out  # in q's dtype on the GPU, as the backend returns it (a float32 copy cost two passes per layer)
+
+    def _new_tokens_kv(self, layer: int, inputs: ExtendInputs, new_kv: tuple[torch.Tensor, torch.Tensor] | None,
+                       count: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pass's new tokens' K/V as staging holds them, in `dtype`: `new_kv` itself
+        when it is what was stored (no key transform, one row per new token), else read
+        back from staging (two gathers per layer)."""
+        pool = self.pool
+        if new_kv is not None and pool.rotation is None and new_kv[0].shape[0] == count:
+            shape = (count, pool.head_num, pool.head_dim)
+            return tuple(x.reshape(shape).to(pool.staging.dtype).to(dtype) for x in new_kv)
+        # Just written to staging by set_kv_buffer: every new token is held there.
+        return pool.staging.read(layer, inputs.new_token_rows, dtype)
 
     def _held_prefix_entries(self, capacity: int) -> DecodeEntries:
         """Every layer's list of each request's held prefix tokens, built at the pass's first
@@ -560,7 +603,8 @@ class CompressedAttention:
         A request that started without a prefix, and whose staged chunks no other request
         can have matched, holds only its own tokens, all still staged (its chunks stay staged
         until its last): every position, known on the host. Otherwise the staging map says
-        which (one nonzero and one count for the pass, two host syncs), and a staged token
+        which (one nonzero and one count for the pass, two host syncs; the nonzero alone for
+        a single finishing request), and a staged token
         shared by two finishing requests (one matched the other's staged chunks in the radix
         tree) goes to the first, so no token is placed twice."""
         batch = self.batch
@@ -583,6 +627,10 @@ class CompressedAttention:
         if len(finishing) > 1 and not all(self._started_without_prefix(batch.rids[i]) for i in finishing):
             staged &= ~_claimed_earlier(tokens, row_lengths)
         flat = staged.nonzero().squeeze(1)
+        self.candidate_tokens = tokens[flat]
+        if len(rows) == 1:  # its positions are the flat indices (a cached prompt's repeat)
+            result[finishing[0]] = flat
+            return result
         lengths = to_device(row_lengths, torch.int64, tokens.device)
         starts = torch.cumsum(lengths, 0) - lengths
         request_of = torch.repeat_interleave(torch.arange(len(rows), device=tokens.device), lengths,
@@ -591,7 +639,6 @@ class CompressedAttention:
         positions = (flat - starts[request_of]).split(counts)
         for i, request_positions in zip(finishing, positions):
             result[i] = request_positions
-        self.candidate_tokens = tokens[flat]
         return result
 
     def _started_without_prefix(self, rid: str) -> bool:
@@ -667,11 +714,10 @@ class CompressedAttention:
     def _finish_extend(self) -> None:
         compressed = sum(1 for positions in self.candidates or () if positions is not None and positions.numel())
         if compressed:
-            tokens = self.candidate_tokens
-            self.pool.release_staging(tokens)
             # Host-known counts only: reading back the rows kept would wait for the whole pass
             # on the GPU, which the overlap scheduler would otherwise spend on the next batch.
-            logger.info("kv-compress: compressed %d prompt tokens of %d request(s)", tokens.numel(), compressed)
+            logger.info("kv-compress: %s %d prompt tokens of %d request(s)",
+                        "sealed" if self.seal_candidates else "compressed", self.candidate_tokens.numel(), compressed)
         for i, rid in enumerate(self.batch.rids):
             if self.batch.last_chunk[i]:
                 self.scoring_queries.pop(rid, None)

@@ -212,7 +212,8 @@ class Simulator:
             if batch.is_decode:
                 self.engine.decode(layer.layer_id, q, self.head_dim**-0.5)
             else:
-                self.engine.extend(layer.layer_id, q, self.head_dim**-0.5)
+                # As the backend calls it: with the K/V just staged.
+                self.engine.extend(layer.layer_id, q, self.head_dim**-0.5, new_kv=(k, v))
 
     # ---- release -------------------------------------------------------------------------------------------
     def finish(self, sim: SimRequest) -> None:

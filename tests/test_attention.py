@@ -204,6 +204,58 @@ def test_a_pass_of_more_prompts_than_the_engine_remembers_compresses_every_one()
     _assert_same_compression(together, alone)
 
 
+_UNGUARDED_CONFIG = {
+    "sparsity": {"retain_ratio": 0.3, "min_prompt_len": 8, "sink_tokens": 2, "recent_window": 4,
+                 "observation_window": 8, "pooling_kernel": 3},
+    "quantization": {"key_bits": 4, "value_bits": 2, "group_size": 16, "guard_fraction": 0.0},
+}
+
+
+class _NoScores:
+    """A scorer that fails the test if the engine asks it for anything."""
+
+    def score(self, *args):
+        raise AssertionError("scored a pass whose candidates are all kept unguarded")
+
+    score_prompts = score
+
+
+@pytest.mark.parametrize("raw_config, lengths", [(_UNGUARDED_CONFIG, [5, 7]), (_ONE_PASS_CONFIG, [2, 1])])
+def test_a_pass_keeping_every_candidate_unguarded_seals_them_as_compressing_would(monkeypatch, raw_config, lengths):
+    """Prompts with fewer candidates than `min_prompt_len` keep them all; with too few for a
+    guarded one, the engine seals them to the low-bit tier without scoring. The tiers and the
+    stored K/V must be what scoring, selecting and placing them gives, and every staging row
+    must come back."""
+    prompts = [list(range(1, 1 + lengths[0])), list(range(100, 100 + lengths[1]))]
+    pool, engine, req_to_token = build(raw_config)
+    engine.scorer = _NoScores()
+    sealed = _prefill(pool, engine, req_to_token, prompts, [[0, 1]], generator_seed=4)
+    assert engine.seal_candidates and pool.staged_count == 0
+    assert pool.staging_free.available() == pool.staging_free.num_rows
+
+    compressing_pool, compressing_engine, compressing_req_to_token = build(raw_config)
+    monkeypatch.setattr(CompressedAttention, "_keeps_every_candidate_unguarded", lambda self: False)
+    compressed = _prefill(compressing_pool, compressing_engine, compressing_req_to_token, prompts, [[0, 1]],
+                          generator_seed=4)
+    for request, (ours, theirs) in enumerate(zip(sealed, compressed)):
+        for layer, ((tiers, k, v), (want_tiers, want_k, want_v)) in enumerate(zip(ours, theirs)):
+            assert torch.equal(tiers, want_tiers) and (tiers == Tier.LOWBIT).all(), (request, layer)
+            assert torch.equal(k, want_k) and torch.equal(v, want_v), (request, layer)
+
+
+@pytest.mark.parametrize("lengths", [[5, 9], [3, 2]])
+def test_a_pass_with_a_token_to_evict_or_guard_is_scored(lengths):
+    """9 candidates reach `min_prompt_len` 8 (some are evicted); 3 candidates at guard
+    fraction 0.25 guard one: either way the scores decide, so the pass compresses."""
+    raw_config = _UNGUARDED_CONFIG if 9 in lengths else _ONE_PASS_CONFIG
+    prompts = [list(range(1, 1 + lengths[0])), list(range(100, 100 + lengths[1]))]
+    pool, engine, req_to_token = build(raw_config)
+    held = _prefill(pool, engine, req_to_token, prompts, [[0, 1]], generator_seed=4)
+    assert not engine.seal_candidates and pool.staged_count == 0
+    tiers = torch.cat([tiers for request in held for tiers, _, _ in request])
+    assert ((tiers == Tier.EVICTED) | (tiers == Tier.GUARD)).any()
+
+
 def _assert_same_compression(together, alone):
     for request, (ours, theirs) in enumerate(zip(together, alone)):
         for layer, ((tiers, k, v), (want_tiers, want_k, want_v)) in enumerate(zip(ours, theirs)):

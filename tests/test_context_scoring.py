@@ -394,9 +394,9 @@ def test_the_sglang_engine_scores_a_chunked_prompt_with_the_modes_queries(scorin
     raw_queries: dict[int, list[torch.Tensor]] = {0: [], 1: []}
 
     class RecordingAttention(CompressedAttention):
-        def extend(self, layer_id, q, scaling, logit_cap=0.0):
+        def extend(self, layer_id, q, scaling, logit_cap=0.0, new_kv=None):
             raw_queries[layer_id].append(q.clone())
-            return super().extend(layer_id, q, scaling, logit_cap)
+            return super().extend(layer_id, q, scaling, logit_cap, new_kv)
 
     scorer = RecordingScorer(scorer_from_config(config))
     sim.engine = RecordingAttention(sim.pool, sim.req_to_token_pool.req_to_token, scorer=scorer, attention_impl="torch")

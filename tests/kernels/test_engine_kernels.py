@@ -60,8 +60,8 @@ class RecordingAttention(CompressedAttention):
         self.decode_outputs: list[torch.Tensor] = []
         self.extend_outputs: list[torch.Tensor] = []
 
-    def extend(self, layer_id, q, scaling, logit_cap=0.0):
-        out = super().extend(layer_id, q, scaling, logit_cap)
+    def extend(self, layer_id, q, scaling, logit_cap=0.0, new_kv=None):
+        out = super().extend(layer_id, q, scaling, logit_cap, new_kv)
         self.extend_outputs.append(out.clone())
         return out
 
@@ -76,13 +76,14 @@ def prompt(length: int, start: int) -> list[int]:
 
 
 def simulate(
-    attention_impl: str, q_heads: int, guard_bits: int, seed: int, logit_cap: float = 0.0, captured: bool = False
+    attention_impl: str, q_heads: int, guard_bits: int, seed: int, logit_cap: float = 0.0, captured: bool = False,
+    key_transform: str = SMALL_CONFIG["quantization"]["key_transform"],
 ) -> Simulator:
     """Four requests through prefill and DECODE_STEPS decode steps of one batch:
     a compressed prompt; one below min_prompt_len (quantized, nothing evicted); a chunked
     prompt compressed at its last chunk; and one whose first 32 tokens come from the
     radix cache (the first request's compressed tokens, read by two requests)."""
-    quantization = {**SMALL_CONFIG["quantization"], "guard_bits": guard_bits}
+    quantization = {**SMALL_CONFIG["quantization"], "guard_bits": guard_bits, "key_transform": key_transform}
     config = config_from_dict({**SMALL_CONFIG, "quantization": quantization})
     sim = Simulator(num_layers=2, kv_heads=2, q_heads=q_heads, config=config, seed=seed)
     sim.engine = RecordingAttention(
@@ -272,6 +273,28 @@ def test_triton_decode_matches_torch_reference(q_heads, guard_bits, seed):
     for call, (out, want) in enumerate(zip(outputs, expected)):
         assert out.shape == want.shape == (len(triton.live), q_heads, triton.head_dim)
         torch.testing.assert_close(out, want, atol=DECODE_ATOL, rtol=0, msg=lambda m: f"decode call {call}: {m}")
+
+
+@needs_interpreter
+def test_extend_takes_the_new_tokens_kv_as_the_layer_staged_them(seed, monkeypatch):
+    """Without a key transform, staging holds the new tokens' K/V as the layer handed them
+    over, so the extend kernel takes them from there instead of reading them back (two
+    gathers per layer): the outputs still match the torch reference, and staging is read
+    only for the chunked prompt's staged prefix (its second chunk, 16 rows, in each layer)."""
+    from sglang_kvc.stores import DenseStore
+
+    reads = []
+    read = DenseStore.read
+    monkeypatch.setattr(DenseStore, "read",
+                        lambda self, layer, rows, dtype: reads.append(rows.numel()) or read(self, layer, rows, dtype))
+    reference = simulate("torch", 14, 16, seed, key_transform="none")
+    reads.clear()
+    triton = simulate("triton", 14, 16, seed, key_transform="none")
+    assert reads == [16, 16]
+    extends, expected_extends = triton.engine.extend_outputs, reference.engine.extend_outputs
+    assert len(extends) == len(expected_extends) == 5 * triton.num_layers
+    for call, (out, want) in enumerate(zip(extends, expected_extends)):
+        torch.testing.assert_close(out, want, atol=DECODE_ATOL, rtol=0, msg=lambda m: f"extend call {call}: {m}")
 
 
 GRAPH_PADDING = 3  # SGLang pads a decode batch up to the next captured batch size
