@@ -194,6 +194,18 @@ def timed_prompt(url: str, rng: random.Random, prompt_len: int, max_new_tokens: 
     return result
 
 
+def repeat_prompts(url: str, prompts: list[list[int]], times: int, max_new_tokens: int) -> list[dict]:
+    """Each of `prompts` sent again `times` times in a row, streamed (time to first token);
+    ok when all but its last token came from the radix cache."""
+    repeats = []
+    for ids in prompts:
+        for _ in range(times):
+            repeat = generate(url, ids, max_new_tokens, stream=True)
+            repeat["ok"] = (repeat["cached_tokens"] or 0) >= len(ids) - 1
+            repeats.append(repeat)
+    return repeats
+
+
 def concurrently(url: str, prompts: list[list[int]], max_new_tokens: int, logprobs: bool = False,
                  stall_s: float | None = None, on_stall=None) -> tuple[float, list[dict]]:
     """Send all prompts at once; (wall seconds, results; failures as {"error": ...}). With
@@ -543,19 +555,21 @@ def run_one(args, config: str, log_dir: Path) -> dict:
                                  "cuda_graph_max_bs")}
         record["overlap_schedule"] = not info.get("disable_overlap_schedule", True)
         rng = random.Random(args.seed)
-        requests = []
+        requests, prompt_ids = [], []
         for prompt_len in args.prompt_lens:
             result = timed_prompt(url, rng, prompt_len, args.max_new_tokens)
             ids = result.pop("ids")
+            prompt_ids.append(ids)
             requests.append(result)
             print(f"[{name}] prompt {prompt_len}: {result}", flush=True)
+        if args.repeat_earlier and len(prompt_ids) > 1:
+            record["earlier_repeats"] = repeat_prompts(url, prompt_ids[:-1], 1, args.max_new_tokens)
+            for repeat in record["earlier_repeats"]:
+                print(f"[{name}] earlier prompt repeated: {repeat}", flush=True)
         # The same prompt again (--repeats times): its prefix must come from the radix cache.
         if args.prompt_lens and args.repeats:
-            repeats = []
-            for _ in range(args.repeats):
-                repeat = generate(url, ids, args.max_new_tokens, stream=True)
-                repeat["ok"] = (repeat["cached_tokens"] or 0) >= args.prompt_lens[-1] - 1
-                repeats.append(repeat)
+            repeats = repeat_prompts(url, [ids], args.repeats, args.max_new_tokens)
+            for repeat in repeats:
                 print(f"[{name}] repeated prompt: {repeat}", flush=True)
             record["repeat_prompt"] = repeats[0]
             record["repeat_latencies_s"] = [r["latency_s"] for r in repeats]
@@ -563,7 +577,8 @@ def run_one(args, config: str, log_dir: Path) -> dict:
             record["repeat_decode_ms_per_token"] = [r["decode_ms_per_token"] for r in repeats]
             record["repeat_prompt"]["ok"] = all(r["ok"] for r in repeats)
         record["requests"] = requests
-        record["ok"] = all(r["ok"] for r in requests) and record.get("repeat_prompt", {"ok": True})["ok"]
+        record["ok"] = (all(r["ok"] for r in requests + record.get("earlier_repeats", []))
+                        and record.get("repeat_prompt", {"ok": True})["ok"])
         if args.batch_decode:
             record.update(batch_decode_shapes(url, rng, args.batch_decode, args.batch_rounds))
             for result in [record["batch_decode"], *record.get("batch_decode_more", [])]:
@@ -619,6 +634,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="send the last prompt again this many times (0 with --profile-repeat-steps: profile "
                              "the first repeat)")
+    parser.add_argument("--repeat-earlier", action="store_true",
+                        help="before those repeats, send every earlier --prompt-lens prompt again once (is a first "
+                             "repeat's extra time paid once per server or once per cached prompt?)")
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--startup-timeout", type=float, default=300)

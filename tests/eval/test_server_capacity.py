@@ -325,3 +325,16 @@ def test_a_stage_whose_trace_never_comes_times_out(capacity, monkeypatch, tmp_pa
     monkeypatch.syspath_prepend(str(REPO / "eval"))
     with pytest.raises(TimeoutError, match="EXTEND"):
         capacity.profiled("http://x", tmp_path, steps=2, send=lambda: None, stages=("EXTEND",), timeout=0.5)
+
+
+def test_repeated_prompts_are_sent_in_order_and_need_all_but_the_last_token_cached(capacity):
+    """`--repeat-earlier` sends each earlier prompt again before the last one's repeats; a
+    repeat is ok only when the radix cache supplied all but its last token (the fake server
+    reports 3 cached tokens: enough for a 4-token prompt, not for a 5-token one)."""
+    server = StreamingServer(tokens=2, first_s=0.0, gap_s=0.0)
+    with server as url:
+        repeats = capacity.repeat_prompts(url, [[1, 2, 3, 4], [5, 6, 7, 8, 9]], 2, max_new_tokens=2)
+    sent = [body["input_ids"] for body in server.bodies]
+    assert sent == [[1, 2, 3, 4]] * 2 + [[5, 6, 7, 8, 9]] * 2
+    assert [repeat["ok"] for repeat in repeats] == [True, True, False, False]
+    assert all(repeat["ttft_s"] >= 0 for repeat in repeats)
