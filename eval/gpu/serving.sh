@@ -13,7 +13,7 @@
 # CONCURRENT=N ends each server with N requests at once and a health / leak check.
 # ARRIVALS="COUNT RATE PROMPT_LEN NEW_TOKENS": requests arriving spread out (Poisson), so
 # that they join and finish while others decode.
-# JSON and each server's log to $OUT.
+# JSON and each server's log to $OUT (profiles' traces packed in $OUT/traces.tgz).
 #   run(command="bash eval/gpu/serving.sh [CONFIG...]", carry=[".gpu-rig"])
 set -u
 source eval/gpu/setup.sh || exit 1
@@ -34,3 +34,10 @@ timeout "${BUDGET_S:-560}" python3 eval/server_capacity.py --model-path .gpu-rig
   $([ "${FIDELITY_AT_ONCE:-0}" = 1 ] && echo --fidelity-concurrent) \
   --out "$OUT/serving.json" --log-dir "$OUT" --server-args --cuda-graph-max-bs "${GRAPH_MAX_BS:-16}" \
   $([ "${OVERLAP:-1}" = 0 ] && echo --disable-overlap-schedule)
+status=$?
+# A call returns at most 8 files from $OUT (device README): the profiles' traces (two per server)
+# travel as one archive (run 36 lost three traces to that limit).
+if compgen -G "$OUT/profile-*" >/dev/null; then
+  (cd "$OUT" && tar czf traces.tgz profile-* && rm -rf profile-*)
+fi
+exit $status
