@@ -330,14 +330,21 @@ class CompressedAttention:
         second chunk: 1.78 s against stock's 0.10 s for a repeated 512-token prompt in serving
         run 12 before the builder was warmed; 0.75-1.06 s for a repeated 4K prompt on the
         fifteenth session's first runs before the gather was) and the batched window-score
-        kernels. Reads the pool's tables, writes nothing of them."""
+        kernels. Also runs, on token 0 (which holds nothing), the two steps a server first
+        takes at its first pass over a cached prefix: the search for staged candidates and a
+        free (SGLang frees the tokens that pass recomputes and the tree holds already), so
+        that their CUDA kernels load now (serving runs 38-39: +22-39 ms once per server, less
+        with CUDA_MODULE_LOADING=EAGER). Leaves the pool's tables as they were."""
+        pool = self.pool
+        device = pool.location.device
+        padding_token = torch.zeros(1, dtype=torch.int64, device=device)
+        pool.staged_mask(padding_token).nonzero()
+        pool.free_tokens(padding_token)
         if self.attention_impl != "triton":
             return
         from sglang_kvc.kernels.decode_attention import decode_entries, layer_entries
         from sglang_kvc.kernels.gather_rows import gather_held_rows
 
-        pool = self.pool
-        device = pool.location.device
         # Request slot 0, which SGLang's ReqToTokenPool never hands out (its token 0 holds nothing).
         entries = decode_entries(pool.location, self.req_to_token, torch.zeros(1, dtype=torch.int64, device=device),
                                  torch.ones(1, dtype=torch.int32, device=device), max_seq_len=1, max_entries=1)

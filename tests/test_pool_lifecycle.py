@@ -7,7 +7,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sim import Simulator, small_config
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from sglang_kvc.engine import CompressedAttention
 from sglang_kvc.evictable_rows import HostCopy
 from sglang_kvc.patches import scheduler as hooks
 from sglang_kvc.pool import Tier, tier_of
@@ -607,3 +609,41 @@ def test_fresh_prompts_candidates_from_the_host_are_those_of_the_staging_map(len
     from_host, from_map = run(False), run(True)
     assert torch.equal(from_host.pool.location, from_map.pool.location)
     assert torch.equal(from_host.pool.staging_row, from_map.pool.staging_row)
+
+
+class _OperatorsSeen(TorchDispatchMode):
+    """Records each torch operator by name and input dtypes, with the phase it first ran in."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase = ""
+        self.first_seen: dict[tuple, str] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+        self.first_seen.setdefault((str(func), dtypes), self.phase)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_first_pass_over_a_cached_prefix_runs_no_operator_start_up_did_not():
+    """A server's first pass over a cached prefix cost +22-39 ms once (serving runs 38-39),
+    part of it CUDA loading the kernels that pass was the first to launch: the candidates'
+    search of a request with a prefix, and the free of the tokens it recomputed (SGLang frees
+    them when the tree holds them already). After the engine's warm-up and fresh prompts, that
+    pass must run no torch operator (by name and input dtypes) that none of them ran. The
+    Triton path, as on a GPU (here in the interpreter), without a key transform, as the
+    shipped configs."""
+    sim = Simulator(num_layers=2, kv_heads=2, q_heads=14, config=small_config(key_transform="none"))
+    sim.engine = CompressedAttention(sim.pool, sim.req_to_token_pool.req_to_token, attention_impl="triton")
+    seen = _OperatorsSeen()
+    with seen:
+        seen.phase = "start-up and fresh prompts"
+        sim.engine.warm_up_kernels(torch.float32, q_heads=14)
+        for length, start in ((3, 900), (40, 100), (41, 300)):  # SGLang's own warm-up sends a few tokens
+            serve(sim, sim.new_request(prompt(length, start), 3))
+        seen.phase = "first reuse"
+        reuse = sim.new_request(prompt(40, 100), 3)
+        assert sim.admit(reuse) and len(reuse.req.prefix_indices) == 39
+        run_to_completion(sim, reuse)
+        sim.finish(reuse)
+    assert [key for key, phase in seen.first_seen.items() if phase == "first reuse"] == []

@@ -419,20 +419,30 @@ def test_logit_cap_decodes_on_the_torch_path(seed):
 
 @needs_interpreter
 def test_kernel_warm_up_leaves_the_pool_as_it_was(seed, monkeypatch):
-    """The start-up warm-up runs the extend path's entry builder on request slot 0 and the
-    batched window-score kernels on scratch tensors: with prompts already prefilled and
-    decoding, every table of the pool must be unchanged."""
+    """The start-up warm-up runs the extend path's entry builder on request slot 0, the
+    batched window-score kernels on scratch tensors, and the candidates' search and a free
+    on token 0: with prompts already prefilled and decoding, every table and free list of the
+    pool must be unchanged."""
     sim = simulate("triton", 4, 8, seed)
     pool = sim.pool
-    before = [t.clone() for t in (pool.location, pool.staging_row, pool.staging_free.buffer)]
+    free_lists = [pool.staging_free, *pool.lowbit_free, *pool.guard_free]
+
+    def state():
+        return ([t.clone() for t in (pool.location, pool.staging_row)] + [f.buffer.clone() for f in free_lists],
+                [f.available() for f in free_lists], pool.staged_count)
+
+    before = state()
     engine = CompressedAttention(pool, sim.req_to_token_pool.req_to_token, attention_impl="triton")
     assert engine.scorer.implementation == "triton"
     gathered = []
     gather = gather_rows.gather_held_rows
     monkeypatch.setattr(gather_rows, "gather_held_rows", lambda *args: gathered.append(gather(*args)))
     engine.warm_up_kernels(torch.bfloat16, q_heads=4)
-    for table, want in zip((pool.location, pool.staging_row, pool.staging_free.buffer), before, strict=True):
+    pool.return_freed_rows(wait=True)
+    after = state()
+    for table, want in zip(after[0], before[0], strict=True):
         assert torch.equal(table, want)
+    assert after[1:] == before[1:]
     pool.check_invariants(full=True)
     # The prefix gather ran (compiled, on a GPU) on slot 0, whose one token holds nothing.
     [(k, v)] = gathered
