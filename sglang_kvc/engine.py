@@ -301,6 +301,7 @@ class CompressedAttention:
         self._prefix_entries = None  # every layer's, built at the pass's first extend layer
         # Decided at the first layer (the pass's new tokens are staged by then).
         self.candidates = self.candidate_tokens = None
+        self.seal_candidates = False
         if self.attention_impl != "triton":
             return
         # What every layer's entry-list build needs, on the device once per pass.
@@ -445,16 +446,32 @@ class CompressedAttention:
     def compress_layer(self, layer: int, q: torch.Tensor) -> None:
         """After a layer's extend attention: keep each request's scoring queries (`q`, rotated,
         the pass's new tokens in request order); after the last layer, compress the prompts
-        this pass finishes in every layer at once (`_compress`). Nothing reads a layer's
+        this pass finishes in every layer at once (`_compress`), or seal them to the low-bit
+        tier when scores would decide nothing (`_keeps_every_candidate_unguarded`). Nothing reads a layer's
         compressed state before the pass ends (its staged tokens stay until then), and once
         per pass instead of once per layer is what makes short prompts cheap to compress."""
         batch = self.batch
         if self.candidates is None:
             self.candidates = self._compression_candidates()
             self.seal_candidates = self._keeps_every_candidate_unguarded()
-        if self.seal_candidates:
-            pass  # no scores will be needed: no scoring queries either
-        elif self.config.sparsity.scoring == "window":
+        if not self.seal_candidates:  # else no scores will be needed, nor scoring queries
+            self._collect_scoring_queries(layer, q)
+        if layer == self.last_layer:
+            finishing = [i for i in range(len(batch.rids)) if batch.last_chunk[i] and self.candidates[i].numel()]
+            if not finishing:
+                return
+            if self.seal_candidates:
+                # Every candidate goes to the low-bit tier: the decode window's seal, which
+                # also returns the staging rows (no scoring, selection or per-tier placing).
+                self.pool.seal_staged(self.candidate_tokens)
+            else:
+                self._compress(finishing)
+                self.pool.release_staging(self.candidate_tokens)
+
+    def _collect_scoring_queries(self, layer: int, q: torch.Tensor) -> None:
+        """Add this layer's queries to each request's scoring queries (chunk by chunk)."""
+        batch = self.batch
+        if self.config.sparsity.scoring == "window":
             # One gather per layer of every request's last `window` queries; each request
             # keeps a view of it (no copy per request and layer).
             rows, spans = self._recent_query_rows()
@@ -470,17 +487,6 @@ class CompressedAttention:
                 self._scoring_queries(layer, batch.rids[i]).add(q[offset : offset + extend_len],
                                                                 range(seq_len - extend_len, seq_len))
                 offset += extend_len
-        if layer == self.last_layer:
-            finishing = [i for i in range(len(batch.rids)) if batch.last_chunk[i] and self.candidates[i].numel()]
-            if not finishing:
-                return
-            if self.seal_candidates:
-                # Every candidate goes to the low-bit tier: the decode window's seal, which
-                # also returns the staging rows (no scoring, selection or per-tier placing).
-                self.pool.seal_staged(self.candidate_tokens)
-            else:
-                self._compress(finishing)
-                self.pool.release_staging(self.candidate_tokens)
 
     def _keeps_every_candidate_unguarded(self) -> bool:
         """Does every request of the pass finish its prompt keeping all its candidates, in
