@@ -64,6 +64,12 @@ def test_every_shipped_config_is_covered():
     assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(SEED_VALUES) | set(TUNED_TARGETS)
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "eval" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_eval_configs_load_under_their_file_names(path):
+    """The candidates and variants the results files name (a broken one would only show on a GPU call)."""
+    assert load_config(path).name == path.stem
+
+
 @pytest.mark.parametrize("name", sorted(TUNED_TARGETS))
 def test_tuned_configs_reach_their_ratio_by_the_planner(name):
     from sglang_kvc.planner import ModelShape, plan_for
