@@ -170,7 +170,6 @@ class DecodeLaunch:
 class ExtendInputs:
     """Shared by every layer's extend launch in one pass (built once per pass)."""
 
-    new_token_rows: torch.Tensor  # staging rows of the pass's new tokens, request order
     prefix_slots: torch.Tensor  # kv_indices: slot i of the layer's dequantized prefix buffer
     empty_prefix_indptr: torch.Tensor  # kv_indptr of a pass whose requests have no prefix
     empty_prefix: torch.Tensor  # a one-row dummy prefix buffer (read by no launch)
@@ -256,6 +255,7 @@ class CompressedAttention:
         self._positions: list[torch.Tensor] | None = None
         self._recent_rows: tuple[torch.Tensor, list[tuple[int, int]]] | None = None
         self._extend_pass_inputs: ExtendInputs | None = None
+        self._new_token_rows: torch.Tensor | None = None
         # Per extend pass, decided at its first layer (`_compression_candidates`).
         self.candidates: list[torch.Tensor | None] | None = None
         self.candidate_tokens: torch.Tensor | None = None
@@ -298,6 +298,7 @@ class CompressedAttention:
         # Per-request host state, built on first use: extend and the torch decode path need
         # it, the Triton decode path does not.
         self._token_rows = self._positions = self._recent_rows = self._extend_pass_inputs = None
+        self._new_token_rows = None  # only when the new tokens' K/V are read back from staging
         self._prefix_entries = None  # every layer's, built at the pass's first extend layer
         # Decided at the first layer (the pass's new tokens are staged by then).
         self.candidates = self.candidate_tokens = None
@@ -561,7 +562,7 @@ class CompressedAttention:
                 # host-bound on them).
                 k_buffer, v_buffer = gather_held_rows(pool, layer, entries, capacity, dtype)
             kv_indptr = entries.indptr
-        k_extend, v_extend = self._new_tokens_kv(layer, inputs, new_kv, q.shape[0], dtype)
+        k_extend, v_extend = self._new_tokens_kv(layer, new_kv, q.shape[0], dtype)
         out = torch.empty((q.shape[0], q.shape[1], pool.head_dim), dtype=dtype, device=device)
         extend_attention_fwd(
             q.to(dtype).contiguous(), k_extend.contiguous(), v_extend.contiguous(), out, k_buffer, v_buffer,
@@ -570,7 +571,7 @@ class CompressedAttention:
         )
         return out  # in q's dtype on the GPU, as the backend returns it (a float32 copy cost two passes per layer)
 
-    def _new_tokens_kv(self, layer: int, inputs: ExtendInputs, new_kv: tuple[torch.Tensor, torch.Tensor] | None,
+    def _new_tokens_kv(self, layer: int, new_kv: tuple[torch.Tensor, torch.Tensor] | None,
                        count: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The pass's new tokens' K/V as staging holds them, in `dtype`: `new_kv` itself
         when it is what was stored (no key transform, one row per new token), else read
@@ -580,7 +581,10 @@ class CompressedAttention:
             shape = (count, pool.head_num, pool.head_dim)
             return tuple(x.reshape(shape).to(pool.staging.dtype).to(dtype) for x in new_kv)
         # Just written to staging by set_kv_buffer: every new token is held there.
-        return pool.staging.read(layer, inputs.new_token_rows, dtype)
+        if self._new_token_rows is None:  # their staging rows, request order, once per pass
+            new_tokens = torch.cat([tokens[prefix:] for tokens, prefix in zip(self.token_rows, self.prefix_lens)])
+            self._new_token_rows = pool.staging_row[new_tokens]
+        return pool.staging.read(layer, self._new_token_rows, dtype)
 
     def _held_prefix_entries(self, capacity: int) -> DecodeEntries:
         """Every layer's list of each request's held prefix tokens, built at the pass's first
@@ -600,9 +604,7 @@ class CompressedAttention:
         """What every layer's extend launch of this pass shares, built at its first layer."""
         inputs = self._extend_pass_inputs
         if inputs is None:
-            new_tokens = torch.cat([tokens[prefix:] for tokens, prefix in zip(self.token_rows, self.prefix_lens)])
             inputs = self._extend_pass_inputs = ExtendInputs(
-                new_token_rows=self.pool.staging_row[new_tokens],
                 prefix_slots=torch.arange(prefix_slots, dtype=torch.int64, device=device),
                 empty_prefix_indptr=torch.zeros(len(self.prefix_lens) + 1, dtype=torch.int32, device=device),
                 empty_prefix=torch.zeros((1, self.pool.head_num, self.pool.head_dim), dtype=dtype, device=device),
