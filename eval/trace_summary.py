@@ -14,8 +14,8 @@ For a trace of N forward steps it reports, per step:
     the runtime call is correlated with), by the chain of host operators it happened in
     (outermost three), e.g. `aten::index > aten::nonzero`. Device-to-device copies and
     copies from pinned memory are queued like kernels and left out.
-`span_ms` well above `gpu_busy_ms` means the GPU waits for the host: the host-side ranges
-and runtime calls then say where the step goes.
+`span_ms` well above `gpu_busy_ms` means the GPU waits for the host: `idle_gaps` says which
+launches it waited for and what the launching thread did meanwhile (`idle_gaps` below).
 
 With `--layer-marker OP` (a host operator each layer runs once, e.g. `sglang::apply_rope_inplace`)
 it also reports where a one-step trace's host time goes by layer (`layer_periods`): before the
@@ -28,7 +28,9 @@ taken on different machines.
 from __future__ import annotations
 
 import argparse
+import bisect
 import gzip
+import itertools
 import json
 import statistics
 from collections import defaultdict
@@ -108,6 +110,61 @@ def sync_sites(events: list[dict], steps: int, top: int) -> list[dict]:
     return top_by_total(sites, steps, top)
 
 
+def idle_gaps(events: list[dict], steps: int, top: int, min_gap_us: float = 10.0) -> dict:
+    """Where the GPU waits for the host: the idle intervals of at least `min_gap_us` between
+    kernels (from the first kernel's start to the last one's end), per step; `launched_by`: their
+    time by the runtime call that launched the kernel ending each gap and the host operators
+    and ranges enclosing that call (outermost three); `host_during`: on the launching threads,
+    each host event's overlap with the gaps (inclusive: nested events count in their parents
+    too), i.e. what the host was doing while the GPU had nothing to run."""
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    gaps, busy_until = [], None
+    for kernel in kernels:
+        if busy_until is not None and kernel["ts"] - busy_until >= min_gap_us:
+            gaps.append((busy_until, kernel["ts"], kernel))
+        busy_until = max(busy_until or kernel["ts"], kernel["ts"] + kernel["dur"])
+    # Triton launches through the driver API (`cuLaunchKernelEx`), torch through the runtime.
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    host_by_thread: dict = defaultdict(list)
+    for event in events:
+        if event.get("cat") in ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver"):
+            host_by_thread[(event.get("pid"), event.get("tid"))].append(event)
+    launched_by: dict[str, float] = defaultdict(float)
+    during: dict[str, float] = defaultdict(float)
+    threads = set()
+    for gap_start, gap_end, kernel in gaps:
+        launch = launches.get(kernel.get("args", {}).get("correlation"))
+        if launch is None:
+            launched_by["(launch not in the trace)"] += gap_end - gap_start
+            continue
+        thread = (launch.get("pid"), launch.get("tid"))
+        threads.add(thread)
+        enclosing = sorted((e for e in host_by_thread[thread] if e.get("cat") in ("cpu_op", "user_annotation")
+                            and e["ts"] <= launch["ts"] < e["ts"] + e["dur"]), key=lambda e: (e["ts"], -e["dur"]))
+        chain = " > ".join(e["name"] for e in enclosing[:3]) or "(no host operator)"
+        launched_by[f"{launch['name']} in {chain}"] += gap_end - gap_start
+    gap_ends = [end for _, end, _ in gaps]  # sorted, as the gaps are
+    for thread in threads:
+        for event in host_by_thread[thread]:
+            event_end = event["ts"] + event["dur"]
+            first = bisect.bisect_right(gap_ends, event["ts"])  # the first gap ending after the event starts
+            for start, end, _ in itertools.takewhile(lambda gap: gap[0] < event_end, gaps[first:]):
+                during[event["name"]] += min(end, event_end) - max(start, event["ts"])
+
+    def ranked(total_us: dict[str, float]) -> list[dict]:
+        names = sorted(total_us, key=total_us.get, reverse=True)[:top]
+        return [{"name": name, "ms_per_step": round(total_us[name] / 1e3 / steps, 4)} for name in names]
+
+    return {
+        "min_gap_us": min_gap_us,
+        "gaps_per_step": round(len(gaps) / steps, 1),
+        "idle_ms_per_step": round(sum(end - start for start, end, _ in gaps) / 1e3 / steps, 4),
+        "launched_by": ranked(launched_by),
+        "host_during": ranked(during),
+    }
+
+
 def _copy_waits(copy_name: str) -> bool:
     """The GPU copy's name, e.g. 'Memcpy HtoD (Pageable -> Device)': does its runtime call
     return only when the copy is done?"""
@@ -133,6 +190,7 @@ def summarize(events: list[dict], steps: int, top: int = 20) -> dict:
     for key, selected in by_category.items():
         summary[key] = top_by_total(selected, steps, top)
     summary["sync_sites"] = sync_sites(events, steps, top)
+    summary["idle_gaps"] = idle_gaps(events, steps, top)
     return summary
 
 

@@ -101,3 +101,38 @@ def test_layer_periods_of_a_one_step_trace(tmp_path):
     out = tmp_path / "s.json"
     assert trace_summary.main([str(path), "--steps", "1", "--layer-marker", "rope", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["layer_periods"] == periods
+
+
+def test_idle_gaps_name_the_late_launches_and_what_the_host_did_meanwhile():
+    """Kernels busy 50-300, 500-600, 605-700, 900-1000 us: two gaps of 200 us (the 5 us one is
+    below the threshold). The first ends with a graph launched after the host's prepare range
+    synced; the second with a kernel that `aten::add` launched (as Triton does, through the driver)."""
+    launch = "cuda_runtime"
+    events = [
+        event("user_annotation", "step[DECODE]", 0, 2000),
+        event("cpu_op", "aten::mm", 15, 15), event(launch, "cudaLaunchKernel", 20, 5, correlation=1),
+        event("kernel", "gemm", 50, 250, correlation=1),
+        event("user_annotation", "kvc.prepare_replay", 250, 220),
+        event("cpu_op", "aten::nonzero", 300, 100), event(launch, "cudaStreamSynchronize", 310, 80),
+        event(launch, "cudaGraphLaunch", 480, 10, correlation=2),
+        event("kernel", "attention", 500, 100, correlation=2),
+        event("kernel", "merge", 605, 95, correlation=3),
+        # Triton launches through the driver API.
+        event("cpu_op", "aten::add", 870, 15), event("cuda_driver", "cuLaunchKernelEx", 880, 3, correlation=4),
+        event("kernel", "add", 900, 100, correlation=4),
+    ]
+    gaps = trace_summary.summarize(events, steps=1, top=10)["idle_gaps"]
+    assert gaps["gaps_per_step"] == 2 and gaps["idle_ms_per_step"] == pytest.approx(0.4)
+    assert gaps["launched_by"] == [
+        {"name": "cudaGraphLaunch in step[DECODE]", "ms_per_step": 0.2},
+        {"name": "cuLaunchKernelEx in step[DECODE] > aten::add", "ms_per_step": 0.2},
+    ]
+    assert gaps["host_during"] == [
+        {"name": "step[DECODE]", "ms_per_step": 0.4},
+        {"name": "kvc.prepare_replay", "ms_per_step": 0.17},
+        {"name": "aten::nonzero", "ms_per_step": 0.1},
+        {"name": "cudaStreamSynchronize", "ms_per_step": 0.08},
+        {"name": "aten::add", "ms_per_step": 0.015},
+        {"name": "cudaGraphLaunch", "ms_per_step": 0.01},
+        {"name": "cuLaunchKernelEx", "ms_per_step": 0.003},
+    ]
