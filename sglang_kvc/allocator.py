@@ -76,6 +76,18 @@ class CompressedTokenAllocator(TokenToKVPoolAllocator):
             self.pool.free_tokens(free_index, wait=self._evicting_from_tree)
         super().free(free_index)
 
+    def free_group_begin(self):
+        super().free_group_begin()
+        if self.pool.decode_window is not None:
+            self.pool.decode_window.begin_release_group()
+
+    def free_group_end(self):
+        # The released requests' seals first (one batch), then the group's frees: the order of
+        # releasing each request at once, so a freed token is never one still to be sealed.
+        if self.pool.decode_window is not None:
+            self.pool.decode_window.end_release_group()
+        super().free_group_end()
+
     @contextlib.contextmanager
     def evicting_from_tree(self):
         """While the radix cache evicts: what it frees are unlocked nodes' tokens."""

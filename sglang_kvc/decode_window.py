@@ -18,6 +18,13 @@ seal). The same bookkeeping seals a finished request's last staged decode tokens
 (`seal_released`, from `patches.scheduler.seal_released_request`). A slot whose prompt this
 engine did not see finish (a request aborted in prefill) falls back to reading the staging
 map (`pool.seal`, which syncs).
+
+Requests finishing in one step are released one by one inside SGLang's free group (the
+allocator's `free_group_begin` / `free_group_end` around a batch result); their seals wait
+for the group's end and run as one `seal_staged` over all of them, before the group's frees
+(`release_group`). One seal per request cost a batch of 64 finishing together ~0.2 s of host
+work while the GPU waited (serving run 42). Nothing reads a token's tier in between: the
+radix cache's insert counts a staged token's rows as the row it will take when sealed.
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ class DecodeWindow:
         self.steps = 0
         # Per request slot: the first position of its decode tokens still staged.
         self.staged_from = [UNKNOWN] * req_to_token.shape[0]
+        # While a release group is open: the released requests' staged decode tokens, sealed
+        # together when it closes (None: seal at once).
+        self._release_group: list[torch.Tensor] | None = None
         pool.decode_window = self  # for the scheduler's release hook, which sees the pool only
 
     def prompt_done(self, slot: int, prompt_len: int) -> None:
@@ -60,8 +70,23 @@ class DecodeWindow:
         if start == UNKNOWN:
             return False
         if committed > start:
-            self.pool.seal_staged(self.req_to_token[slot, start:committed].to(torch.int64))
+            # Read the slot's token ids now: SGLang frees the slot when the release ends.
+            tokens = self.req_to_token[slot, start:committed].to(torch.int64)
+            if self._release_group is None:
+                self.pool.seal_staged(tokens)
+            else:
+                self._release_group.append(tokens)
         return True
+
+    def begin_release_group(self) -> None:
+        """Requests released from now on have their decode tokens sealed at `end_release_group`."""
+        self._release_group = []
+
+    def end_release_group(self) -> None:
+        """Seal the decode tokens of every request released since `begin_release_group`, as one batch."""
+        group, self._release_group = self._release_group, None
+        if group:
+            self.pool.seal_staged(torch.cat(group))
 
     def due(self) -> bool:
         """Counts decode steps; True every `interval`-th."""

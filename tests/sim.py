@@ -225,6 +225,14 @@ class Simulator:
         sim.finished = True
         self.live.remove(sim)
 
+    def finish_together(self, sims: list[SimRequest]) -> None:
+        """Requests finishing in the same step: SGLang releases them one by one inside the
+        allocator's free group (process_batch_result_decode)."""
+        self.allocator.free_group_begin()
+        for sim in sims:
+            self.finish(sim)
+        self.allocator.free_group_end()
+
     def retract(self, sim: SimRequest) -> None:
         """A release that caches nothing (SGLang's retraction under memory pressure): the
         request's tokens beyond its cached prefix are freed, staged ones included."""
@@ -260,7 +268,10 @@ class Simulator:
         elif op == "decode" and running:
             self.decode_step(running[: 1 + draw % len(running)])
         elif op in ("finish", "abort") and self.live:
-            self.finish(self.live[draw % len(self.live)])
+            # Every third draw, two requests finishing in the same step (one free group).
+            count = 2 if draw % 3 == 0 and len(self.live) > 1 else 1
+            first = draw % len(self.live)
+            self.finish_together([self.live[(first + i) % len(self.live)] for i in range(count)])
         elif op == "retract" and self.live:
             self.retract(self.live[draw % len(self.live)])
         elif op == "evict":

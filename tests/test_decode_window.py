@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from sim import Simulator, small_config
 
 from sglang_kvc.decode_window import UNKNOWN, DecodeWindow
-from sglang_kvc.pool import CompressedKVPool, tier_of
+from sglang_kvc.pool import CompressedKVPool, Tier, tier_of
 
 
 def prompt(length: int, start: int = 100) -> list[int]:
@@ -120,6 +120,49 @@ def test_a_release_seals_what_the_staging_map_would():
     assert torch.equal(tier_of(by_host.pool.location), tier_of(by_map.pool.location))
     for layer in range(by_host.num_layers):
         assert by_host.pool.lowbit_free[layer].available() == by_map.pool.lowbit_free[layer].available()
+
+
+def test_requests_finishing_together_are_sealed_in_one_batch_as_one_by_one(monkeypatch):
+    """Requests released in one free group (as SGLang releases those finishing in one step)
+    are sealed by one `seal_staged` at the group's end, before its frees, and leave the pool
+    as releasing them one by one does. The third repeats the first's prompt and output, so
+    the radix cache frees its decode tokens as duplicates inside the group: still staged
+    when the group's seal runs, freed after it."""
+    def finish(together: bool) -> Simulator:
+        sim = scenario(window=5, joins=2, steps=7)
+        first, second = list(sim.live)
+        twin = sim.new_request(prompt(40), max_new_tokens=30)
+        sim.prefill(twin)  # the first's prompt, from the tree
+        for _ in range(len(first.req.output_ids)):
+            sim.decode_step([twin])
+        twin.req.output_ids[:] = first.req.output_ids
+        twin_decode_tokens = sim.req_to_token_pool.req_to_token[twin.req.req_pool_idx, 40:twin.req.kv_committed_len].long()
+        assert sim.pool.staged_mask(twin_decode_tokens).any()
+        requests = [first, second, twin]
+        if together:
+            seals = []
+            original = CompressedKVPool.seal_staged
+            monkeypatch.setattr(CompressedKVPool, "seal_staged",
+                                lambda self, tokens: (seals.append(tokens.numel()), original(self, tokens)))
+            sim.finish_together(requests)
+            monkeypatch.undo()
+            assert len(seals) == 1 and seals[0] > 0
+        else:
+            for request in requests:
+                sim.finish(request)
+        sim.check()
+        assert (tier_of(sim.pool.location[:, twin_decode_tokens]) == Tier.EMPTY).all()  # freed as duplicates
+        return sim
+
+    together, one_by_one = finish(True), finish(False)
+    assert together.pool.staged_count == one_by_one.pool.staged_count == 0
+    assert torch.equal(tier_of(together.pool.location), tier_of(one_by_one.pool.location))
+    tokens = torch.arange(1, together.logical_tokens + 1)
+    for layer in range(together.num_layers):
+        assert together.pool.lowbit_free[layer].available() == one_by_one.pool.lowbit_free[layer].available()
+        for ours, theirs in zip(together.pool.gather(layer, tokens, torch.float32),
+                                one_by_one.pool.gather(layer, tokens, torch.float32)):
+            assert torch.equal(ours, theirs)
 
 
 def test_a_prompt_chunk_forgets_what_the_slot_held_before():
