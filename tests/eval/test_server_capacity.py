@@ -205,6 +205,17 @@ def test_requests_that_keep_finishing_are_not_a_stall(capacity, monkeypatch):
     assert all(r == {"completion_tokens": 4} for r in results)
 
 
+def test_the_wall_ends_with_the_last_request_not_at_a_poll(capacity, monkeypatch):
+    """The stall watch polls every 0.2 s; a wall read after it was off by up to that much."""
+    def fake_generate(url, prompt, max_new_tokens, logprobs=False):
+        time.sleep(0.05 + 0.01 * prompt[0])  # the last returns after 0.1 s
+        return {"completion_tokens": max_new_tokens}
+
+    monkeypatch.setattr(capacity, "generate", fake_generate)
+    wall, results = capacity.concurrently("u", [[i] for i in range(6)], 4)
+    assert 0.1 <= wall < 0.19 and len(results) == 6
+
+
 class StreamingServer:
     """A local HTTP server answering /generate with server-sent events as SGLang does
     (`data: {json}` per chunk with cumulative output_ids, then `data: [DONE]`), one chunk
