@@ -14,6 +14,10 @@ For a trace of N forward steps it reports, per step:
     the runtime call is correlated with), by the chain of host operators it happened in
     (outermost three), e.g. `aten::index > aten::nonzero`. Device-to-device copies and
     copies from pinned memory are queued like kernels and left out.
+With CUDA-graph replays (decode steps) it also reports `graph_replays`: the steady step
+period (replay to replay), its GPU-busy and idle parts and kernels, medians over all but the
+first replay, which also holds the end of the prefill before it (the per-step figures above
+average that in).
 `span_ms` well above `gpu_busy_ms` means the GPU waits for the host: `idle_gaps` says which
 launches it waited for and what the launching thread did meanwhile (`idle_gaps` below).
 
@@ -165,6 +169,44 @@ def idle_gaps(events: list[dict], steps: int, top: int, min_gap_us: float = 10.0
     }
 
 
+def graph_replays(events: list[dict]) -> dict | None:
+    """Per CUDA-graph replay (a decode step of SGLang's graphs): from its first kernel to the
+    next replay's first kernel, the period, the time the GPU is busy in it and its kernels;
+    medians over the replays after the first (the first follows the prefill batch's results,
+    which SGLang processes inside the profiled range), and the first separately. None if the
+    trace replays fewer than three graphs."""
+    launches = {e["args"]["correlation"] for e in events
+                if e.get("name") == "cudaGraphLaunch" and "correlation" in e.get("args", {})}
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    starts: dict = {}
+    for kernel in kernels:
+        correlation = kernel.get("args", {}).get("correlation")
+        if correlation in launches:
+            starts.setdefault(correlation, kernel["ts"])
+    firsts = sorted(starts.values())
+    if len(firsts) < 3:
+        return None
+    steps = []
+    for start, end in zip(firsts, firsts[1:]):
+        inside = [k for k in kernels if start <= k["ts"] < end]
+        busy = busy_time((k["ts"], min(end, k["ts"] + k["dur"])) for k in inside)
+        steps.append({"period_ms": (end - start) / 1e3, "busy_ms": busy / 1e3, "kernels": len(inside)})
+    later = steps[1:]
+
+    def median(key: str) -> float:
+        return round(statistics.median(step[key] for step in later), 4)
+
+    return {
+        "replays": len(firsts),
+        "period_ms_median": median("period_ms"),
+        "busy_ms_median": median("busy_ms"),
+        "idle_ms_median": round(statistics.median(step["period_ms"] - step["busy_ms"] for step in later), 4),
+        "kernels_median": median("kernels"),
+        "period_ms_max": round(max(step["period_ms"] for step in later), 4),
+        "first": {key: round(value, 4) for key, value in steps[0].items()},
+    }
+
+
 def _copy_waits(copy_name: str) -> bool:
     """The GPU copy's name, e.g. 'Memcpy HtoD (Pageable -> Device)': does its runtime call
     return only when the copy is done?"""
@@ -191,6 +233,9 @@ def summarize(events: list[dict], steps: int, top: int = 20) -> dict:
         summary[key] = top_by_total(selected, steps, top)
     summary["sync_sites"] = sync_sites(events, steps, top)
     summary["idle_gaps"] = idle_gaps(events, steps, top)
+    replays = graph_replays(events)
+    if replays is not None:
+        summary["graph_replays"] = replays
     return summary
 
 

@@ -136,3 +136,23 @@ def test_idle_gaps_name_the_late_launches_and_what_the_host_did_meanwhile():
         {"name": "cudaGraphLaunch", "ms_per_step": 0.01},
         {"name": "cuLaunchKernelEx", "ms_per_step": 0.003},
     ]
+
+
+def test_graph_replays_give_the_steady_step_and_the_first_apart():
+    """Four replays starting at 0, 1000, 1500 and 2000 us (the first step long: it follows the
+    prefill); each replay's kernels busy 400 us, the second has a kernel of the next step's
+    host work (a 50 us copy) in its period too."""
+    events = []
+    for replay, start in enumerate((0, 1000, 1500, 2000)):
+        events += [event("cuda_runtime", "cudaGraphLaunch", start - 20, 5, correlation=replay),
+                   event("kernel", "gemm", start, 300, correlation=replay),
+                   event("kernel", "attention", start + 300, 100, correlation=replay)]
+    events.append(event("kernel", "copy", 1450, 50, correlation=99))
+    replays = trace_summary.graph_replays(events)
+    assert replays["replays"] == 4
+    assert replays["first"] == {"period_ms": 1.0, "busy_ms": 0.4, "kernels": 2}
+    # Later periods: 500 us each; busy 450 and 400 us; kernels 3 and 2.
+    assert replays["period_ms_median"] == 0.5 and replays["busy_ms_median"] == 0.425
+    assert replays["idle_ms_median"] == 0.075 and replays["kernels_median"] == 2.5
+    assert trace_summary.graph_replays(events[:6]) is None  # two replays: no steady step
+    assert "graph_replays" in trace_summary.summarize(events, steps=4)
