@@ -7,6 +7,9 @@ reads a counter instead of walking the tree (sglang_kvc/evictable_rows.py says w
     insert         a new node starts unlocked                   rows on
     evict          unlocked nodes are freed                     rows off, before the free
 Splitting a node moves tokens between two nodes with the same lock count: no change.
+
+And around cache_unfinished_req: a request whose chunk the tree swapped for tokens another
+request cached is noted for the engine (`chunk_matching_the_tree`).
 """
 
 from __future__ import annotations
@@ -59,6 +62,23 @@ def new_node_puts_rows_on(original, tree, *args, **kwargs):
     result = original(tree, *args, **kwargs)
     if counter is not None and tree.evictable_size_ > before:
         counter.add(result.last_device_node.value)
+    return result
+
+
+def chunk_matching_the_tree(original, tree, req, *args, **kwargs):
+    """AROUND RadixCache.cache_unfinished_req. When another request cached the same content
+    first (two identical prompts admitted together, one of them chunked), the radix cache
+    frees the request's own tokens for the chunk and gives it the tree's, which the other
+    request may have compressed already or may compress later: note the request, so that the
+    engine reads which of its tokens are staged from the staging map instead of assuming
+    all of them are (engine.staged_chunks_maybe_shared)."""
+    allocator = compressed_allocator_of(tree)
+    if allocator is None or tree.disable:
+        return original(tree, req, *args, **kwargs)
+    freed_before = allocator.segment_tokens_freed
+    result = original(tree, req, *args, **kwargs)
+    if allocator.segment_tokens_freed != freed_before:
+        allocator.pool.chunks_matched_in_tree.add(req.rid)
     return result
 
 

@@ -34,6 +34,9 @@ class CompressedTokenAllocator(TokenToKVPoolAllocator):
         # Rows held by the radix cache's unlocked nodes (patches.radix_cache keeps it current).
         self.evictable_rows = EvictableRows(kvcache)
         self._evicting_from_tree = False
+        # Tokens freed through `free_segment` (host count): the radix cache frees a request's
+        # tokens that way when it finds their content cached already (patches.radix_cache).
+        self.segment_tokens_freed = 0
         super().__init__(size, dtype, device, kvcache, need_sort=False)
 
     @property
@@ -100,7 +103,8 @@ class CompressedTokenAllocator(TokenToKVPoolAllocator):
     def free_segment(self, free_index: torch.Tensor, *, start_pos: int):
         # Counted off here, not in `free`: inside a free group the rows go only at its end.
         if self._evicting_from_tree:
-            self.evictable_rows.remove(free_index)
+            self.evictable_rows.remove_before_free(free_index)
+        self.segment_tokens_freed += free_index.numel()
         super().free_segment(free_index, start_pos=start_pos)
 
     def clear(self):

@@ -245,8 +245,9 @@ class CompressedAttention:
         # is all in staging and the extend path reads no other tier.
         self.started_with_prefix: dict[str, int] = {}
         # Requests in prefill whose staged chunks another request may have matched in the
-        # radix tree (one began with a prefix while they were in prefill): their candidates
-        # are read from the staging map, since the other may have compressed some of them.
+        # radix tree (one began with a prefix while they were in prefill, or had a chunk
+        # swapped for cached tokens: pool.chunks_matched_in_tree): their candidates are read
+        # from the staging map, since the other may have compressed some of them.
         self.staged_chunks_maybe_shared: set[str] = set()
         self.prefix_in_staging_only = False  # set per extend pass by `begin`
         self.rids_in_pass: set[str] = set()  # the current extend pass's requests (set by `begin`)
@@ -288,6 +289,11 @@ class CompressedAttention:
                 else:
                     self.decode_window.prompt_chunk(slot)
             self.rids_in_pass = set(batch.rids)
+            if self.pool.chunks_matched_in_tree:
+                # A chunk was swapped for tokens another request cached: whose, the host does
+                # not know, so any request in prefill may share staged chunks with it.
+                self.staged_chunks_maybe_shared.update(self.started_with_prefix)
+                self.pool.chunks_matched_in_tree.clear()
             for rid, prefix_len in zip(batch.rids, batch.prefix_lens):
                 if rid not in self.started_with_prefix:
                     if prefix_len:  # it may have matched the staged chunks of any request in prefill
@@ -639,7 +645,7 @@ class CompressedAttention:
         tokens = torch.cat(rows)
         staged = self.pool.staged_mask(tokens)
         row_lengths = [len(row) for row in rows]
-        if len(finishing) > 1 and not all(self._started_without_prefix(batch.rids[i]) for i in finishing):
+        if len(finishing) > 1:  # (the fast path above took the passes where none can share)
             staged &= ~_claimed_earlier(tokens, row_lengths)
         flat = staged.nonzero().squeeze(1)
         self.candidate_tokens = tokens[flat]

@@ -27,6 +27,7 @@ RADIX_CACHE_HOOKS = (
     (f"{_RC}.dec_lock_ref", radix_cache.unlock_puts_rows_on, HookType.AROUND),
     (f"{_RC}.insert", radix_cache.new_node_puts_rows_on, HookType.AROUND),
     (f"{_RC}.evict", radix_cache.eviction_takes_rows_off, HookType.AROUND),
+    (f"{_RC}.cache_unfinished_req", radix_cache.chunk_matching_the_tree, HookType.AROUND),
 )
 
 HOOKS = (

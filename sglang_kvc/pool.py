@@ -102,6 +102,12 @@ class CompressedKVPool(MHATokenToKVPool):
         # Set by the engine's `decode_window.DecodeWindow`: what the host knows of each request
         # slot's staged decode tokens (the scheduler's release hook reaches it through the pool).
         self.decode_window = None
+        # Set by the allocator's `evictable_rows.EvictableRows`, whose noted tokens must be
+        # counted before compression changes how many rows a token holds (`_rows_will_change`).
+        self.evictable_rows = None
+        # Requests in prefill whose cached chunk the radix cache swapped for tokens another
+        # request had cached (patches.radix_cache); the engine reads and clears it each pass.
+        self.chunks_matched_in_tree: set[str] = set()
         # The stock constructor calls _create_buffers(), which builds our tiers.
         super().__init__(
             size,
@@ -241,6 +247,7 @@ class CompressedKVPool(MHATokenToKVPool):
         mark the rest evicted. Staging rows stay until `release_staging`. `keys`: their
         staged keys if the caller has read them already (for scoring). K and V are read as
         stored (the tiers' writers convert), and values only for the kept tokens."""
+        self._rows_will_change()
         rows = self.staging_row[tokens]
         # Every candidate is marked evicted, then placing the kept ones overwrites theirs (the
         # same stream orders the writes). Selecting the evicted ones instead would need their
@@ -252,6 +259,12 @@ class CompressedKVPool(MHATokenToKVPool):
             k = keys[kept] if keys is not None else self.staging.read_keys(layer, kept_rows, self.staging.dtype)
             self._place(layer, tokens[kept], k, self.staging.read_values(layer, kept_rows, self.staging.dtype), tier)
 
+    def _rows_will_change(self) -> None:
+        """Compression turns staged tokens (a row each, as `rows_held` counts them) into evicted
+        ones (none): the admission counter counts its noted tokens first, as they are now."""
+        if self.evictable_rows is not None:
+            self.evictable_rows.flush()
+
     def compress_layers(self, layers: range, tokens: torch.Tensor, selection: Selection, keys: torch.Tensor,
                         guarded_per_layer: list[int], lowbit_per_layer: list[int]) -> None:
         """`compress` for several layers at once. The candidates are `tokens` in every layer of
@@ -261,6 +274,7 @@ class CompressedKVPool(MHATokenToKVPool):
         candidates' staged keys in the same order. With room in every layer's tiers the
         placing is one write per tier for all layers (a pass finishing many short prompts
         paid ~40 launches per layer); otherwise layer by layer, spilling as `compress` does."""
+        self._rows_will_change()
         count = tokens.numel()
         fits = all(self.guard_free[layer].available() >= guarded and self.lowbit_free[layer].available() >= lowbit
                    for layer, guarded, lowbit in zip(layers, guarded_per_layer, lowbit_per_layer))

@@ -11,7 +11,7 @@ from sim import Simulator, small_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sglang_kvc.engine import CompressedAttention
-from sglang_kvc.evictable_rows import HostCopy
+from sglang_kvc.evictable_rows import EvictableRows, HostCopy
 from sglang_kvc.patches import scheduler as hooks
 from sglang_kvc.pool import Tier, tier_of
 
@@ -239,6 +239,65 @@ def test_random_lifecycles_keep_every_invariant(operations, guard_bits):
         sim.random_step(op, draw, prefixes)
         sim.check()
     for request in list(sim.live):
+        sim.finish(request)
+        sim.check()
+    sim.evict_all()
+    assert_fully_free(sim)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    operations=st.lists(
+        st.tuples(st.sampled_from(["new", "prefill", "prefill", "decode", "finish", "evict"]), st.integers(0, 2**16)),
+        min_size=5,
+        max_size=40,
+    ),
+    flush_every=st.integers(1, 5),
+)
+def test_the_admission_counter_counts_its_notes_late_as_it_would_at_once(operations, flush_every):
+    """The counter notes the radix cache's locks, unlocks and inserts and counts them in
+    batches. With batches of a few notes, a lock's note can be counted after compression
+    changed its tokens' rows while the insert before it was counted before: the pool counts
+    the notes before compressing. The counter is compared with a walk of the tree only at the
+    end (every comparison counts the notes)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(EvictableRows, "FLUSH_EVERY", flush_every)
+        sim = Simulator(logical_tokens=1500)
+        prefixes = [prompt(40, start=10), prompt(40, start=20_000)]
+        for op, draw in operations:
+            sim.random_step(op, draw, prefixes)
+        sim.check()
+        for request in list(sim.live):
+            sim.finish(request)
+        sim.check()
+        sim.evict_all()
+        assert_fully_free(sim)
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_a_chunk_the_tree_swaps_for_another_requests_tokens(together):
+    """Two identical prompts admitted together (nothing cached yet), the second chunked. When
+    its first chunk is cached, the radix cache finds the first's tokens for that content, frees
+    the second's and gives it the first's, which the first compresses when its prompt ends
+    (`together`: in the same pass; else the first is prefilled before the second starts).
+    The second's last pass must not take those tokens for its own staged ones (it released
+    staging rows twice: a free-list overflow, found by the counter's lifecycle test)."""
+    sim = Simulator(logical_tokens=1500)
+    first = sim.new_request(prompt(60, start=10), max_new_tokens=3)
+    second = sim.new_request(prompt(60, start=10), max_new_tokens=3, chunk_size=24)
+    assert sim.admit(first) and sim.admit(second)
+    if together:
+        sim.prefill_chunks([first, second])
+    else:
+        sim.prefill_chunk(first)
+        sim.prefill_chunk(second)
+    while not second.prompt_done:
+        sim.prefill_chunk(second)
+        sim.check()
+    shared = sim.req_to_token_pool.req_to_token[second.req.req_pool_idx, :24]
+    assert torch.equal(shared, sim.req_to_token_pool.req_to_token[first.req.req_pool_idx, :24])  # swapped
+    for request in (first, second):
+        run_to_completion(sim, request)
         sim.finish(request)
         sim.check()
     sim.evict_all()
