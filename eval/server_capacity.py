@@ -17,6 +17,8 @@ launches `python -m sglang.launch_server` with dummy weights, waits for /health,
     --profile-decode-steps S, one more such round under SGLang's torch profiler (its
     /start_profile, S decode steps; last of all, since exporting the trace stalls the server
     and the profiler's trace can crash it later), summarized per step by eval/trace_summary.py;
+  - optionally (--identical N P): N copies of one P-token prompt at once (the radix cache
+    swaps a chunk of one copy for another's cached tokens): all complete, same tokens;
   - optionally (--fidelity-samples K): K fixed prompts, greedy, with log-probabilities; after
     all configs, each one's tokens and log-probabilities are compared with the bf16 run's
     (--fidelity-concurrent sends the K at once, so that requests finish and free their KV
@@ -323,6 +325,26 @@ def batch_decode(url: str, rng: random.Random, batch: int, prompt_len: int, max_
     return summary
 
 
+def identical_prompts(url: str, rng: random.Random, count: int, prompt_len: int, max_new_tokens: int) -> dict:
+    """`count` copies of one fresh prompt sent at once: the radix cache sees the same content
+    from requests admitted together, and with a prompt below the chunked-prefill size one copy
+    fits a pass whole while the next is chunked there, so the tree swaps that chunk for the
+    first copy's tokens (a case that crashed the compressed server's candidates until
+    `7a2dfda`). Ok when every copy completes and all give the same greedy tokens."""
+    ids = random_prompt(rng, prompt_len)
+    wall, results = concurrently(url, [ids] * count, max_new_tokens)
+    completed = [r for r in results if r.get("completion_tokens") == max_new_tokens]
+    heads = {tuple(r.get("output_ids_head", [])) for r in completed}
+    return {
+        "count": count, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
+        "wall_s": round(wall, 3), "completed": len(completed),
+        "cached_tokens": [r.get("cached_tokens") for r in results],
+        "same_output": len(heads) == 1,
+        "errors": [r["error"] for r in results if "error" in r][:5],
+        "ok": len(completed) == count and len(heads) == 1,
+    }
+
+
 def batch_decode_shapes(url: str, rng: random.Random, shapes: list[list[int]], rounds: int) -> dict:
     """`batch_decode` for each (batch, prompt_len, new_tokens) shape on one server: the first
     as "batch_decode" (what earlier reports hold), the others as "batch_decode_more"."""
@@ -594,6 +616,11 @@ def run_one(args, config: str, log_dir: Path) -> dict:
             record["arrivals"] = staggered_arrivals(url, rng, int(count), rate, int(prompt_len), int(max_new))
             print(f"[{name}] arrivals: {record['arrivals']}", flush=True)
             record["ok"] = record["ok"] and record["arrivals"]["ok"]
+        if args.identical:
+            count, prompt_len = args.identical
+            record["identical"] = identical_prompts(url, rng, count, prompt_len, args.max_new_tokens)
+            print(f"[{name}] identical prompts: {record['identical']}", flush=True)
+            record["ok"] = record["ok"] and record["identical"]["ok"]
         if args.fidelity_samples:
             record["fidelity_samples"] = fidelity_samples(
                 url, args.seed, args.fidelity_samples, args.fidelity_len, args.fidelity_new_tokens,
@@ -657,6 +684,8 @@ def main() -> int:
                              "decode steps (needs --prompt-lens)")
     parser.add_argument("--arrivals", type=float, nargs=4, metavar=("COUNT", "RATE", "PROMPT_LEN", "NEW_TOKENS"),
                         help="COUNT requests arriving at RATE per second (Poisson), each for NEW_TOKENS/2..NEW_TOKENS")
+    parser.add_argument("--identical", type=int, nargs=2, metavar=("COUNT", "PROMPT_LEN"),
+                        help="COUNT copies of one prompt at once (PROMPT_LEN below the chunked-prefill size)")
     parser.add_argument("--fidelity-samples", type=int, default=0, help="greedy prompts compared with the bf16 run")
     parser.add_argument("--fidelity-len", type=int, default=4096)
     parser.add_argument("--fidelity-new-tokens", type=int, default=32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import random
 import threading
 import time
 from pathlib import Path
@@ -214,6 +215,20 @@ def test_the_wall_ends_with_the_last_request_not_at_a_poll(capacity, monkeypatch
     monkeypatch.setattr(capacity, "generate", fake_generate)
     wall, results = capacity.concurrently("u", [[i] for i in range(6)], 4)
     assert 0.1 <= wall < 0.19 and len(results) == 6
+
+
+def test_identical_prompts_are_sent_at_once_and_must_agree(capacity, monkeypatch):
+    sent = []
+
+    def fake_concurrently(url, prompts, max_new_tokens):
+        sent.append(prompts)
+        heads = [[7, 8]] * (len(prompts) - 1) + [[7, 9]]  # the last copy answers differently
+        return 0.5, [{"completion_tokens": max_new_tokens, "output_ids_head": h, "cached_tokens": 0} for h in heads]
+
+    monkeypatch.setattr(capacity, "concurrently", fake_concurrently)
+    result = capacity.identical_prompts("u", random.Random(0), 4, 16, 3)
+    assert len(sent) == 1 and len(sent[0]) == 4 and len({tuple(p) for p in sent[0]}) == 1 and len(sent[0][0]) == 16
+    assert result["completed"] == 4 and not result["same_output"] and not result["ok"]
 
 
 class StreamingServer:
