@@ -14,6 +14,8 @@ head_dim 128) and times, under torch.profiler, what the server does around decod
     `window-tokens` staged decode tokens each, from the decode window's per-slot
     bookkeeping (`DecodeWindow.seal_released`, one call per request; before, and still for
     a request the window does not know, `pool.seal` on each request's tokens);
+    `seal_released_together`: the same requests finishing in one step, released in one free
+    group (one `seal_staged` for all at the group's end);
   * `free`: returning those tokens' rows in every layer (a finished request, an eviction);
   * `compress_pass`: a prefill pass's compression when it finishes `--prefill-requests`
     prompts of `--prompt-len` tokens (`CompressedAttention.compress_layer` after every
@@ -139,6 +141,9 @@ def measure(config_path: Path, requests: int, window_tokens: int, logical_tokens
         released = staged_tokens(pool, next_token, requests * window_tokens, generator)
         next_token += released.numel()
         window = released_requests(pool, released.view(requests, window_tokens))
+        released_together = staged_tokens(pool, next_token, requests * window_tokens, generator)
+        next_token += released_together.numel()
+        window_together = released_requests(pool, released_together.view(requests, window_tokens))
         step = torch.arange(next_token, next_token + requests, dtype=torch.int64)
         next_token += requests
         operations = {
@@ -146,7 +151,8 @@ def measure(config_path: Path, requests: int, window_tokens: int, logical_tokens
             "seal": lambda: pool.seal(sealed),
             "seal_known": lambda: pool.seal_staged(known),
             "seal_released": lambda: [window.seal_released(slot, window_tokens) for slot in range(1, requests + 1)],
-            "free": lambda: pool.free_tokens(torch.cat((sealed, known, released, step))),
+            "seal_released_together": lambda: release_together(window_together, requests, window_tokens),
+            "free": lambda: pool.free_tokens(torch.cat((sealed, known, released, released_together, step))),
         }
         for name, run in operations.items():
             counts[name], syncs[name] = operators_and_syncs(run)
@@ -154,6 +160,15 @@ def measure(config_path: Path, requests: int, window_tokens: int, logical_tokens
     return {name: {"operators": sum(c.values()), "not_views": launching(c), "device_syncs": syncs[name],
                    "most_dispatched": dict(c.most_common(8))}
             for name, c in counts.items()}
+
+
+def release_together(window: DecodeWindow, requests: int, window_tokens: int) -> None:
+    """The requests finishing in one decode step, released inside SGLang's free group (the
+    allocator's `free_group_begin` / `free_group_end` open and close the window's group)."""
+    window.begin_release_group()
+    for slot in range(1, requests + 1):
+        window.seal_released(slot, window_tokens)
+    window.end_release_group()
 
 
 def released_requests(pool: CompressedKVPool, tokens_per_request: torch.Tensor) -> DecodeWindow:

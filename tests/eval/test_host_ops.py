@@ -22,6 +22,10 @@ def test_sealing_does_not_loop_over_the_layers_and_the_decode_windows_seal_reads
     assert counts["seal"]["device_syncs"] >= 2
     assert counts["seal_known"]["device_syncs"] == 0
     assert counts["seal_released"]["device_syncs"] == 0  # finished requests, from the decode window
+    # Requests finishing in one step are sealed together: one seal's operators, not one per request.
+    assert counts["seal_released_together"]["device_syncs"] == 0
+    assert counts["seal_released_together"]["not_views"] < 0.5 * counts["seal_released"]["not_views"]
+    assert counts["seal_released_together"]["not_views"] <= counts["seal_known"]["not_views"] + 20
     assert counts["stage"]["device_syncs"] == 0
     # Frees count their rows on the device and hand them back later (sglang_kvc/deferred_frees.py);
     # before 2026-11-30 a free read the counts back at once (5 syncing calls).
