@@ -22,9 +22,10 @@ map (`pool.seal`, which syncs).
 Requests finishing in one step are released one by one inside SGLang's free group (the
 allocator's `free_group_begin` / `free_group_end` around a batch result); their seals wait
 for the group's end and run as one `seal_staged` over all of them, before the group's frees
-(`release_group`). One seal per request cost a batch of 64 finishing together ~0.2 s of host
-work while the GPU waited (serving run 42). Nothing reads a token's tier in between: the
-radix cache's insert counts a staged token's rows as the row it will take when sealed.
+(`begin_release_group` / `end_release_group`): 64 requests finishing together dispatch 148
+operators instead of 5,376 (docs/results/host-ops-2026-11-30-d.md). Nothing reads a token's
+tier in between: the radix cache's insert counts a staged token's rows as the row it will
+take when sealed, and the group's frees (a cached duplicate's tokens) come after the seal.
 """
 
 from __future__ import annotations
