@@ -233,14 +233,24 @@ def test_pressure_evicts_radix_nodes_until_rows_are_free():
     guard_bits=st.sampled_from([8, 16]),
 )
 def test_random_lifecycles_keep_every_invariant(operations, guard_bits):
-    sim = Simulator(logical_tokens=1500, config=small_config(guard_bits=guard_bits))
+    run_random_lifecycle(Simulator(logical_tokens=1500, config=small_config(guard_bits=guard_bits)), operations)
+
+
+def run_random_lifecycle(sim: Simulator, operations, check_every_step: bool = True) -> None:
+    """The operations (`Simulator.random_step`), then every live request finished and the
+    tree evicted: every id and row free. The invariants are checked after every step, or only
+    after the operations and after the finishes."""
     prefixes = [prompt(40, start=10), prompt(40, start=20_000)]
     for op, draw in operations:
         sim.random_step(op, draw, prefixes)
-        sim.check()
+        if check_every_step:
+            sim.check()
+    sim.check()
     for request in list(sim.live):
         sim.finish(request)
-        sim.check()
+        if check_every_step:
+            sim.check()
+    sim.check()
     sim.evict_all()
     assert_fully_free(sim)
 
@@ -262,32 +272,27 @@ def test_the_admission_counter_counts_its_notes_late_as_it_would_at_once(operati
     end (every comparison counts the notes)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(EvictableRows, "FLUSH_EVERY", flush_every)
-        sim = Simulator(logical_tokens=1500)
-        prefixes = [prompt(40, start=10), prompt(40, start=20_000)]
-        for op, draw in operations:
-            sim.random_step(op, draw, prefixes)
-        sim.check()
-        for request in list(sim.live):
-            sim.finish(request)
-        sim.check()
-        sim.evict_all()
-        assert_fully_free(sim)
+        run_random_lifecycle(Simulator(logical_tokens=1500), operations, check_every_step=False)
 
 
-@pytest.mark.parametrize("together", [True, False])
-def test_a_chunk_the_tree_swaps_for_another_requests_tokens(together):
-    """Two identical prompts admitted together (nothing cached yet), the second chunked. When
-    its first chunk is cached, the radix cache finds the first's tokens for that content, frees
-    the second's and gives it the first's, which the first compresses when its prompt ends
-    (`together`: in the same pass; else the first is prefilled before the second starts).
-    The second's last pass must not take those tokens for its own staged ones (it released
-    staging rows twice: a free-list overflow, found by the counter's lifecycle test)."""
+@pytest.mark.parametrize("passes", ["one pass", "one pass, the chunked one cached first", "one after the other"])
+def test_a_chunk_the_tree_swaps_for_another_requests_tokens(passes):
+    """Two identical prompts admitted together (nothing cached yet), the second chunked. The
+    one cached second gets the other's tokens for their common content from the radix cache
+    (its own are freed): the second's first chunk gets the first's, which the first compresses
+    when its prompt ends (in the same pass, or before the second starts); or, cached first
+    (SGLang caches a chunked request's chunk before it forms the next batch, with the overlap
+    scheduler before the other's results), the first gets the second's staged chunk. The
+    chunked one's last pass must not take compressed tokens for its own staged ones (it
+    released staging rows twice: a free-list overflow, found by the counter's lifecycle test)."""
     sim = Simulator(logical_tokens=1500)
     first = sim.new_request(prompt(60, start=10), max_new_tokens=3)
     second = sim.new_request(prompt(60, start=10), max_new_tokens=3, chunk_size=24)
     assert sim.admit(first) and sim.admit(second)
-    if together:
+    if passes == "one pass":
         sim.prefill_chunks([first, second])
+    elif passes == "one pass, the chunked one cached first":
+        sim.prefill_chunks([second, first])
     else:
         sim.prefill_chunk(first)
         sim.prefill_chunk(second)
