@@ -12,7 +12,9 @@
 # scheduler on for all); FIDELITY_AT_ONCE=1 sends the fidelity prompts all at once;
 # CONCURRENT=N ends each server with N requests at once and a health / leak check.
 # ARRIVALS="COUNT RATE PROMPT_LEN NEW_TOKENS": requests arriving spread out (Poisson), so
-# that they join and finish while others decode.
+# that they join and finish while others decode. IDENTICAL="COUNT PROMPT_LEN": copies of one
+# prompt at once (PROMPT_LEN below the chunked-prefill size: one copy's chunk is swapped for
+# another's cached tokens in the radix cache).
 # JSON and each server's log to $OUT (profiles' traces packed in $OUT/traces.tgz).
 #   run(command="bash eval/gpu/serving.sh [CONFIG...]", carry=[".gpu-rig"])
 set -u
@@ -31,6 +33,7 @@ timeout "${BUDGET_S:-560}" python3 eval/server_capacity.py --model-path .gpu-rig
   --profile-decode-steps "${PROFILE_STEPS:-0}" --profile-repeat-steps "${PROFILE_REPEAT_STEPS:-0}" \
   --repeats "${REPEATS:-1}" --concurrent "${CONCURRENT:-0}" \
   $([ -n "${ARRIVALS:-}" ] && echo --arrivals $ARRIVALS) \
+  $([ -n "${IDENTICAL:-}" ] && echo --identical $IDENTICAL) \
   $([ "${FIDELITY_AT_ONCE:-0}" = 1 ] && echo --fidelity-concurrent) \
   --out "$OUT/serving.json" --log-dir "$OUT" --server-args --cuda-graph-max-bs "${GRAPH_MAX_BS:-16}" \
   $([ "${OVERLAP:-1}" = 0 ] && echo --disable-overlap-schedule)
