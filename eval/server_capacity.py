@@ -328,9 +328,10 @@ def batch_decode(url: str, rng: random.Random, batch: int, prompt_len: int, max_
 def identical_prompts(url: str, rng: random.Random, count: int, prompt_len: int, max_new_tokens: int) -> dict:
     """`count` copies of one fresh prompt sent at once: the radix cache sees the same content
     from requests admitted together, and with a prompt below the chunked-prefill size one copy
-    fits a pass whole while the next is chunked there, so the tree swaps that chunk for the
-    first copy's tokens (a case that crashed the compressed server's candidates until
-    `7a2dfda`). Ok when every copy completes and all give the same greedy tokens."""
+    fits a pass whole while the next is chunked there, so the tree gives the copy cached second
+    the other's tokens for their common chunk (a case that crashed the compressed server's
+    candidates until `7a2dfda`). Ok when every copy completes and all give the same greedy
+    tokens."""
     ids = random_prompt(rng, prompt_len)
     wall, results = concurrently(url, [ids] * count, max_new_tokens)
     completed = [r for r in results if r.get("completion_tokens") == max_new_tokens]
