@@ -29,9 +29,10 @@ tree (`matches_tree`).
 Updates are applied in batches (`flush`): a lock, unlock or insert only notes its tokens, and
 the notes are counted together when the counts are read, before anything changes how many
 rows a tree token holds, or every `FLUSH_EVERY` notes. Counted one by one, each cost ~7
-launches: ~14 per cached chunk of every prefilled request (serving run 41's profile: ~0.65 ms
-of host per request in the batch result that ends a prefill, 10 ms for 15 requests while the
-GPU waited; batched, the 64 x 512 prefill wall did not measurably change, run 45). A note counted later counts what it would have counted at once as long as its
+launches (`rows_held` and the update), two or more per cached chunk of every prefilled
+request (serving run 41's profile: the GPU idle 4.4 ms while the host ran them in the batch
+result that ends a prefill; batched, the 64 x 512 prefill wall did not measurably change,
+run 45). A note counted later counts what it would have counted at once as long as its
 tokens' row counts have not changed since, and only two things change them: compression
 (staged candidates, a row each, become evicted, none; the pool counts the notes first,
 `pool._rows_will_change`) and eviction's frees (counted first, `remove_before_free`; SGLang's
