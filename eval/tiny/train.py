@@ -54,6 +54,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers f
 
 
 CONTEXT_LOSS_FRACTION = 0.25  # share of the prompt positions the context loss scores
+COMPILE_SCOPES = ("regions", "layers")  # compile_backbone's scopes
 
 
 @dataclass
@@ -91,7 +92,8 @@ class TrainConfig:
     # Room per training row for follow-up questions about the same context (tasks.Sample.follow_ups):
     # several answers per context instead of one, and for multikey the contrast between its keys.
     follow_up_tokens: int = 192
-    compile: bool = True  # regional torch.compile on CUDA (compile_backbone); ignored on the CPU
+    compile: bool = True  # torch.compile on CUDA (compile_backbone); ignored on the CPU
+    compile_scope: str = "regions"  # compile_backbone's scope: "regions" or "layers"
     # How often each task is drawn, from its mean accuracy at the last periodic check:
     # floor + per_error * (1 - accuracy). The defaults (0.5, 1.0: a mastered task keeps a third
     # of an unlearnt one's weight) trained the bundled model; late in a run every task is
@@ -108,6 +110,8 @@ class TrainConfig:
             raise ValueError(f"lengths below {tasks.MIN_LENGTH} tokens cannot hold every task's prompt")
         if self.follow_up_tokens < 0:
             raise ValueError(f"follow_up_tokens must be >= 0 (0: one question per row), got {self.follow_up_tokens}")
+        if self.compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {self.compile_scope!r}")
         if self.task_weight_floor <= 0 or self.task_weight_per_error < 0:
             raise ValueError("task_weight_floor must be > 0 (every task keeps being drawn) and task_weight_per_error "
                              f">= 0, got {self.task_weight_floor} and {self.task_weight_per_error}")
@@ -242,23 +246,52 @@ class TrainingBatches(torch.utils.data.IterableDataset):
             yield input_ids, LossTargets.of(input_ids, labels, context_fraction, pad_id)
 
 
-def compile_backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """Regional torch.compile of the elementwise-heavy parts of the model, in place: the
-    RMSNorms, the MLPs and RoPE. In eager mode a step spends most of its device time on
-    separate elementwise kernels (norms, RoPE, SiLU, casts) over the 65K-token batch
-    (eval/tiny/train_speed.py --profile). The attention call stays eager: compiled, it takes
-    PyTorch's own flash kernel, slower here than the cuDNN one eager SDPA picks; and
-    compiling regions keeps compilation short (one graph per module type, dynamic shapes)."""
+def compile_backbone(model: torch.nn.Module, scope: str = "regions", backend: str = "inductor") -> torch.nn.Module:
+    """torch.compile of the model's elementwise-heavy parts, in place. In eager mode a step
+    spends most of its device time on separate elementwise kernels (norms, RoPE, SiLU, casts)
+    over the 65K-token batch (eval/tiny/train_speed.py --profile). Either way the attention
+    call stays eager: compiled, it takes PyTorch's own flash kernel, slower here than the
+    cuDNN one eager SDPA picks (the whole model compiled: 1.6x slower steps at 8K,
+    docs/results/train-speed-2026-11-29.md).
+
+    scope "regions": the RMSNorms, the MLPs and RoPE, each its own compiled call (~25 per
+    forward; the host's guards and wrappers then take as long as the device).
+    scope "layers": each decoder layer whole, split at its attention call (which runs outside
+    the graph), so a layer is two compiled calls and the residual adds, norms, projections
+    and RoPE fuse across module boundaries."""
     from transformers.models.qwen2 import modeling_qwen2
 
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope must be one of {COMPILE_SCOPES}, got {scope!r}")
+    options = {"dynamic": True, "backend": backend}
+    if scope == "layers":
+        _keep_attention_outside_compiled_graphs()
+        for layer in model.model.layers:
+            layer.compile(**options)
+        model.model.norm.compile(**options)
+        return model
     for layer in model.model.layers:
         for module in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
-            module.compile(dynamic=True)
-    model.model.norm.compile(dynamic=True)
+            module.compile(**options)
+    model.model.norm.compile(**options)
     # Qwen2Attention.forward looks the function up in its module's globals at every call.
     if not hasattr(modeling_qwen2.apply_rotary_pos_emb, "_torchdynamo_orig_callable"):
-        modeling_qwen2.apply_rotary_pos_emb = torch.compile(modeling_qwen2.apply_rotary_pos_emb, dynamic=True)
+        modeling_qwen2.apply_rotary_pos_emb = torch.compile(modeling_qwen2.apply_rotary_pos_emb, **options)
     return model
+
+
+def _keep_attention_outside_compiled_graphs() -> None:
+    """Make transformers' SDPA attention a graph break for dynamo (it then runs eagerly and
+    picks cuDNN). Qwen2Attention looks the function up in transformers' process-wide registry
+    at every call, so the wrapped one is registered there; outside torch.compile the wrapper
+    only forwards the call."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    attention = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if not getattr(attention, "_kvc_outside_compile", False):
+        wrapped = torch.compiler.disable(attention)
+        wrapped._kvc_outside_compile = True
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = wrapped
 
 
 def causal_mask_mapping(model: torch.nn.Module) -> dict[str, None]:
@@ -431,7 +464,11 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.tokenizer, self.model = self._tokenizer_and_model()
         if config.compile and config.device.startswith("cuda"):
-            compile_backbone(self.model)
+            compile_backbone(self.model, self.config.compile_scope)
+        # Generation's shapes (a cache, one-token steps) would recompile whole layers until
+        # dynamo's limit sends them back to eager mode for training too; the regions were
+        # checked to be safe (evaluate's docstring).
+        self.evaluation_compiled = config.compile_scope == "regions"
         self.model.train()
         self.optimizer = make_optimizer(self.model, config)
         encode = tasks.TokenizerPieceEncoder(self.tokenizer)
@@ -479,7 +516,7 @@ class Trainer:
         on the full held-out set."""
         config, curriculum = self.config, self.curriculum
         eval_started = time.monotonic()
-        accuracy = evaluate(self.model, self.periodic_sets, self.tokenizer, config)
+        accuracy = evaluate(self.model, self.periodic_sets, self.tokenizer, config, self.evaluation_compiled)
         entry = {"step": self.step, "time": self.elapsed(), "stage": self.stages[curriculum.stage.value],
                  "samples": config.periodic_samples, "accuracy": accuracy}
         stage = next_stage(curriculum.stage.value, self.stages, accuracy, progress, config)
@@ -497,7 +534,7 @@ class Trainer:
         passed = False
         if curriculum.stage.value == len(self.stages) - 1 and cells_at_least(accuracy, config.lengths, config.target):
             full_started = time.monotonic()
-            entry["full_accuracy"] = evaluate(self.model, self.final_sets, self.tokenizer, config)
+            entry["full_accuracy"] = evaluate(self.model, self.final_sets, self.tokenizer, config, self.evaluation_compiled)
             passed = cells_at_least(entry["full_accuracy"], config.lengths, config.target)
             final_estimate = time.monotonic() - full_started
         # The latest estimate, not the largest: the first check runs cold (CUDA and kernel
@@ -570,7 +607,7 @@ class Trainer:
         if passed:
             final = self.log["evals"][-1]["full_accuracy"]
         else:
-            final = evaluate(self.model, self.final_sets, self.tokenizer, config)
+            final = evaluate(self.model, self.final_sets, self.tokenizer, config, self.evaluation_compiled)
         self.log["final"] = {
             "accuracy": final,
             "task_mean": {task: sum(cells.values()) / len(cells) for task, cells in final.items()},
@@ -622,6 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-weight-per-error", type=float, default=defaults.task_weight_per_error)
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="train in plain eager mode (default on CUDA: compile_backbone)")
+    p.add_argument("--compile-scope", choices=COMPILE_SCOPES, default=defaults.compile_scope,
+                   help="what compile_backbone compiles: norms, MLPs and RoPE apart, or whole decoder layers")
     p.add_argument("--smoke", action="store_true", help="a few CPU steps of a toy model at 256 tokens")
     return p
 
@@ -636,6 +675,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         batch_tokens=args.batch_tokens, lr=args.lr, eval_every=args.eval_every, workers=args.workers,
         max_steps=args.max_steps, tasks=tuple(args.tasks), context_loss_weight=args.context_loss_weight,
         init=args.init, follow_up_tokens=args.follow_up_tokens, compile=args.compile,
+        compile_scope=args.compile_scope,
         task_weight_floor=args.task_weight_floor, task_weight_per_error=args.task_weight_per_error,
     )
 

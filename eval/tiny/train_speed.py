@@ -10,9 +10,10 @@ Per curriculum length, on batches made exactly as training makes them (eval/tiny
   * `sync_sites` (CUDA): where one step waits for the device, if anywhere.
 `wall_ms` near `host_ms` and well above `device_ms` means the host bounds training, not the
 GPU. Then the data workers alone: batches and tokens per second at the final curriculum stage
-with training's worker count. `--compile` repeats the step timing with torch.compile;
-`--after-eval N` then times the compiled steps again after an evaluation of N samples per task
-and length (eager, then compiled), as training's periodic checks run between its steps.
+with training's worker count. `--compile` repeats the step timing with torch.compile, of regions and then of whole layers
+(train.compile_backbone's scopes); `--after-eval N` then times each compiled model's steps
+again after an evaluation of N samples per task and length (eager, then for the regions
+compiled), as training's periodic checks run between its steps.
 Writes DIR/train_speed.json.
 """
 
@@ -127,8 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=train.TrainConfig(out=Path(".")).workers)
     p.add_argument("--after-eval", type=int, default=0, metavar="SAMPLES",
                    help="with --compile: then run a periodic check's evaluation (SAMPLES per task and length), "
-                        "eager as training runs it, and time the compiled steps again; then the same with the "
-                        "evaluation compiled, and time them once more")
+                        "eager, and time the compiled steps again; for the compiled regions then the same with "
+                        "the evaluation compiled, and time them once more")
     args = p.parse_args(argv)
     config = train.TrainConfig(out=args.out, device=args.device, context_loss_weight=args.context_loss_weight,
                                batch_tokens=args.batch_tokens, workers=args.workers)
@@ -148,7 +149,10 @@ def main(argv=None) -> int:
             batches[length] = [(ids.to(args.device),
                                 train.LossTargets.of(ids, labels, train.CONTEXT_LOSS_FRACTION, pad_id).to(args.device))
                                for ids, labels in made]
-        variants = [("eager", lambda m: m)] + ([("compiled", train.compile_backbone)] if args.compile else [])
+        variants = [("eager", lambda m: m)]
+        if args.compile:  # regions before layers: the layers' scope wraps transformers' attention for good
+            variants += [("compiled", train.compile_backbone),
+                         ("compiled layers", lambda m: train.compile_backbone(m, "layers"))]
         for name, wrap in variants:
             model = tiny_model.build_model(tiny_model.config_for_tokenizer(Path(tokenizer_dir), args.size)).to(args.device)
             optimizer = train.make_optimizer(model, config)
@@ -165,12 +169,15 @@ def main(argv=None) -> int:
                 print(name, length, json.dumps(result), flush=True)
                 if args.profile:
                     print(profile_table(model, optimizer, batches[length], config), flush=True)
-            if name == "compiled" and args.after_eval:
+            if name != "eager" and args.after_eval:
                 eval_sets = tasks.eval_samples(encode, config.tasks, args.lengths, args.after_eval, 0, split="dev")
                 # Eager evaluation first: a region pushed back to eager by the compiled one would
-                # stay so for good and hide the first comparison.
-                for label, compiled in (("compiled, after an eager evaluation", False),
-                                        ("compiled, after a compiled evaluation", True)):
+                # stay so for good and hide the first comparison. Training evaluates compiled
+                # layers eagerly only (Trainer.evaluation_compiled).
+                evaluations = [(f"{name}, after an eager evaluation", False)]
+                if name == "compiled":
+                    evaluations.append((f"{name}, after a compiled evaluation", True))
+                for label, compiled in evaluations:
                     started = time.perf_counter()
                     train.evaluate(model, eval_sets, tokenizer, config, compiled=compiled)
                     evaluation_s = round(time.perf_counter() - started, 1)

@@ -293,6 +293,42 @@ def test_training_loss_needs_no_mask_from_transformers_and_stays_causal(tokenize
         tiny_train.answer_loss(model, ids, targets)
 
 
+def test_compiled_layers_keep_attention_out_of_their_graphs_and_train_as_eager(tokenizer_dir, encode, tokenizer):
+    """compile_backbone's "layers" scope: each decoder layer traced whole except its attention
+    call (which must stay eager to run cuDNN on the GPU), with the eager model's loss and
+    gradients. A recording backend stands in for inductor, so the test sees the graphs."""
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append({str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"})
+        return graph_module.forward
+
+    eager = tiny_model.build_model(tiny_model.config_for_tokenizer(tokenizer_dir, "toy"), seed=3)
+    compiled = tiny_model.build_model(tiny_model.config_for_tokenizer(tokenizer_dir, "toy"), seed=3)
+    eos_id = tokenizer.token_to_id("<|im_end|>")
+    ids, labels = tiny_train.training_example(_samples(encode, length=256, count=1)[0], encode, eos_id, 64)
+    ids, labels = torch.tensor([ids, ids]), torch.tensor([labels, labels])
+    targets = tiny_train.LossTargets.of(ids, labels, 0.25, pad_id=0, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    try:
+        tiny_train.compile_backbone(compiled, "layers", backend=recording_backend)
+        for model in (eager, compiled):
+            tiny_train.answer_loss(model, ids, targets, context_loss_weight=1.0)[0].backward()
+    finally:
+        torch._dynamo.reset()
+    assert graphs, "nothing was compiled"
+    traced = set().union(*graphs)
+    assert not any("scaled_dot_product" in target for target in traced)
+    assert any("rsqrt" in target for target in traced) and any("silu" in target for target in traced)
+    assert any("linear" in target for target in traced)  # projections inside the layer graphs
+    for (name, expected), actual in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.allclose(actual.grad, expected.grad, atol=1e-5), name
+    with pytest.raises(ValueError, match="layers"):
+        tiny_train.compile_backbone(compiled, "everything")
+    with pytest.raises(ValueError, match="compile_scope"):
+        tiny_train.TrainConfig(out=Path("."), compile_scope="model")
+
+
 def test_loss_targets_pick_answers_and_a_share_of_the_prompt(encode, tokenizer):
     sample = _samples(encode, length=256, count=1)[0]
     ids, labels = tiny_train.training_example(sample, encode, tokenizer.token_to_id("<|im_end|>"), 64)
