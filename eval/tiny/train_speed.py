@@ -5,11 +5,13 @@
 
 Per curriculum length, on batches made exactly as training makes them (eval/tiny/train.py):
   * `wall_ms`: steps queued back to back, one sync at the end (what training gets);
-  * `device_ms`: the same steps' device time (CUDA events around each);
+  * `device_ms`: the same steps' time on the device's stream (CUDA events around each); it
+    includes the time the GPU waits for the host's launches, so it follows `wall_ms` either way;
   * `host_ms`: the host's time to queue one step (Python, autograd, launches);
-  * `sync_sites` (CUDA): where one step waits for the device, if anywhere.
-`wall_ms` near `host_ms` and well above `device_ms` means the host bounds training, not the
-GPU. Then the data workers alone: batches and tokens per second at the final curriculum stage
+  * `sync_sites` (CUDA): where one step waits for the device, if anywhere;
+  * with `--profile`, `busy_ms`: the kernels' own time per step (the profiler's self CUDA
+    total). `busy_ms` well below `wall_ms` means the host bounds training, not the GPU
+    (docs/results/train-speed-2026-11-30-c.md: compiled steps at short lengths). Then the data workers alone: batches and tokens per second at the final curriculum stage
 with training's worker count. `--compile` repeats the step timing with torch.compile, of regions and then of whole layers
 (train.compile_backbone's scopes); `--after-eval N` then times each compiled model's steps
 again after an evaluation of N samples per task and length (eager, then for the regions
@@ -78,7 +80,9 @@ def sync_sites(model, optimizer, batch, config: train.TrainConfig) -> list[str]:
     return [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
 
 
-def profile_table(model, optimizer, batches, config: train.TrainConfig) -> str:
+def profile_table(model, optimizer, batches, config: train.TrainConfig) -> tuple[str, float | None]:
+    """The 20 most expensive operations of a step per batch in `batches`, and the device's busy
+    time per step in ms (None on the CPU)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if batches[0][0].is_cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -88,7 +92,13 @@ def profile_table(model, optimizer, batches, config: train.TrainConfig) -> str:
         if batches[0][0].is_cuda:
             torch.cuda.synchronize()
     sort_by = "self_cuda_time_total" if batches[0][0].is_cuda else "self_cpu_time_total"
-    return profiler.key_averages().table(sort_by=sort_by, row_limit=20, max_name_column_width=60)
+    averages = profiler.key_averages()
+    # As the table's "Self CUDA time total": the kernels' own events, not the operators that
+    # launched them (which carry the same time again).
+    busy_us = sum(event.self_device_time_total for event in averages
+                  if event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False))
+    table = averages.table(sort_by=sort_by, row_limit=20, max_name_column_width=60)
+    return table, round(busy_us / 1e3 / len(batches), 2) if batches[0][0].is_cuda else None
 
 
 def loader_rate(config: train.TrainConfig, tokenizer_dir: Path, seconds: float) -> dict:
@@ -168,7 +178,8 @@ def main(argv=None) -> int:
                 report["steps"].setdefault(name, {})[str(length)] = result
                 print(name, length, json.dumps(result), flush=True)
                 if args.profile:
-                    print(profile_table(model, optimizer, batches[length], config), flush=True)
+                    table, result["busy_ms"] = profile_table(model, optimizer, batches[length], config)
+                    print(table, f"busy_ms {result['busy_ms']}", sep="\n", flush=True)
             if name != "eager" and args.after_eval:
                 eval_sets = tasks.eval_samples(encode, config.tasks, args.lengths, args.after_eval, 0, split="dev")
                 # Eager evaluation first: a region pushed back to eager by the compiled one would
