@@ -323,7 +323,11 @@ def answer_loss(model: torch.nn.Module, input_ids: torch.Tensor, targets: LossTa
     answer tokens; the LM head runs on the target positions alone (the padded batch never
     needs its [tokens, vocab] logits). Prompt targets (LossTargets.of's context share) add
     `context_loss_weight` times their mean cross-entropy."""
-    hidden = model.model(input_ids=input_ids, attention_mask=causal_mask_mapping(model)).last_hidden_state
+    # use_cache=False: the model's config asks for a KV cache by default, which the forward would
+    # fill with every layer's keys and values (host work each step; compiled layers would
+    # specialize on the cache's state per layer and recompile until dynamo's limit).
+    hidden = model.model(input_ids=input_ids, attention_mask=causal_mask_mapping(model),
+                         use_cache=False).last_hidden_state
     logits = model.lm_head(hidden.flatten(0, 1)[targets.positions]).float()
     per_target = F.cross_entropy(logits, targets.token_ids, reduction="none")
     answer_weight = targets.is_answer.float()

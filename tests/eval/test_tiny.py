@@ -263,8 +263,9 @@ def test_context_loss_is_off_by_default_and_adds_prompt_loss(tokenizer_dir, enco
 
 def test_training_loss_needs_no_mask_from_transformers_and_stays_causal(tokenizer_dir, encode, tokenizer, monkeypatch):
     """Building the mask costs a device sync per step (transformers checks for packed rows in
-    Python); the training loss passes it as already built. Same logits as the model's own
-    forward on padded rows, and causal: a later token changed leaves earlier losses alone."""
+    Python); the training loss passes it as already built, and builds no KV cache either. Same
+    logits as the model's own forward on padded rows, and causal: a later token changed leaves
+    earlier losses alone."""
     from transformers.models.qwen2 import modeling_qwen2
 
     model = tiny_model.build_model(tiny_model.config_for_tokenizer(tokenizer_dir, "toy"), seed=2)
@@ -282,7 +283,11 @@ def test_training_loss_needs_no_mask_from_transformers_and_stays_causal(tokenize
     def no_mask_building(**kwargs):
         raise AssertionError("answer_loss built a causal mask")
 
+    def no_cache_building(*args, **kwargs):
+        raise AssertionError("answer_loss built a KV cache")
+
     monkeypatch.setattr(modeling_qwen2, "create_causal_mask", no_mask_building)
+    monkeypatch.setattr(modeling_qwen2, "DynamicCache", no_cache_building)
     loss, _ = tiny_train.answer_loss(model, ids, targets)
     assert torch.allclose(loss, expected, atol=1e-5)
     changed = ids.clone()
