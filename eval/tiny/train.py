@@ -54,7 +54,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers f
 
 
 CONTEXT_LOSS_FRACTION = 0.25  # share of the prompt positions the context loss scores
-COMPILE_SCOPES = ("regions", "layers", "layer-graphs")  # compile_backbone's scopes
+COMPILE_SCOPES = ("regions", "layers")  # compile_backbone's scopes
 
 
 @dataclass
@@ -93,7 +93,7 @@ class TrainConfig:
     # several answers per context instead of one, and for multikey the contrast between its keys.
     follow_up_tokens: int = 192
     compile: bool = True  # torch.compile on CUDA (compile_backbone); ignored on the CPU
-    compile_scope: str = "regions"  # compile_backbone's scope, one of COMPILE_SCOPES
+    compile_scope: str = "regions"  # compile_backbone's scope: "regions" or "layers"
     # How often each task is drawn, from its mean accuracy at the last periodic check:
     # floor + per_error * (1 - accuracy). The defaults (0.5, 1.0: a mastered task keeps a third
     # of an unlearnt one's weight) trained the bundled model; late in a run every task is
@@ -258,22 +258,13 @@ def compile_backbone(model: torch.nn.Module, scope: str = "regions", backend: st
     forward; the host's guards and wrappers then take as long as the device).
     scope "layers": each decoder layer whole, split at its attention call (which runs outside
     the graph), so a layer is two compiled calls and the residual adds, norms, projections
-    and RoPE fuse across module boundaries.
-    scope "layer-graphs": the same, each compiled part replayed as a CUDA graph (mode
-    "reduce-overhead", one static shape per curriculum width): compiled steps at short
-    lengths are bound by the host's launches (docs/results/train-speed-2026-11-30-c.md).
-    Off the GPU it runs as "layers"."""
+    and RoPE fuse across module boundaries."""
     from transformers.models.qwen2 import modeling_qwen2
 
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"compile scope must be one of {COMPILE_SCOPES}, got {scope!r}")
     options = {"dynamic": True, "backend": backend}
-    if scope == "layer-graphs":
-        # CUDA graphs need static shapes; training has one batch shape per curriculum width.
-        options = {"dynamic": False, "backend": backend, "mode": "reduce-overhead"}
-        # One compilation of each layer part per width (six in the default curriculum).
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
-    if scope in ("layers", "layer-graphs"):
+    if scope == "layers":
         _keep_attention_outside_compiled_graphs()
         for layer in model.model.layers:
             layer.compile(**options)
@@ -457,9 +448,6 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
                targets: LossTargets, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch already on the device; returns (loss, its answer part)."""
-    # A new step for compile_backbone's CUDA graphs: the last step's graph outputs may be
-    # overwritten (a no-op without them).
-    torch.compiler.cudagraph_mark_step_begin()
     with autocast_for(config.device):
         loss, answer_part = answer_loss(model, input_ids, targets, config.context_loss_weight)
     optimizer.zero_grad(set_to_none=True)
@@ -676,8 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="train in plain eager mode (default on CUDA: compile_backbone)")
     p.add_argument("--compile-scope", choices=COMPILE_SCOPES, default=defaults.compile_scope,
-                   help="what compile_backbone compiles: norms, MLPs and RoPE apart, whole decoder layers, "
-                        "or whole decoder layers replayed as CUDA graphs")
+                   help="what compile_backbone compiles: norms, MLPs and RoPE apart, or whole decoder layers")
     p.add_argument("--smoke", action="store_true", help="a few CPU steps of a toy model at 256 tokens")
     return p
 

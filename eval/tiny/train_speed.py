@@ -11,11 +11,12 @@ Per curriculum length, on batches made exactly as training makes them (eval/tiny
   * `sync_sites` (CUDA): where one step waits for the device, if anywhere;
   * with `--profile`, `busy_ms`: the kernels' own time per step (the profiler's self CUDA
     total). `busy_ms` well below `wall_ms` means the host bounds training, not the GPU
-    (docs/results/train-speed-2026-11-30-c.md: compiled steps at short lengths). Then the data workers alone: batches and tokens per second at the final curriculum stage
-with training's worker count. `--compile` repeats the step timing with torch.compile, of regions, then of whole layers, then
-(CUDA) of whole layers replayed as CUDA graphs (train.compile_backbone's scopes); `--after-eval N` then times each compiled model's steps
-again after an evaluation of N samples per task and length (eager, then for the regions
-compiled), as training's periodic checks run between its steps.
+    (docs/results/train-speed-2026-11-30-c.md: compiled steps at short lengths).
+Then the data workers alone: batches and tokens per second at the final curriculum stage with
+training's worker count. `--compile` repeats the step timing with torch.compile, of regions
+and then of whole layers (train.compile_backbone's scopes); `--after-eval N` then times each
+compiled model's steps again after an evaluation of N samples per task and length (eager,
+then for the regions compiled), as training's periodic checks run between its steps.
 Writes DIR/train_speed.json.
 """
 
@@ -163,8 +164,6 @@ def main(argv=None) -> int:
         if args.compile:  # regions before layers: the layers' scope wraps transformers' attention for good
             variants += [("compiled", train.compile_backbone),
                          ("compiled layers", lambda m: train.compile_backbone(m, "layers"))]
-            if cuda:  # CUDA graphs: on the CPU this would time "layers" again
-                variants.append(("compiled layer graphs", lambda m: train.compile_backbone(m, "layer-graphs")))
         for name, wrap in variants:
             model = tiny_model.build_model(tiny_model.config_for_tokenizer(Path(tokenizer_dir), args.size)).to(args.device)
             optimizer = train.make_optimizer(model, config)
