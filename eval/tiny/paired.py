@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from eval.tiny import quality
+from eval.tiny import quality, tasks
 from eval.tiny.compare import predictions
 
 
@@ -51,14 +51,20 @@ def _wins(report: dict, a: str, b: str, evaluator: quality.TinyEvaluator,
     report_b = report if report_b is None else report_b
     if report_b["suite"] != report["suite"]:
         raise ValueError(f"different suites: {report['suite']} vs {report_b['suite']}")
-    suite = quality.Suite(**{key: tuple(value) if isinstance(value, list) else value
-                             for key, value in report["suite"].items()})
-    gold = {f"{task}-{length}-{index}": sample.answer
-            for (task, length), samples in evaluator.samples(suite).items()
-            for index, sample in enumerate(samples)}
+    gold = {key: sample.answer for key, sample in held_out_samples(report, evaluator).items()}
     first, second = predictions(report)[a], predictions(report_b)[b]
     wins = [int(second[key] == answer) - int(first[key] == answer) for key, answer in gold.items()]
     return wins, sum(first[key] == answer for key, answer in gold.items())
+
+
+def held_out_samples(report: dict, evaluator: quality.TinyEvaluator) -> dict[str, tasks.Sample]:
+    """{sample id: sample} of the suite a report ran, regenerated as the report's run drew them
+    (ids as in its predictions: task-length-index)."""
+    suite = quality.Suite(**{key: tuple(value) if isinstance(value, list) else value
+                             for key, value in report["suite"].items()})
+    return {f"{task}-{length}-{index}": sample
+            for (task, length), samples in evaluator.samples(suite).items()
+            for index, sample in enumerate(samples)}
 
 
 def summary(wins: Sequence[int], accuracy_a: float) -> dict:
