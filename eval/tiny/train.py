@@ -39,7 +39,7 @@ import math
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -246,7 +246,8 @@ class TrainingBatches(torch.utils.data.IterableDataset):
             yield input_ids, LossTargets.of(input_ids, labels, context_fraction, pad_id)
 
 
-def compile_backbone(model: torch.nn.Module, scope: str = "regions", backend: str = "inductor") -> torch.nn.Module:
+def compile_backbone(model: torch.nn.Module, scope: str = "regions",
+                     backend: str | Callable = "inductor") -> torch.nn.Module:
     """torch.compile of the model's elementwise-heavy parts, in place. In eager mode a step
     spends most of its device time on separate elementwise kernels (norms, RoPE, SiLU, casts)
     over the 65K-token batch (eval/tiny/train_speed.py --profile). Either way the attention
@@ -469,9 +470,9 @@ class Trainer:
         self.tokenizer, self.model = self._tokenizer_and_model()
         if config.compile and config.device.startswith("cuda"):
             compile_backbone(self.model, self.config.compile_scope)
-        # Generation's shapes (a cache, one-token steps) would recompile whole layers until
-        # dynamo's limit sends them back to eager mode for training too; the regions were
-        # checked to be safe (evaluate's docstring).
+        # Generation's shapes (a cache, one-token steps) could recompile whole layers until
+        # dynamo's limit sends them back to eager mode for training too (not measured; the
+        # regions were checked to be safe, evaluate's docstring), so layers evaluate eagerly.
         self.evaluation_compiled = config.compile_scope == "regions"
         self.model.train()
         self.optimizer = make_optimizer(self.model, config)
