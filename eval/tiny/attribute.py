@@ -70,6 +70,9 @@ def lost_samples(report: dict, baseline: str, name: str, evaluator: quality.Tiny
 
 def attribute(reports: Sequence[dict], baseline: str, config: CompressionConfig,
               evaluator: quality.TinyEvaluator | None = None, name: str | None = None) -> dict:
+    """Every sample of `reports` that `baseline` answers right and the config (entry `name`,
+    default its own name) wrong, answered by each probe on the reference path: per sample its
+    answers and cause, and the counts."""
     evaluator = evaluator or quality.TinyEvaluator()
     name = name or config.name
     configs = probes(config)
