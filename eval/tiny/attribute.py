@@ -1,9 +1,11 @@
 """Why a compressed config loses the held-out samples it loses: eviction or quantization.
 
     python -m eval.tiny.attribute REPORT.json BASELINE CONFIG.yaml [--pool MORE.json ...] [--out F.json]
+    python -m eval.tiny.attribute REPORT.json BASELINE CONFIG.yaml --baseline-from OTHER.json
 
 REPORT is a `serve_eval.py` (server) or `eval.tiny.quality` (reference path) report holding
-both BASELINE (e.g. `bf16` or `full`) and the config (by its `name`). Each held-out sample the
+both BASELINE (e.g. `bf16` or `full`) and the config (by its `name`), or the config alone with
+BASELINE taken from another report of the same suite (`--baseline-from`). Each held-out sample the
 baseline answers right and the config wrong is answered again on the transformers reference
 path (`sglang_kvc.hf_reference`, CPU), with the config and with diagnostic variants of it that
 remove one cause at a time (their KV bytes differ: they are probes, not candidates):
@@ -68,6 +70,13 @@ def lost_samples(report: dict, baseline: str, name: str, evaluator: quality.Tiny
             if answers[baseline][key] == sample.answer and answers[name][key] != sample.answer]
 
 
+def with_baseline_from(report: dict, other: dict, baseline: str) -> dict:
+    """`report` with `baseline`'s answers taken from `other`, a report of the same suite."""
+    if other["suite"] != report["suite"]:
+        raise ValueError(f"different suites: {report['suite']} vs {other['suite']}")
+    return {"suite": report["suite"], "predictions": {**predictions(report), baseline: predictions(other)[baseline]}}
+
+
 def attribute(reports: Sequence[dict], baseline: str, config: CompressionConfig,
               evaluator: quality.TinyEvaluator | None = None, name: str | None = None) -> dict:
     """Every sample of `reports` that `baseline` answers right and the config (entry `name`,
@@ -110,9 +119,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("config", type=Path, help="the compressed config's YAML (its name is its entry in the report)")
     parser.add_argument("--name", help="the config's entry in the report, if not its YAML name")
     parser.add_argument("--pool", type=Path, nargs="+", default=[], help="more reports (other suites) with both")
+    parser.add_argument("--baseline-from", type=Path,
+                        help="take BASELINE's answers from this report of REPORT's suite (not with --pool)")
     parser.add_argument("--out", type=Path, help="write the result as JSON")
     args = parser.parse_args(argv)
+    if args.baseline_from and args.pool:
+        parser.error("--baseline-from takes one report, without --pool")
     reports = [json.loads(path.read_text()) for path in (args.report, *args.pool)]
+    if args.baseline_from:
+        reports = [with_baseline_from(reports[0], json.loads(args.baseline_from.read_text()), args.baseline)]
     result = attribute(reports, args.baseline, load_config(args.config), name=args.name)
     result["command"] = "python -m eval.tiny.attribute " + " ".join(argv if argv is not None else sys.argv[1:])
     print(markdown(result))

@@ -68,3 +68,12 @@ def test_a_sample_lost_to_eviction_and_one_the_reference_path_answers(evaluator,
     assert written["lost"] == 1 and written["causes"]["not reproduced"] == 1
     assert written["samples"][0]["reported"] == "0"
     assert "1 samples right with `full`" in capsys.readouterr().out
+
+
+def test_the_baseline_may_come_from_another_report_of_the_same_suite():
+    config_only = {"suite": SUITE, "predictions": {"qwen_8x_tuned": {"passkey-512-0": "1"}}}
+    baseline_only = {"suite": SUITE, "predictions": {"full": {"passkey-512-0": "2"}, "other": {}}}
+    merged = attribute.with_baseline_from(config_only, baseline_only, "full")
+    assert merged["predictions"] == {"qwen_8x_tuned": {"passkey-512-0": "1"}, "full": {"passkey-512-0": "2"}}
+    with pytest.raises(ValueError, match="different suites"):
+        attribute.with_baseline_from(config_only, {**baseline_only, "suite": {**SUITE, "seed": 6}}, "full")
