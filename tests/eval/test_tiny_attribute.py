@@ -58,16 +58,17 @@ def test_a_sample_lost_to_eviction_and_one_the_reference_path_answers(evaluator,
     evicted = attribute.attribute([report], "full", control, evaluator)
     assert evicted["lost"] == 1 and evicted["samples"][0]["id"] == lost_by_control
     assert evicted["causes"]["eviction"] == 1
-    assert evicted["right_with"]["every token kept"] == 1 and evicted["right_with"]["as configured"] == 0
+    assert evicted["reproduced"] == 1
+    assert evicted["fixed_by"]["every token kept"] == 1 and evicted["fixed_by"]["kept tokens in bf16"] == 0
 
     path = tmp_path / "report.json"
     path.write_text(json.dumps(report))
     out = tmp_path / "attribution.json"
     assert attribute.main([str(path), "full", str(CONFIGS / "qwen_5x_tuned.yaml"), "--out", str(out)]) == 0
     written = json.loads(out.read_text())
-    assert written["lost"] == 1 and written["causes"]["not reproduced"] == 1
+    assert written["lost"] == 1 and written["causes"]["not reproduced"] == 1 and written["reproduced"] == 0
     assert written["samples"][0]["reported"] == "0"
-    assert "1 samples right with `full`" in capsys.readouterr().out
+    assert "1 samples right with `full` and wrong with `qwen_5x_tuned`, 0 of them" in capsys.readouterr().out
 
 
 def test_the_baseline_may_come_from_another_report_of_the_same_suite():
