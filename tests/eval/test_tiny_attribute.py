@@ -38,7 +38,7 @@ def test_each_cause_from_the_probes_that_answer_right():
 
 
 def test_a_sample_lost_to_eviction_and_one_the_reference_path_answers(evaluator, tmp_path, capsys):
-    """The control config of test_tiny_quality (2% of the prompt kept, unquantized) loses pass
+    """A control config like test_tiny_quality's (2% of the prompt kept, unquantized) loses pass
     keys to eviction alone; a shipped config's reported failure on a sample it answers right
     on the reference path is `not reproduced`."""
     samples = paired.held_out_samples(report_with({}), evaluator)
