@@ -123,3 +123,16 @@ def test_paired_pools_reports_of_other_seeds_and_refuses_a_suite_twice():
     assert pooled["accuracy_a"] == 0.75 and pooled["accuracy_b"] == 0.75
     with pytest.raises(ValueError, match="pooled twice"):
         paired(seed0, "a", "b", evaluator=_StubEvaluator(), pool=[seed1, seed1])
+
+
+def test_paired_pools_a_suite_whose_b_comes_from_another_report():
+    from eval.tiny.paired import paired
+
+    seed0 = _report(0, ["1", "2"], ["1", "x"])  # b loses one
+    seed1_a = _report(1, ["x", "2"], ["x", "x"])  # this report's own b would lose one more
+    seed1_b = {"suite": seed1_a["suite"], "predictions": {"b": {"kv-1024-0": "1", "kv-1024-1": "2"}}}
+    pooled = paired(seed0, "a", "b", evaluator=_StubEvaluator(), pool=[(seed1_a, seed1_b)])
+    assert (pooled["right_only_with_a"], pooled["right_only_with_b"]) == (1, 1)
+    other_seed = _report(2, ["1", "2"], ["1", "2"])
+    with pytest.raises(ValueError, match="different suites"):
+        paired(seed0, "a", "b", evaluator=_StubEvaluator(), pool=[(seed1_a, other_seed)])
