@@ -183,6 +183,7 @@ LONG_VARIANTS: tuple[tuple[str, dict, dict], ...] = (
     # An 8-bit guard costs ~half a bf16 one, so the same ratio keeps more tokens.
     ("guard 0.1 8-bit", {}, {"guard_fraction": 0.1, "guard_bits": 8}),
     ("guard 0.2 8-bit", {}, {"guard_fraction": 0.2, "guard_bits": 8}),
+    ("guard 0.3 8-bit", {}, {"guard_fraction": 0.3, "guard_bits": 8}),
 )
 
 
