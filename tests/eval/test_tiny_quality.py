@@ -9,7 +9,8 @@ qwen_5x_tuned 24/24, qwen_8x_tuned 24/24, qwen_12x_tuned 23/24; vt qwen_5x_tuned
 qwen_8x_tuned 24/24, qwen_12x_tuned 22/24. qwen_8x_tuned with its bf16 guard since (retain
 0.405): passkey, multikey, kv 24/24, vt 23/24 (tiny-quality-cpu-1024-deep-8x-guard-2026-11-29.md);
 with observation window 8 since (2026-11-30, tiny-quality-cpu-1024-window8-2026-11-30.md): 24/24
-on every task.
+on every task. qwen_5x_tuned with its 8-bit guard for 30% since (2026-11-30,
+tiny-quality-cpu-1024-5x-guard8-2026-11-30.md): 24/24 on every task.
 Each threshold sits two samples below its
 measurement, so a change that loses needles (eviction, quantization, attention read-back)
 fails them; the control test shows that these samples do need their needle. (The seed's
