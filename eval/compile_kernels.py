@@ -50,6 +50,7 @@ DECODE_FORMATS = {
     "qwen_8x_aggressive": (2, 2, 32, 16),
     "tuned (K4V2 g64)": (4, 2, 64, 16),
     "8-bit guard (K2V2 g32)": (2, 2, 32, 8),
+    "qwen_5x_tuned (K4V2 g64, 8-bit guard)": (4, 2, 64, 8),
 }
 
 

@@ -1110,6 +1110,94 @@ def _lowbit_register_operand_loop(
     return m_i, l_i, accs
 
 
+@triton.jit
+def _packed_tier_loop(
+    q,
+    m_i,
+    l_i,
+    acc,
+    entry_row_ptr,
+    first,  # this split's share of the tier's entries: [first, end)
+    end,
+    kv_head,
+    offs_n,
+    offs_d,
+    dim_mask,
+    qk_scale,
+    k_codes_ptr,
+    k_pairs_ptr,
+    stride_k_row,
+    stride_k_head,
+    stride_k_pairs_row,
+    stride_k_pairs_head,
+    v_codes_ptr,
+    v_pairs_ptr,
+    stride_v_row,
+    stride_v_head,
+    stride_v_pairs_row,
+    stride_v_pairs_head,
+    HEAD_DIM: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    KEY_GROUP_SIZE: tl.constexpr,
+    VALUE_BITS: tl.constexpr,
+    VALUE_GROUP_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """v2's loop over one packed tier (low-bit, or the 8-bit guard): the softmax state after
+    the tier's blocks in [first, end)."""
+    if PREFETCH:
+        # Software-pipelined by hand: entry rows two blocks ahead, packed words one block
+        # ahead, so an iteration's loads depend only on what the previous one loaded and
+        # overlap its arithmetic instead of waiting out two dependent round trips (rows,
+        # then the rows' words). Packed words are few registers, which makes this cheap.
+        entries = first + offs_n
+        valid = entries < end
+        rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
+        k_words, k_pairs = _load_packed_words(
+            k_codes_ptr, k_pairs_ptr, rows, kv_head, stride_k_row, stride_k_head, stride_k_pairs_row,
+            stride_k_pairs_head, valid, offs_d, dim_mask, HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
+        v_words, v_pairs = _load_packed_words(
+            v_codes_ptr, v_pairs_ptr, rows, kv_head, stride_v_row, stride_v_head, stride_v_pairs_row,
+            stride_v_pairs_head, valid, offs_d, dim_mask, HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
+        next_valid = entries + BLOCK_N < end
+        next_rows = tl.load(entry_row_ptr + entries + BLOCK_N, mask=next_valid, other=0).to(tl.int64)
+        for block_start in range(first, end, BLOCK_N):
+            ahead_entries = block_start + 2 * BLOCK_N + offs_n
+            ahead_valid = ahead_entries < end
+            ahead_rows = tl.load(entry_row_ptr + ahead_entries, mask=ahead_valid, other=0).to(tl.int64)
+            next_k_words, next_k_pairs = _load_packed_words(
+                k_codes_ptr, k_pairs_ptr, next_rows, kv_head, stride_k_row, stride_k_head, stride_k_pairs_row,
+                stride_k_pairs_head, next_valid, offs_d, dim_mask, HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE,
+                BLOCK_N, BLOCK_D)
+            next_v_words, next_v_pairs = _load_packed_words(
+                v_codes_ptr, v_pairs_ptr, next_rows, kv_head, stride_v_row, stride_v_head, stride_v_pairs_row,
+                stride_v_pairs_head, next_valid, offs_d, dim_mask, HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE,
+                BLOCK_N, BLOCK_D)
+            k = _unpack_tile(k_words, k_pairs, offs_d, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
+            logits = _block_logits(q, k, valid, qk_scale, DOT_PRECISION)
+            v = _unpack_tile(v_words, v_pairs, offs_d, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
+            m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
+            k_words, k_pairs, v_words, v_pairs = next_k_words, next_k_pairs, next_v_words, next_v_pairs
+            valid, next_valid, next_rows = next_valid, ahead_valid, ahead_rows
+    else:
+        for block_start in range(first, end, BLOCK_N):
+            entries = block_start + offs_n
+            valid = entries < end
+            rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
+            k = _load_packed_tile(k_codes_ptr, k_pairs_ptr, rows, kv_head, stride_k_row, stride_k_head,
+                                  stride_k_pairs_row, stride_k_pairs_head, valid, offs_d, dim_mask,
+                                  HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
+            logits = _block_logits(q, k, valid, qk_scale, DOT_PRECISION)
+            v = _load_packed_tile(v_codes_ptr, v_pairs_ptr, rows, kv_head, stride_v_row, stride_v_head,
+                                  stride_v_pairs_row, stride_v_pairs_head, valid, offs_d, dim_mask,
+                                  HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
+            m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
+    return m_i, l_i, acc
+
+
 @triton.jit(**_ATTENTION_JIT)
 def _decode_split_kernel_v2(
     q_ptr,  # [B, Hq, D]
@@ -1167,7 +1255,7 @@ def _decode_split_kernel_v2(
     DOT_PRECISION: tl.constexpr,  # the staging loop's dots (bf16 rows)
     LOWBIT_DOT_PRECISION: tl.constexpr,  # the low-bit loop's dots
     GUARD_DOT_PRECISION: tl.constexpr,  # the guard loop's dots
-    PREFETCH: tl.constexpr,  # low-bit loop pipelined by hand (see there)
+    PREFETCH: tl.constexpr,  # packed loops (low-bit, 8-bit guard) pipelined by hand (_packed_tier_loop)
     REGISTER_OPERANDS: tl.constexpr = False,  # v3: the low-bit loop of _lowbit_register_operand_loop
     KEY_SLOTS: tl.constexpr = 1,  # v3: codes per 16-bit container of the low-bit K / V codes
     VALUE_SLOTS: tl.constexpr = 1,
@@ -1230,80 +1318,34 @@ def _decode_split_kernel_v2(
                                  q_heads, num_splits + split, offs_vc * VALUE_SLOTS + slot, group_mask,
                                  offs_vc < HEAD_DIM // VALUE_SLOTS, stride_po_batch, stride_po_head,
                                  stride_po_split, stride_pl_batch, stride_pl_head)
-    elif PREFETCH:
-        # Software-pipelined by hand: entry rows two blocks ahead, packed words one block
-        # ahead, so an iteration's loads depend only on what the previous one loaded and
-        # overlap its arithmetic instead of waiting out two dependent round trips (rows,
-        # then the rows' words). Packed words are few registers, which makes this cheap.
-        entries = lowbit_first + offs_n
-        valid = entries < lowbit_end
-        rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
-        k_words, k_pairs = _load_packed_words(
-            lowbit_k_codes_ptr, lowbit_k_pairs_ptr, rows, kv_head, stride_lk_row, stride_lk_head,
-            stride_lk_pairs_row, stride_lk_pairs_head, valid, offs_d, dim_mask,
-            HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
-        v_words, v_pairs = _load_packed_words(
-            lowbit_v_codes_ptr, lowbit_v_pairs_ptr, rows, kv_head, stride_lv_row, stride_lv_head,
-            stride_lv_pairs_row, stride_lv_pairs_head, valid, offs_d, dim_mask,
-            HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
-        next_valid = entries + BLOCK_N < lowbit_end
-        next_rows = tl.load(entry_row_ptr + entries + BLOCK_N, mask=next_valid, other=0).to(tl.int64)
-        for block_start in range(lowbit_first, lowbit_end, BLOCK_N):
-            ahead_entries = block_start + 2 * BLOCK_N + offs_n
-            ahead_valid = ahead_entries < lowbit_end
-            ahead_rows = tl.load(entry_row_ptr + ahead_entries, mask=ahead_valid, other=0).to(tl.int64)
-            next_k_words, next_k_pairs = _load_packed_words(
-                lowbit_k_codes_ptr, lowbit_k_pairs_ptr, next_rows, kv_head, stride_lk_row, stride_lk_head,
-                stride_lk_pairs_row, stride_lk_pairs_head, next_valid, offs_d, dim_mask,
-                HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
-            next_v_words, next_v_pairs = _load_packed_words(
-                lowbit_v_codes_ptr, lowbit_v_pairs_ptr, next_rows, kv_head, stride_lv_row, stride_lv_head,
-                stride_lv_pairs_row, stride_lv_pairs_head, next_valid, offs_d, dim_mask,
-                HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
-            k = _unpack_tile(k_words, k_pairs, offs_d, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
-            logits = _block_logits(q, k, valid, qk_scale, LOWBIT_DOT_PRECISION)
-            v = _unpack_tile(v_words, v_pairs, offs_d, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
-            m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, LOWBIT_DOT_PRECISION)
-            k_words, k_pairs, v_words, v_pairs = next_k_words, next_k_pairs, next_v_words, next_v_pairs
-            valid, next_valid, next_rows = next_valid, ahead_valid, ahead_rows
     else:
-        for block_start in range(lowbit_first, lowbit_end, BLOCK_N):
-            entries = block_start + offs_n
-            valid = entries < lowbit_end
-            rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
-            k = _load_packed_tile(lowbit_k_codes_ptr, lowbit_k_pairs_ptr, rows, kv_head,
-                                  stride_lk_row, stride_lk_head, stride_lk_pairs_row, stride_lk_pairs_head,
-                                  valid, offs_d, dim_mask, HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, BLOCK_N, BLOCK_D)
-            logits = _block_logits(q, k, valid, qk_scale, LOWBIT_DOT_PRECISION)
-            v = _load_packed_tile(lowbit_v_codes_ptr, lowbit_v_pairs_ptr, rows, kv_head,
-                                  stride_lv_row, stride_lv_head, stride_lv_pairs_row, stride_lv_pairs_head,
-                                  valid, offs_d, dim_mask, HEAD_DIM, VALUE_BITS, VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D)
-            m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, LOWBIT_DOT_PRECISION)
+        m_i, l_i, acc = _packed_tier_loop(
+            q, m_i, l_i, acc, entry_row_ptr, lowbit_first, lowbit_end, kv_head, offs_n, offs_d, dim_mask, qk_scale,
+            lowbit_k_codes_ptr, lowbit_k_pairs_ptr, stride_lk_row, stride_lk_head, stride_lk_pairs_row,
+            stride_lk_pairs_head, lowbit_v_codes_ptr, lowbit_v_pairs_ptr, stride_lv_row, stride_lv_head,
+            stride_lv_pairs_row, stride_lv_pairs_head, HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, VALUE_BITS,
+            VALUE_GROUP_SIZE, BLOCK_N, BLOCK_D, LOWBIT_DOT_PRECISION, PREFETCH)
 
-    # -- guard: bf16 rows, or 8-bit packed (one format for K and V). GUARD_PACKED is a
-    #    compile-time constant, so each compiled kernel has one loader here, no branch.
-    for block_start in range(guard_first, guard_end, BLOCK_N):
-        entries = block_start + offs_n
-        valid = entries < guard_end
-        rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
-        if GUARD_PACKED:
-            k = _load_packed_tile(guard_k_ptr, guard_k_pairs_ptr, rows, kv_head,
-                                  stride_guard_row, stride_guard_head, stride_guard_pairs_row,
-                                  stride_guard_pairs_head, valid, offs_d, dim_mask,
-                                  HEAD_DIM, GUARD_BITS, GUARD_GROUP_SIZE, BLOCK_N, BLOCK_D)
-        else:
+    # -- guard: 8-bit packed rows (one format for K and V) through the same loop as the
+    #    low-bit tier, or bf16 rows. GUARD_PACKED is a compile-time constant: one loop per kernel.
+    if GUARD_PACKED:
+        m_i, l_i, acc = _packed_tier_loop(
+            q, m_i, l_i, acc, entry_row_ptr, guard_first, guard_end, kv_head, offs_n, offs_d, dim_mask, qk_scale,
+            guard_k_ptr, guard_k_pairs_ptr, stride_guard_row, stride_guard_head, stride_guard_pairs_row,
+            stride_guard_pairs_head, guard_v_ptr, guard_v_pairs_ptr, stride_guard_row, stride_guard_head,
+            stride_guard_pairs_row, stride_guard_pairs_head, HEAD_DIM, GUARD_BITS, GUARD_GROUP_SIZE, GUARD_BITS,
+            GUARD_GROUP_SIZE, BLOCK_N, BLOCK_D, GUARD_DOT_PRECISION, PREFETCH)
+    else:
+        for block_start in range(guard_first, guard_end, BLOCK_N):
+            entries = block_start + offs_n
+            valid = entries < guard_end
+            rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
             k = _load_dense_tile(guard_k_ptr, rows, kv_head, stride_guard_row, stride_guard_head,
                                  valid, offs_d, dim_mask)
-        logits = _block_logits(q, k, valid, qk_scale, GUARD_DOT_PRECISION)
-        if GUARD_PACKED:
-            v = _load_packed_tile(guard_v_ptr, guard_v_pairs_ptr, rows, kv_head,
-                                  stride_guard_row, stride_guard_head, stride_guard_pairs_row,
-                                  stride_guard_pairs_head, valid, offs_d, dim_mask,
-                                  HEAD_DIM, GUARD_BITS, GUARD_GROUP_SIZE, BLOCK_N, BLOCK_D)
-        else:
+            logits = _block_logits(q, k, valid, qk_scale, GUARD_DOT_PRECISION)
             v = _load_dense_tile(guard_v_ptr, rows, kv_head, stride_guard_row, stride_guard_head,
                                  valid, offs_d, dim_mask)
-        m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, GUARD_DOT_PRECISION)
+            m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, GUARD_DOT_PRECISION)
 
     _store_split_partial(partial_out_ptr, partial_lse_ptr, m_i, l_i, acc, request, q_heads, split, offs_d,
                          group_mask, dim_mask, stride_po_batch, stride_po_head, stride_po_split,
@@ -1477,8 +1519,9 @@ def decode_attention(
     to fp16 range) and tf32 for bf16 rows, which may exceed it (v1: tf32). The interpreter
     computes "tf32" and "ieee" in full fp32, "fp16" with fp16-rounded operands.
 
-    `prefetch` (v2's loop only, also under v3 for 3-bit formats; None: on there): the low-bit loop loads the next block's packed
-    words (and the rows of the one after) before computing on the current block; 11-22%
+    `prefetch` (v2's loops only, also under v3 for 3-bit formats; None: on there): the
+    packed loops (low-bit, and an 8-bit guard's) load the next block's packed words (and the
+    rows of the one after) before computing on the current block; the low-bit loop 11-22%
     faster on an H200 (docs/kernels.md, bench v6)."""
     if dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
