@@ -47,15 +47,13 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from eval.server_capacity import gpu_query, http_json, stop, wait_healthy  # noqa: E402
+from eval.server_capacity import gpu_query, http_json, stock_settings_like_compressed, stop, wait_healthy  # noqa: E402
 from eval.tiny import tasks  # noqa: E402
 from eval.tiny.quality import MODEL_DIR, Suite  # noqa: E402
 from eval.tiny.shared_suite import SHARED_TASKS, ContextGroup, shared_context_groups  # noqa: E402
 
 SERVER_ARGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--host", "127.0.0.1",
                "--context-length", "8192", "--mem-fraction-static", "0.5"]
-# Stock runs use the graph and scheduler settings --kv-compress forces: they differ in the pool only.
-STOCK_SAME_AS_COMPRESSED = ["--disable-decode-cuda-graph", "--disable-prefill-cuda-graph", "--disable-overlap-schedule"]
 
 
 # ---- requests -----------------------------------------------------------------------------------
@@ -150,10 +148,19 @@ def run_shared_context(url, groups: list[ContextGroup], end_of_answer, decode, c
     return result
 
 
+def server_command(model_path: Path, port: int, config: str | None) -> list[str]:
+    """The launch command of one server: stock for `config` None, else with --kv-compress.
+    Stock runs use the graph settings --kv-compress forces, so the two differ in the pool only.
+    (Until 2026-11-30 stock ran here with decode graphs and the overlap scheduler off, as
+    --kv-compress once forced; the bf16 answers in docs/results before then were served so.)"""
+    command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(Path(model_path).resolve()),
+               "--port", str(port), *SERVER_ARGS]
+    return command + (stock_settings_like_compressed() if config is None
+                      else ["--kv-compress", str(Path(config).resolve())])
+
+
 def run_config(args, name: str, config: str | None, samples, groups, tokenizer, end_of_answer) -> dict:
-    command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(args.model_path.resolve()),
-               "--port", str(args.port), *SERVER_ARGS]
-    command += STOCK_SAME_AS_COMPRESSED if config is None else ["--kv-compress", str(Path(config).resolve())]
+    command = server_command(args.model_path, args.port, config)
     env = dict(os.environ)
     if name.endswith("+triton"):
         env["SGLANG_KVC_TRITON"] = "1"

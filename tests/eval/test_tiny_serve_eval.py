@@ -3,13 +3,25 @@ groups are tested with eval/tiny/shared_suite.py."""
 
 from __future__ import annotations
 
-from eval.tiny.serve_eval import markdown, parse_config
+from eval.server_capacity import stock_settings_like_compressed
+from eval.tiny.serve_eval import markdown, parse_config, server_command
 
 
 def test_config_names():
     assert parse_config("bf16") == ("bf16", None)
     assert parse_config("configs/qwen_8x.yaml") == ("qwen_8x", "configs/qwen_8x.yaml")
     assert parse_config("qwen_8x+triton:configs/qwen_8x.yaml") == ("qwen_8x+triton", "configs/qwen_8x.yaml")
+
+
+def test_stock_servers_differ_from_compressed_ones_in_the_pool_only():
+    """Stock takes the graph settings --kv-compress forces (decode graphs and the overlap
+    scheduler as the compressed server has them), nothing more."""
+    stock = server_command("eval/tiny/model", 30000, None)
+    compressed = server_command("eval/tiny/model", 30000, "configs/qwen_8x_tuned.yaml")
+    assert stock[-len(stock_settings_like_compressed()):] == stock_settings_like_compressed()
+    assert "--disable-overlap-schedule" not in stock and "--kv-compress" not in stock
+    assert compressed[:len(stock) - len(stock_settings_like_compressed())] == stock[:len(stock) - len(stock_settings_like_compressed())]
+    assert compressed[-2] == "--kv-compress" and compressed[-1].endswith("configs/qwen_8x_tuned.yaml")
 
 
 def test_markdown_reports_relative_accuracy_and_errors():
