@@ -1111,6 +1111,22 @@ def _lowbit_register_operand_loop(
 
 
 @triton.jit
+def _dense_tier_loop(q, m_i, l_i, acc, entry_row_ptr, first, end, kv_head, offs_n, offs_d, dim_mask, qk_scale,
+                     k_ptr, v_ptr, stride_row, stride_head, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """v2's loop over one bf16 tier (staging, or a bf16 guard; K and V share strides): the
+    softmax state after the tier's blocks in [first, end)."""
+    for block_start in range(first, end, BLOCK_N):
+        entries = block_start + offs_n
+        valid = entries < end
+        rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
+        k = _load_dense_tile(k_ptr, rows, kv_head, stride_row, stride_head, valid, offs_d, dim_mask)
+        logits = _block_logits(q, k, valid, qk_scale, DOT_PRECISION)
+        v = _load_dense_tile(v_ptr, rows, kv_head, stride_row, stride_head, valid, offs_d, dim_mask)
+        m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _packed_tier_loop(
     q,
     m_i,
@@ -1290,16 +1306,9 @@ def _decode_split_kernel_v2(
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
 
     # -- staging: bf16 rows.
-    for block_start in range(staging_first, staging_end, BLOCK_N):
-        entries = block_start + offs_n
-        valid = entries < staging_end
-        rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
-        k = _load_dense_tile(staging_k_ptr, rows, kv_head, stride_staging_row, stride_staging_head,
-                             valid, offs_d, dim_mask)
-        logits = _block_logits(q, k, valid, qk_scale, DOT_PRECISION)
-        v = _load_dense_tile(staging_v_ptr, rows, kv_head, stride_staging_row, stride_staging_head,
-                             valid, offs_d, dim_mask)
-        m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
+    m_i, l_i, acc = _dense_tier_loop(q, m_i, l_i, acc, entry_row_ptr, staging_first, staging_end, kv_head, offs_n,
+                                     offs_d, dim_mask, qk_scale, staging_k_ptr, staging_v_ptr, stride_staging_row,
+                                     stride_staging_head, BLOCK_N, DOT_PRECISION)
 
     # -- low-bit: packed K and V, each in its own format.
     if REGISTER_OPERANDS:
@@ -1336,16 +1345,9 @@ def _decode_split_kernel_v2(
             stride_guard_pairs_row, stride_guard_pairs_head, HEAD_DIM, GUARD_BITS, GUARD_GROUP_SIZE, GUARD_BITS,
             GUARD_GROUP_SIZE, BLOCK_N, BLOCK_D, GUARD_DOT_PRECISION, PREFETCH)
     else:
-        for block_start in range(guard_first, guard_end, BLOCK_N):
-            entries = block_start + offs_n
-            valid = entries < guard_end
-            rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
-            k = _load_dense_tile(guard_k_ptr, rows, kv_head, stride_guard_row, stride_guard_head,
-                                 valid, offs_d, dim_mask)
-            logits = _block_logits(q, k, valid, qk_scale, GUARD_DOT_PRECISION)
-            v = _load_dense_tile(guard_v_ptr, rows, kv_head, stride_guard_row, stride_guard_head,
-                                 valid, offs_d, dim_mask)
-            m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, GUARD_DOT_PRECISION)
+        m_i, l_i, acc = _dense_tier_loop(q, m_i, l_i, acc, entry_row_ptr, guard_first, guard_end, kv_head, offs_n,
+                                         offs_d, dim_mask, qk_scale, guard_k_ptr, guard_v_ptr, stride_guard_row,
+                                         stride_guard_head, BLOCK_N, GUARD_DOT_PRECISION)
 
     _store_split_partial(partial_out_ptr, partial_lse_ptr, m_i, l_i, acc, request, q_heads, split, offs_d,
                          group_mask, dim_mask, stride_po_batch, stride_po_head, stride_po_split,
