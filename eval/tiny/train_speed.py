@@ -12,6 +12,10 @@ Per curriculum length, on batches made exactly as training makes them (eval/tiny
   * with `--profile`, `busy_ms`: the kernels' own time per step (the profiler's self CUDA
     total). `busy_ms` well below `wall_ms` means the host bounds training, not the GPU
     (docs/results/train-speed-2026-11-30-c.md: compiled steps at short lengths).
+With more than one length, a `mixed` row times steps that cycle through every length's batches,
+as training's later stages draw a different length each step (a compiled model then meets
+every shape in turn; `tiny-training-2026-11-30-v10.md`), and `dynamo` counts what each
+variant compiled (torch._dynamo's counters: frames compiled, recompilations included; graphs).
 Then the data workers alone: batches and tokens per second at the final curriculum stage with
 training's worker count. `--compile` repeats the step timing with torch.compile, of regions
 and then of whole layers (train.compile_backbone's scopes); `--after-eval N` then times each
@@ -102,6 +106,15 @@ def profile_table(model, optimizer, batches, config: train.TrainConfig) -> tuple
     return table, round(busy_us / 1e3 / len(batches), 2) if batches[0][0].is_cuda else None
 
 
+def dynamo_counts() -> dict:
+    """What torch.compile did since the counters were cleared (torch._dynamo.utils.counters):
+    `frames` ok counts every compilation of a frame, recompilations included; `stats` the
+    graphs made (unique_graphs) and the calls captured; `graph_breaks` their count."""
+    counters = torch._dynamo.utils.counters
+    return {"frames": dict(counters["frames"]), "stats": dict(counters["stats"]),
+            "graph_breaks": sum(counters["graph_break"].values())}
+
+
 def loader_rate(config: train.TrainConfig, tokenizer_dir: Path, seconds: float) -> dict:
     curriculum = train.Curriculum()
     curriculum.stage.value = len(config.curriculum) - 1
@@ -146,7 +159,8 @@ def main(argv=None) -> int:
                                batch_tokens=args.batch_tokens, workers=args.workers)
     cuda = args.device.startswith("cuda")
     report = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": torch.cuda.get_device_name() if cuda else "cpu",
-              "torch": torch.__version__, "size": args.size, "batch_tokens": args.batch_tokens, "steps": {}}
+              "torch": torch.__version__, "size": args.size, "batch_tokens": args.batch_tokens, "steps": {},
+              "dynamo": {}}
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         tokenizer = tiny_tokenizer.build_tokenizer(config.vocab_size, 0)
         tiny_tokenizer.save_tokenizer(tokenizer, Path(tokenizer_dir))
@@ -165,6 +179,7 @@ def main(argv=None) -> int:
             variants += [("compiled", train.compile_backbone),
                          ("compiled layers", lambda m: train.compile_backbone(m, "layers"))]
         for name, wrap in variants:
+            torch._dynamo.utils.counters.clear()
             model = tiny_model.build_model(tiny_model.config_for_tokenizer(Path(tokenizer_dir), args.size)).to(args.device)
             optimizer = train.make_optimizer(model, config)
             model = wrap(model)
@@ -181,6 +196,15 @@ def main(argv=None) -> int:
                 if args.profile:
                     table, result["busy_ms"] = profile_table(model, optimizer, batches[length], config)
                     print(table, f"busy_ms {result['busy_ms']}", sep="\n", flush=True)
+            if len(args.lengths) > 1:
+                # One batch of each length in turn, as training's later stages draw them.
+                mixed = [batch for group in zip(*(batches[length] for length in args.lengths)) for batch in group]
+                result = time_steps(model, optimizer, mixed, args.steps, config)
+                result["widths"] = [batches[length][0][0].shape[1] for length in args.lengths]
+                result["tokens_per_s"] = round(sum(ids.numel() for ids, _ in mixed) / len(mixed) / (result["wall_ms"] / 1e3))
+                report["steps"][name]["mixed"] = result
+                print(name, "mixed", json.dumps(result), flush=True)
+            report["dynamo"][name] = dynamo_counts()
             if name != "eager" and args.after_eval:
                 eval_sets = tasks.eval_samples(encode, config.tasks, args.lengths, args.after_eval, 0, split="dev")
                 # Eager evaluation first: a region pushed back to eager by the compiled one would

@@ -455,3 +455,18 @@ def test_a_check_opens_stages_for_learnt_lengths_but_only_one_for_time():
     assert tiny_train.next_stage(0, stages, accuracy(1024), progress=0.5, config=config) == 4
     # Everything learnt: the last stage, never past it.
     assert tiny_train.next_stage(2, stages, accuracy(8192), progress=1.0, config=config) == len(stages) - 1
+
+
+def test_train_speed_times_the_lengths_mixed_as_training_draws_them(tmp_path):
+    """eval.tiny.train_speed's `mixed` row cycles through every length's batches (training's
+    later stages draw one length per step: tiny-training-2026-11-30-v10.md), and each variant
+    reports what torch.compile did (nothing, eager)."""
+    from eval.tiny import train_speed
+
+    assert train_speed.main(["--out", str(tmp_path), "--device", "cpu", "--size", "toy", "--lengths", "256", "512",
+                             "--steps", "2", "--loader-seconds", "0.2", "--workers", "0", "--batch-tokens", "2048"]) == 0
+    report = json.loads((tmp_path / "train_speed.json").read_text())
+    eager = report["steps"]["eager"]
+    assert eager["mixed"]["widths"] == [eager["256"]["width"], eager["512"]["width"]]
+    assert eager["256"]["width"] != eager["512"]["width"] and eager["mixed"]["wall_ms"] > 0
+    assert report["dynamo"]["eager"]["stats"] == {}
