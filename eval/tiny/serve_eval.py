@@ -148,7 +148,7 @@ def run_shared_context(url, groups: list[ContextGroup], end_of_answer, decode, c
     return result
 
 
-def server_command(model_path: Path, port: int, config: str | None) -> list[str]:
+def server_command(model_path: Path | str, port: int, config: str | None) -> list[str]:
     """The launch command of one server: stock for `config` None, else with --kv-compress.
     Stock runs use the graph settings --kv-compress forces, so the two differ in the pool only.
     (Until 2026-11-30 stock ran here with decode graphs and the overlap scheduler off, as

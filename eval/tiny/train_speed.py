@@ -15,7 +15,8 @@ Per curriculum length, on batches made exactly as training makes them (eval/tiny
 With more than one length, a `mixed` row times steps that cycle through every length's batches,
 as training's later stages draw a different length each step (a compiled model then meets
 every shape in turn; `tiny-training-2026-11-30-v10.md`), and `dynamo` counts what each
-variant compiled (torch._dynamo's counters: frames compiled, recompilations included; graphs).
+variant compiled for its steps, before any `--after-eval` evaluation (torch._dynamo's counters:
+frames compiled, recompilations included; graphs).
 Then the data workers alone: batches and tokens per second at the final curriculum stage with
 training's worker count. `--compile` repeats the step timing with torch.compile, of regions
 and then of whole layers (train.compile_backbone's scopes); `--after-eval N` then times each
