@@ -21,7 +21,9 @@ What it does:
     contrast between the keys of one context);
   * loss only on the answer tokens (" " + answer + <|im_end|>) unless --context-loss-weight adds
     next-token loss on prompt tokens; AdamW, linear warm-up then a cosine decay over the time
-    budget, bf16 autocast on CUDA, SDPA attention;
+    budget, bf16 autocast on CUDA, SDPA attention; torch.compile of parts of the model
+    (compile_backbone), and with --step-graphs each batch shape's whole step replayed as one
+    CUDA graph (step_graphs.py);
   * every --eval-every seconds: greedy decoding with a full KV cache on held-out samples,
     exact match per task and length. When every (task, length) cell reaches --target there,
     the full held-out set (--eval-samples per cell) decides whether to stop;
@@ -94,6 +96,9 @@ class TrainConfig:
     follow_up_tokens: int = 192
     compile: bool = True  # torch.compile on CUDA (compile_backbone); ignored on the CPU
     compile_scope: str = "regions"  # compile_backbone's scope: "regions" or "layers"
+    # CUDA only: replay each batch shape's whole step (forward, backward, clipping, AdamW) as one
+    # CUDA graph (eval/tiny/step_graphs.py); the host then queues a few copies per step.
+    step_graphs: bool = False
     # How often each task is drawn, from its mean accuracy at the last periodic check:
     # floor + per_error * (1 - accuracy). The defaults (0.5, 1.0: a mastered task keeps a third
     # of an unlearnt one's weight) trained the bundled model; late in a run every task is
@@ -110,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"lengths below {tasks.MIN_LENGTH} tokens cannot hold every task's prompt")
         if self.follow_up_tokens < 0:
             raise ValueError(f"follow_up_tokens must be >= 0 (0: one question per row), got {self.follow_up_tokens}")
+        if self.step_graphs and not self.device.startswith("cuda"):
+            raise ValueError(f"step_graphs needs a CUDA device, got {self.device!r}")
         if self.compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {self.compile_scope!r}")
         if self.task_weight_floor <= 0 or self.task_weight_per_error < 0:
@@ -191,6 +198,8 @@ class LossTargets:
     positions: torch.Tensor  # int64 [targets]
     token_ids: torch.Tensor  # int64 [targets]
     is_answer: torch.Tensor  # bool [targets]: an answer token (else a prompt token, context loss)
+    # bool [targets], False for padding (a fixed-size copy for a replayed step, `padded`); None: all count
+    counted: torch.Tensor | None = None
 
     @classmethod
     def of(cls, input_ids: torch.Tensor, labels: torch.Tensor, context_fraction: float = 0.0,
@@ -209,12 +218,37 @@ class LossTargets:
         token_ids = torch.where(answer, labels, next_tokens).flatten()[positions]
         return cls(positions, token_ids, answer.flatten()[positions])
 
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.positions, self.token_ids, self.is_answer, self.counted) if t is not None)
+
     def pin_memory(self) -> "LossTargets":  # the DataLoader's pin_memory thread calls this
-        return LossTargets(*(t.pin_memory() for t in (self.positions, self.token_ids, self.is_answer)))
+        return LossTargets(*(t.pin_memory() for t in self._tensors()))
 
     def to(self, device, non_blocking: bool = False) -> "LossTargets":
-        return LossTargets(*(t.to(device, non_blocking=non_blocking)
-                             for t in (self.positions, self.token_ids, self.is_answer)))
+        return LossTargets(*(t.to(device, non_blocking=non_blocking) for t in self._tensors()))
+
+    @classmethod
+    def empty(cls, capacity: int, device) -> "LossTargets":
+        """`capacity` padding entries (position 0, counted False): buffers for `load`."""
+        long = torch.zeros(capacity, dtype=torch.long, device=device)
+        flags = torch.zeros(capacity, dtype=torch.bool, device=device)
+        return cls(long, long.clone(), flags, flags.clone())
+
+    def load(self, targets: "LossTargets") -> None:
+        """Copy `targets` (no padding of its own) into these buffers, in place, and mark the rest
+        padding: a replayed CUDA graph reads the same tensors every step. Copies only, no sync."""
+        count = len(targets)
+        if count > len(self) or self.counted is None or targets.counted is not None:
+            raise ValueError(f"cannot load {count} targets into {len(self)} padded buffers")
+        for buffer, values in zip((self.positions, self.token_ids, self.is_answer),
+                                  (targets.positions, targets.token_ids, targets.is_answer)):
+            buffer[:count].copy_(values, non_blocking=True)
+            buffer[count:].zero_()
+        self.counted[:count].fill_(True)
+        self.counted[count:].fill_(False)
 
 
 class TrainingBatches(torch.utils.data.IterableDataset):
@@ -326,7 +360,8 @@ def answer_loss(model: torch.nn.Module, input_ids: torch.Tensor, targets: LossTa
     answer = (per_target * answer_weight).sum() / answer_weight.sum().clamp(min=1)
     if context_loss_weight <= 0:
         return answer, answer
-    context_weight = 1.0 - answer_weight
+    prompt = ~targets.is_answer if targets.counted is None else targets.counted & ~targets.is_answer
+    context_weight = prompt.float()
     context = (per_target * context_weight).sum() / context_weight.sum().clamp(min=1)
     return answer + context_loss_weight * context, answer
 
@@ -440,18 +475,34 @@ def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # norms and q/k/v biases
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.95), fused=config.device.startswith("cuda"),
-    )
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.step_graphs:
+        # A replayed step reads its learning rate and step count from device tensors, so each
+        # group gets its own lr tensor (set_learning_rate fills it) and the state stays on the device.
+        for group in groups:
+            group["lr"] = torch.tensor(config.lr, device=config.device)
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=True, capturable=True)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=config.device.startswith("cuda"))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """In place where the groups hold device tensors (step graphs replay the tensor), else as a float."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
-               targets: LossTargets, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on a batch already on the device; returns (loss, its answer part)."""
-    with autocast_for(config.device):
+               targets: LossTargets, config: TrainConfig,
+               autocast=None, grads_to_none: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch already on the device; returns (loss, its answer part).
+    `grads_to_none=False` zeroes the gradients in place instead of freeing them (CUDA graphs
+    of the step keep their addresses); `autocast` replaces autocast_for's context."""
+    with autocast_for(config.device) if autocast is None else autocast:
         loss, answer_part = answer_loss(model, input_ids, targets, config.context_loss_weight)
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=grads_to_none)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -476,6 +527,11 @@ class Trainer:
         self.evaluation_compiled = config.compile_scope == "regions"
         self.model.train()
         self.optimizer = make_optimizer(self.model, config)
+        self.graphed_step = None
+        if config.step_graphs:
+            from eval.tiny.step_graphs import GraphedTrainStep  # it builds on this module
+
+            self.graphed_step = GraphedTrainStep(self.model, self.optimizer, config)
         encode = tasks.TokenizerPieceEncoder(self.tokenizer)
         self.stages = config.curriculum
         # Periodic checks ("dev" samples) cover every curriculum length: the log shows the whole
@@ -575,11 +631,14 @@ class Trainer:
             progress = (now - train_started) / self.train_budget(train_started)
             if passed or progress >= 1.0 or (config.max_steps is not None and self.step >= config.max_steps):
                 break
-            for group in self.optimizer.param_groups:
-                group["lr"] = learning_rate(config, self.step, progress)
-            targets = targets.to(config.device, non_blocking=True)
-            input_ids = input_ids.to(config.device, non_blocking=True)
-            loss, answer_part = train_step(self.model, self.optimizer, input_ids, targets, config)
+            lr = learning_rate(config, self.step, progress)
+            set_learning_rate(self.optimizer, lr)
+            if self.graphed_step is not None:  # copies the pinned batch into its graph's inputs
+                loss, answer_part = self.graphed_step(input_ids, targets)
+            else:
+                targets = targets.to(config.device, non_blocking=True)
+                input_ids = input_ids.to(config.device, non_blocking=True)
+                loss, answer_part = train_step(self.model, self.optimizer, input_ids, targets, config)
             loop["host_step"] += time.monotonic() - now
             self.step += 1
             self.tokens_seen += input_ids.numel()
@@ -589,7 +648,7 @@ class Trainer:
                 wall = time.monotonic() - interval_started - check_seconds
                 entry = {"step": self.step, "time": self.elapsed(), "length": input_ids.shape[1],
                          "loss": round(mean_loss, 4), "answer_loss": round(mean_answer_loss, 4),
-                         "lr": round(self.optimizer.param_groups[0]["lr"], 6), "tokens": self.tokens_seen,
+                         "lr": round(lr, 6), "tokens": self.tokens_seen,
                          "stage": self.stages[self.curriculum.stage.value],
                          "step_ms": round(1e3 * wall / config.log_every, 2),
                          **{f"{name}_ms": round(1e3 * seconds / config.log_every, 2) for name, seconds in loop.items()}}
@@ -621,6 +680,8 @@ class Trainer:
             "steps": self.step, "tokens": self.tokens_seen, "train_seconds": round(train_seconds, 1),
             "tokens_per_second": round(self.tokens_seen / max(1e-9, train_seconds)),
         }
+        if self.graphed_step is not None:
+            self.log["final"]["step_graphs"] = dict(self.graphed_step.stats)
         tiny_model.save_model(self.model, self.out, self.out)
         self.log["final"]["total_seconds"] = self.elapsed()
         (self.out / "train_log.json").write_text(json.dumps(self.log, indent=1) + "\n")
@@ -666,6 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train in plain eager mode (default on CUDA: compile_backbone)")
     p.add_argument("--compile-scope", choices=COMPILE_SCOPES, default=defaults.compile_scope,
                    help="what compile_backbone compiles: norms, MLPs and RoPE apart, or whole decoder layers")
+    p.add_argument("--step-graphs", action="store_true",
+                   help="CUDA: replay each batch shape's whole training step as one CUDA graph (eval/tiny/step_graphs.py)")
     p.add_argument("--smoke", action="store_true", help="a few CPU steps of a toy model at 256 tokens")
     return p
 
@@ -680,7 +743,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         batch_tokens=args.batch_tokens, lr=args.lr, eval_every=args.eval_every, workers=args.workers,
         max_steps=args.max_steps, tasks=tuple(args.tasks), context_loss_weight=args.context_loss_weight,
         init=args.init, follow_up_tokens=args.follow_up_tokens, compile=args.compile,
-        compile_scope=args.compile_scope,
+        compile_scope=args.compile_scope, step_graphs=args.step_graphs,
         task_weight_floor=args.task_weight_floor, task_weight_per_error=args.task_weight_per_error,
     )
 

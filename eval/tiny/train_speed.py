@@ -1,7 +1,7 @@
 """Where a training step of the tiny model spends its time, on the device it will train on.
 
     python -m eval.tiny.train_speed --out DIR [--size deep] [--lengths 256 1024 4096 8192]
-                                    [--steps 20] [--loader-seconds 20] [--compile [--after-eval N]]
+                                    [--steps 20] [--loader-seconds 20] [--compile [--step-graphs] [--after-eval N]]
 
 Per curriculum length, on batches made exactly as training makes them (eval/tiny/train.py):
   * `wall_ms`: steps queued back to back, one sync at the end (what training gets);
@@ -19,7 +19,9 @@ variant compiled for its steps, before any `--after-eval` evaluation (torch._dyn
 frames compiled, recompilations included; graphs).
 Then the data workers alone: batches and tokens per second at the final curriculum stage with
 training's worker count. `--compile` repeats the step timing with torch.compile, of regions
-and then of whole layers (train.compile_backbone's scopes); `--after-eval N` then times each
+and then of whole layers (train.compile_backbone's scopes), and with `--step-graphs` (CUDA)
+of each scope's whole steps replayed as CUDA graphs (eval/tiny/step_graphs.py; given pinned
+host batches, as in training); `--after-eval N` then times each
 compiled model's steps again after an evaluation of N samples per task and length (eager,
 then for the regions compiled), as training's periodic checks run between its steps.
 Writes DIR/train_speed.json.
@@ -32,21 +34,22 @@ import json
 import random
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from eval.tiny import model as tiny_model
+from eval.tiny import step_graphs
 from eval.tiny import tasks
 from eval.tiny import tokenizer as tiny_tokenizer
 from eval.tiny import train
 
 
-def time_steps(model, optimizer, batches, steps: int, config: train.TrainConfig) -> dict:
-    """batches: (input ids, targets) already on the device, cycled."""
-    cuda = batches[0][0].is_cuda
-    for input_ids, targets in batches[:3]:  # warm-up (and compilation)
-        train.train_step(model, optimizer, input_ids, targets, config)
+def time_steps(step, batches, steps: int, cuda: bool) -> dict:
+    """step(input ids, targets) over `batches`, cycled."""
+    for input_ids, targets in batches[:3]:  # warm-up (and compilation, or capture)
+        step(input_ids, targets)
     if cuda:
         torch.cuda.synchronize()
     events, host = [], []
@@ -57,7 +60,7 @@ def time_steps(model, optimizer, batches, steps: int, config: train.TrainConfig)
         if cuda:
             events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
             events[-1][0].record()
-        train.train_step(model, optimizer, input_ids, targets, config)
+        step(input_ids, targets)
         if cuda:
             events[-1][1].record()
         host.append(time.perf_counter() - queued)
@@ -69,7 +72,7 @@ def time_steps(model, optimizer, batches, steps: int, config: train.TrainConfig)
             "host_ms": round(sorted(host)[steps // 2] * 1e3, 2)}
 
 
-def sync_sites(model, optimizer, batch, config: train.TrainConfig) -> list[str]:
+def sync_sites(step, batch) -> list[str]:
     """Where one training step waits for the device (torch's sync debug mode): each
     synchronizing call as "file:line". A step that syncs cannot overlap the host's next
     batch with the device's work."""
@@ -80,31 +83,31 @@ def sync_sites(model, optimizer, batch, config: train.TrainConfig) -> list[str]:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            train.train_step(model, optimizer, *batch, config)
+            step(*batch)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
 
 
-def profile_table(model, optimizer, batches, config: train.TrainConfig) -> tuple[str, float | None]:
+def profile_table(step, batches, cuda: bool) -> tuple[str, float | None]:
     """The 20 most expensive operations of a step per batch in `batches`, and the device's busy
     time per step in ms (None on the CPU)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
-    if batches[0][0].is_cuda:
+    if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profiler:
         for input_ids, targets in batches:
-            train.train_step(model, optimizer, input_ids, targets, config)
-        if batches[0][0].is_cuda:
+            step(input_ids, targets)
+        if cuda:
             torch.cuda.synchronize()
-    sort_by = "self_cuda_time_total" if batches[0][0].is_cuda else "self_cpu_time_total"
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     averages = profiler.key_averages()
     # As the table's "Self CUDA time total": the kernels' own events, not the operators that
     # launched them (which carry the same time again).
     busy_us = sum(event.self_device_time_total for event in averages
                   if event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False))
     table = averages.table(sort_by=sort_by, row_limit=20, max_name_column_width=60)
-    return table, round(busy_us / 1e3 / len(batches), 2) if batches[0][0].is_cuda else None
+    return table, round(busy_us / 1e3 / len(batches), 2) if cuda else None
 
 
 def dynamo_counts() -> dict:
@@ -147,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--context-loss-weight", type=float, default=1.0)
     p.add_argument("--batch-tokens", type=int, default=train.TrainConfig(out=Path(".")).batch_tokens)
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
+    p.add_argument("--step-graphs", action="store_true",
+                   help="with --compile: also each compile scope's steps replayed as CUDA graphs (step_graphs.py)")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself")
     p.add_argument("--profile", action="store_true",
                    help="print each length's 20 most expensive operations (torch.profiler)")
@@ -168,43 +173,62 @@ def main(argv=None) -> int:
         encode = tasks.TokenizerPieceEncoder(tokenizer)
         eos_id, pad_id = (tokenizer.token_to_id(t) for t in (tiny_tokenizer.EOS_TOKEN, tiny_tokenizer.PAD_TOKEN))
         rng = random.Random(0)
-        batches = {}
+        host_batches = {}  # as the data workers hand them over (pinned on CUDA)
         for length in args.lengths:
             made = [train.training_batch(config, length, [1.0] * len(config.tasks), rng, encode, eos_id, pad_id)
                     for _ in range(3)]
-            batches[length] = [(ids.to(args.device),
-                                train.LossTargets.of(ids, labels, train.CONTEXT_LOSS_FRACTION, pad_id).to(args.device))
-                               for ids, labels in made]
-        variants = [("eager", lambda m: m)]
+            host_batches[length] = [(ids, train.LossTargets.of(ids, labels, train.CONTEXT_LOSS_FRACTION, pad_id))
+                                    for ids, labels in made]
+            if cuda:
+                host_batches[length] = [(ids.pin_memory(), targets.pin_memory())
+                                        for ids, targets in host_batches[length]]
+        device_batches = {length: [(ids.to(args.device), targets.to(args.device)) for ids, targets in made]
+                          for length, made in host_batches.items()}
+        # (name, what to compile, whether the step is replayed as CUDA graphs)
+        variants = [("eager", lambda m: m, False)]
         if args.compile:  # regions before layers: the layers' scope wraps transformers' attention for good
-            variants += [("compiled", train.compile_backbone),
-                         ("compiled layers", lambda m: train.compile_backbone(m, "layers"))]
-        for name, wrap in variants:
+            variants += [("compiled", train.compile_backbone, False)]
+            if args.step_graphs:
+                variants += [("compiled, step graphs", train.compile_backbone, True)]
+            variants += [("compiled layers", lambda m: train.compile_backbone(m, "layers"), False)]
+            if args.step_graphs:
+                variants += [("compiled layers, step graphs", lambda m: train.compile_backbone(m, "layers"), True)]
+        for name, wrap, graphs in variants:
             torch._dynamo.utils.counters.clear()
+            variant_config = replace(config, step_graphs=graphs)
             model = tiny_model.build_model(tiny_model.config_for_tokenizer(Path(tokenizer_dir), args.size)).to(args.device)
-            optimizer = train.make_optimizer(model, config)
+            optimizer = train.make_optimizer(model, variant_config)
             model = wrap(model)
+            if graphs:  # training hands the graphs pinned host batches
+                graphed = step_graphs.GraphedTrainStep(model, optimizer, variant_config)
+                step, batches = graphed, host_batches
+            else:
+                def step(input_ids, targets, model=model, optimizer=optimizer):
+                    return train.train_step(model, optimizer, input_ids, targets, config)
+                batches = device_batches
             for length in args.lengths:
                 started = time.perf_counter()
-                result = time_steps(model, optimizer, batches[length], args.steps, config)
+                result = time_steps(step, batches[length], args.steps, cuda)
                 result["width"] = batches[length][0][0].shape[1]
                 result["first_seconds"] = round(time.perf_counter() - started, 1)
                 result["tokens_per_s"] = round(batches[length][0][0].numel() / (result["wall_ms"] / 1e3))
                 if cuda:
-                    result["sync_sites"] = sync_sites(model, optimizer, batches[length][0], config)
+                    result["sync_sites"] = sync_sites(step, batches[length][0])
                 report["steps"].setdefault(name, {})[str(length)] = result
                 print(name, length, json.dumps(result), flush=True)
                 if args.profile:
-                    table, result["busy_ms"] = profile_table(model, optimizer, batches[length], config)
+                    table, result["busy_ms"] = profile_table(step, batches[length], cuda)
                     print(table, f"busy_ms {result['busy_ms']}", sep="\n", flush=True)
             if len(args.lengths) > 1:
                 # One batch of each length in turn, as training's later stages draw them.
                 mixed = [batch for group in zip(*(batches[length] for length in args.lengths)) for batch in group]
-                result = time_steps(model, optimizer, mixed, args.steps, config)
+                result = time_steps(step, mixed, args.steps, cuda)
                 result["widths"] = [batches[length][0][0].shape[1] for length in args.lengths]
                 result["tokens_per_s"] = round(sum(ids.numel() for ids, _ in mixed) / len(mixed) / (result["wall_ms"] / 1e3))
                 report["steps"][name]["mixed"] = result
                 print(name, "mixed", json.dumps(result), flush=True)
+            if graphs:
+                report["steps"][name]["graph_stats"] = dict(graphed.stats)
             report["dynamo"][name] = dynamo_counts()
             if name != "eager" and args.after_eval:
                 eval_sets = tasks.eval_samples(encode, config.tasks, args.lengths, args.after_eval, 0, split="dev")
@@ -219,7 +243,7 @@ def main(argv=None) -> int:
                     train.evaluate(model, eval_sets, tokenizer, config, compiled=compiled)
                     evaluation_s = round(time.perf_counter() - started, 1)
                     for length in args.lengths:
-                        result = time_steps(model, optimizer, batches[length], args.steps, config)
+                        result = time_steps(step, batches[length], args.steps, cuda)
                         result["evaluation_seconds"] = evaluation_s
                         report["steps"].setdefault(label, {})[str(length)] = result
                         print(label, length, json.dumps(result), flush=True)
