@@ -53,6 +53,7 @@ class GraphedTrainStep:
             raise ValueError(f"CUDA graphs need a CUDA device, the model is on {self.device}")
         self.headroom, self.granularity = headroom, granularity
         self.shapes: dict[tuple[int, ...], _ShapeGraph] = {}
+        self.side_stream = torch.cuda.Stream(self.device) if self.capture else None
         self.stats = {"captures": 0, "eager_steps": 0, "replays": 0}
 
     def _autocast(self):
@@ -86,13 +87,17 @@ class GraphedTrainStep:
         asks), then buffers of this shape and, when capturing, the step's graph over them."""
         input_ids = input_ids.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
-        side = torch.cuda.Stream() if self.capture else None
+        side = self.side_stream
         if side is not None:
             side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             loss, answer_part = self._step(input_ids, targets)
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)
+        # Detached, here and for the graphs' outputs: a loss that kept its autograd graph would
+        # keep the parameters' AccumulateGrad nodes, and with them the stream of the backward
+        # that made them, into the next capture (torch warns of a stream mismatch).
+        loss, answer_part = loss.detach(), answer_part.detach()
         self.stats["eager_steps"] += 1
         held = _ShapeGraph(None, torch.empty_like(input_ids),
                            train.LossTargets.empty(self._capacity(len(targets)), self.device))
@@ -102,7 +107,9 @@ class GraphedTrainStep:
             self.shapes.pop(tuple(input_ids.shape), None)  # a smaller graph of this shape is dropped
             held.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(held.graph):
-                held.loss, held.answer_part = self._step(held.input_ids, held.targets)
+                captured_loss, captured_answer_part = self._step(held.input_ids, held.targets)
+            held.loss, held.answer_part = captured_loss.detach(), captured_answer_part.detach()
+            del captured_loss, captured_answer_part
             self.stats["captures"] += 1
         self.shapes[tuple(input_ids.shape)] = held
         return loss, answer_part

@@ -99,23 +99,31 @@ def test_step_graphs_need_cuda(tokenizer_dir):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
-def test_replayed_graphs_train_as_eager_steps(tokenizer_dir, batches):
-    """Captured steps (regions compiled as in training, pinned host batches) against eager
-    train_step on the same batches from the same weights: the bf16 autocast of both differs only
-    in its weight-cast cache, so the losses and weights agree to bf16 rounding."""
+@pytest.mark.parametrize("scope", ["regions", "layers"])
+def test_replayed_graphs_train_as_eager_steps(tokenizer_dir, batches, scope):
+    """Captured steps (pinned host batches, as training hands them over) against eager steps of
+    the same compiled model, same autocast, same batches, from the same weights: each step's
+    loss agrees (a graph that read stale inputs would not), and the two runs' weights end far
+    closer to each other than to where they started (bf16 and atomics make them differ a little,
+    and Adam moves nearly-zero gradients by a full step)."""
     config = tiny_train.TrainConfig(out=Path("."), device="cuda", context_loss_weight=1.0, step_graphs=True)
-    eager_config = tiny_train.TrainConfig(out=Path("."), device="cuda", context_loss_weight=1.0)
-    reference, reference_optimizer = _model_and_optimizer(tokenizer_dir, eager_config)
+    reference, reference_optimizer = _model_and_optimizer(tokenizer_dir, config)
     model, optimizer = _model_and_optimizer(tokenizer_dir, config)
-    tiny_train.compile_backbone(model)
+    initial = [p.detach().clone() for p in model.parameters()]
+    for compiled in (reference, model):
+        tiny_train.compile_backbone(compiled, scope)
     graphed = step_graphs.GraphedTrainStep(model, optimizer, config)
-    for ids, targets in batches * 2:
-        expected = tiny_train.train_step(reference, reference_optimizer, ids.cuda(), targets.to("cuda"), eager_config)
-        tiny_train.set_learning_rate(optimizer, config.lr)
+    for index, (ids, targets) in enumerate(batches * 2):
+        lr = config.lr * (index + 1) / 12  # a changing rate: the graphs read the lr tensor
+        for each in (reference_optimizer, optimizer):
+            tiny_train.set_learning_rate(each, lr)
+        expected = tiny_train.train_step(reference, reference_optimizer, ids.cuda(), targets.to("cuda"), config,
+                                         autocast=graphed._autocast())
         got = graphed(ids.pin_memory(), targets.pin_memory())
         for a, b in zip(got, expected):
-            assert torch.allclose(a, b, rtol=2e-2, atol=2e-2), (float(a), float(b))
+            assert torch.allclose(a, b, rtol=1e-2, atol=1e-3), (index, float(a), float(b))
     torch.cuda.synchronize()
     assert graphed.stats["captures"] >= 2 and graphed.stats["replays"] >= len(batches)
-    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
-        assert torch.allclose(a, b, rtol=5e-2, atol=5e-3), name
+    apart = sum(float((a - b).float().norm() ** 2) for a, b in zip(model.parameters(), reference.parameters())) ** 0.5
+    moved = sum(float((b - c).float().norm() ** 2) for b, c in zip(reference.parameters(), initial)) ** 0.5
+    assert apart < 0.1 * moved, (apart, moved)
