@@ -198,7 +198,7 @@ class LossTargets:
     positions: torch.Tensor  # int64 [targets]
     token_ids: torch.Tensor  # int64 [targets]
     is_answer: torch.Tensor  # bool [targets]: an answer token (else a prompt token, context loss)
-    # bool [targets], False for padding (a fixed-size copy for a replayed step, `padded`); None: all count
+    # bool [targets]: False marks padding (fixed-size buffers of a replayed step: `empty`, `load`); None: all count
     counted: torch.Tensor | None = None
 
     @classmethod

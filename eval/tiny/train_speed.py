@@ -161,6 +161,8 @@ def main(argv=None) -> int:
                         "eager, and time the compiled steps again; for the compiled regions then the same with "
                         "the evaluation compiled, and time them once more")
     args = p.parse_args(argv)
+    if args.step_graphs and not (args.compile and args.device.startswith("cuda")):
+        p.error("--step-graphs needs --compile and a CUDA --device (the graphs replay compiled steps)")
     config = train.TrainConfig(out=args.out, device=args.device, context_loss_weight=args.context_loss_weight,
                                batch_tokens=args.batch_tokens, workers=args.workers)
     cuda = args.device.startswith("cuda")

@@ -89,7 +89,12 @@ def test_fixed_buffer_steps_train_as_train_step(tokenizer_dir, batches):
     assert expected_eager >= 3 and len(graphed.shapes) == 2 and graphed.stats["captures"] == 0
 
 
-def test_step_graphs_need_cuda(tokenizer_dir):
+def test_step_graphs_need_cuda(tokenizer_dir, tmp_path, capsys):
+    from eval.tiny import train_speed
+
+    with pytest.raises(SystemExit):
+        train_speed.main(["--out", str(tmp_path), "--device", "cpu", "--compile", "--step-graphs"])
+    assert "--step-graphs needs" in capsys.readouterr().err
     with pytest.raises(ValueError, match="step_graphs"):
         tiny_train.TrainConfig(out=Path("."), device="cpu", step_graphs=True)
     config = tiny_train.TrainConfig(out=Path("."), device="cpu")
