@@ -77,7 +77,7 @@ class GraphedTrainStep:
         held.input_ids.copy_(input_ids, non_blocking=True)
         held.targets.load(targets)
         if held.graph is None:
-            return self._step(held.input_ids, held.targets)
+            return tuple(part.detach() for part in self._step(held.input_ids, held.targets))
         held.graph.replay()
         self.stats["replays"] += 1
         return held.loss.clone(), held.answer_part.clone()
