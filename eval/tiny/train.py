@@ -241,7 +241,9 @@ class LossTargets:
         """Copy `targets` (no padding of its own) into these buffers, in place, and mark the rest
         padding: a replayed CUDA graph reads the same tensors every step. Copies only, no sync."""
         count = len(targets)
-        if count > len(self) or self.counted is None or targets.counted is not None:
+        if self.counted is None or targets.counted is not None:
+            raise ValueError("cannot load: the buffers must be padded (LossTargets.empty) and the targets not")
+        if count > len(self):
             raise ValueError(f"cannot load {count} targets into {len(self)} padded buffers")
         for buffer, values in zip((self.positions, self.token_ids, self.is_answer),
                                   (targets.positions, targets.token_ids, targets.is_answer)):
