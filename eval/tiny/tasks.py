@@ -278,6 +278,11 @@ def _with_follow_ups(sample: Sample, candidates: Sequence[tuple[str, str]], need
     return replace(sample, follow_ups=kept)
 
 
+class PromptDoesNotFit(ValueError):
+    """A drawn sample's needles, header and question alone exceed its token budget (possible
+    only near the shortest training lengths, for unlucky tokenizations)."""
+
+
 def _assemble(task: str, header: str, items: list[Item], question: str, length: int, depth: float | None,
               answer: str, encode: PieceEncoder) -> Sample:
     """Render header + context + question, dropping filler from the end until it fits."""
@@ -292,7 +297,7 @@ def _assemble(task: str, header: str, items: list[Item], question: str, length: 
             return Sample(task, "".join(pieces), answer, length, depth, ids)
         last_filler = max((i for i, item in enumerate(items) if item.filler), default=None)
         if last_filler is None:
-            raise ValueError(f"{task}: {length} tokens cannot hold the prompt")
+            raise PromptDoesNotFit(f"{task}: {length} tokens cannot hold the prompt")
         del items[last_filler]
 
 
@@ -471,11 +476,23 @@ def answer_is_unambiguous(sample: Sample) -> bool:
     return context.count(value) == 1 and all(context.count(f"VAR {name} =") == 1 for name in sample.answer.split())
 
 
+MAX_DRAWS_THAT_DO_NOT_FIT = 64
+
+
 def make_sample(task: str, rng: Random, encode: PieceEncoder, length: int, depth: float | None = None) -> Sample:
     """A sample of `task` fitting `length` tokens; redrawn (same rng, so still deterministic)
-    in the rare case a random filler number collides with the answer."""
+    in the rare cases a random filler number collides with the answer or the draw's needles do
+    not fit (vt at 256 tokens: about one draw in millions; a training run draws millions). A
+    length that keeps failing is an error."""
+    misfits = 0
     while True:
-        sample = GENERATORS[task](rng, encode, length, depth)
+        try:
+            sample = GENERATORS[task](rng, encode, length, depth)
+        except PromptDoesNotFit:
+            misfits += 1
+            if misfits == MAX_DRAWS_THAT_DO_NOT_FIT:
+                raise
+            continue
         if answer_is_unambiguous(sample):
             return sample
 

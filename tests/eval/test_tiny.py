@@ -130,6 +130,24 @@ def test_prompts_fit_their_token_budget_and_use_it(encode):
             assert sample.prompt.endswith("\nAnswer:")
 
 
+def test_a_draw_whose_needles_do_not_fit_is_redrawn_and_a_hopeless_length_is_an_error(encode):
+    # At 210 tokens some vt draws (3 chains of 5 names) cannot fit; at 256, used in training,
+    # about one in millions, which once stopped a training run.
+    length = 210
+    rngs = [tasks.sample_rng(3, "test", "vt", length, index) for index in range(40)]
+    misfits = 0
+    for index, rng in enumerate(rngs):
+        try:
+            tasks.vt_sample(rng, encode, length)
+        except tasks.PromptDoesNotFit:
+            misfits += 1
+        sample = tasks.make_sample("vt", tasks.sample_rng(3, "test", "vt", length, index), encode, length)
+        assert len(sample.prompt_ids) + tasks.MAX_NEW_TOKENS["vt"] <= length
+    assert misfits > 0  # the redraw was exercised
+    with pytest.raises(tasks.PromptDoesNotFit, match="vt: 96 tokens cannot hold the prompt"):
+        tasks.make_sample("vt", tasks.sample_rng(3, "test", "vt", 96, 0), encode, 96)
+
+
 def test_prompt_ids_are_the_tokenization_of_the_prompt(encode, tokenizer):
     for sample in _samples(encode, length=1024, count=3):
         assert tuple(tokenizer.encode(sample.prompt, add_special_tokens=False).ids) == sample.prompt_ids
