@@ -100,11 +100,12 @@ class TrainConfig:
     # CUDA graph (eval/tiny/step_graphs.py); the host then queues a few copies per step.
     step_graphs: bool = False
     # How often each task is drawn, from its mean accuracy at the last periodic check:
-    # floor + per_error * (1 - accuracy). The defaults (0.5, 1.0: a mastered task keeps a third
-    # of an unlearnt one's weight) trained the bundled model; late in a run every task is
-    # nearly learnt and the draws are nearly uniform, so solved tasks keep half the samples.
-    task_weight_floor: float = 0.5
-    task_weight_per_error: float = 1.0
+    # floor + per_error * (1 - accuracy). The defaults (0.25, 2.0: a mastered task keeps a
+    # ninth of an unlearnt one's weight) trained the bundled model (v12); the earlier 0.5, 1.0
+    # (a third) left solved tasks half the late samples, 0.1, 4.0 collapsed vt
+    # (eval/tiny/README.md, runs 5-8).
+    task_weight_floor: float = 0.25
+    task_weight_per_error: float = 2.0
 
     @property
     def curriculum(self) -> tuple[int, ...]:
@@ -729,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train in plain eager mode (default on CUDA: compile_backbone)")
     p.add_argument("--compile-scope", choices=COMPILE_SCOPES, default=defaults.compile_scope,
                    help="what compile_backbone compiles: norms, MLPs and RoPE apart, or whole decoder layers")
-    p.add_argument("--step-graphs", action="store_true",
+    p.add_argument("--step-graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="CUDA: replay each batch shape's whole training step as one CUDA graph (eval/tiny/step_graphs.py)")
     p.add_argument("--smoke", action="store_true", help="a few CPU steps of a toy model at 256 tokens")
     return p

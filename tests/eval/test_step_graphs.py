@@ -97,6 +97,10 @@ def test_step_graphs_need_cuda(tokenizer_dir, tmp_path, capsys):
     assert "--step-graphs needs" in capsys.readouterr().err
     with pytest.raises(ValueError, match="step_graphs"):
         tiny_train.TrainConfig(out=Path("."), device="cpu", step_graphs=True)
+    # eval/gpu/train_tiny.sh passes --step-graphs before the caller's arguments, which win
+    parse = tiny_train.build_parser().parse_args
+    assert parse(["--out", "x", "--step-graphs"]).step_graphs
+    assert not parse(["--out", "x", "--step-graphs", "--no-step-graphs"]).step_graphs
     config = tiny_train.TrainConfig(out=Path("."), device="cpu")
     model, optimizer = _model_and_optimizer(tokenizer_dir, config)
     with pytest.raises(ValueError, match="CUDA"):

@@ -381,18 +381,19 @@ def test_curriculum_rejects_lengths_too_short_for_the_tasks():
 
 def test_task_weights_favour_the_weak_tasks_as_configured():
     defaults = tiny_train.TrainConfig(out=Path("."))
-    # The bundled model's rule: a mastered task keeps a third of an unlearnt one's weight.
-    assert defaults.task_weight(1.0) == 0.5 and defaults.task_weight(0.0) == 1.5
+    # The bundled model's rule: a mastered task keeps a ninth of an unlearnt one's weight.
+    assert defaults.task_weight(1.0) == 0.25 and defaults.task_weight(0.0) == 2.25
     # Late in a run (the fifth training run's last check: passkey and multikey solved, kv and
-    # vt at ~0.94-0.96), the default draws solved tasks about half the time; a low floor and
-    # a steep slope give the unsolved ones most of the samples.
+    # vt at ~0.94-0.96), the earlier rule (0.5, 1.0) drew solved tasks about half the time,
+    # the default a little less; a low floor and a steep slope give the unsolved ones most.
     means = {"passkey": 1.0, "multikey": 0.995, "kv": 0.943, "vt": 0.96}
 
     def unsolved_share(config):
         weights = {task: config.task_weight(mean) for task, mean in means.items()}
         return (weights["kv"] + weights["vt"]) / sum(weights.values())
 
-    assert 0.5 < unsolved_share(defaults) < 0.55
+    earlier = tiny_train.TrainConfig(out=Path("."), task_weight_floor=0.5, task_weight_per_error=1.0)
+    assert 0.5 < unsolved_share(earlier) < 0.55 < unsolved_share(defaults) < 0.6
     sharp = tiny_train.TrainConfig(out=Path("."), task_weight_floor=0.1, task_weight_per_error=4.0)
     assert unsolved_share(sharp) > 0.7
     with pytest.raises(ValueError, match="task_weight_floor"):
