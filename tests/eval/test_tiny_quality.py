@@ -1,20 +1,17 @@
 """Quality of the compression policy on the bundled tiny model, through the transformers
 reference path, on the CPU: seeded held-out samples at 1,024 tokens (eval/tiny/quality.py).
 
-Thresholds come from measurement on the bundled 6-layer model (python -m eval.tiny.quality
---configs configs/*.yaml --tasks passkey multikey kv vt --lengths 1024 --samples 24,
-2026-11-29, docs/results/tiny-quality-cpu-1024-deep-2026-11-29.md): full cache 24/24 on every
-task; passkey 24/24 for every shipped config; multikey 24/24 for the tuned configs; kv
-qwen_5x_tuned 24/24, qwen_8x_tuned 24/24, qwen_12x_tuned 23/24; vt qwen_5x_tuned 24/24,
-qwen_8x_tuned 24/24, qwen_12x_tuned 22/24. qwen_8x_tuned with its bf16 guard since (retain
-0.405): passkey, multikey, kv 24/24, vt 23/24 (tiny-quality-cpu-1024-deep-8x-guard-2026-11-29.md);
-with observation window 8 since (2026-11-30, tiny-quality-cpu-1024-window8-2026-11-30.md): 24/24
-on every task. qwen_5x_tuned with its 8-bit guard for 30% since (2026-11-30,
-tiny-quality-cpu-1024-5x-guard8-2026-11-30.md): 24/24 on every task.
-Each threshold sits two samples below its
-measurement, so a change that loses needles (eviction, quantization, attention read-back)
-fails them; the control test shows that these samples do need their needle. (The seed's
-configs lose key-value lookups at this length, 1/24, so only their pass key is checked.)
+Thresholds come from measurement on the bundled 6-layer model, v12 since 2026-12-01 (python -m
+eval.tiny.quality --configs configs/*.yaml --tasks passkey multikey kv vt --lengths 1024
+--samples 24 --seed 0, docs/results/tiny-quality-cpu-1024-v12-2026-11-30.md): full cache 24/24
+on every task; passkey 24/24 for every shipped config but qwen_12x (22/24); multikey, kv and vt
+24/24 for qwen_5x_tuned and qwen_8x_tuned; qwen_12x_tuned multikey and kv 24/24, vt 22/24.
+(The earlier bundled model, v2, measured the same within a sample or two:
+tiny-quality-cpu-1024-deep-2026-11-29.md and the configs' later versions' files.)
+Each threshold sits two samples below its measurement, so a change that loses needles
+(eviction, quantization, attention read-back) fails them; the control test shows that these
+samples do need their needle. (The seed's configs lose key-value lookups at this length, 1 or
+2 of 24 right, so only their pass key is checked.)
 """
 
 from __future__ import annotations
@@ -54,12 +51,12 @@ def test_full_cache_answers_the_held_out_samples(evaluator, samples):
     assert result.measured_ratio == 1.0
 
 
-PASSKEY_AT_LEAST = {"qwen_8x": 22, "qwen_8x_aggressive": 22, "qwen_12x": 22,
+PASSKEY_AT_LEAST = {"qwen_8x": 22, "qwen_8x_aggressive": 22, "qwen_12x": 20,
                     "qwen_5x_tuned": 22, "qwen_8x_tuned": 22, "qwen_12x_tuned": 22}  # of 24
 TUNED_AT_LEAST = {  # of 24, per task
     "qwen_5x_tuned": {"multikey": 22, "kv": 22, "vt": 22},
     "qwen_8x_tuned": {"multikey": 22, "kv": 22, "vt": 22},
-    "qwen_12x_tuned": {"multikey": 22, "kv": 21, "vt": 20},
+    "qwen_12x_tuned": {"multikey": 22, "kv": 22, "vt": 20},
 }
 
 
