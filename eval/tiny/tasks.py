@@ -482,8 +482,9 @@ MAX_DRAWS_THAT_DO_NOT_FIT = 64
 def make_sample(task: str, rng: Random, encode: PieceEncoder, length: int, depth: float | None = None) -> Sample:
     """A sample of `task` fitting `length` tokens; redrawn (same rng, so still deterministic)
     in the rare cases a random filler number collides with the answer or the draw's needles do
-    not fit (vt at 256 tokens, for unlucky tokenizations of its names: it stopped one training
-    run in thirteen, each of which draws millions). A length that keeps failing is an error."""
+    not fit (vt at 256 tokens, for unlucky tokenizations of its names: of all training runs so
+    far, each drawing millions of samples, it stopped one). A length that keeps failing is an
+    error."""
     misfits = 0
     while True:
         try:
