@@ -27,6 +27,15 @@ Every variant runs through the transformers reference path (eval/tiny/quality.py
 same held-out samples; the full cache runs first. Output: DIR/ablation.json (all accuracies,
 both ratios, the configs), DIR/ablation.md (table), DIR/ablation.png (accuracy relative to
 the full cache against the measured compression ratio).
+
+With `--server` (a GPU machine with SGLang, e.g. after `source eval/gpu/setup.sh`) the same
+variants are served instead: each is written to DIR/configs/*.yaml and started as an SGLang
+server with `--kv-compress` by eval/tiny/serve_eval.py (stock SGLang first, as the full
+cache), on the same held-out samples. Its measured ratio is then the server's KV capacity:
+`max_total_num_tokens` over stock's at the same memory (the pool sized by the planner for the
+served model). DIR/serve/serve_eval.json keeps every server's answers (eval/tiny/paired.py).
+A server takes about 45 s to start, so a device call of 10 minutes serves 8-10 variants:
+choose them with --only / --variants, and --deadline-s.
 """
 
 from __future__ import annotations
@@ -35,13 +44,16 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import yaml
+
 from eval.tiny import quality
-from sglang_kvc.config import CompressionConfig, ConfigError, config_from_dict, load_config
+from sglang_kvc.config import CompressionConfig, ConfigError, config_from_dict, config_to_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = REPO / "configs" / "qwen_8x.yaml"
@@ -242,6 +254,80 @@ def chosen_variants(parser: argparse.ArgumentParser, base: Path, groups: Sequenc
     return variants
 
 
+# ---- served variants -------------------------------------------------------------------------------
+STOCK = "bf16"  # serve_eval's name for the stock server: the full cache of a served ablation
+SERVER_RATIO_BASIS = ("server KV capacity: max_total_num_tokens over stock SGLang's at the same "
+                      "--mem-fraction-static (the pool sized by the planner for the served model)")
+
+
+def write_variant_configs(variants: dict[str, tuple[str, CompressionConfig]], folder: Path) -> list[str]:
+    """Each variant as a YAML file a server loads with --kv-compress; returns serve_eval's
+    NAME:PATH arguments, in the variants' order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for index, (name, (_, config)) in enumerate(variants.items()):
+        path = folder / f"{index:02d}-{re.sub(r'[^A-Za-z0-9.]+', '-', name).strip('-')}.yaml"
+        path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        specs.append(f"{name}:{path}")
+    return specs
+
+
+def server_report(served: dict, variants: dict[str, tuple[str, CompressionConfig]], command: str,
+                  model: str) -> dict:
+    """An ablation report (the reference path's schema, so markdown_table and plot apply) from
+    serve_eval's report of stock SGLang and the variants; a variant whose server failed or ran
+    out of time is listed under `not_served` with its error."""
+    servers = {record["name"]: record for record in served["servers"]}
+    stock = servers.get(STOCK)
+    if stock is None or not stock.get("suite"):
+        raise ValueError(f"the stock server answered no suite ({(stock or {}).get('error', 'not run')}); "
+                         "nothing to compare the variants with")
+    full_mean = stock["suite"]["mean_accuracy"]
+
+    def result(name: str, record: dict, planned: float, config: dict | None) -> dict:
+        suite = record["suite"]
+        return {"name": name, "mean_accuracy": suite["mean_accuracy"],
+                "relative_accuracy": suite["mean_accuracy"] / full_mean,
+                "measured_ratio": record["max_total_num_tokens"] / stock["max_total_num_tokens"],
+                "planned_ratio": planned, "accuracy": suite["accuracy"],
+                "max_total_num_tokens": record["max_total_num_tokens"], "config": config}
+
+    results = {quality.FULL: result(quality.FULL, stock, 1.0, None)}
+    predictions = {quality.FULL: stock["suite"]["predictions"]}
+    not_served = {}
+    for name, (_, config) in variants.items():
+        record = servers.get(name, {"error": "not run"})
+        if not record.get("suite"):
+            not_served[name] = record.get("error", "no suite")
+            continue
+        results[name] = result(name, record, quality.planned_ratio(config), config_to_dict(config))
+        predictions[name] = record["suite"]["predictions"]
+    return {
+        "date": served["date"], "command": command, "device": served["device"], "versions": served["versions"],
+        "model": model, "suite": served["suite"],
+        "path": "SGLang server (eval/tiny/serve_eval.py: /generate with input_ids), greedy, exact match of the "
+                "first answer line; full = stock SGLang",
+        "planned_ratio_basis": quality.PLANNED_RATIO_BASIS,
+        "measured_ratio_basis": SERVER_RATIO_BASIS,
+        "results": results, "predictions": predictions, "not_served": not_served,
+        "groups": {name: group for name, (group, _) in variants.items() if name in results},
+    }
+
+
+def serve_variants(args: argparse.Namespace, variants: dict[str, tuple[str, CompressionConfig]]) -> dict:
+    """Stock SGLang and every variant as servers (eval/tiny/serve_eval.py); its report."""
+    from eval.tiny import serve_eval
+
+    specs = write_variant_configs(variants, args.out / "configs")
+    serve_args = ["--configs", STOCK, *specs, "--out", str(args.out / "serve"), "--model-path", str(args.model),
+                  "--tasks", *args.tasks, "--lengths", *map(str, args.lengths), "--samples", str(args.samples),
+                  "--seed", str(args.seed), "--shared-contexts", "0"]
+    if args.deadline_s is not None:
+        serve_args += ["--deadline-s", str(args.deadline_s)]
+    serve_eval.main(serve_args)
+    return json.loads((args.out / "serve" / "serve_eval.json").read_text())
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -259,7 +345,9 @@ def plot(report: dict, path: Path) -> None:
         for x, y, name in points:
             ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("measured compression ratio (bf16 KV bytes / compressed KV bytes, these prompts)")
+    ax.set_xlabel("measured compression ratio ("
+                  + report.get("measured_ratio_basis", "bf16 KV bytes / compressed KV bytes, these prompts") + ")",
+                  fontsize=8)
     ax.set_ylabel("accuracy relative to the full cache (%)")
     suite = report["suite"]
     ax.set_title(f"tiny model, {'+'.join(suite['tasks'])} at {suite['lengths']} tokens, "
@@ -281,23 +369,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", metavar="NAME",
                         help="run only these variants of the chosen groups (names as in the table)")
     quality.add_suite_arguments(parser, quality.Suite(lengths=(1024, 2048, 4096), samples=30))
+    parser.add_argument("--server", action="store_true",
+                        help="serve each variant with SGLang (GPU) instead of the transformers reference path")
+    parser.add_argument("--deadline-s", type=float,
+                        help="with --server: start no new server after this many seconds")
     args = parser.parse_args(argv)
+    if args.deadline_s is not None and not args.server:
+        parser.error("--deadline-s applies to --server only")
 
     variants = chosen_variants(parser, args.base, args.only, args.variants)
-    evaluator = quality.TinyEvaluator(args.model, args.device)
-    suite = quality.suite_from_args(args)
-    results = quality.evaluate_configs(evaluator, {name: config for name, (_, config) in variants.items()}, suite)
-    report = quality.report(results, suite, evaluator, shlex.join(["python", "-m", "eval.ablate", *argv]))
-    report["base"] = str(args.base)
-    report["groups"] = {name: group for name, (group, _) in variants.items()}
-
+    command = shlex.join(["python", "-m", "eval.ablate", *argv])
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.server:
+        report = server_report(serve_variants(args, variants), variants, command, str(args.model))
+        measured_basis = SERVER_RATIO_BASIS
+    else:
+        evaluator = quality.TinyEvaluator(args.model, args.device)
+        suite = quality.suite_from_args(args)
+        results = quality.evaluate_configs(evaluator, {name: config for name, (_, config) in variants.items()}, suite)
+        report = quality.report(results, suite, evaluator, command)
+        report["groups"] = {name: group for name, (group, _) in variants.items()}
+        measured_basis = "bf16 bytes / compressed bytes of the caches these prompts left (tiny model shape)"
+    report["base"] = str(args.base)
+
     (args.out / "ablation.json").write_text(json.dumps(report, indent=1))
     table = quality.markdown_table(report)
+    missing = "".join(f"\nNot served: {name} ({error})." for name, error in report.get("not_served", {}).items())
     (args.out / "ablation.md").write_text(
         f"# Ablations on the tiny model ({report['date']}, {report['device']})\n\n`{report['command']}`\n\n"
-        f"Path: {report['path']}. Planned ratio: {report['planned_ratio_basis']}. Measured ratio: bf16 bytes / "
-        f"compressed bytes of the caches these prompts left (tiny model shape).\n\n{table}")
+        f"Path: {report['path']}. Planned ratio: {report['planned_ratio_basis']}. Measured ratio: "
+        f"{measured_basis}.{missing}\n\n{table}")
     plot(report, args.out / "ablation.png")
     print(table)
     return 0

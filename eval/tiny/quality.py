@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO / "eval" / "tiny" / "model"
 QWEN25_7B_CONFIG = REPO / "tests" / "data" / "qwen2.5-7b-instruct" / "config.json"
 PLANNED_PROMPT_LEN = 32768
+PLANNED_RATIO_BASIS = f"sglang_kvc.planner on Qwen2.5-7B, {PLANNED_PROMPT_LEN}-token prompt, incl. metadata"
 FULL = "full"  # the result name of the uncompressed baseline
 
 
@@ -180,7 +181,7 @@ def report(results: Mapping[str, ConfigResult], suite: Suite, evaluator: TinyEva
         "path": "transformers reference (sglang_kvc.hf_reference), greedy, exact match of the first answer line",
         "suite": {"tasks": list(suite.tasks), "lengths": list(suite.lengths), "samples": suite.samples,
                   "seed": suite.seed},
-        "planned_ratio_basis": f"sglang_kvc.planner on Qwen2.5-7B, {PLANNED_PROMPT_LEN}-token prompt, incl. metadata",
+        "planned_ratio_basis": PLANNED_RATIO_BASIS,
         "results": {name: result.to_json(full_mean) for name, result in results.items()},
         "predictions": {name: result.predictions for name, result in results.items()},
     }

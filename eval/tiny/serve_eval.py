@@ -36,6 +36,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -168,7 +169,7 @@ def run_config(args, name: str, config: str | None, samples, groups, tokenizer, 
         env["SGLANG_KVC_TRITON"] = "0"
     record: dict = {"name": name, "config": config, "command": shlex.join(command),
                     "env": {"SGLANG_KVC_TRITON": env.get("SGLANG_KVC_TRITON", "")}}
-    log_path = args.log_dir / f"server-{name.replace('+', '-')}.log"
+    log_path = args.log_dir / f"server-{re.sub(r'[^A-Za-z0-9._]+', '-', name)}.log"
     url = f"http://127.0.0.1:{args.port}"
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     with open(log_path, "w") as log:
@@ -238,8 +239,8 @@ def markdown(report: dict) -> str:
 def parse_config(text: str) -> tuple[str, str | None]:
     if text == "bf16":
         return "bf16", None
-    if ":" in text:
-        name, path = text.split(":", 1)
+    if ":" in text:  # the last colon: names may hold one (eval/ablate.py's "long: ..."), paths do not
+        name, path = text.rsplit(":", 1)
         return name, path
     return Path(text).stem, text
 

@@ -136,3 +136,81 @@ def test_paired_pools_a_suite_whose_b_comes_from_another_report():
     other_seed = _report(2, ["1", "2"], ["1", "2"])
     with pytest.raises(ValueError, match="different suites"):
         paired(seed0, "a", "b", evaluator=_StubEvaluator(), pool=[(seed1_a, other_seed)])
+
+
+# ---- --server: the variants served by SGLang (eval/tiny/serve_eval.py) ------------------------------
+
+
+def _served_variants():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="x")
+    return ablate.chosen_variants(parser, REPO / "configs" / "qwen_8x_tuned.yaml", ["mode", "long"],
+                                  ["quantize-only", "long: observation window 4", "long: K4V4 g64"])
+
+
+def test_served_variants_are_files_the_server_loads_as_the_same_configs(tmp_path):
+    from eval.tiny.serve_eval import parse_config
+    from sglang_kvc.config import config_to_dict
+
+    variants = _served_variants()
+    specs = ablate.write_variant_configs(variants, tmp_path / "configs")
+    assert len(specs) == len(variants) == 3
+    for spec, (name, (_, config)) in zip(specs, variants.items()):
+        served_name, path = parse_config(spec)  # names may hold a colon ("long: ...")
+        assert served_name == name
+        assert Path(path).parent == tmp_path / "configs"
+        assert config_to_dict(load_config(path)) == config_to_dict(config)
+
+
+def _serve_report(variants, stock_tokens=1000, failed=None):
+    suite = {"tasks": ["passkey", "kv"], "lengths": [1024], "samples": 2, "seed": 6}
+
+    def server(name, passkey, kv, tokens):
+        answers = {"passkey-1024-0": "1", "passkey-1024-1": "2" if passkey == 1.0 else "x",
+                   "kv-1024-0": "3", "kv-1024-1": "4" if kv == 1.0 else "x"}
+        return {"name": name, "max_total_num_tokens": tokens,
+                "suite": {"accuracy": {"passkey": {"1024": passkey}, "kv": {"1024": kv}},
+                          "mean_accuracy": (passkey + kv) / 2, "predictions": answers}}
+
+    names = list(variants)
+    servers = [server("bf16", 1.0, 1.0, stock_tokens), server(names[0], 1.0, 0.5, 4 * stock_tokens),
+               server(names[1], 0.5, 0.5, 8 * stock_tokens)]
+    servers.append({"name": names[2], "error": failed or "not run: deadline"})
+    return {"date": "2026-12-01T00:00:00+00:00", "command": "serve", "device": "NVIDIA H200",
+            "versions": {"sglang": "0.5.17", "torch": "2.11.0"}, "suite": suite, "servers": servers}
+
+
+def test_server_report_compares_each_served_variant_with_stock_sglang(tmp_path):
+    from eval.tiny.compare import predictions
+
+    variants = _served_variants()
+    names = list(variants)
+    report = ablate.server_report(_serve_report(variants), variants, "python -m eval.ablate --server", "model")
+    results = report["results"]
+    assert list(results) == [quality.FULL, names[0], names[1]]
+    assert results[names[0]]["relative_accuracy"] == pytest.approx(0.75)
+    assert results[names[1]]["relative_accuracy"] == pytest.approx(0.5)
+    assert results[names[0]]["measured_ratio"] == 4.0 and results[names[1]]["measured_ratio"] == 8.0
+    assert results[names[1]]["planned_ratio"] == pytest.approx(quality.planned_ratio(variants[names[1]][1]))
+    assert report["not_served"] == {names[2]: "not run: deadline"}
+    assert set(report["groups"]) == {names[0], names[1]}
+    assert predictions(report)[names[1]]["passkey-1024-1"] == "x"  # paired.py reads its answers
+    table = quality.markdown_table(report)
+    assert f"| {names[1]} | " in table and "| 8.00x | 0.500 | 50.0% |" in table
+    ablate.plot(report, tmp_path / "ablation.png")
+    assert (tmp_path / "ablation.png").stat().st_size > 0
+
+
+def test_server_report_needs_stock_answers():
+    variants = _served_variants()
+    served = _serve_report(variants)
+    served["servers"][0] = {"name": "bf16", "error": "RuntimeError: server exited"}
+    with pytest.raises(ValueError, match="stock server answered no suite .RuntimeError: server exited"):
+        ablate.server_report(served, variants, "x", "model")
+
+
+def test_deadline_is_for_served_ablations_only(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        ablate.main(["--out", str(tmp_path), "--deadline-s", "100"])
+    assert "--deadline-s applies to --server only" in capsys.readouterr().err

@@ -11,6 +11,8 @@ def test_config_names():
     assert parse_config("bf16") == ("bf16", None)
     assert parse_config("configs/qwen_8x.yaml") == ("qwen_8x", "configs/qwen_8x.yaml")
     assert parse_config("qwen_8x+triton:configs/qwen_8x.yaml") == ("qwen_8x+triton", "configs/qwen_8x.yaml")
+    assert parse_config("long: pooling 63:/tmp/a/03-long-pooling-63.yaml") == (
+        "long: pooling 63", "/tmp/a/03-long-pooling-63.yaml")
 
 
 def test_stock_servers_differ_from_compressed_ones_in_the_pool_only():
