@@ -35,7 +35,9 @@ cache), on the same held-out samples. Its measured ratio is then the server's KV
 `max_total_num_tokens` over stock's at the same memory (the pool sized by the planner for the
 served model). DIR/serve/serve_eval.json keeps every server's answers (eval/tiny/paired.py).
 A server takes about 45 s to start, so a device call of 10 minutes serves 8-10 variants:
-choose them with --only / --variants, and --deadline-s.
+choose them with --only / --variants, and --deadline-s. `--serve-report FILE` builds the
+report from a serve_eval.json already written (a call cut short keeps one per server).
+The planned ratio reads tests/data/qwen2.5-7b-instruct/config.json: keep tests/data on the device.
 """
 
 from __future__ import annotations
@@ -272,8 +274,15 @@ def write_variant_configs(variants: dict[str, tuple[str, CompressionConfig]], fo
     return specs
 
 
-def server_report(served: dict, variants: dict[str, tuple[str, CompressionConfig]], command: str,
-                  model: str) -> dict:
+def planned_ratios(variants: dict[str, tuple[str, CompressionConfig]]) -> dict[str, float]:
+    """quality.planned_ratio of every variant; computed before any server starts, so that what
+    it needs (the Qwen2.5-7B config under tests/data) is missing in seconds, not after the
+    servers have run."""
+    return {name: quality.planned_ratio(config) for name, (_, config) in variants.items()}
+
+
+def server_report(served: dict, variants: dict[str, tuple[str, CompressionConfig]], planned: dict[str, float],
+                  command: str, model: str) -> dict:
     """An ablation report (the reference path's schema, so markdown_table and plot apply) from
     serve_eval's report of stock SGLang and the variants; a variant whose server failed or ran
     out of time is listed under `not_served` with its error."""
@@ -300,7 +309,7 @@ def server_report(served: dict, variants: dict[str, tuple[str, CompressionConfig
         if not record.get("suite"):
             not_served[name] = record.get("error", "no suite")
             continue
-        results[name] = result(name, record, quality.planned_ratio(config), config_to_dict(config))
+        results[name] = result(name, record, planned[name], config_to_dict(config))
         predictions[name] = record["suite"]["predictions"]
     return {
         "date": served["date"], "command": command, "device": served["device"], "versions": served["versions"],
@@ -373,15 +382,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="serve each variant with SGLang (GPU) instead of the transformers reference path")
     parser.add_argument("--deadline-s", type=float,
                         help="with --server: start no new server after this many seconds")
+    parser.add_argument("--serve-report", type=Path,
+                        help="with --server: build the report from this serve_eval.json (e.g. a device call's, "
+                             "cut short) instead of starting servers")
     args = parser.parse_args(argv)
-    if args.deadline_s is not None and not args.server:
-        parser.error("--deadline-s applies to --server only")
+    for option in ("deadline_s", "serve_report"):
+        if getattr(args, option) is not None and not args.server:
+            parser.error(f"--{option.replace('_', '-')} applies to --server only")
 
     variants = chosen_variants(parser, args.base, args.only, args.variants)
     command = shlex.join(["python", "-m", "eval.ablate", *argv])
     args.out.mkdir(parents=True, exist_ok=True)
     if args.server:
-        report = server_report(serve_variants(args, variants), variants, command, str(args.model))
+        planned = planned_ratios(variants)
+        served = (json.loads(args.serve_report.read_text()) if args.serve_report
+                  else serve_variants(args, variants))
+        report = server_report(served, variants, planned, command, str(args.model))
         measured_basis = SERVER_RATIO_BASIS
     else:
         evaluator = quality.TinyEvaluator(args.model, args.device)

@@ -186,7 +186,8 @@ def test_server_report_compares_each_served_variant_with_stock_sglang(tmp_path):
 
     variants = _served_variants()
     names = list(variants)
-    report = ablate.server_report(_serve_report(variants), variants, "python -m eval.ablate --server", "model")
+    report = ablate.server_report(_serve_report(variants), variants, ablate.planned_ratios(variants),
+                                  "python -m eval.ablate --server", "model")
     results = report["results"]
     assert list(results) == [quality.FULL, names[0], names[1]]
     assert results[names[0]]["relative_accuracy"] == pytest.approx(0.75)
@@ -207,10 +208,31 @@ def test_server_report_needs_stock_answers():
     served = _serve_report(variants)
     served["servers"][0] = {"name": "bf16", "error": "RuntimeError: server exited"}
     with pytest.raises(ValueError, match="stock server answered no suite .RuntimeError: server exited"):
-        ablate.server_report(served, variants, "x", "model")
+        ablate.server_report(served, variants, ablate.planned_ratios(variants), "x", "model")
 
 
-def test_deadline_is_for_served_ablations_only(tmp_path, capsys):
+def test_deadline_and_serve_report_are_for_served_ablations_only(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ablate.main(["--out", str(tmp_path), "--deadline-s", "100"])
     assert "--deadline-s applies to --server only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ablate.main(["--out", str(tmp_path), "--serve-report", "x.json"])
+    assert "--serve-report applies to --server only" in capsys.readouterr().err
+
+
+def test_a_served_ablation_is_rebuilt_from_a_serve_eval_report(tmp_path):
+    import json
+
+    variants = _served_variants()
+    names = list(variants)
+    served = tmp_path / "serve_eval.json"
+    served.write_text(json.dumps(_serve_report(variants)))
+    out = tmp_path / "out"
+    assert ablate.main(["--server", "--serve-report", str(served), "--out", str(out),
+                        "--base", str(REPO / "configs" / "qwen_8x_tuned.yaml"), "--only", "mode", "long",
+                        "--variants", *names]) == 0
+    report = json.loads((out / "ablation.json").read_text())
+    assert list(report["results"]) == [quality.FULL, names[0], names[1]]
+    markdown = (out / "ablation.md").read_text()
+    assert "Measured ratio: server KV capacity" in markdown and f"Not served: {names[2]} (not run: deadline)" in markdown
+    assert (out / "ablation.png").stat().st_size > 0
