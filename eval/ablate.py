@@ -262,12 +262,24 @@ SERVER_RATIO_BASIS = ("server KV capacity: max_total_num_tokens over stock SGLan
                       "--mem-fraction-static (the pool sized by the planner for the served model)")
 
 
+def served_as(variants: dict[str, tuple[str, CompressionConfig]]) -> dict[str, str]:
+    """Variant name -> the variant whose server answers for it: the first one with the same
+    settings, names aside (`hybrid (base)`, `budget pyramid (base)` and `scoring window (base)`
+    are one server: each costs a start of about 45 s of device time)."""
+    first: dict[str, str] = {}
+    return {name: first.setdefault(json.dumps({**config_to_dict(config), "name": None}, sort_keys=True), name)
+            for name, (_, config) in variants.items()}
+
+
 def write_variant_configs(variants: dict[str, tuple[str, CompressionConfig]], folder: Path) -> list[str]:
-    """Each variant as a YAML file a server loads with --kv-compress; returns serve_eval's
-    NAME:PATH arguments, in the variants' order."""
+    """Each distinct variant (`served_as`) as a YAML file a server loads with --kv-compress;
+    returns serve_eval's NAME:PATH arguments, in the variants' order."""
     folder.mkdir(parents=True, exist_ok=True)
     specs = []
+    server_of = served_as(variants)
     for index, (name, (_, config)) in enumerate(variants.items()):
+        if server_of[name] != name:
+            continue
         path = folder / f"{index:02d}-{re.sub(r'[^A-Za-z0-9.]+', '-', name).strip('-')}.yaml"
         path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
         specs.append(f"{name}:{path}")
@@ -284,8 +296,9 @@ def planned_ratios(variants: dict[str, tuple[str, CompressionConfig]]) -> dict[s
 def server_report(served: dict, variants: dict[str, tuple[str, CompressionConfig]], planned: dict[str, float],
                   command: str, model: str) -> dict:
     """An ablation report (the reference path's schema, so markdown_table and plot apply) from
-    serve_eval's report of stock SGLang and the variants; a variant whose server failed or ran
-    out of time is listed under `not_served` with its error."""
+    serve_eval's report of stock SGLang and the variants (a variant with another's settings takes
+    that one's answers, `served_as`); a variant whose server failed or ran out of time is listed
+    under `not_served` with its error."""
     servers = {record["name"]: record for record in served["servers"]}
     stock = servers.get(STOCK)
     if stock is None or not stock.get("suite"):
@@ -304,12 +317,13 @@ def server_report(served: dict, variants: dict[str, tuple[str, CompressionConfig
     results = {quality.FULL: result(quality.FULL, stock, 1.0, None)}
     predictions = {quality.FULL: stock["suite"]["predictions"]}
     not_served = {}
+    server_of = served_as(variants)
     for name, (_, config) in variants.items():
-        record = servers.get(name, {"error": "not run"})
+        record = servers.get(server_of[name], {"error": "not run"})
         if not record.get("suite"):
             not_served[name] = record.get("error", "no suite")
             continue
-        results[name] = result(name, record, planned[name], config_to_dict(config))
+        results[name] = {**result(name, record, planned[name], config_to_dict(config)), "server": server_of[name]}
         predictions[name] = record["suite"]["predictions"]
     return {
         "date": served["date"], "command": command, "device": served["device"], "versions": served["versions"],

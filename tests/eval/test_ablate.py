@@ -236,3 +236,23 @@ def test_a_served_ablation_is_rebuilt_from_a_serve_eval_report(tmp_path):
     markdown = (out / "ablation.md").read_text()
     assert "Measured ratio: server KV capacity" in markdown and f"Not served: {names[2]} (not run: deadline)" in markdown
     assert (out / "ablation.png").stat().st_size > 0
+
+
+def test_variants_with_the_same_settings_share_one_server(tmp_path):
+    import argparse
+
+    variants = ablate.chosen_variants(argparse.ArgumentParser(prog="x"), REPO / "configs" / "qwen_8x.yaml",
+                                      ["mode", "budget", "scoring"], None)  # a pyramid base
+    server_of = ablate.served_as(variants)
+    assert server_of["budget pyramid (base)"] == server_of["scoring window (base)"] == "hybrid (base)"
+    assert server_of["budget uniform"] == "budget uniform"
+    specs = ablate.write_variant_configs(variants, tmp_path)
+    assert len(specs) == len(variants) - 2 and not any("(base)" in spec and "hybrid" not in spec for spec in specs)
+    record = {"max_total_num_tokens": 3000, "suite": {"accuracy": {"kv": {"1024": 1.0}}, "mean_accuracy": 1.0,
+                                                        "predictions": {"kv-1024-0": "1"}}}
+    served = {"date": "d", "device": "NVIDIA H200", "versions": {}, "suite": {"tasks": ["kv"], "lengths": [1024]},
+              "servers": [{"name": "bf16", **record, "max_total_num_tokens": 1000}, {"name": "hybrid (base)", **record}]}
+    report = ablate.server_report(served, variants, ablate.planned_ratios(variants), "x", "model")
+    assert report["results"]["scoring window (base)"]["server"] == "hybrid (base)"
+    assert report["results"]["budget pyramid (base)"]["measured_ratio"] == 3.0
+    assert "budget uniform" in report["not_served"]
