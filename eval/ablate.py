@@ -34,8 +34,9 @@ server with `--kv-compress` by eval/tiny/serve_eval.py (stock SGLang first, as t
 cache), on the same held-out samples. Its measured ratio is then the server's KV capacity:
 `max_total_num_tokens` over stock's at the same memory (the pool sized by the planner for the
 served model). DIR/serve/serve_eval.json keeps every server's answers (eval/tiny/paired.py).
-A server takes about 45 s to start, so a device call of 10 minutes serves 8-10 variants:
-choose them with --only / --variants, and --deadline-s. `--serve-report FILE` builds the
+A server takes about 45 s to start, so a device call of 10 minutes serves 8-10 variants per
+GPU (`--gpus 2` on a two-GPU machine runs two at once): choose them with --only / --variants,
+and --deadline-s. `--serve-report FILE` builds the
 report from a serve_eval.json already written (a call cut short keeps one per server).
 The planned ratio reads tests/data/qwen2.5-7b-instruct/config.json: keep tests/data on the device.
 """
@@ -347,6 +348,8 @@ def serve_variants(args: argparse.Namespace, variants: dict[str, tuple[str, Comp
                   "--seed", str(args.seed), "--shared-contexts", "0"]
     if args.deadline_s is not None:
         serve_args += ["--deadline-s", str(args.deadline_s)]
+    if args.gpus is not None:
+        serve_args += ["--gpus", str(args.gpus)]
     serve_eval.main(serve_args)
     return json.loads((args.out / "serve" / "serve_eval.json").read_text())
 
@@ -396,11 +399,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="serve each variant with SGLang (GPU) instead of the transformers reference path")
     parser.add_argument("--deadline-s", type=float,
                         help="with --server: start no new server after this many seconds")
+    parser.add_argument("--gpus", type=int,
+                        help="with --server: servers at once, one per GPU (eval/tiny/serve_eval.py --gpus)")
     parser.add_argument("--serve-report", type=Path,
                         help="with --server: build the report from this serve_eval.json (e.g. a device call's, "
                              "cut short) instead of starting servers")
     args = parser.parse_args(argv)
-    for option in ("deadline_s", "serve_report"):
+    for option in ("deadline_s", "serve_report", "gpus"):
         if getattr(args, option) is not None and not args.server:
             parser.error(f"--{option.replace('_', '-')} applies to --server only")
 

@@ -533,11 +533,11 @@ def pressure(url: str, process: subprocess.Popen, args) -> dict:
     return summary
 
 
-def gpu_query(field: str) -> int | None:
-    """One `nvidia-smi --query-gpu` integer field of the first GPU (None without one)."""
+def gpu_query(field: str, gpu: int = 0) -> int | None:
+    """One `nvidia-smi --query-gpu` integer field of GPU `gpu` (None without one)."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
+            ["nvidia-smi", "-i", str(gpu), f"--query-gpu={field}", "--format=csv,noheader,nounits"],
             capture_output=True, text=True, timeout=30, check=True,
         ).stdout
         return int(out.split()[0])

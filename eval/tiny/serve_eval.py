@@ -160,17 +160,21 @@ def server_command(model_path: Path | str, port: int, config: str | None) -> lis
                       else ["--kv-compress", str(Path(config).resolve())])
 
 
-def run_config(args, name: str, config: str | None, samples, groups, tokenizer, end_of_answer) -> dict:
-    command = server_command(args.model_path, args.port, config)
+def run_config(args, name: str, config: str | None, samples, groups, tokenizer, end_of_answer, gpu: int = 0) -> dict:
+    """One server on GPU `gpu` (its own port, args.port + gpu): start it, run the suites, stop it."""
+    port = args.port + gpu
+    command = server_command(args.model_path, port, config)
     env = dict(os.environ)
+    if args.gpus > 1:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     if name.endswith("+triton"):
         env["SGLANG_KVC_TRITON"] = "1"
     elif name.endswith("+torch"):
         env["SGLANG_KVC_TRITON"] = "0"
-    record: dict = {"name": name, "config": config, "command": shlex.join(command),
+    record: dict = {"name": name, "config": config, "command": shlex.join(command), "gpu": gpu,
                     "env": {"SGLANG_KVC_TRITON": env.get("SGLANG_KVC_TRITON", "")}}
     log_path = args.log_dir / f"server-{re.sub(r'[^A-Za-z0-9._]+', '-', name)}.log"
-    url = f"http://127.0.0.1:{args.port}"
+    url = f"http://127.0.0.1:{port}"
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     with open(log_path, "w") as log:
         # A neutral working directory: from the repository root, the source folder would
@@ -181,7 +185,7 @@ def run_config(args, name: str, config: str | None, samples, groups, tokenizer, 
         record["startup_s"] = round(wait_healthy(url, process, 300), 1)
         info = http_json(url + "/server_info")
         record["max_total_num_tokens"] = info.get("max_total_num_tokens")
-        record["gpu_memory_used_mib"] = gpu_query("memory.used")
+        record["gpu_memory_used_mib"] = gpu_query("memory.used", gpu)
         if samples:
             start = time.time()
             record["suite"] = run_suite(url, samples, end_of_answer, decode, args.concurrency)
@@ -236,6 +240,41 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_servers(configs: list[tuple[str, str | None]], gpus: int, run_one, deadline_at: float | None,
+                on_record=None) -> list[dict]:
+    """`run_one(name, config, gpu)` for every config, up to `gpus` at once (one per GPU), started
+    in the configs' order; none starts after the time `deadline_at` (its record says so).
+    `on_record(records)` sees the records so far (config order, finished ones only) after each
+    one ends."""
+    import queue
+    import threading
+
+    records: list[dict | None] = [None] * len(configs)
+    free_gpus: queue.Queue[int] = queue.Queue()
+    for gpu in range(gpus):
+        free_gpus.put(gpu)
+    lock = threading.Lock()
+
+    def one(index: int) -> None:
+        name, config = configs[index]
+        gpu = free_gpus.get()
+        try:
+            if deadline_at is not None and time.time() > deadline_at:
+                record = {"name": name, "error": "not run: deadline"}
+            else:
+                record = run_one(name, config, gpu)
+        finally:
+            free_gpus.put(gpu)
+        with lock:
+            records[index] = record
+            if on_record is not None:
+                on_record([r for r in records if r is not None])
+
+    with ThreadPoolExecutor(gpus) as pool:
+        list(pool.map(one, range(len(configs))))
+    return [r for r in records if r is not None]
+
+
 def parse_config(text: str) -> tuple[str, str | None]:
     if text == "bf16":
         return "bf16", None
@@ -266,10 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared-task", default="kv", choices=SHARED_TASKS,
                         help="what the shared documents hold (see shared_context_groups)")
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--port", type=int, default=30123)
+    parser.add_argument("--port", type=int, default=30123, help="the first server's; GPU i's serves on port + i")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="servers at once, one per GPU (CUDA_VISIBLE_DEVICES), e.g. 2 on a two-GPU machine")
     parser.add_argument("--log-dir", type=Path, help="server logs (default: --out); their tails go to the JSON")
     parser.add_argument("--deadline-s", type=float, default=None, help="start no new server after this many seconds")
     args = parser.parse_args(argv)
+    if args.gpus < 1:
+        parser.error(f"--gpus: at least 1, got {args.gpus}")
     args.log_dir = args.log_dir or args.out
     for folder in (args.out, args.log_dir):
         folder.mkdir(parents=True, exist_ok=True)
@@ -293,19 +336,21 @@ def main(argv: list[str] | None = None) -> int:
                            "length": args.shared_length},
         "servers": [],
     }
-    for text in args.configs:
-        if args.deadline_s is not None and time.time() - started > args.deadline_s:
-            report["servers"].append({"name": parse_config(text)[0], "error": "not run: deadline"})
-            continue
-        name, config = parse_config(text)
-        record = run_config(args, name, config, samples, groups, tokenizer, end_of_answer)
-        report["servers"].append(record)
-        print(f"[{name}] startup {record.get('startup_s')} s, suite "
+    def run_one(name: str, config: str | None, gpu: int) -> dict:
+        record = run_config(args, name, config, samples, groups, tokenizer, end_of_answer, gpu)
+        print(f"[{name}] gpu {gpu}, startup {record.get('startup_s')} s, suite "
               f"{(record.get('suite') or {}).get('mean_accuracy')}, shared "
               f"{json.dumps({k: v.get('accuracy') for k, v in record.get('shared_context', {}).items()})}, "
               f"error {record.get('error')}", flush=True)
+        return record
+
+    def write(records: list[dict]) -> None:  # after every server: a deadline or a failure keeps the rest
+        report["servers"] = records
         (args.out / "serve_eval.json").write_text(json.dumps(report, indent=1))
         (args.out / "serve_eval.md").write_text(markdown(report))
+
+    deadline_at = None if args.deadline_s is None else started + args.deadline_s
+    run_servers([parse_config(text) for text in args.configs], args.gpus, run_one, deadline_at, write)
     print(markdown(report))
     return 0
 

@@ -75,3 +75,35 @@ def test_compare_matches_servers_to_reference_configs_and_pairs_kernel_paths():
     assert rows[("transformers c", "server c+triton")] == 0.0
     assert rows[("server c", "server c+triton")] == 0.5
     assert len(rows) == 4
+
+
+def test_servers_run_one_per_gpu_at_once_in_config_order():
+    import threading
+    import time
+
+    from eval.tiny.serve_eval import run_servers
+
+    busy: set[int] = set()
+    lock = threading.Lock()
+    overlaps = []
+
+    def run_one(name, config, gpu):
+        with lock:
+            assert gpu not in busy  # one server per GPU at a time
+            busy.add(gpu)
+            overlaps.append(len(busy))
+        time.sleep(0.2)
+        with lock:
+            busy.discard(gpu)
+        return {"name": name, "config": config, "gpu": gpu}
+
+    seen = []
+    configs = [("bf16", None), ("a", "a.yaml"), ("b", "b.yaml"), ("c", "c.yaml")]
+    start = time.time()
+    records = run_servers(configs, 2, run_one, None, lambda records: seen.append([r["name"] for r in records]))
+    assert time.time() - start < 0.7  # two at a time: ~0.4 s, one at a time would be 0.8 s
+    assert [r["name"] for r in records] == ["bf16", "a", "b", "c"] and max(overlaps) == 2
+    assert {r["gpu"] for r in records} == {0, 1}
+    assert len(seen) == 4 and seen[-1] == ["bf16", "a", "b", "c"]
+    late = run_servers(configs[:2], 1, run_one, time.time() - 1, None)
+    assert late == [{"name": "bf16", "error": "not run: deadline"}, {"name": "a", "error": "not run: deadline"}]
