@@ -3,7 +3,7 @@
     python eval/tiny/serve_eval.py --configs bf16 configs/qwen_8x.yaml ... --out DIR \
         [--model-path eval/tiny/model] [--lengths 1024 2048 4096 8192] [--samples 25] \
         [--shared-contexts 20] [--shared-questions 4] [--shared-length 8192] [--shared-task kv|multikey] \
-        [--deadline-s 540]
+        [--deadline-s 540] [--gpus 2]
 
 Per config it starts `python -m sglang.launch_server` on the bundled model (with
 `--kv-compress CONFIG`, or stock for `bf16`; a name:path form such as
@@ -27,7 +27,8 @@ name ends in `+torch`, =1 for `+triton`; the default is the Triton path), then:
     All modes are scored the same way; the gaps are the cost of reusing a compressed prefix.
 
 Writes DIR/serve_eval.json after every config (a deadline or a failure keeps what was
-measured) and DIR/serve_eval.md. Server logs: --log-dir (default DIR)/server-NAME.log.
+measured) and DIR/serve_eval.md. Server logs: --log-dir (default DIR)/server-NAME.log. With
+--gpus N, N servers run at once, one per GPU (each sees only its own; ports --port + i).
 """
 
 from __future__ import annotations
