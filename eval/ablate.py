@@ -8,9 +8,10 @@ as a YAML file) so that each differs from it in the named way only:
 
   shipped     the configs/*.yaml shipped with the project (the seed's three and the tuned ones)
   mode        sparsify-only (every kept token bf16) / quantize-only (retain 1.0) / hybrid (base)
-  budget      uniform vs pyramid layer budgets
+  budget      uniform vs pyramid layer budgets (the base's marked)
   ratio       quantization-only bits sweep; hybrid retain sweep at 4-bit (2x-16x)
-  transform   Hadamard key transform on / off (base, and 2-bit quantize-only)
+  transform   the base's key transform switched (Hadamard <-> none), and 2-bit quantize-only
+              with each
   guard       guard tier on / off
   scoring     pooling kernel (neighbours kept with an attended token); window-scored (base)
               vs context-scored (`sparsity.scoring: context`: queries sampled across the
@@ -90,9 +91,21 @@ def _mode(base: CompressionConfig) -> list[CompressionConfig]:
     ]
 
 
+def _is_base(name: str, base_value, value) -> str:
+    return f"{name} (base)" if base_value == value else name
+
+
 def _budget(base: CompressionConfig) -> list[CompressionConfig]:
-    return [variant(base, "budget uniform", sparsity={"budget": "uniform"}),
-            variant(base, "budget pyramid (base)")]
+    """Both budgets, whichever the base has (a pyramid the base's retain ratio cannot take is
+    left out, with a note)."""
+    configs = []
+    for budget in ("uniform", "pyramid"):
+        try:
+            configs.append(variant(base, _is_base(f"budget {budget}", base.sparsity.budget, budget),
+                                   sparsity={"budget": budget}))
+        except ConfigError as exc:
+            print(f"[ablate] budget {budget} left out for {base.name}: {exc}", file=sys.stderr)
+    return configs
 
 
 QUANTIZE_ONLY_BITS = ((8, 8), (4, 4), (4, 2), (2, 4), (3, 2), (2, 2))
@@ -115,8 +128,9 @@ def _ratio(base: CompressionConfig) -> list[CompressionConfig]:
 
 def _transform(base: CompressionConfig) -> list[CompressionConfig]:
     two_bit = {"key_bits": 2, "value_bits": 2, "guard_fraction": 0.0}
+    other = "hadamard" if base.quantization.key_transform == "none" else "none"
     return [
-        variant(base, "key transform none", quantization={"key_transform": "none"}),
+        variant(base, f"key transform {other}", quantization={"key_transform": other}),
         variant(base, "quantize-only K2V2 hadamard", sparsity=retain(1.0),
                 quantization={**two_bit, "key_transform": "hadamard"}),
         variant(base, "quantize-only K2V2 none", sparsity=retain(1.0),
@@ -131,10 +145,9 @@ def _guard(base: CompressionConfig) -> list[CompressionConfig]:
 def _scoring(base: CompressionConfig) -> list[CompressionConfig]:
     pooling = [variant(base, f"pooling kernel {kernel}", sparsity={"pooling_kernel": kernel})
                for kernel in (1, 15, 31, 63)]
-    return pooling + [
-        variant(base, "scoring window (base)", sparsity={"scoring": "window"}),
-        variant(base, "scoring context", sparsity={"scoring": "context"}),
-    ]
+    return pooling + [variant(base, _is_base(f"scoring {scoring}", base.sparsity.scoring, scoring),
+                              sparsity={"scoring": scoring})
+                      for scoring in ("window", "context")]
 
 
 def at_ratio(config: CompressionConfig, target: float, decimals: int = 3) -> CompressionConfig:
@@ -265,8 +278,9 @@ SERVER_RATIO_BASIS = ("server KV capacity: max_total_num_tokens over stock SGLan
 
 def served_as(variants: dict[str, tuple[str, CompressionConfig]]) -> dict[str, str]:
     """Variant name -> the variant whose server answers for it: the first one with the same
-    settings, names aside (`hybrid (base)`, `budget pyramid (base)` and `scoring window (base)`
-    are one server: each costs a start of about 45 s of device time)."""
+    settings, names aside (`hybrid (base)`, `budget uniform (base)` and `scoring window (base)`
+    for a uniform, window-scored base are one server: each costs a start of about 45 s of
+    device time)."""
     first: dict[str, str] = {}
     return {name: first.setdefault(json.dumps({**config_to_dict(config), "name": None}, sort_keys=True), name)
             for name, (_, config) in variants.items()}

@@ -245,7 +245,7 @@ def test_variants_with_the_same_settings_share_one_server(tmp_path):
                                       ["mode", "budget", "scoring"], None)  # a pyramid base
     server_of = ablate.served_as(variants)
     assert server_of["budget pyramid (base)"] == server_of["scoring window (base)"] == "hybrid (base)"
-    assert server_of["budget uniform"] == "budget uniform"
+    assert server_of["budget uniform"] == "budget uniform"  # qwen_8x's budget is a pyramid
     specs = ablate.write_variant_configs(variants, tmp_path)
     assert len(specs) == len(variants) - 2 and not any("(base)" in spec and "hybrid" not in spec for spec in specs)
     record = {"max_total_num_tokens": 3000, "suite": {"accuracy": {"kv": {"1024": 1.0}}, "mean_accuracy": 1.0,
@@ -256,3 +256,23 @@ def test_variants_with_the_same_settings_share_one_server(tmp_path):
     assert report["results"]["scoring window (base)"]["server"] == "hybrid (base)"
     assert report["results"]["budget pyramid (base)"]["measured_ratio"] == 3.0
     assert "budget uniform" in report["not_served"]
+
+
+def test_budget_and_transform_groups_switch_whatever_the_base_has():
+    """qwen_8x_tuned is uniform and has no key transform: its groups must still hold a pyramid
+    and a Hadamard variant, each one field away from the base."""
+    from sglang_kvc.config import config_to_dict
+
+    base = load_config(REPO / "configs" / "qwen_8x_tuned.yaml")
+    budgets = {config.name: config for config in ablate._budget(base)}
+    assert set(budgets) == {"budget uniform (base)", "budget pyramid"}
+    transform = ablate._transform(base)[0]
+    assert transform.name == "key transform hadamard"
+    for changed, section, field in ((budgets["budget pyramid"], "sparsity", "budget"),
+                                    (transform, "quantization", "key_transform")):
+        a, b = config_to_dict(base), config_to_dict(changed)
+        assert a[section][field] != b[section][field]
+        a[section].pop(field), b[section].pop(field), a.pop("name"), b.pop("name")
+        assert a == b
+    pyramid_base = load_config(REPO / "configs" / "qwen_8x.yaml")
+    assert {config.name for config in ablate._budget(pyramid_base)} == {"budget uniform", "budget pyramid (base)"}
