@@ -37,9 +37,9 @@ cache), on the same held-out samples. Its measured ratio is then the server's KV
 served model). DIR/serve/serve_eval.json keeps every server's answers (eval/tiny/paired.py).
 A server takes about 45 s to start, so a device call of 10 minutes serves 8-10 variants per
 GPU (`--gpus 2` on a two-GPU machine runs two at once): choose them with --only / --variants,
-and --deadline-s. `--serve-report FILE` builds the
-report from a serve_eval.json already written (a call cut short keeps one per server).
-The planned ratio reads tests/data/qwen2.5-7b-instruct/config.json: keep tests/data on the device.
+and --deadline-s. `--serve-report FILE` builds the report from a serve_eval.json already
+written (a call cut short keeps one per server). The planned ratio reads
+tests/data/qwen2.5-7b-instruct/config.json: keep tests/data on the device.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def _mode(base: CompressionConfig) -> list[CompressionConfig]:
     ]
 
 
-def _is_base(name: str, base_value, value) -> str:
+def _marked_if_base(name: str, base_value, value) -> str:
+    """A variant's name, marked where its setting is the base's (the row equals the base)."""
     return f"{name} (base)" if base_value == value else name
 
 
@@ -101,7 +102,7 @@ def _budget(base: CompressionConfig) -> list[CompressionConfig]:
     configs = []
     for budget in ("uniform", "pyramid"):
         try:
-            configs.append(variant(base, _is_base(f"budget {budget}", base.sparsity.budget, budget),
+            configs.append(variant(base, _marked_if_base(f"budget {budget}", base.sparsity.budget, budget),
                                    sparsity={"budget": budget}))
         except ConfigError as exc:
             print(f"[ablate] budget {budget} left out for {base.name}: {exc}", file=sys.stderr)
@@ -145,7 +146,7 @@ def _guard(base: CompressionConfig) -> list[CompressionConfig]:
 def _scoring(base: CompressionConfig) -> list[CompressionConfig]:
     pooling = [variant(base, f"pooling kernel {kernel}", sparsity={"pooling_kernel": kernel})
                for kernel in (1, 15, 31, 63)]
-    return pooling + [variant(base, _is_base(f"scoring {scoring}", base.sparsity.scoring, scoring),
+    return pooling + [variant(base, _marked_if_base(f"scoring {scoring}", base.sparsity.scoring, scoring),
                               sparsity={"scoring": scoring})
                       for scoring in ("window", "context")]
 
