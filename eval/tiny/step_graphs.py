@@ -56,15 +56,10 @@ class GraphedTrainStep:
         self.side_stream = torch.cuda.Stream(self.device) if self.capture else None
         self.stats = {"captures": 0, "eager_steps": 0, "replays": 0}
 
-    def _autocast(self):
-        # The autocast cache would keep weight casts made during capture outside the graph's view.
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
-        return train.autocast_for(self.device.type)
-
     def _step(self, input_ids: torch.Tensor, targets: train.LossTargets) -> tuple[torch.Tensor, torch.Tensor]:
         return train.train_step(self.model, self.optimizer, input_ids, targets, self.config,
-                                autocast=self._autocast(), grads_to_none=False)
+                                autocast=train.autocast_for(self.device.type, cache_enabled=False),
+                                grads_to_none=False)
 
     def _capacity(self, count: int) -> int:
         return self.granularity * math.ceil(count * self.headroom / self.granularity)

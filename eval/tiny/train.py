@@ -458,10 +458,12 @@ def next_stage(stage: int, stages: Sequence[int], accuracy: Mapping[str, Mapping
     return stage
 
 
-def autocast_for(device: str):
-    """bf16 autocast on CUDA (training and evaluation); full fp32 on the CPU."""
+def autocast_for(device: str, cache_enabled: bool = True):
+    """bf16 autocast on CUDA (training and evaluation); full fp32 on the CPU. `cache_enabled=False`
+    for a step captured as a CUDA graph: the weight-cast cache would hold casts made during
+    capture outside the graph's view."""
     if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return torch.autocast("cpu", enabled=False)
 
 

@@ -127,7 +127,7 @@ def test_replayed_graphs_train_as_eager_steps(tokenizer_dir, batches, scope):
         for each in (reference_optimizer, optimizer):
             tiny_train.set_learning_rate(each, lr)
         expected = tiny_train.train_step(reference, reference_optimizer, ids.cuda(), targets.to("cuda"), config,
-                                         autocast=graphed._autocast())
+                                         autocast=tiny_train.autocast_for("cuda", cache_enabled=False))
         got = graphed(ids.pin_memory(), targets.pin_memory())
         for a, b in zip(got, expected):
             assert torch.allclose(a, b, rtol=1e-2, atol=1e-3), (index, float(a), float(b))
