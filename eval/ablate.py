@@ -37,9 +37,11 @@ cache), on the same held-out samples. Its measured ratio is then the server's KV
 served model). DIR/serve/serve_eval.json keeps every server's answers (eval/tiny/paired.py).
 A server takes about 45 s to start, so a device call of 10 minutes serves 8-10 variants per
 GPU (`--gpus 2` on a two-GPU machine runs two at once): choose them with --only / --variants,
-and --deadline-s. `--serve-report FILE` builds the report from a serve_eval.json already
-written (a call cut short keeps one per server). The planned ratio reads
-tests/data/qwen2.5-7b-instruct/config.json: keep tests/data on the device.
+and --deadline-s. `--serve-report FILE ...` builds the report from serve_eval.json files
+already written (a call cut short keeps one per server), merged when there are several: a
+sweep split over device calls serves stock SGLang in its first call only (`--no-stock` in
+the others, which then write serve_eval.json and no report) and is reported as one. The
+planned ratio reads tests/data/qwen2.5-7b-instruct/config.json: keep tests/data on the device.
 """
 
 from __future__ import annotations
@@ -350,15 +352,42 @@ def server_report(served: dict, variants: dict[str, tuple[str, CompressionConfig
         "measured_ratio_basis": SERVER_RATIO_BASIS,
         "results": results, "predictions": predictions, "not_served": not_served,
         "groups": {name: group for name, (group, _) in variants.items() if name in results},
+        **({"sources": served["sources"]} if "sources" in served else {}),
     }
 
 
+def merge_serve_reports(reports: Sequence[dict], sources: Sequence[str]) -> dict:
+    """serve_eval reports of one sweep split over several device calls, as one: their servers
+    together, the first file's date, device and versions, and `sources` (each file's date and
+    command). Only reports of the same suite (tasks, lengths, samples, seed: the same held-out
+    samples) merge, and a server answers in one of them only."""
+    first = reports[0]
+    merged = {**first, "servers": [], "sources": []}
+    answered_in: dict[str, str] = {}
+    for report, source in zip(reports, sources):
+        if report["suite"] != first["suite"]:
+            raise ValueError(f"{source} ran another suite ({report['suite']}) than {sources[0]} "
+                             f"({first['suite']}); its answers are not on the same samples")
+        for record in report["servers"]:
+            if record.get("suite") and record["name"] in answered_in:
+                raise ValueError(f"{record['name']!r} answered in both {answered_in[record['name']]} and {source}")
+            if record.get("suite"):
+                answered_in[record["name"]] = source
+        merged["sources"].append({"file": source, "date": report["date"], "command": report.get("command")})
+        merged["servers"] += report["servers"]
+    # A server that failed in one call and answered in another: the answering record counts.
+    merged["servers"] = [record for record in merged["servers"]
+                         if record.get("suite") or record["name"] not in answered_in]
+    return merged
+
+
 def serve_variants(args: argparse.Namespace, variants: dict[str, tuple[str, CompressionConfig]]) -> dict:
-    """Stock SGLang and every variant as servers (eval/tiny/serve_eval.py); its report."""
+    """Stock SGLang (unless --no-stock) and every variant as servers (eval/tiny/serve_eval.py);
+    its report."""
     from eval.tiny import serve_eval
 
     specs = write_variant_configs(variants, args.out / "configs")
-    serve_args = ["--configs", STOCK, *specs, "--out", str(args.out / "serve"), "--model-path", str(args.model),
+    serve_args = ["--configs", *([] if args.no_stock else [STOCK]), *specs, "--out", str(args.out / "serve"), "--model-path", str(args.model),
                   "--tasks", *args.tasks, "--lengths", *map(str, args.lengths), "--samples", str(args.samples),
                   "--seed", str(args.seed), "--shared-contexts", "0"]
     if args.deadline_s is not None:
@@ -416,21 +445,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="with --server: start no new server after this many seconds")
     parser.add_argument("--gpus", type=int,
                         help="with --server: servers at once, one per GPU (eval/tiny/serve_eval.py --gpus)")
-    parser.add_argument("--serve-report", type=Path,
-                        help="with --server: build the report from this serve_eval.json (e.g. a device call's, "
-                             "cut short) instead of starting servers")
+    parser.add_argument("--serve-report", type=Path, nargs="+", metavar="SERVE_EVAL_JSON",
+                        help="with --server: build the report from these serve_eval.json files (e.g. a device "
+                             "call's, cut short; several: one sweep over several calls, merged) instead of "
+                             "starting servers")
+    parser.add_argument("--no-stock", action="store_true",
+                        help="with --server: serve the variants only (stock SGLang answered in another call); "
+                             "writes DIR/serve/serve_eval.json and no report: build it with --serve-report")
     args = parser.parse_args(argv)
     for option in ("deadline_s", "serve_report", "gpus"):
         if getattr(args, option) is not None and not args.server:
             parser.error(f"--{option.replace('_', '-')} applies to --server only")
+    if args.no_stock and (not args.server or args.serve_report):
+        parser.error("--no-stock applies to --server runs that start servers (not with --serve-report)")
 
     variants = chosen_variants(parser, args.base, args.only, args.variants)
     command = shlex.join(["python", "-m", "eval.ablate", *argv])
     args.out.mkdir(parents=True, exist_ok=True)
     if args.server:
         planned = planned_ratios(variants)
-        served = (json.loads(args.serve_report.read_text()) if args.serve_report
-                  else serve_variants(args, variants))
+        if args.serve_report:
+            served = merge_serve_reports([json.loads(path.read_text()) for path in args.serve_report],
+                                         [str(path) for path in args.serve_report])
+        else:
+            served = serve_variants(args, variants)
+        if args.no_stock:
+            print(f"served without stock SGLang: {args.out / 'serve' / 'serve_eval.json'}; build the report with "
+                  "--serve-report and a serve_eval.json that has stock's answers")
+            return 0
         report = server_report(served, variants, planned, command, str(args.model))
         measured_basis = SERVER_RATIO_BASIS
     else:

@@ -276,3 +276,71 @@ def test_budget_and_transform_groups_switch_whatever_the_base_has():
         assert a == b
     pyramid_base = load_config(REPO / "configs" / "qwen_8x.yaml")
     assert {config.name for config in ablate._budget(pyramid_base)} == {"budget uniform", "budget pyramid (base)"}
+
+
+def test_a_sweep_served_over_several_calls_is_reported_as_one(tmp_path):
+    import json
+
+    variants = _served_variants()
+    names = list(variants)
+    whole = _serve_report(variants)
+    first = {**whole, "servers": whole["servers"][:2] + [{"name": names[1], "error": "not run: deadline"}]}
+    second = {**whole, "date": "2026-12-01T01:00:00+00:00", "command": "serve --no-stock",
+              "servers": whole["servers"][2:]}
+    files = []
+    for index, report in enumerate((first, second)):
+        files.append(tmp_path / f"serve_eval-{index}.json")
+        files[-1].write_text(json.dumps(report))
+    out = tmp_path / "out"
+    assert ablate.main(["--server", "--serve-report", *map(str, files), "--out", str(out),
+                        "--base", str(REPO / "configs" / "qwen_8x_tuned.yaml"), "--only", "mode", "long",
+                        "--variants", *names]) == 0
+    report = json.loads((out / "ablation.json").read_text())
+    assert list(report["results"]) == [quality.FULL, names[0], names[1]]
+    # the second call's answers replace the first call's deadline record; stock came from the first
+    assert report["results"][names[1]]["measured_ratio"] == 8.0
+    assert report["not_served"] == {names[2]: "not run: deadline"}
+    assert [source["date"] for source in report["sources"]] == [first["date"], second["date"]]
+
+
+def test_serve_reports_of_other_samples_or_a_server_twice_do_not_merge():
+    variants = _served_variants()
+    report = _serve_report(variants)
+    other_seed = {**report, "suite": {**report["suite"], "seed": 7}}
+    with pytest.raises(ValueError, match="b.json ran another suite"):
+        ablate.merge_serve_reports([report, other_seed], ["a.json", "b.json"])
+    with pytest.raises(ValueError, match="'bf16' answered in both a.json and b.json"):
+        ablate.merge_serve_reports([report, report], ["a.json", "b.json"])
+
+
+def test_no_stock_is_for_runs_that_start_servers(tmp_path, capsys):
+    for extra in ([], ["--server", "--serve-report", "x.json"]):
+        with pytest.raises(SystemExit):
+            ablate.main(["--out", str(tmp_path), "--no-stock", *extra])
+        assert "--no-stock applies to --server runs that start servers" in capsys.readouterr().err
+
+
+def test_no_stock_serves_the_variants_only_and_leaves_the_report_for_later(tmp_path, monkeypatch, capsys):
+    import json
+
+    from eval.tiny import serve_eval
+
+    variants = _served_variants()
+    asked = {}
+
+    def fake_serve_eval(argv):  # stands in for the servers; records what it was asked to serve
+        asked["configs"] = argv[argv.index("--configs") + 1:argv.index("--out")]
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True)
+        report = _serve_report(variants)
+        (out / "serve_eval.json").write_text(json.dumps({**report, "servers": report["servers"][1:]}))
+        return 0
+
+    monkeypatch.setattr(serve_eval, "main", fake_serve_eval)
+    out = tmp_path / "out"
+    assert ablate.main(["--server", "--no-stock", "--out", str(out), "--base",
+                        str(REPO / "configs" / "qwen_8x_tuned.yaml"), "--only", "mode", "long",
+                        "--variants", *variants]) == 0
+    assert [spec.split(":")[0] for spec in asked["configs"]] == [name.split(":")[0] for name in variants]
+    assert not (out / "ablation.json").exists()
+    assert "build the report with --serve-report" in capsys.readouterr().out
