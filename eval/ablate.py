@@ -38,7 +38,8 @@ served model). DIR/serve/serve_eval.json keeps every server's answers (eval/tiny
 A server takes about 45 s to start, so a device call of 10 minutes serves 8-10 variants per
 GPU (`--gpus 2` on a two-GPU machine runs two at once): choose them with --only / --variants,
 and --deadline-s. `--serve-report FILE ...` builds the report from serve_eval.json files
-already written (a call cut short keeps one per server), merged when there are several: a
+already written (a call cut short keeps one per server; a served ablation.json stands in for
+one that did not come back), merged when there are several: a
 sweep split over device calls serves stock SGLang in its first call only (`--no-stock` in
 the others, which then write serve_eval.json and no report) and is reported as one. The
 planned ratio reads tests/data/qwen2.5-7b-instruct/config.json: keep tests/data on the device.
@@ -337,11 +338,14 @@ def server_report(served: dict, variants: dict[str, tuple[str, CompressionConfig
     not_served = {}
     server_of = served_as(variants)
     for name, (_, config) in variants.items():
-        record = servers.get(server_of[name], {"error": "not run"})
+        # Its own server if one answered under its name (reports merged from several calls may
+        # hold two servers of the same settings), else the one `served_as` chose for it.
+        server = name if servers.get(name, {}).get("suite") else server_of[name]
+        record = servers.get(server, {"error": "not run"})
         if not record.get("suite"):
             not_served[name] = record.get("error", "no suite")
             continue
-        results[name] = {**result(name, record, planned[name], config_to_dict(config)), "server": server_of[name]}
+        results[name] = {**result(name, record, planned[name], config_to_dict(config)), "server": server}
         predictions[name] = record["suite"]["predictions"]
     return {
         "date": served["date"], "command": command, "device": served["device"], "versions": served["versions"],
@@ -354,6 +358,26 @@ def server_report(served: dict, variants: dict[str, tuple[str, CompressionConfig
         "groups": {name: group for name, (group, _) in variants.items() if name in results},
         **({"sources": served["sources"]} if "sources" in served else {}),
     }
+
+
+def served_records(report: dict) -> dict:
+    """A report of answers by server, serve_eval's schema: a serve_eval.json as it is, or a
+    served ablation's ablation.json (its servers' answers and capacities, taken back apart; a
+    device call returns 8 files, so its serve_eval.json may not come back when its configs
+    and logs are many)."""
+    if "servers" in report:
+        return report
+    if "measured_ratio_basis" not in report or report["measured_ratio_basis"] != SERVER_RATIO_BASIS:
+        raise ValueError("neither a serve_eval.json nor a served ablation's ablation.json (eval.ablate --server)")
+    servers = {}
+    for name, result in report["results"].items():
+        server = STOCK if name == quality.FULL else result["server"]
+        servers.setdefault(server, {"name": server, "max_total_num_tokens": result["max_total_num_tokens"],
+                                    "suite": {"accuracy": result["accuracy"],
+                                              "mean_accuracy": result["mean_accuracy"],
+                                              "predictions": report["predictions"][name]}})
+    return {key: report[key] for key in ("date", "command", "device", "versions", "suite")} | {
+        "servers": list(servers.values())}
 
 
 def merge_serve_reports(reports: Sequence[dict], sources: Sequence[str]) -> dict:
@@ -447,8 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="with --server: servers at once, one per GPU (eval/tiny/serve_eval.py --gpus)")
     parser.add_argument("--serve-report", type=Path, nargs="+", metavar="SERVE_EVAL_JSON",
                         help="with --server: build the report from these serve_eval.json files (e.g. a device "
-                             "call's, cut short; several: one sweep over several calls, merged) instead of "
-                             "starting servers")
+                             "call's, cut short; or a served ablation.json; several: one sweep over several "
+                             "calls, merged) instead of starting servers")
     parser.add_argument("--no-stock", action="store_true",
                         help="with --server: serve the variants only (stock SGLang answered in another call); "
                              "writes DIR/serve/serve_eval.json and no report: build it with --serve-report")
@@ -465,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.server:
         planned = planned_ratios(variants)
         if args.serve_report:
-            served = merge_serve_reports([json.loads(path.read_text()) for path in args.serve_report],
+            served = merge_serve_reports([served_records(json.loads(path.read_text())) for path in args.serve_report],
                                          [str(path) for path in args.serve_report])
         else:
             served = serve_variants(args, variants)

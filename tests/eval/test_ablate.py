@@ -256,6 +256,12 @@ def test_variants_with_the_same_settings_share_one_server(tmp_path):
     assert report["results"]["scoring window (base)"]["server"] == "hybrid (base)"
     assert report["results"]["budget pyramid (base)"]["measured_ratio"] == 3.0
     assert "budget uniform" in report["not_served"]
+    # two calls of one sweep may each have served the same settings: each variant keeps its own answers
+    served["servers"].append({"name": "scoring window (base)", **record, "max_total_num_tokens": 2000})
+    report = ablate.server_report(served, variants, ablate.planned_ratios(variants), "x", "model")
+    assert report["results"]["scoring window (base)"]["server"] == "scoring window (base)"
+    assert report["results"]["scoring window (base)"]["measured_ratio"] == 2.0
+    assert report["results"]["budget pyramid (base)"]["server"] == "hybrid (base)"
 
 
 def test_budget_and_transform_groups_switch_whatever_the_base_has():
@@ -344,3 +350,14 @@ def test_no_stock_serves_the_variants_only_and_leaves_the_report_for_later(tmp_p
     assert [spec.split(":")[0] for spec in asked["configs"]] == [name.split(":")[0] for name in variants]
     assert not (out / "ablation.json").exists()
     assert "build the report with --serve-report" in capsys.readouterr().out
+
+
+def test_a_served_ablation_json_stands_in_for_its_serve_eval_json():
+    variants = _served_variants()
+    served = _serve_report(variants)
+    report = ablate.server_report(served, variants, ablate.planned_ratios(variants), "x", "model")
+    again = ablate.server_report(ablate.served_records(report), variants, ablate.planned_ratios(variants), "x", "model")
+    assert again["results"] == report["results"] and again["predictions"] == report["predictions"]
+    assert again["not_served"] == {list(variants)[2]: "not run"}  # a failed server leaves no result behind
+    with pytest.raises(ValueError, match="neither a serve_eval.json nor a served ablation"):
+        ablate.served_records({**report, "measured_ratio_basis": "bf16 bytes / compressed bytes"})
