@@ -39,10 +39,12 @@ A server takes about 45 s to start, so a device call of 10 minutes serves 8-10 v
 GPU (`--gpus 2` on a two-GPU machine runs two at once): choose them with --only / --variants,
 and --deadline-s. `--serve-report FILE ...` builds the report from serve_eval.json files
 already written (a call cut short keeps one per server; a served ablation.json stands in for
-one that did not come back), merged when there are several: a
-sweep split over device calls serves stock SGLang in its first call only (`--no-stock` in
-the others, which then write serve_eval.json and no report) and is reported as one. The
-planned ratio reads tests/data/qwen2.5-7b-instruct/config.json: keep tests/data on the device.
+one that did not come back), merged when there are several: a sweep split over device calls
+serves stock SGLang in its first call only (`--no-stock` in the others, which then write
+serve_eval.json and no report) and is reported as one. The planned ratio reads
+tests/data/qwen2.5-7b-instruct/config.json: keep tests/data on the device. A device call
+returns at most 8 files from $OUT: copy serve/serve_eval.json up and pack the rest
+(`tar czf $OUT/logs.tgz -C $OUT DIR`), or the answers may stay behind.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ import math
 import re
 import shlex
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -439,9 +442,9 @@ def plot(report: dict, path: Path) -> None:
         for x, y, name in points:
             ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("measured compression ratio ("
-                  + report.get("measured_ratio_basis", "bf16 KV bytes / compressed KV bytes, these prompts") + ")",
-                  fontsize=8)
+    basis = report.get("measured_ratio_basis", "bf16 KV bytes / compressed KV bytes, these prompts")
+    # wrapped: the server's basis is longer than the figure is wide
+    ax.set_xlabel(textwrap.fill(f"measured compression ratio ({basis})", 120), fontsize=8)
     ax.set_ylabel("accuracy relative to the full cache (%)")
     suite = report["suite"]
     ax.set_title(f"tiny model, {'+'.join(suite['tasks'])} at {suite['lengths']} tokens, "
