@@ -277,28 +277,28 @@ def chosen_variants(parser: argparse.ArgumentParser, base: Path, groups: Sequenc
     return variants
 
 
+def same_settings_as(variants: dict[str, tuple[str, CompressionConfig]]) -> dict[str, str]:
+    """Variant name -> the variant whose answers stand for it: the first one with the same
+    settings, names aside (`hybrid (base)`, `budget uniform (base)` and `scoring window (base)`
+    of a uniform, window-scored base are one server, about 45 s of device time each, or one
+    pass over the samples on the reference path)."""
+    first: dict[str, str] = {}
+    return {name: first.setdefault(json.dumps({**config_to_dict(config), "name": None}, sort_keys=True), name)
+            for name, (_, config) in variants.items()}
+
+
 # ---- served variants -------------------------------------------------------------------------------
 STOCK = "bf16"  # serve_eval's name for the stock server: the full cache of a served ablation
 SERVER_RATIO_BASIS = ("server KV capacity: max_total_num_tokens over stock SGLang's at the same "
                       "--mem-fraction-static (the pool sized by the planner for the served model)")
 
 
-def served_as(variants: dict[str, tuple[str, CompressionConfig]]) -> dict[str, str]:
-    """Variant name -> the variant whose server answers for it: the first one with the same
-    settings, names aside (`hybrid (base)`, `budget uniform (base)` and `scoring window (base)`
-    for a uniform, window-scored base are one server: each costs a start of about 45 s of
-    device time)."""
-    first: dict[str, str] = {}
-    return {name: first.setdefault(json.dumps({**config_to_dict(config), "name": None}, sort_keys=True), name)
-            for name, (_, config) in variants.items()}
-
-
 def write_variant_configs(variants: dict[str, tuple[str, CompressionConfig]], folder: Path) -> list[str]:
-    """Each distinct variant (`served_as`) as a YAML file a server loads with --kv-compress;
+    """Each distinct variant (`same_settings_as`) as a YAML file a server loads with --kv-compress;
     returns serve_eval's NAME:PATH arguments, in the variants' order."""
     folder.mkdir(parents=True, exist_ok=True)
     specs = []
-    server_of = served_as(variants)
+    server_of = same_settings_as(variants)
     for index, (name, (_, config)) in enumerate(variants.items()):
         if server_of[name] != name:
             continue
@@ -319,7 +319,7 @@ def server_report(served: dict, variants: dict[str, tuple[str, CompressionConfig
                   command: str, model: str) -> dict:
     """An ablation report (the reference path's schema, so markdown_table and plot apply) from
     serve_eval's report of stock SGLang and the variants (a variant with another's settings takes
-    that one's answers, `served_as`); a variant whose server failed or ran out of time is listed
+    that one's answers, `same_settings_as`); a variant whose server failed or ran out of time is listed
     under `not_served` with its error."""
     servers = {record["name"]: record for record in served["servers"]}
     stock = servers.get(STOCK)
@@ -339,10 +339,10 @@ def server_report(served: dict, variants: dict[str, tuple[str, CompressionConfig
     results = {quality.FULL: result(quality.FULL, stock, 1.0, None)}
     predictions = {quality.FULL: stock["suite"]["predictions"]}
     not_served = {}
-    server_of = served_as(variants)
+    server_of = same_settings_as(variants)
     for name, (_, config) in variants.items():
         # Its own server if one answered under its name (reports merged from several calls may
-        # hold two servers of the same settings), else the one `served_as` chose for it.
+        # hold two servers of the same settings), else the one `same_settings_as` chose for it.
         server = name if servers.get(name, {}).get("suite") else server_of[name]
         record = servers.get(server, {"error": "not run"})
         if not record.get("suite"):
@@ -505,7 +505,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         evaluator = quality.TinyEvaluator(args.model, args.device)
         suite = quality.suite_from_args(args)
-        results = quality.evaluate_configs(evaluator, {name: config for name, (_, config) in variants.items()}, suite)
+        answered_by = same_settings_as(variants)
+        distinct = {name: config for name, (_, config) in variants.items() if answered_by[name] == name}
+        evaluated = quality.evaluate_configs(evaluator, distinct, suite)
+        results = {quality.FULL: evaluated[quality.FULL]} | {
+            name: dataclasses.replace(evaluated[answered_by[name]], name=name, config=dataclasses.asdict(config))
+            for name, (_, config) in variants.items()}
         report = quality.report(results, suite, evaluator, command)
         report["groups"] = {name: group for name, (group, _) in variants.items()}
         measured_basis = "bf16 bytes / compressed bytes of the caches these prompts left (tiny model shape)"

@@ -243,7 +243,7 @@ def test_variants_with_the_same_settings_share_one_server(tmp_path):
 
     variants = ablate.chosen_variants(argparse.ArgumentParser(prog="x"), REPO / "configs" / "qwen_8x.yaml",
                                       ["mode", "budget", "scoring"], None)  # a pyramid base
-    server_of = ablate.served_as(variants)
+    server_of = ablate.same_settings_as(variants)
     assert server_of["budget pyramid (base)"] == server_of["scoring window (base)"] == "hybrid (base)"
     assert server_of["budget uniform"] == "budget uniform"  # qwen_8x's budget is a pyramid
     specs = ablate.write_variant_configs(variants, tmp_path)
@@ -361,3 +361,26 @@ def test_a_served_ablation_json_stands_in_for_its_serve_eval_json():
     assert again["not_served"] == {list(variants)[2]: "not run"}  # a failed server leaves no result behind
     with pytest.raises(ValueError, match="neither a serve_eval.json nor a served ablation"):
         ablate.served_records({**report, "measured_ratio_basis": "bf16 bytes / compressed bytes"})
+
+
+def test_the_reference_path_evaluates_each_setting_once(tmp_path, monkeypatch):
+    import json
+
+    evaluated = []
+    original = quality.TinyEvaluator.evaluate
+
+    def counting(self, name, config, samples, progress=True):
+        evaluated.append(name)
+        return original(self, name, config, samples, progress=False)
+
+    monkeypatch.setattr(quality.TinyEvaluator, "evaluate", counting)
+    out = tmp_path / "out"
+    assert ablate.main(["--out", str(out), "--base", str(REPO / "configs" / "qwen_8x_tuned.yaml"),
+                        "--only", "mode", "scoring", "--variants", "hybrid (base)", "scoring window (base)",
+                        "pooling kernel 1", "--tasks", "passkey", "--lengths", "1024", "--samples", "1"]) == 0
+    assert evaluated == [quality.FULL, "hybrid (base)", "pooling kernel 1"]  # the window-scored base is the hybrid
+    results = json.loads((out / "ablation.json").read_text())["results"]
+    assert list(results) == [quality.FULL, "hybrid (base)", "scoring window (base)", "pooling kernel 1"]
+    assert results["scoring window (base)"]["name"] == "scoring window (base)"
+    assert results["scoring window (base)"]["config"]["name"] == "scoring window (base)"
+    assert results["scoring window (base)"]["accuracy"] == results["hybrid (base)"]["accuracy"]
