@@ -6,8 +6,11 @@ Reads eval/tiny/quality.py output (transformers reference path: `predictions[con
 and eval/tiny/serve_eval.py output (`servers[i].suite.predictions[id]`); prints, per config
 name found in both (a server named `NAME+torch` or `NAME+triton` is matched to NAME), the share of samples
 whose first answer lines are identical, and the same between every server pair of one config
-(e.g. the torch and the Triton attention path). Sample ids are `task-length-index`, so the
-runs must share tasks, lengths, samples and seed (checked).
+(e.g. the torch and the Triton attention path). A served ablation's ablation.json (`eval.ablate
+--server`) reads as a reference report keyed by variant. Sample ids are `task-length-index`
+and a sample is drawn from its seed and id alone (`tasks.sample_rng`), so runs of one seed
+compare on the ids they share: a reference run may take a subset of a server run's tasks,
+lengths and samples. The seeds must match (checked).
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ def load_runs(hf_path: Path, serve_paths: Sequence[Path]) -> tuple[dict, dict]:
     servers: dict[str, dict[str, str]] = {}
     for path in serve_paths:
         serve = json.loads(path.read_text())
-        if serve["suite"] != hf["suite"]:
-            raise SystemExit(f"{path}: suite {serve['suite']} differs from {hf_path}'s {hf['suite']}")
+        if serve["suite"]["seed"] != hf["suite"]["seed"]:
+            raise SystemExit(f"{path}: seed {serve['suite']['seed']} differs from {hf_path}'s "
+                             f"{hf['suite']['seed']}: no sample is the same")
         servers.update(predictions(serve))
     return predictions(hf), servers
 

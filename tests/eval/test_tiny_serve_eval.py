@@ -107,3 +107,27 @@ def test_servers_run_one_per_gpu_at_once_in_config_order():
     assert len(seen) == 4 and seen[-1] == ["bf16", "a", "b", "c"]
     late = run_servers(configs[:2], 1, run_one, time.time() - 1, None)
     assert late == [{"name": "bf16", "error": "not run: deadline"}, {"name": "a", "error": "not run: deadline"}]
+
+
+def test_compare_takes_runs_of_one_seed_on_the_samples_they_share(tmp_path):
+    import json
+
+    import pytest
+
+    from eval.tiny.compare import load_runs
+
+    reference = {"suite": {"tasks": ["kv"], "lengths": [4096], "samples": 2, "seed": 8},
+                 "predictions": {"full": {"kv-4096-0": "1", "kv-4096-1": "2"}}}
+    server = {"suite": {"tasks": ["kv", "vt"], "lengths": [2048, 4096], "samples": 3, "seed": 8},
+              "servers": [{"name": "bf16", "suite": {"predictions": {"kv-4096-0": "1", "kv-4096-1": "5",
+                                                                     "kv-4096-2": "3", "vt-2048-0": "x"}}}]}
+    paths = [tmp_path / "reference.json", tmp_path / "server.json"]
+    for path, report in zip(paths, (reference, server)):
+        path.write_text(json.dumps(report))
+    from eval.tiny.compare import compare
+
+    rows = compare(*load_runs(paths[0], paths[1:]))
+    assert [(row["agreement"], row["samples"]) for row in rows] == [(0.5, 2)]
+    paths[1].write_text(json.dumps({**server, "suite": {**server["suite"], "seed": 9}}))
+    with pytest.raises(SystemExit, match="seed 9 differs .* no sample is the same"):
+        load_runs(paths[0], paths[1:])
