@@ -414,7 +414,8 @@ def serve_variants(args: argparse.Namespace, variants: dict[str, tuple[str, Comp
     from eval.tiny import serve_eval
 
     specs = write_variant_configs(variants, args.out / "configs")
-    serve_args = ["--configs", *([] if args.no_stock else [STOCK]), *specs, "--out", str(args.out / "serve"), "--model-path", str(args.model),
+    stock = [] if args.no_stock else [STOCK]
+    serve_args = ["--configs", *stock, *specs, "--out", str(args.out / "serve"), "--model-path", str(args.model),
                   "--tasks", *args.tasks, "--lengths", *map(str, args.lengths), "--samples", str(args.samples),
                   "--seed", str(args.seed), "--shared-contexts", "0"]
     if args.deadline_s is not None:
