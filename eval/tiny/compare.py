@@ -1,6 +1,6 @@
 """Answer-by-answer agreement between runs of the tiny suite on the same samples.
 
-    python -m eval.tiny.compare HF_QUALITY.json SERVE_EVAL.json [SERVE_EVAL.json ...]
+    python -m eval.tiny.compare HF_QUALITY.json SERVE_EVAL.json [SERVE_EVAL.json ...] [--right-answers]
 
 Reads eval/tiny/quality.py output (transformers reference path: `predictions[config][id]`)
 and eval/tiny/serve_eval.py output (`servers[i].suite.predictions[id]`); prints, per config
@@ -10,7 +10,9 @@ whose first answer lines are identical, and the same between every server pair o
 --server`) reads as a reference report keyed by variant. Sample ids are `task-length-index`
 and a sample is drawn from its seed and id alone (`tasks.sample_rng`), so runs of one seed
 compare on the ids they share: a reference run may take a subset of a server run's tasks,
-lengths and samples. The seeds must match (checked).
+lengths and samples. The seeds must match (checked). `--right-answers` also counts each run's
+right answers (the samples regenerated from the reference run's suite) and how often the two
+agree on right against wrong: two runs may give different wrong answers to one sample.
 """
 
 from __future__ import annotations
@@ -49,22 +51,45 @@ def load_runs(hf_path: Path, serve_paths: Sequence[Path]) -> tuple[dict, dict]:
     return predictions(hf), servers
 
 
-def compare(hf_predictions: Mapping[str, Mapping[str, str]], servers: Mapping[str, Mapping[str, str]]) -> list[dict]:
-    rows = []
+def right_answers(left: Mapping[str, str], right: Mapping[str, str], gold: Mapping[str, str]) -> dict:
+    """On the samples both runs answered: how many each got right, and the share where both were
+    right or both wrong (two runs may disagree on a wrong answer and still agree that it is wrong)."""
+    common = sorted(set(left) & set(right) & set(gold))
+    left_right = [left[i] == gold[i] for i in common]
+    right_right = [right[i] == gold[i] for i in common]
+    return {"right_left": sum(left_right), "right_right": sum(right_right),
+            "same_correctness": sum(a == b for a, b in zip(left_right, right_right)) / len(common) if common
+            else float("nan")}
+
+
+def compare(hf_predictions: Mapping[str, Mapping[str, str]], servers: Mapping[str, Mapping[str, str]],
+            gold: Mapping[str, str] | None = None) -> list[dict]:
+    """Rows of (left run, right run, identical answers, samples); with `gold` (sample id -> the
+    right answer) also `right_answers`."""
+    pairs = []
     for server_name, predictions in servers.items():
         config = "full" if server_name == "bf16" else server_name.split("+")[0]
         if config in hf_predictions:
-            share, count = agreement(hf_predictions[config], predictions)
-            rows.append({"left": f"transformers {config}", "right": f"server {server_name}", "agreement": share,
-                         "samples": count})
+            pairs.append((f"transformers {config}", hf_predictions[config], f"server {server_name}", predictions))
     names = sorted(servers)
     for i, left in enumerate(names):
         for right in names[i + 1:]:
             if left.split("+")[0] == right.split("+")[0]:
-                share, count = agreement(servers[left], servers[right])
-                rows.append({"left": f"server {left}", "right": f"server {right}", "agreement": share,
-                             "samples": count})
+                pairs.append((f"server {left}", servers[left], f"server {right}", servers[right]))
+    rows = []
+    for left_name, left, right_name, right in pairs:
+        share, count = agreement(left, right)
+        row = {"left": left_name, "right": right_name, "agreement": share, "samples": count}
+        rows.append(row | (right_answers(left, right, gold) if gold is not None else {}))
     return rows
+
+
+def gold_answers(report: dict, model: Path) -> dict[str, str]:
+    """Sample id -> right answer, for the suite a report ran (regenerated from its seed)."""
+    from eval.tiny import paired, quality
+
+    evaluator = quality.TinyEvaluator(model)
+    return {key: sample.answer for key, sample in paired.held_out_samples(report, evaluator).items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,11 +97,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("hf_quality", type=Path)
     parser.add_argument("serve_eval", type=Path, nargs="+")
     parser.add_argument("--json", type=Path, help="write the rows here too")
+    parser.add_argument("--right-answers", action="store_true",
+                        help="also count right answers per run (the samples regenerated with --model's tokenizer)")
+    parser.add_argument("--model", type=Path, help="model folder for --right-answers (default: the bundled one)")
     args = parser.parse_args(argv)
-    rows = compare(*load_runs(args.hf_quality, args.serve_eval))
-    print("| run | run | identical answers | samples |\n|---|---|---:|---:|")
+    reference, servers = load_runs(args.hf_quality, args.serve_eval)
+    gold = None
+    if args.right_answers:
+        from eval.tiny.quality import MODEL_DIR
+
+        gold = gold_answers(json.loads(args.hf_quality.read_text()), args.model or MODEL_DIR)
+    rows = compare(reference, servers, gold)
+    if gold is None:
+        print("| run | run | identical answers | samples |\n|---|---|---:|---:|")
+    else:
+        print("| run | run | identical answers | right (left / right) | both right or both wrong | samples |\n"
+              "|---|---|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['left']} | {row['right']} | {100 * row['agreement']:.1f}% | {row['samples']} |")
+        extra = ("" if gold is None else
+                 f" {row['right_left']} / {row['right_right']} | {100 * row['same_correctness']:.1f}% |")
+        print(f"| {row['left']} | {row['right']} | {100 * row['agreement']:.1f}% |{extra} {row['samples']} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

@@ -131,3 +131,15 @@ def test_compare_takes_runs_of_one_seed_on_the_samples_they_share(tmp_path):
     paths[1].write_text(json.dumps({**server, "suite": {**server["suite"], "seed": 9}}))
     with pytest.raises(SystemExit, match="seed 9 differs .* no sample is the same"):
         load_runs(paths[0], paths[1:])
+
+
+def test_compare_counts_right_answers_and_agreement_on_right_or_wrong():
+    from eval.tiny.compare import compare
+
+    gold = {"kv-1024-0": "1", "kv-1024-1": "2", "kv-1024-2": "3"}
+    reference = {"c": {"kv-1024-0": "1", "kv-1024-1": "7", "kv-1024-2": "8"}}
+    servers = {"c": {"kv-1024-0": "1", "kv-1024-1": "9", "kv-1024-2": "3"}}
+    [row] = compare(reference, servers, gold)
+    assert row["agreement"] == 1 / 3  # only the first answer is the same string
+    assert (row["right_left"], row["right_right"]) == (1, 2)
+    assert row["same_correctness"] == 2 / 3  # both right on 0, both wrong (differently) on 1
