@@ -356,7 +356,8 @@ def test_a_served_ablation_json_stands_in_for_its_serve_eval_json():
     variants = _served_variants()
     served = _serve_report(variants)
     report = ablate.server_report(served, variants, ablate.planned_ratios(variants), "x", "model")
-    again = ablate.server_report(ablate.served_records(report), variants, ablate.planned_ratios(variants), "x", "model")
+    planned = ablate.planned_ratios(variants)
+    again = ablate.server_report(ablate.served_records(report), variants, planned, "x", "model")
     assert again["results"] == report["results"] and again["predictions"] == report["predictions"]
     assert again["not_served"] == {list(variants)[2]: "not run"}  # a failed server leaves no result behind
     with pytest.raises(ValueError, match="neither a serve_eval.json nor a served ablation"):

@@ -114,7 +114,7 @@ def test_compare_takes_runs_of_one_seed_on_the_samples_they_share(tmp_path):
 
     import pytest
 
-    from eval.tiny.compare import load_runs
+    from eval.tiny.compare import compare, load_runs
 
     reference = {"suite": {"tasks": ["kv"], "lengths": [4096], "samples": 2, "seed": 8},
                  "predictions": {"full": {"kv-4096-0": "1", "kv-4096-1": "2"}}}
@@ -124,8 +124,6 @@ def test_compare_takes_runs_of_one_seed_on_the_samples_they_share(tmp_path):
     paths = [tmp_path / "reference.json", tmp_path / "server.json"]
     for path, report in zip(paths, (reference, server)):
         path.write_text(json.dumps(report))
-    from eval.tiny.compare import compare
-
     rows = compare(*load_runs(paths[0], paths[1:]))
     assert [(row["agreement"], row["samples"]) for row in rows] == [(0.5, 2)]
     paths[1].write_text(json.dumps({**server, "suite": {**server["suite"], "seed": 9}}))
