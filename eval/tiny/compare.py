@@ -57,18 +57,26 @@ def right_answers(left: Mapping[str, str], right: Mapping[str, str], gold: Mappi
     common = sorted(set(left) & set(right) & set(gold))
     left_right = [left[i] == gold[i] for i in common]
     right_right = [right[i] == gold[i] for i in common]
+    by_cell: dict[str, list[int]] = {}  # "task-length" -> [right on the left, right on the right, samples]
+    for sample_id, left_ok, right_ok in zip(common, left_right, right_right):
+        counts = by_cell.setdefault(sample_id.rsplit("-", 1)[0], [0, 0, 0])
+        counts[0] += left_ok
+        counts[1] += right_ok
+        counts[2] += 1
     return {"right_left": sum(left_right), "right_right": sum(right_right),
             "same_correctness": sum(a == b for a, b in zip(left_right, right_right)) / len(common) if common
-            else float("nan")}
+            else float("nan"), "right_by_cell": by_cell}
 
 
 def compare(hf_predictions: Mapping[str, Mapping[str, str]], servers: Mapping[str, Mapping[str, str]],
-            gold: Mapping[str, str] | None = None) -> list[dict]:
+            gold: Mapping[str, str] | None = None, same: Mapping[str, str] | None = None) -> list[dict]:
     """Rows of (left run, right run, identical answers, samples); with `gold` (sample id -> the
-    right answer) also `right_answers`."""
+    right answer) also `right_answers`. `same`: server config name -> the reference run's name
+    for it, where the two runs named one config differently (e.g. an ablation's "hybrid (base)")."""
     pairs = []
     for server_name, predictions in servers.items():
         config = "full" if server_name == "bf16" else server_name.split("+")[0]
+        config = (same or {}).get(config, config)
         if config in hf_predictions:
             pairs.append((f"transformers {config}", hf_predictions[config], f"server {server_name}", predictions))
     names = sorted(servers)
@@ -100,14 +108,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--right-answers", action="store_true",
                         help="also count right answers per run (the samples regenerated with --model's tokenizer)")
     parser.add_argument("--model", type=Path, help="model folder for --right-answers (default: the bundled one)")
+    parser.add_argument("--same", nargs="+", default=[], metavar="SERVER_NAME=REFERENCE_NAME",
+                        help="a config the two runs name differently, e.g. 'qwen_12x_tuned=hybrid (base)'")
     args = parser.parse_args(argv)
+    same = dict(pair.split("=", 1) for pair in args.same if "=" in pair)
+    if len(same) != len(args.same):
+        parser.error(f"--same takes SERVER_NAME=REFERENCE_NAME pairs, got {args.same}")
     reference, servers = load_runs(args.hf_quality, args.serve_eval)
     gold = None
     if args.right_answers:
         from eval.tiny.quality import MODEL_DIR
 
         gold = gold_answers(json.loads(args.hf_quality.read_text()), args.model or MODEL_DIR)
-    rows = compare(reference, servers, gold)
+    rows = compare(reference, servers, gold, same)
     if gold is None:
         print("| run | run | identical answers | samples |\n|---|---|---:|---:|")
     else:

@@ -141,3 +141,14 @@ def test_compare_counts_right_answers_and_agreement_on_right_or_wrong():
     assert row["agreement"] == 1 / 3  # only the first answer is the same string
     assert (row["right_left"], row["right_right"]) == (1, 2)
     assert row["same_correctness"] == 2 / 3  # both right on 0, both wrong (differently) on 1
+    assert row["right_by_cell"] == {"kv-1024": [1, 2, 3]}
+
+
+def test_compare_pairs_a_config_the_two_runs_name_differently():
+    from eval.tiny.compare import compare
+
+    reference = {"hybrid (base)": {"kv-1024-0": "1"}}
+    servers = {"qwen_12x_tuned": {"kv-1024-0": "1"}}
+    assert compare(reference, servers) == []
+    [row] = compare(reference, servers, same={"qwen_12x_tuned": "hybrid (base)"})
+    assert (row["left"], row["right"], row["agreement"]) == ("transformers hybrid (base)", "server qwen_12x_tuned", 1.0)
