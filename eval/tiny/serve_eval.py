@@ -42,6 +42,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -150,21 +151,24 @@ def run_shared_context(url, groups: list[ContextGroup], end_of_answer, decode, c
     return result
 
 
-def server_command(model_path: Path | str, port: int, config: str | None) -> list[str]:
-    """The launch command of one server: stock for `config` None, else with --kv-compress.
-    Stock runs use the graph settings --kv-compress forces, so the two differ in the pool only.
+def server_command(model_path: Path | str, port: int, config: str | None,
+                   extra_args: Sequence[str] = ()) -> list[str]:
+    """The launch command of one server: stock for `config` None, else with --kv-compress;
+    `extra_args` last (--server-args, e.g. another chunked-prefill size for both). Stock runs
+    use the graph settings --kv-compress forces, so the two differ in the pool only.
     (Until 2026-11-30 stock ran here with decode graphs and the overlap scheduler off, as
     --kv-compress once forced; the bf16 answers in docs/results before then were served so.)"""
     command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(Path(model_path).resolve()),
                "--port", str(port), *SERVER_ARGS]
-    return command + (stock_settings_like_compressed() if config is None
-                      else ["--kv-compress", str(Path(config).resolve())])
+    command = command + (stock_settings_like_compressed() if config is None
+                         else ["--kv-compress", str(Path(config).resolve())])
+    return command + list(extra_args)
 
 
 def run_config(args, name: str, config: str | None, samples, groups, tokenizer, end_of_answer, gpu: int = 0) -> dict:
     """One server on GPU `gpu` (its own port, args.port + gpu): start it, run the suites, stop it."""
     port = args.port + gpu
-    command = server_command(args.model_path, port, config)
+    command = server_command(args.model_path, port, config, shlex.split(args.server_args))
     env = dict(os.environ)
     if args.gpus > 1:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
@@ -306,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared-task", default="kv", choices=SHARED_TASKS,
                         help="what the shared documents hold (see shared_context_groups)")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--server-args", default="",
+                        help="more launch_server flags for every server, one string "
+                             "(e.g. \"--chunked-prefill-size 16384 --disable-cuda-graph\")")
     parser.add_argument("--port", type=int, default=30123, help="the first server's; GPU i's serves on port + i")
     parser.add_argument("--gpus", type=int, default=1,
                         help="servers at once, one per GPU (CUDA_VISIBLE_DEVICES), e.g. 2 on a two-GPU machine")

@@ -24,6 +24,9 @@ def test_stock_servers_differ_from_compressed_ones_in_the_pool_only():
     assert "--disable-overlap-schedule" not in stock and "--kv-compress" not in stock
     assert compressed[:len(stock) - len(stock_settings_like_compressed())] == stock[:len(stock) - len(stock_settings_like_compressed())]
     assert compressed[-2] == "--kv-compress" and compressed[-1].endswith("configs/qwen_8x_tuned.yaml")
+    extra = ["--chunked-prefill-size", "16384"]
+    assert server_command("eval/tiny/model", 30000, "configs/qwen_8x_tuned.yaml", extra) == compressed + extra
+    assert server_command("eval/tiny/model", 30000, None, extra) == stock + extra
 
 
 def test_markdown_reports_relative_accuracy_and_errors():
