@@ -370,7 +370,7 @@ def served_records(report: dict) -> dict:
     and logs are many)."""
     if "servers" in report:
         return report
-    if "measured_ratio_basis" not in report or report["measured_ratio_basis"] != SERVER_RATIO_BASIS:
+    if report.get("measured_ratio_basis") != SERVER_RATIO_BASIS:
         raise ValueError("neither a serve_eval.json nor a served ablation's ablation.json (eval.ablate --server)")
     servers = {}
     for name, result in report["results"].items():

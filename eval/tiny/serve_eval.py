@@ -37,10 +37,12 @@ import argparse
 import datetime
 import json
 import os
+import queue
 import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -158,11 +160,9 @@ def server_command(model_path: Path | str, port: int, config: str | None,
     use the graph settings --kv-compress forces, so the two differ in the pool only.
     (Until 2026-11-30 stock ran here with decode graphs and the overlap scheduler off, as
     --kv-compress once forced; the bf16 answers in docs/results before then were served so.)"""
-    command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(Path(model_path).resolve()),
-               "--port", str(port), *SERVER_ARGS]
-    command = command + (stock_settings_like_compressed() if config is None
-                         else ["--kv-compress", str(Path(config).resolve())])
-    return command + list(extra_args)
+    pool = stock_settings_like_compressed() if config is None else ["--kv-compress", str(Path(config).resolve())]
+    return [sys.executable, "-m", "sglang.launch_server", "--model-path", str(Path(model_path).resolve()),
+            "--port", str(port), *SERVER_ARGS, *pool, *extra_args]
 
 
 def run_config(args, name: str, config: str | None, samples, groups, tokenizer, end_of_answer, gpu: int = 0) -> dict:
@@ -251,9 +251,6 @@ def run_servers(configs: list[tuple[str, str | None]], gpus: int, run_one, deadl
     in the configs' order; none starts after the time `deadline_at` (its record says so).
     `on_record(records)` sees the records so far (config order, finished ones only) after each
     one ends."""
-    import queue
-    import threading
-
     records: list[dict | None] = [None] * len(configs)
     free_gpus: queue.Queue[int] = queue.Queue()
     for gpu in range(gpus):
