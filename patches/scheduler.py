@@ -16,6 +16,7 @@ from sglang_kvc.allocator import compressed_allocator_of
 from sglang_kvc.backend import DECODE_REQUESTS, EXTEND_REQUESTS, CompressedAttnBackend
 from sglang_kvc.pool import CompressedKVPool
 from sglang_kvc.runtime import active_config
+from sglang_kvc.trace import trace_path, trace_request
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,9 @@ def seal_released_request(req, tree_cache, is_insert=True):
     allocator = compressed_allocator_of(tree_cache)
     if allocator is None or not is_insert or tree_cache.is_chunk_cache() or req.req_pool_idx is None:
         return None
+    if trace_path() is not None:
+        trace_request(allocator.pool, tree_cache.req_to_token_pool.req_to_token, req.req_pool_idx,
+                      req.effective_kv_committed_len(), req.rid, "release")
     if getattr(req, "skip_radix_cache_insert", False):
         return None
     committed = req.effective_kv_committed_len()

@@ -52,6 +52,7 @@ from sglang_kvc.device_copy import to_device
 from sglang_kvc.policy import PromptCandidates, TokenScorer, prompt_budgets, scorer_from_config, select_for_requests
 from sglang_kvc.pool import CompressedKVPool, Tier
 from sglang_kvc.runtime import triton_kernels_enabled
+from sglang_kvc.trace import trace_path, trace_request
 
 if TYPE_CHECKING:  # the kernels import Triton, which the torch path does without
     from sglang_kvc.kernels.decode_attention import DecodeEntries
@@ -739,8 +740,12 @@ class CompressedAttention:
             # on the GPU, which the overlap scheduler would otherwise spend on the next batch.
             logger.info("kv-compress: %s %d prompt tokens of %d request(s)",
                         "sealed" if self.seal_candidates else "compressed", self.candidate_tokens.numel(), compressed)
+        tracing = trace_path() is not None
         for i, rid in enumerate(self.batch.rids):
             if self.batch.last_chunk[i]:
+                if tracing:
+                    trace_request(self.pool, self.req_to_token, self.batch.req_pool_indices[i], self.batch.seq_lens[i],
+                                  rid, "prompt")
                 self.scoring_queries.pop(rid, None)
                 self.started_with_prefix.pop(rid, None)
                 self.staged_chunks_maybe_shared.discard(rid)

@@ -56,16 +56,20 @@ from eval.server_capacity import gpu_query, http_json, stock_settings_like_compr
 from eval.tiny import tasks  # noqa: E402
 from eval.tiny.quality import MODEL_DIR, Suite  # noqa: E402
 from eval.tiny.shared_suite import SHARED_TASKS, ContextGroup, shared_context_groups  # noqa: E402
+from sglang_kvc import trace as kvc_trace  # noqa: E402
 
 SERVER_ARGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--host", "127.0.0.1",
                "--context-length", "8192", "--mem-fraction-static", "0.5"]
 
 
 # ---- requests -----------------------------------------------------------------------------------
-def answer(url: str, input_ids: list[int], max_new_tokens: int, end_of_answer: int, decode) -> dict:
+def answer(url: str, input_ids: list[int], max_new_tokens: int, end_of_answer: int, decode,
+           rid: str | None = None) -> dict:
     payload = {"input_ids": input_ids,
                "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0,
                                    "stop_token_ids": [end_of_answer]}}
+    if rid is not None:  # SGLang's request id (its logs and the kv-compress trace name it)
+        payload["rid"] = rid
     result = http_json(url + "/generate", payload)
     meta = result.get("meta_info", {})
     output_ids = [t for t in result.get("output_ids", []) if t != end_of_answer]
@@ -82,13 +86,14 @@ def flush_cache(url: str) -> None:
 
 
 # ---- one server -----------------------------------------------------------------------------------
-def run_suite(url, samples, end_of_answer, decode, concurrency: int) -> dict:
+def run_suite(url, samples, end_of_answer, decode, concurrency: int, name_requests: bool = False) -> dict:
     items = [(task, length, index, sample) for (task, length), group in samples.items()
              for index, sample in enumerate(group)]
 
     def one(item):
         task, length, index, sample = item
-        return item, answer(url, list(sample.prompt_ids), tasks.MAX_NEW_TOKENS[task], end_of_answer, decode)
+        rid = f"{task}-{length}-{index}" if name_requests else None
+        return item, answer(url, list(sample.prompt_ids), tasks.MAX_NEW_TOKENS[task], end_of_answer, decode, rid)
 
     correct: dict[str, dict[str, list[int]]] = {}
     predictions = {}
@@ -176,6 +181,9 @@ def run_config(args, name: str, config: str | None, samples, groups, tokenizer, 
         env["SGLANG_KVC_TRITON"] = "1"
     elif name.endswith("+torch"):
         env["SGLANG_KVC_TRITON"] = "0"
+    if args.trace is not None:
+        env[kvc_trace.ENV] = str((args.log_dir / f"trace-{re.sub(r'[^A-Za-z0-9._]+', '-', name)}.jsonl").resolve())
+        env[kvc_trace.RIDS_ENV] = args.trace
     record: dict = {"name": name, "config": config, "command": shlex.join(command), "gpu": gpu,
                     "env": {"SGLANG_KVC_TRITON": env.get("SGLANG_KVC_TRITON", "")}}
     log_path = args.log_dir / f"server-{re.sub(r'[^A-Za-z0-9._]+', '-', name)}.log"
@@ -193,7 +201,7 @@ def run_config(args, name: str, config: str | None, samples, groups, tokenizer, 
         record["gpu_memory_used_mib"] = gpu_query("memory.used", gpu)
         if samples:
             start = time.time()
-            record["suite"] = run_suite(url, samples, end_of_answer, decode, args.concurrency)
+            record["suite"] = run_suite(url, samples, end_of_answer, decode, args.concurrency, name_requests=args.trace is not None)
             record["suite_seconds"] = round(time.time() - start, 1)
         start = time.time()
         if groups:
@@ -314,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=1,
                         help="servers at once, one per GPU (CUDA_VISIBLE_DEVICES), e.g. 2 on a two-GPU machine")
     parser.add_argument("--log-dir", type=Path, help="server logs (default: --out); their tails go to the JSON")
+    parser.add_argument("--trace", nargs="?", const="", default=None, metavar="RID_PREFIXES",
+                        help="name each suite request TASK-LENGTH-INDEX and have the server write what each "
+                             "holds per layer to LOG_DIR/trace-NAME.jsonl (sglang_kvc/trace.py; slow, diagnosis "
+                             "only); with a value, only rids starting with one of its comma-separated prefixes")
     parser.add_argument("--deadline-s", type=float, default=None, help="start no new server after this many seconds")
     args = parser.parse_args(argv)
     if args.gpus < 1:
