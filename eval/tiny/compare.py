@@ -8,9 +8,12 @@ name found in both (a server named `NAME+torch` or `NAME+triton` is matched to N
 whose first answer lines are identical, and the same between every server pair of one config
 (e.g. the torch and the Triton attention path). A served ablation's ablation.json (`eval.ablate
 --server`) reads as a reference report keyed by variant. Sample ids are `task-length-index`
-and a sample is drawn from its seed and id alone (`tasks.sample_rng`), so runs of one seed
-compare on the ids they share: a reference run may take a subset of a server run's tasks,
-lengths and samples. The seeds must match (checked). `--right-answers` also counts each run's
+and a sample is drawn from its seed, its id and the suite's samples per cell (the needle of
+sample `i` sits at depth `(i + 0.5) / samples`, `tasks.eval_samples`), so runs of one seed and
+one sample count compare on the ids they share: a reference run may take a subset of a server
+run's tasks and lengths. The seeds and sample counts must match (checked: until 2026-12-01 only
+the seed was, and a 50-sample run was compared with a 100-sample one whose same ids are other
+prompts). `--right-answers` also counts each run's
 right answers (the samples regenerated from the reference run's suite) and how often the two
 agree on right against wrong: two runs may give different wrong answers to one sample.
 """
@@ -47,6 +50,10 @@ def load_runs(hf_path: Path, serve_paths: Sequence[Path]) -> tuple[dict, dict]:
         if serve["suite"]["seed"] != hf["suite"]["seed"]:
             raise SystemExit(f"{path}: seed {serve['suite']['seed']} differs from {hf_path}'s "
                              f"{hf['suite']['seed']}: no sample is the same")
+        if serve["suite"]["samples"] != hf["suite"]["samples"]:
+            raise SystemExit(f"{path}: {serve['suite']['samples']} samples per cell, {hf_path}: "
+                             f"{hf['suite']['samples']}: the needle depth of a sample depends on the count, "
+                             "so the same id names different prompts")
         servers.update(predictions(serve))
     return predictions(hf), servers
 

@@ -112,7 +112,7 @@ def test_servers_run_one_per_gpu_at_once_in_config_order():
     assert late == [{"name": "bf16", "error": "not run: deadline"}, {"name": "a", "error": "not run: deadline"}]
 
 
-def test_compare_takes_runs_of_one_seed_on_the_samples_they_share(tmp_path):
+def test_compare_takes_runs_of_one_seed_and_count_on_the_samples_they_share(tmp_path):
     import json
 
     import pytest
@@ -121,9 +121,9 @@ def test_compare_takes_runs_of_one_seed_on_the_samples_they_share(tmp_path):
 
     reference = {"suite": {"tasks": ["kv"], "lengths": [4096], "samples": 2, "seed": 8},
                  "predictions": {"full": {"kv-4096-0": "1", "kv-4096-1": "2"}}}
-    server = {"suite": {"tasks": ["kv", "vt"], "lengths": [2048, 4096], "samples": 3, "seed": 8},
+    server = {"suite": {"tasks": ["kv", "vt"], "lengths": [2048, 4096], "samples": 2, "seed": 8},
               "servers": [{"name": "bf16", "suite": {"predictions": {"kv-4096-0": "1", "kv-4096-1": "5",
-                                                                     "kv-4096-2": "3", "vt-2048-0": "x"}}}]}
+                                                                     "vt-2048-0": "x"}}}]}
     paths = [tmp_path / "reference.json", tmp_path / "server.json"]
     for path, report in zip(paths, (reference, server)):
         path.write_text(json.dumps(report))
@@ -132,6 +132,23 @@ def test_compare_takes_runs_of_one_seed_on_the_samples_they_share(tmp_path):
     paths[1].write_text(json.dumps({**server, "suite": {**server["suite"], "seed": 9}}))
     with pytest.raises(SystemExit, match="seed 9 differs .* no sample is the same"):
         load_runs(paths[0], paths[1:])
+    # Another sample count: the same ids are other prompts (the needle depth depends on it).
+    paths[1].write_text(json.dumps({**server, "suite": {**server["suite"], "samples": 3}}))
+    with pytest.raises(SystemExit, match="3 samples per cell, .*: 2: the needle depth .* different prompts"):
+        load_runs(paths[0], paths[1:])
+
+
+def test_a_sample_id_names_another_prompt_under_another_sample_count():
+    """Why compare checks the count: sample i's needle sits at depth (i + 0.5) / count."""
+    from tokenizers import Tokenizer
+
+    from eval.tiny import tasks
+    from eval.tiny.quality import MODEL_DIR
+
+    encode = tasks.TokenizerPieceEncoder(Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json")))
+    two, four = (tasks.eval_samples(encode, ("kv",), (1024,), count, seed=8)[("kv", 1024)] for count in (2, 4))
+    assert two[0].answer == four[0].answer  # the same records and question ...
+    assert list(two[0].prompt_ids) != list(four[0].prompt_ids)  # ... with the needle elsewhere
 
 
 def test_compare_counts_right_answers_and_agreement_on_right_or_wrong():
