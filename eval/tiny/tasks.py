@@ -509,13 +509,20 @@ def training_rng(seed: int, worker: int, salt: str = "") -> Random:
     return Random(f"tiny:train:{seed}:{worker}:{salt}")
 
 
+def needle_depth(index: int, count: int) -> float:
+    """Where held-out sample `index` of `count` per cell puts its needle (0: the context's
+    start, 1: its end): spread evenly, so the same index names another prompt under another
+    count (the same records and question, the needle elsewhere)."""
+    return (index + 0.5) / count
+
+
 def eval_samples(encode: PieceEncoder, tasks: Sequence[str], lengths: Sequence[int], count: int,
                  seed: int, split: str = "eval") -> dict[tuple[str, int], list[Sample]]:
     """Held-out samples per (task, length), needle depths spread evenly over the context."""
     return {
         (task, length): [
             make_sample(task, sample_rng(seed, split, task, length, index), encode, length,
-                        depth=(index + 0.5) / count)
+                        depth=needle_depth(index, count))
             for index in range(count)
         ]
         for task in tasks
