@@ -62,12 +62,14 @@ def cause(right: dict[str, bool]) -> str:
     return "quantization" if unquantized else "eviction" if unevicted else "both"
 
 
-def lost_samples(report: dict, baseline: str, name: str, evaluator: quality.TinyEvaluator) -> list:
+def lost_samples(report: dict, baseline: str, name: str, evaluator: quality.TinyEvaluator,
+                 cells: Sequence[str] | None = None) -> list:
     """(sample id, sample, the config's answer in the report) for every sample the baseline
-    answers right and the config wrong."""
+    answers right and the config wrong (only in `cells`, e.g. ["kv-8192"], if given)."""
     answers = predictions(report)
     return [(key, sample, answers[name][key]) for key, sample in held_out_samples(report, evaluator).items()
-            if answers[baseline][key] == sample.answer and answers[name][key] != sample.answer]
+            if answers[baseline][key] == sample.answer and answers[name][key] != sample.answer
+            and (cells is None or key.rsplit("-", 1)[0] in cells)]
 
 
 def with_baseline_from(report: dict, other: dict, baseline: str) -> dict:
@@ -78,16 +80,17 @@ def with_baseline_from(report: dict, other: dict, baseline: str) -> dict:
 
 
 def attribute(reports: Sequence[dict], baseline: str, config: CompressionConfig,
-              evaluator: quality.TinyEvaluator | None = None, name: str | None = None) -> dict:
-    """Every sample of `reports` that `baseline` answers right and the config (entry `name`,
-    default its own name) wrong, answered by each probe on the reference path: per sample its
-    answers and cause, and the counts."""
+              evaluator: quality.TinyEvaluator | None = None, name: str | None = None,
+              cells: Sequence[str] | None = None) -> dict:
+    """Every sample of `reports` (of `cells` only, if given) that `baseline` answers right and
+    the config (entry `name`, default its own name) wrong, answered by each probe on the
+    reference path: per sample its answers, needle depth and cause, and the counts."""
     evaluator = evaluator or quality.TinyEvaluator()
     name = name or config.name
     configs = probes(config)
     rows = []
     for report in reports:
-        for key, sample, reported in lost_samples(report, baseline, name, evaluator):
+        for key, sample, reported in lost_samples(report, baseline, name, evaluator, cells):
             answers = {probe: evaluator.answer(sample, probe_config)[0] for probe, probe_config in configs.items()}
             right = {probe: answer == sample.answer for probe, answer in answers.items()}
             rows.append({"id": key, "suite": report["suite"], "task": sample.task, "length": sample.length,
@@ -125,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pool", type=Path, nargs="+", default=[], help="more reports (other suites) with both")
     parser.add_argument("--baseline-from", type=Path,
                         help="take BASELINE's answers from this report of REPORT's suite (not with --pool)")
+    parser.add_argument("--cells", nargs="+", help="only samples of these cells (task-length), e.g. kv-8192")
     parser.add_argument("--out", type=Path, help="write the result as JSON")
     args = parser.parse_args(argv)
     if args.baseline_from and args.pool:
@@ -132,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reports = [json.loads(path.read_text()) for path in (args.report, *args.pool)]
     if args.baseline_from:
         reports = [with_baseline_from(reports[0], json.loads(args.baseline_from.read_text()), args.baseline)]
-    result = attribute(reports, args.baseline, load_config(args.config), name=args.name)
+    result = attribute(reports, args.baseline, load_config(args.config), name=args.name, cells=args.cells)
     result["command"] = "python -m eval.tiny.attribute " + " ".join(argv if argv is not None else sys.argv[1:])
     print(markdown(result))
     if args.out:

@@ -78,3 +78,12 @@ def test_the_baseline_may_come_from_another_report_of_the_same_suite():
     assert merged["predictions"] == {"qwen_8x_tuned": {"passkey-512-0": "1"}, "full": {"passkey-512-0": "2"}}
     with pytest.raises(ValueError, match="different suites"):
         attribute.with_baseline_from(config_only, {**baseline_only, "suite": {**SUITE, "seed": 6}}, "full")
+
+
+def test_only_the_cells_asked_for(evaluator):
+    samples = paired.held_out_samples(report_with({}), evaluator)
+    gold = {key: sample.answer for key, sample in samples.items()}
+    report = report_with({"full": gold, "c": {key: "0" for key in gold}})
+    assert len(attribute.lost_samples(report, "full", "c", evaluator)) == 4
+    assert len(attribute.lost_samples(report, "full", "c", evaluator, cells=["passkey-512"])) == 4
+    assert attribute.lost_samples(report, "full", "c", evaluator, cells=["kv-512", "passkey-1024"]) == []
