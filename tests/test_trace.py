@@ -48,7 +48,8 @@ def test_trace_lines_agree_with_the_pool(tmp_path, monkeypatch):
     # At release: the prompt as compressed plus the decode token, staged (the decode window).
     assert [sum(state["tiers"][t] for t in ("staging", "lowbit", "guard")) for state in release["layers"]] == held_now
     assert all(state["tiers"]["staging"] == 1 for state in release["layers"])
-    assert [state["positions_hash"] for state in release["layers"]] != [state["positions_hash"] for state in prompt["layers"]]
+    hashes = [[state["positions_hash"] for state in line["layers"]] for line in (prompt, release)]
+    assert hashes[0] != hashes[1]
 
 
 def test_trace_only_the_rids_asked_for(tmp_path, monkeypatch):

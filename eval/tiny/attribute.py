@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from eval.ablate import variant
-from eval.tiny import quality
+from eval.tiny import quality, tasks
 from eval.tiny.compare import predictions
 from eval.tiny.paired import held_out_samples
 from sglang_kvc.config import CompressionConfig, load_config
@@ -69,7 +69,7 @@ def lost_samples(report: dict, baseline: str, name: str, evaluator: quality.Tiny
     answers = predictions(report)
     return [(key, sample, answers[name][key]) for key, sample in held_out_samples(report, evaluator).items()
             if answers[baseline][key] == sample.answer and answers[name][key] != sample.answer
-            and (cells is None or key.rsplit("-", 1)[0] in cells)]
+            and (cells is None or tasks.cell_and_index(key)[0] in cells)]
 
 
 def with_baseline_from(report: dict, other: dict, baseline: str) -> dict:

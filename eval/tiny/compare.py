@@ -25,6 +25,8 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from eval.tiny import tasks
+
 
 def agreement(left: Mapping[str, str], right: Mapping[str, str]) -> tuple[float, int]:
     common = sorted(set(left) & set(right))
@@ -66,7 +68,7 @@ def right_answers(left: Mapping[str, str], right: Mapping[str, str], gold: Mappi
     right_right = [right[i] == gold[i] for i in common]
     by_cell: dict[str, list[int]] = {}  # "task-length" -> [right on the left, right on the right, samples]
     for sample_id, left_ok, right_ok in zip(common, left_right, right_right):
-        counts = by_cell.setdefault(sample_id.rsplit("-", 1)[0], [0, 0, 0])
+        counts = by_cell.setdefault(tasks.cell_and_index(sample_id)[0], [0, 0, 0])
         counts[0] += left_ok
         counts[1] += right_ok
         counts[2] += 1

@@ -25,8 +25,8 @@ def right_by_depth(answers: Mapping[str, str], gold: Mapping[str, str], samples:
     """{cell: [[right, samples] per depth bin]} over the ids of `answers` (`task-length-index`)."""
     by_cell: dict[str, list[list[int]]] = {}
     for sample_id, answer in answers.items():
-        cell, index = sample_id.rsplit("-", 1)
-        depth = tasks.needle_depth(int(index), samples)
+        cell, index = tasks.cell_and_index(sample_id)
+        depth = tasks.needle_depth(index, samples)
         counts = by_cell.setdefault(cell, [[0, 0] for _ in range(bins)])[min(int(depth * bins), bins - 1)]
         counts[0] += answer == gold[sample_id]
         counts[1] += 1
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = {}
     for config, answers in predictions(report).items():
         if args.cells:
-            answers = {key: value for key, value in answers.items() if key.rsplit("-", 1)[0] in args.cells}
+            answers = {key: value for key, value in answers.items() if tasks.cell_and_index(key)[0] in args.cells}
         table[config] = right_by_depth(answers, gold, samples, args.bins)
     print(markdown(table, args.bins))
     if args.json:

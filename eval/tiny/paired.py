@@ -64,7 +64,7 @@ def held_out_samples(report: dict, evaluator: quality.TinyEvaluator) -> dict[str
     (ids as in its predictions: task-length-index)."""
     suite = quality.Suite(**{key: tuple(value) if isinstance(value, list) else value
                              for key, value in report["suite"].items()})
-    return {f"{task}-{length}-{index}": sample
+    return {tasks.sample_id(task, length, index): sample
             for (task, length), samples in evaluator.samples(suite).items()
             for index, sample in enumerate(samples)}
 

@@ -138,7 +138,7 @@ class TinyEvaluator:
                 for index, sample in enumerate(group):
                     answer, kv, bf16 = self.answer(sample, config)
                     correct += answer == sample.answer
-                    predictions[f"{task}-{length}-{index}"] = answer
+                    predictions[tasks.sample_id(task, length, index)] = answer
                     kv_bytes += kv
                     bf16_bytes += bf16
                     bar.update()

@@ -92,7 +92,7 @@ def run_suite(url, samples, end_of_answer, decode, concurrency: int, name_reques
 
     def one(item):
         task, length, index, sample = item
-        rid = f"{task}-{length}-{index}" if name_requests else None
+        rid = tasks.sample_id(task, length, index) if name_requests else None
         return item, answer(url, list(sample.prompt_ids), tasks.MAX_NEW_TOKENS[task], end_of_answer, decode, rid)
 
     correct: dict[str, dict[str, list[int]]] = {}
@@ -102,7 +102,7 @@ def run_suite(url, samples, end_of_answer, decode, concurrency: int, name_reques
             cell = correct.setdefault(task, {}).setdefault(str(length), [0, 0])
             cell[0] += result["answer"] == sample.answer
             cell[1] += 1
-            predictions[f"{task}-{length}-{index}"] = result["answer"]
+            predictions[tasks.sample_id(task, length, index)] = result["answer"]
     accuracy = {task: {length: hits / total for length, (hits, total) in by_length.items()}
                 for task, by_length in correct.items()}
     cells = [value for by_length in accuracy.values() for value in by_length.values()]
@@ -201,7 +201,8 @@ def run_config(args, name: str, config: str | None, samples, groups, tokenizer, 
         record["gpu_memory_used_mib"] = gpu_query("memory.used", gpu)
         if samples:
             start = time.time()
-            record["suite"] = run_suite(url, samples, end_of_answer, decode, args.concurrency, name_requests=args.trace is not None)
+            record["suite"] = run_suite(url, samples, end_of_answer, decode, args.concurrency,
+                                        name_requests=args.trace is not None)
             record["suite_seconds"] = round(time.time() - start, 1)
         start = time.time()
         if groups:

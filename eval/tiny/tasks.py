@@ -509,6 +509,17 @@ def training_rng(seed: int, worker: int, salt: str = "") -> Random:
     return Random(f"tiny:train:{seed}:{worker}:{salt}")
 
 
+def sample_id(task: str, length: int, index: int) -> str:
+    """A held-out sample's id in every report: `task-length-index` (its cell, then its index)."""
+    return f"{task}-{length}-{index}"
+
+
+def cell_and_index(sample_id: str) -> tuple[str, int]:
+    """`kv-8192-3` -> (`kv-8192`, 3): the cell (task-length) a sample id belongs to, and its index."""
+    cell, index = sample_id.rsplit("-", 1)
+    return cell, int(index)
+
+
 def needle_depth(index: int, count: int) -> float:
     """Where held-out sample `index` of `count` per cell puts its needle (0: the context's
     start, 1: its end): spread evenly, so the same index names another prompt under another

@@ -28,3 +28,8 @@ def test_right_answers_fall_in_their_depth_bins():
 def test_bins_must_be_positive(tmp_path):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "report.json"), "--bins", "0"])
+
+
+def test_sample_ids_name_their_cell_and_index():
+    assert tasks.sample_id("kv", 8192, 3) == "kv-8192-3"
+    assert tasks.cell_and_index("kv-8192-3") == ("kv-8192", 3)
