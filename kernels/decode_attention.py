@@ -1354,6 +1354,291 @@ def _decode_split_kernel_v2(
                          stride_pl_batch, stride_pl_head)
 
 
+# ---- v4: dequantize after the dot -----------------------------------------------------------------
+# A packed row is code * scale + minimum per group, so for one group's channels
+#   q . k = scale * (q . codes) + minimum * sum(q)   and   sum_n p_n v_n = (p * scale) . codes + p . minimum.
+# v4 feeds the raw codes to the dots and applies the (scale, minimum) pairs to the [BLOCK_G, BLOCK_N]
+# logits and probabilities instead of to the [BLOCK_N, D] tiles: no per-element multiply-add, no
+# broadcast of the pairs over their channels, no fp32 tile. Codes become fp16 by the exponent trick
+# (1024's bit pattern OR the code is 1024 + code, exactly) and the 1024 is folded into the minimum's
+# term, so a code costs a shift and a mask. Groups differ in their pairs, so the dots run per group:
+# logits as a sum over key groups, the output in column slices (`accs`, a tuple of [BLOCK_G, ACC_COLS]).
+@triton.jit
+def _load_slice_words(codes_ptr, pairs_ptr, rows, kv_head, stride_row, stride_head, stride_pairs_row,
+                      stride_pairs_head, valid, START: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr,
+                      GROUP_SIZE: tl.constexpr):
+    """The packed words of channels [START, START + COLS) of a block of rows ([BLOCK_N, COLS / codes
+    per word] for 2/4/8 bits, one word per channel for 3 bits) and their group's int32 pair
+    [BLOCK_N]; 0 where `valid` is false. The slice lies inside one group."""
+    CODES_PER_WORD: tl.constexpr = 32 // BITS
+    row_base = codes_ptr + rows * stride_row + kv_head * stride_head
+    if BITS != 3:
+        offs_word = START // CODES_PER_WORD + tl.arange(0, COLS // CODES_PER_WORD)
+    else:
+        offs_word = (START + tl.arange(0, COLS)) // CODES_PER_WORD
+    words = tl.load(row_base[:, None] + offs_word[None, :], mask=valid[:, None], other=0)
+    pairs = tl.load(pairs_ptr + rows * stride_pairs_row + kv_head * stride_pairs_head + START // GROUP_SIZE,
+                    mask=valid, other=0)
+    return words, pairs
+
+
+@triton.jit
+def _biased_codes(words, START: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """fp16 1024 + code, [BLOCK_N, COLS], of `_load_slice_words`' words (exact: codes < 1024)."""
+    CODES_PER_WORD: tl.constexpr = 32 // BITS
+    MAX_CODE: tl.constexpr = (1 << BITS) - 1
+    if BITS != 3:
+        # Slot s of every word, biased, as one [BLOCK_N, words] tile each; then joined into
+        # [BLOCK_N, words, 2, ..., 2] so that the flattened trailing index is the slot, which
+        # makes channel word * CODES_PER_WORD + slot a reshape. Joins keep a word's codes in
+        # one thread (an outer-product broadcast of words x shifts spreads them over lanes, and
+        # the tile then goes to shared memory one 16-bit store per code).
+        tiles = ()
+        for slot in tl.static_range(CODES_PER_WORD):
+            tiles = tiles + ((((words >> (slot * BITS)) & MAX_CODE) | 0x6400).to(tl.int16),)
+        # Level by level, join slot i with slot i + half: the first join's axis is the slot's top bit.
+        LEVELS: tl.constexpr = 4 if BITS == 2 else (3 if BITS == 4 else 2)  # log2(CODES_PER_WORD)
+        for level in tl.static_range(LEVELS):
+            joined = ()
+            for index in tl.static_range(CODES_PER_WORD >> (level + 1)):
+                joined = joined + (tl.join(tiles[index], tiles[index + (CODES_PER_WORD >> (level + 1))]),)
+            tiles = joined
+        codes = tl.reshape(tiles[0], [BLOCK_N, COLS])
+    else:
+        codes = (((words >> (((START + tl.arange(0, COLS)) % CODES_PER_WORD) * BITS)[None, :]) & MAX_CODE)
+                 | 0x6400).to(tl.int16)
+    return codes.to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _pair_floats(pairs):
+    """fp32 (scale, minimum) of int32 pairs."""
+    scale, minimum = _pair_halves(pairs)
+    return scale.to(tl.float32), minimum.to(tl.float32)
+
+
+@triton.jit
+def _load_query_slices(q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, COLS: tl.constexpr, BLOCK_G: tl.constexpr):
+    """The GQA group's queries in fp16 column slices of COLS (one per key group), and each
+    slice's row sums of those fp16 values (the sums must be of what the dots multiply, or the
+    folded 1024 * sum would not cancel)."""
+    offs_g = tl.arange(0, BLOCK_G)
+    q_rows = (q_ptr + request.to(tl.int64) * stride_q_batch
+              + (kv_head * QUERY_GROUP + offs_g)[:, None] * stride_q_head)
+    slices = ()
+    sums = ()
+    for index in tl.static_range(HEAD_DIM // COLS):
+        q_slice = tl.load(q_rows + (index * COLS + tl.arange(0, COLS))[None, :],
+                          mask=(offs_g < QUERY_GROUP)[:, None], other=0.0).to(tl.float16)
+        slices = slices + (q_slice,)
+        sums = sums + (tl.sum(q_slice.to(tl.float32), axis=1),)
+    return slices, sums
+
+
+@triton.jit
+def _softmax_step(m_i, l_i, logits):
+    """One block's online-softmax step: (m_new, l_new, p, alpha), acc to be scaled by alpha."""
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    # While nothing is held yet m_new is -inf: shift by 0 so exp2 gives 0, not NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(logits - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), p, alpha
+
+
+@triton.jit
+def _dense_tier_loop_sliced(q, m_i, l_i, accs, entry_row_ptr, first, end, kv_head, offs_n, offs_d, dim_mask,
+                            qk_scale, k_ptr, v_ptr, stride_row, stride_head, HEAD_DIM: tl.constexpr,
+                            ACC_COLS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """v4's loop over one bf16 tier: v2's dense loop with V read and accumulated in the
+    column slices of `accs`."""
+    for block_start in range(first, end, BLOCK_N):
+        entries = block_start + offs_n
+        valid = entries < end
+        rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
+        k = _load_dense_tile(k_ptr, rows, kv_head, stride_row, stride_head, valid, offs_d, dim_mask)
+        m_i, l_i, p, alpha = _softmax_step(m_i, l_i, _block_logits(q, k, valid, qk_scale, DOT_PRECISION))
+        updated = ()
+        for index in tl.static_range(HEAD_DIM // ACC_COLS):
+            cols = index * ACC_COLS + tl.arange(0, ACC_COLS)
+            v = _load_dense_tile(v_ptr, rows, kv_head, stride_row, stride_head, valid, cols, cols < HEAD_DIM)
+            updated = updated + (accs[index] * alpha[:, None] + _dot(p, v, DOT_PRECISION),)
+        accs = updated
+    return m_i, l_i, accs
+
+
+@triton.jit
+def _load_factored_block(k_codes_ptr, k_pairs_ptr, v_codes_ptr, v_pairs_ptr, rows, kv_head, valid,
+                         stride_k_row, stride_k_head, stride_k_pairs_row, stride_k_pairs_head,
+                         stride_v_row, stride_v_head, stride_v_pairs_row, stride_v_pairs_head,
+                         HEAD_DIM: tl.constexpr, KEY_BITS: tl.constexpr, KEY_GROUP_SIZE: tl.constexpr,
+                         VALUE_BITS: tl.constexpr, VALUE_GROUP_SIZE: tl.constexpr, ACC_COLS: tl.constexpr):
+    """One block's packed words and pairs: K per key group, V per output slice (tuples)."""
+    k_words = ()
+    k_pairs = ()
+    for group in tl.static_range(HEAD_DIM // KEY_GROUP_SIZE):
+        words, pairs = _load_slice_words(k_codes_ptr, k_pairs_ptr, rows, kv_head, stride_k_row, stride_k_head,
+                                         stride_k_pairs_row, stride_k_pairs_head, valid, group * KEY_GROUP_SIZE,
+                                         KEY_GROUP_SIZE, KEY_BITS, KEY_GROUP_SIZE)
+        k_words = k_words + (words,)
+        k_pairs = k_pairs + (pairs,)
+    v_words = ()
+    v_pairs = ()
+    for index in tl.static_range(HEAD_DIM // ACC_COLS):
+        words, pairs = _load_slice_words(v_codes_ptr, v_pairs_ptr, rows, kv_head, stride_v_row, stride_v_head,
+                                         stride_v_pairs_row, stride_v_pairs_head, valid, index * ACC_COLS,
+                                         ACC_COLS, VALUE_BITS, VALUE_GROUP_SIZE)
+        v_words = v_words + (words,)
+        v_pairs = v_pairs + (pairs,)
+    return k_words, k_pairs, v_words, v_pairs
+
+
+@triton.jit
+def _factored_block_update(q_slices, q_sums, m_i, l_i, accs, pending, k_words, k_pairs, v_words, v_pairs, valid,
+                           qk_scale, HEAD_DIM: tl.constexpr, KEY_BITS: tl.constexpr, KEY_GROUP_SIZE: tl.constexpr,
+                           VALUE_BITS: tl.constexpr, ACC_COLS: tl.constexpr, BLOCK_G: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """Folds one block of packed rows into (m_i, l_i, accs, pending), dequantizing after the dots.
+
+    `pending` holds, per output slice, the minimums' share p * minimum elementwise
+    ([BLOCK_G, BLOCK_N], rescaled like the accumulators); the caller sums it over the entries
+    once after its loop. Summing it per block would cost a cross-warp reduction (shuffles and
+    barriers: the mma layout splits the entries over the warps) in every block."""
+    logits = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    for group in tl.static_range(HEAD_DIM // KEY_GROUP_SIZE):
+        codes = _biased_codes(k_words[group], group * KEY_GROUP_SIZE, KEY_GROUP_SIZE, KEY_BITS, BLOCK_N)
+        scale, minimum = _pair_floats(k_pairs[group])
+        # q . (1024 + codes) * scale + sum(q) * (minimum - 1024 * scale) = q . (codes * scale + minimum)
+        biased = tl.dot(q_slices[group], tl.trans(codes))
+        logits += biased * scale[None, :] + q_sums[group][:, None] * (minimum - 1024.0 * scale)[None, :]
+    logits = tl.where(valid[None, :], logits * qk_scale, float("-inf"))
+    m_i, l_i, p, alpha = _softmax_step(m_i, l_i, logits)
+    updated = ()
+    updated_pending = ()
+    for index in tl.static_range(HEAD_DIM // ACC_COLS):
+        # The codes themselves (1024 + code - 1024 is exact in fp16), so the dot needs no offset.
+        codes = _biased_codes(v_words[index], index * ACC_COLS, ACC_COLS, VALUE_BITS, BLOCK_N) - 1024.0
+        scale, minimum = _pair_floats(v_pairs[index])
+        updated = updated + (accs[index] * alpha[:, None] + tl.dot((p * scale[None, :]).to(tl.float16), codes),)
+        updated_pending = updated_pending + (pending[index] * alpha[:, None] + p * minimum[None, :],)
+    return m_i, l_i, updated, updated_pending
+
+
+@triton.jit
+def _factored_tier_loop(q_slices, q_sums, m_i, l_i, accs, entry_row_ptr, first, end, kv_head, offs_n, qk_scale,
+                        k_codes_ptr, k_pairs_ptr, stride_k_row, stride_k_head, stride_k_pairs_row,
+                        stride_k_pairs_head, v_codes_ptr, v_pairs_ptr, stride_v_row, stride_v_head,
+                        stride_v_pairs_row, stride_v_pairs_head, HEAD_DIM: tl.constexpr, KEY_BITS: tl.constexpr,
+                        KEY_GROUP_SIZE: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_GROUP_SIZE: tl.constexpr,
+                        ACC_COLS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    """v4's loop over one packed tier (low-bit, or an 8-bit guard), pipelined by hand as v2's
+    (entry rows two blocks ahead, packed words one block ahead)."""
+    entries = first + offs_n
+    valid = entries < end
+    rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
+    k_words, k_pairs, v_words, v_pairs = _load_factored_block(
+        k_codes_ptr, k_pairs_ptr, v_codes_ptr, v_pairs_ptr, rows, kv_head, valid, stride_k_row, stride_k_head,
+        stride_k_pairs_row, stride_k_pairs_head, stride_v_row, stride_v_head, stride_v_pairs_row,
+        stride_v_pairs_head, HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, VALUE_BITS, VALUE_GROUP_SIZE, ACC_COLS)
+    next_valid = entries + BLOCK_N < end
+    next_rows = tl.load(entry_row_ptr + entries + BLOCK_N, mask=next_valid, other=0).to(tl.int64)
+    pending = ()
+    for index in tl.static_range(HEAD_DIM // ACC_COLS):
+        pending = pending + (tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32),)
+    for block_start in range(first, end, BLOCK_N):
+        ahead_entries = block_start + 2 * BLOCK_N + offs_n
+        ahead_valid = ahead_entries < end
+        ahead_rows = tl.load(entry_row_ptr + ahead_entries, mask=ahead_valid, other=0).to(tl.int64)
+        next_k_words, next_k_pairs, next_v_words, next_v_pairs = _load_factored_block(
+            k_codes_ptr, k_pairs_ptr, v_codes_ptr, v_pairs_ptr, next_rows, kv_head, next_valid, stride_k_row,
+            stride_k_head, stride_k_pairs_row, stride_k_pairs_head, stride_v_row, stride_v_head,
+            stride_v_pairs_row, stride_v_pairs_head, HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, VALUE_BITS,
+            VALUE_GROUP_SIZE, ACC_COLS)
+        m_i, l_i, accs, pending = _factored_block_update(
+            q_slices, q_sums, m_i, l_i, accs, pending, k_words, k_pairs, v_words, v_pairs, valid, qk_scale, HEAD_DIM,
+            KEY_BITS, KEY_GROUP_SIZE, VALUE_BITS, ACC_COLS, BLOCK_G, BLOCK_N)
+        k_words, k_pairs, v_words, v_pairs = next_k_words, next_k_pairs, next_v_words, next_v_pairs
+        valid, next_valid, next_rows = next_valid, ahead_valid, ahead_rows
+    settled = ()
+    for index in tl.static_range(HEAD_DIM // ACC_COLS):
+        settled = settled + (accs[index] + tl.sum(pending[index], axis=1)[:, None],)
+    return m_i, l_i, settled
+
+
+@triton.jit(**_ATTENTION_JIT)
+def _decode_split_kernel_v4(
+    q_ptr, tier_indptr_ptr, entry_row_ptr, staging_k_ptr, staging_v_ptr, lowbit_k_codes_ptr, lowbit_k_pairs_ptr,
+    lowbit_v_codes_ptr, lowbit_v_pairs_ptr, guard_k_ptr, guard_k_pairs_ptr, guard_v_ptr, guard_v_pairs_ptr,
+    partial_out_ptr, partial_lse_ptr, qk_scale, stride_q_batch, stride_q_head, stride_tier_indptr_batch,
+    stride_tier_indptr_tier, stride_staging_row, stride_staging_head, stride_lk_row, stride_lk_head,
+    stride_lk_pairs_row, stride_lk_pairs_head, stride_lv_row, stride_lv_head, stride_lv_pairs_row,
+    stride_lv_pairs_head, stride_guard_row, stride_guard_head, stride_guard_pairs_row, stride_guard_pairs_head,
+    stride_po_batch, stride_po_head, stride_po_split, stride_pl_batch, stride_pl_head,
+    QUERY_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, num_splits, KEY_BITS: tl.constexpr,
+    KEY_GROUP_SIZE: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_GROUP_SIZE: tl.constexpr,
+    GUARD_PACKED: tl.constexpr, GUARD_BITS: tl.constexpr, GUARD_GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC_COLS: tl.constexpr,  # output slice width: the smallest value group size of the packed tiers
+):
+    """v4: v2's split ranges and per-tier loops (arguments as `_decode_split_kernel_v2`'s), with
+    packed tiers dequantized after the dots (`_factored_block_update`) and the output kept in
+    column slices of ACC_COLS channels, each inside one value group of every packed format."""
+    request = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    bounds_ptr = tier_indptr_ptr + request.to(tl.int64) * stride_tier_indptr_batch
+    staging_start = tl.load(bounds_ptr)
+    lowbit_start = tl.load(bounds_ptr + stride_tier_indptr_tier)
+    guard_start = tl.load(bounds_ptr + 2 * stride_tier_indptr_tier)
+    entries_end = tl.load(bounds_ptr + 3 * stride_tier_indptr_tier)
+    staging_first, staging_end = _split_range(staging_start, lowbit_start, split, num_splits, BLOCK_N)
+    lowbit_first, lowbit_end = _split_range(lowbit_start, guard_start, split, num_splits, BLOCK_N)
+    guard_first, guard_end = _split_range(guard_start, entries_end, split, num_splits, BLOCK_N)
+    q, q_heads, offs_d, group_mask, dim_mask = _load_group_queries(
+        q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP, HEAD_DIM, BLOCK_G, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    accs = ()
+    for index in tl.static_range(HEAD_DIM // ACC_COLS):
+        accs = accs + (tl.zeros([BLOCK_G, ACC_COLS], dtype=tl.float32),)
+
+    m_i, l_i, accs = _dense_tier_loop_sliced(q, m_i, l_i, accs, entry_row_ptr, staging_first, staging_end, kv_head,
+                                             offs_n, offs_d, dim_mask, qk_scale, staging_k_ptr, staging_v_ptr,
+                                             stride_staging_row, stride_staging_head, HEAD_DIM, ACC_COLS, BLOCK_N,
+                                             DOT_PRECISION)
+    q_slices, q_sums = _load_query_slices(q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP,
+                                          HEAD_DIM, KEY_GROUP_SIZE, BLOCK_G)
+    m_i, l_i, accs = _factored_tier_loop(
+        q_slices, q_sums, m_i, l_i, accs, entry_row_ptr, lowbit_first, lowbit_end, kv_head, offs_n, qk_scale,
+        lowbit_k_codes_ptr, lowbit_k_pairs_ptr, stride_lk_row, stride_lk_head, stride_lk_pairs_row,
+        stride_lk_pairs_head, lowbit_v_codes_ptr, lowbit_v_pairs_ptr, stride_lv_row, stride_lv_head,
+        stride_lv_pairs_row, stride_lv_pairs_head, HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, VALUE_BITS,
+        VALUE_GROUP_SIZE, ACC_COLS, BLOCK_G, BLOCK_N)
+    if GUARD_PACKED:
+        guard_q_slices, guard_q_sums = _load_query_slices(q_ptr, request, kv_head, stride_q_batch, stride_q_head,
+                                                          QUERY_GROUP, HEAD_DIM, GUARD_GROUP_SIZE, BLOCK_G)
+        m_i, l_i, accs = _factored_tier_loop(
+            guard_q_slices, guard_q_sums, m_i, l_i, accs, entry_row_ptr, guard_first, guard_end, kv_head, offs_n,
+            qk_scale, guard_k_ptr, guard_k_pairs_ptr, stride_guard_row, stride_guard_head, stride_guard_pairs_row,
+            stride_guard_pairs_head, guard_v_ptr, guard_v_pairs_ptr, stride_guard_row, stride_guard_head,
+            stride_guard_pairs_row, stride_guard_pairs_head, HEAD_DIM, GUARD_BITS, GUARD_GROUP_SIZE, GUARD_BITS,
+            GUARD_GROUP_SIZE, ACC_COLS, BLOCK_G, BLOCK_N)
+    else:
+        m_i, l_i, accs = _dense_tier_loop_sliced(q, m_i, l_i, accs, entry_row_ptr, guard_first, guard_end, kv_head,
+                                                 offs_n, offs_d, dim_mask, qk_scale, guard_k_ptr, guard_v_ptr,
+                                                 stride_guard_row, stride_guard_head, HEAD_DIM, ACC_COLS, BLOCK_N,
+                                                 DOT_PRECISION)
+    for index in tl.static_range(HEAD_DIM // ACC_COLS):
+        cols = index * ACC_COLS + tl.arange(0, ACC_COLS)
+        _store_split_partial(partial_out_ptr, partial_lse_ptr, m_i, l_i, accs[index], request, q_heads, split, cols,
+                             group_mask, cols < HEAD_DIM, stride_po_batch, stride_po_head, stride_po_split,
+                             stride_pl_batch, stride_pl_head)
+
+
 @triton.jit(**_ATTENTION_JIT)
 def _merge_splits_kernel(
     partial_out_ptr,  # [B, Hq, splits, D] fp32
@@ -1451,7 +1736,7 @@ class _TierArgs:
                    (guard.k.stride(0), guard.k.stride(1), 0, 0), False, 16, guard.head_dim)
 
 
-DECODE_VERSIONS = ("v1", "v2", "v3")
+DECODE_VERSIONS = ("v1", "v2", "v3", "v4")
 DOT_PRECISIONS = ("auto", "tf32", "fp16", "ieee")
 
 
@@ -1509,8 +1794,11 @@ def decode_attention(
     tier are skipped). "v3" is v2 with the low-bit loop on register operands
     (`_lowbit_register_operand_loop`) where both low-bit formats allow it
     (`register_operand_slots`), else v2's loop; opt-in: 1.2-1.6x slower than v2 on the H200
-    as of bench v12 (docs/kernels.md, "Ninth GPU session"). All give the same output up to
-    summation order and fp16 rounding.
+    as of bench v12 (docs/kernels.md, "Ninth GPU session"). "v4" is v2 with packed rows
+    dequantized after the dots (`_decode_split_kernel_v4`: raw codes into fp16 dots, the
+    (scale, minimum) pairs applied to the logits and probabilities; its packed loops always
+    take fp16 operands and prefetch). All give the same output up to summation order and fp16
+    rounding.
 
     `block_n`: entries per block (a power of two >= 16, tl.dot's minimum); `num_stages`:
     software-pipelining depth of the block loops (None: Triton's default). `dot_precision`:
@@ -1548,6 +1836,13 @@ def decode_attention(
     # (2/4/8 bits: register_operand_slots), else v2's loop.
     key_slots, value_slots = register_operand_slots(lowbit.key_format), register_operand_slots(lowbit.value_format)
     register_operands = version == "v3" and key_slots is not None and value_slots is not None
+    if version == "v4":
+        formats = [lowbit.key_format, lowbit.value_format]
+        formats += [guard.key_format] if isinstance(guard, PackedTables) else []
+        if any(fmt.group_size < 16 or fmt.group_size & (fmt.group_size - 1) for fmt in formats):
+            raise ValueError("decode v4 needs packed group sizes that are powers of two >= 16 (tl.dot's smallest K, N)")
+    if prefetch is not None and version == "v4":
+        raise ValueError("v4's packed loops always prefetch; prefetch is an option of v2's")
     if prefetch and (version == "v1" or register_operands):
         raise ValueError("prefetch is an option of v2's low-bit loop")
     prefetch = version != "v1" and not register_operands if prefetch is None else prefetch
@@ -1581,13 +1876,17 @@ def decode_attention(
         entry_args = (entries_indptr, entry_tier, entry_row)
         entry_strides = ()
     else:
-        split_kernel = _decode_split_kernel_v2  # v3: v2 with REGISTER_OPERANDS
+        split_kernel = _decode_split_kernel_v4 if version == "v4" else _decode_split_kernel_v2  # v3: v2 with REGISTER_OPERANDS
         entry_args = (tier_indptr, entry_row)
         entry_strides = (tier_indptr.stride(0), tier_indptr.stride(1))
     launch_options = {"num_warps": num_warps}
     dense_precision = "tf32" if dot_precision == "auto" else dot_precision
     packed_precision = "fp16" if dot_precision == "auto" else dot_precision
-    if version != "v1":
+    if version == "v4":
+        # Output slices must each lie inside one value group of every packed tier.
+        value_groups = [lowbit.value_format.group_size] + ([guard_group_size] if guard_packed else [])
+        launch_options.update(ACC_COLS=min(value_groups))
+    elif version != "v1":
         launch_options.update(PREFETCH=prefetch, LOWBIT_DOT_PRECISION=packed_precision,
                               GUARD_DOT_PRECISION=packed_precision if guard_packed else dense_precision)
     if register_operands:
