@@ -61,6 +61,7 @@ from sglang_kvc.attention import attend
 from sglang_kvc.config import CompressionConfig, load_config
 from sglang_kvc.engine import decode_block_n, decode_num_splits
 from sglang_kvc.kernels.decode_attention import (
+    DECODE_VERSIONS,
     TIER_BITS,
     TIER_EVICTED,
     TIER_GUARD,
@@ -110,6 +111,7 @@ V2_BLOCK_NS = (16, 32, 64)  # v2's BLOCK_N sweep (v1 stays at its shipped 16)
 V1_BLOCK_N = 16
 ENGINE_BLOCK_N = 16  # always swept: the 3-bit-key choice of engine.decode_block_n
 SMOKE_V2_BLOCK_NS = (16, 32)
+DEFAULT_CANDIDATES = "v4:32,v4:64"  # --candidates: v4 (dequantize after the dots) at two block sizes
 SGLANG_SPLITS = (8, 16, 64)
 SMOKE_SPLITS = (2,)
 SMOKE_SGLANG_SPLITS = (2,)
@@ -395,14 +397,16 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
         together_ms["v2_best"] = timer(together("v2", v2_best["best_splits"], best_block_n))
     # The engine's call as the server runs it: inside a decode CUDA graph.
     together_ms["v2_graph"] = guarded(timer.graph, together("v2", engine_splits, engine_block_n))
-    # v3 (register-operand low-bit loop; v2's loop where the formats do not allow it) at
-    # the engine's BLOCK_N and split count, same lists, eager and from a graph.
-    together_ms["v3"] = guarded(timer, together("v3", engine_splits, engine_block_n))
-    together_ms["v3_graph"] = guarded(timer.graph, together("v3", engine_splits, engine_block_n))
     checks = {"v1": v1["check"], **{f"v2_block_n_{n}": variant["check"] for n, variant in compiled.items()},
               "engine": check(together("v2", engine_splits, engine_block_n)),
-              "v1_on_regions": check(together("v1", engine_splits, V1_BLOCK_N)),
-              "v3": guarded(check, together("v3", engine_splits, engine_block_n))}
+              "v1_on_regions": check(together("v1", engine_splits, V1_BLOCK_N))}
+    # Candidate kernels (--candidates VERSION:BLOCK_N) called as the engine calls v2 (its split
+    # count, region lists), eager and from a graph, each checked.
+    for version, block_n in args.candidates:
+        name = candidate_name(version, block_n)
+        together_ms[name] = guarded(timer, together(version, engine_splits, block_n))
+        together_ms[f"{name}_graph"] = guarded(timer.graph, together(version, engine_splits, block_n))
+        checks[name] = guarded(check, together(version, engine_splits, block_n))
 
     num_bytes = attention_bytes(plan, layer, batch)
     all_layers_location = layer.location[0].expand(shape.num_layers, -1).contiguous()
@@ -614,7 +618,7 @@ def markdown(report: dict) -> str:
             row.append("ok" if not failed else f"FAIL {', '.join(failed)} ({cell['check']['max_abs_error']:.2e})")
             lines.append("| " + " | ".join(row) + " |")
     lines += graph_table(report)
-    lines += v3_table(report)
+    lines += candidates_table(report)
     lines += [f"\nSGLang {label} {b}: {grid['sglang'][b]['error']}" for grid in report["grids"]
               for label in [f"{grid['batch']}x{grid['tokens']}"] for b in grid.get("sglang", {})
               if "error" in grid["sglang"][b]]
@@ -673,34 +677,52 @@ def graph_table(report: dict) -> list[str]:
     return lines
 
 
-def v3_table(report: dict) -> list[str]:
-    """v3 against v2, both as the engine calls them from a CUDA graph."""
+def candidate_name(version: str, block_n: int) -> str:
+    return f"{version}_block_n_{block_n}"
+
+
+def parse_candidates(text: str) -> list[tuple[str, int]]:
+    """"v4:32,v4:64" -> [("v4", 32), ("v4", 64)]; "" -> none."""
+    candidates = []
+    for item in filter(None, text.split(",")):
+        version, _, block_n = item.partition(":")
+        if version not in DECODE_VERSIONS or not block_n.isdigit():
+            raise argparse.ArgumentTypeError(f"{item!r}: want VERSION:BLOCK_N, VERSION one of {DECODE_VERSIONS}")
+        candidates.append((version, int(block_n)))
+    return candidates
+
+
+def candidates_table(report: dict) -> list[str]:
+    """Each --candidates kernel against v2, both as the engine calls them from a CUDA graph."""
     baselines = report["sglang_dtypes"]
-    lines = ["", "v3 (register-operand low-bit loop) against v2, CUDA-graph replay of the engine's call:", "",
-             "| grid | config | v2 ms | v3 ms | v3 / v2 | v3 GB/s | % copy BW | "
+    lines = ["", "Candidates (VERSION_block_n_N) against v2 at the engine's BLOCK_N, CUDA-graph replay of the "
+             "engine's call (same split count and lists):", "",
+             "| grid | config | candidate | v2 ms | candidate ms | candidate / v2 | GB/s | % copy BW | "
              + " | ".join(f"speedup vs {b} | speedup / byte ratio" for b in baselines) + " |",
-             "|---|---|---|---|---|---|---|" + "---|---|" * len(baselines)]
+             "|---|---|---|---|---|---|---|---|" + "---|---|" * len(baselines)]
     copy_gbps = report["copy_bandwidth"]["GBps"]
     for grid in report["grids"]:
         label = f"{grid['batch']}x{grid['tokens']}"
         for name, cell in grid.get("configs", {}).items():
-            if "error" in cell or "v3_graph" not in cell.get("together", {}):
+            if "error" in cell:
                 continue
-            v2, v3 = cell["together"]["v2_graph"], cell["together"]["v3_graph"]
-            if "ms" not in v2 or "ms" not in v3:
-                lines.append(f"| {label} | {name} | error: {v3.get('error') or v2.get('error')} |")
-                continue
-            v3_gbps = gbps(cell["bytes"]["together"], v3["ms"])
-            row = [label, name, f"{v2['ms']:.3f}", f"{v3['ms']:.3f}", f"{v3['ms'] / v2['ms']:.2f}",
-                   f"{v3_gbps:.0f}", f"{100 * v3_gbps / copy_gbps:.0f}%"]
-            for b in baselines:
-                baseline = grid["sglang"].get(b, {}).get("graph", {})
-                if "ms" in baseline:
-                    speedup = baseline["ms"] / v3["ms"]
-                    row += [f"{speedup:.2f}x", f"{speedup / cell['summary'][f'byte_ratio_vs_{b}']['together']:.2f}"]
-                else:
-                    row += ["-", "-"]
-            lines.append("| " + " | ".join(row) + " |")
+            for candidate in report.get("candidates", []):
+                v2, ours = cell["together"]["v2_graph"], cell["together"].get(f"{candidate}_graph", {})
+                if "ms" not in v2 or "ms" not in ours:
+                    lines.append(f"| {label} | {name} | {candidate} | error: {ours.get('error') or v2.get('error')} |")
+                    continue
+                ours_gbps = gbps(cell["bytes"]["together"], ours["ms"])
+                row = [label, name, candidate, f"{v2['ms']:.3f}", f"{ours['ms']:.3f}", f"{ours['ms'] / v2['ms']:.2f}",
+                       f"{ours_gbps:.0f}", f"{100 * ours_gbps / copy_gbps:.0f}%"]
+                for b in baselines:
+                    baseline = grid["sglang"].get(b, {}).get("graph", {})
+                    if "ms" in baseline:
+                        speedup = baseline["ms"] / ours["ms"]
+                        row += [f"{speedup:.2f}x",
+                                f"{speedup / cell['summary'][f'byte_ratio_vs_{b}']['together']:.2f}"]
+                    else:
+                        row += ["-", "-"]
+                lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
@@ -763,6 +785,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="v2's low-bit loop pipelined by hand (decode_attention's prefetch; on by default)")
     parser.add_argument("--dot-precision", default="auto", choices=["auto", "tf32", "fp16", "ieee"],
                         help="decode_attention's dot_precision (auto: fp16 on packed rows, tf32 on bf16 rows)")
+    parser.add_argument("--candidates", type=parse_candidates, default=parse_candidates(DEFAULT_CANDIDATES),
+                        help="kernels compared with the engine's v2, as VERSION:BLOCK_N,... "
+                             f"(default {DEFAULT_CANDIDATES}; '' for none)")
     parser.add_argument("--row-order", default="random", choices=["random", "contiguous"],
                         help="rows of each tier (and SGLang's slots): a random permutation (a long-running "
                              "server's scattered free lists) or in request order (a fresh server)")
@@ -816,6 +841,7 @@ def main(argv: list[str] | None = None) -> int:
         "row_order": {"random": "random permutation of each tier's rows (and of SGLang's slots)",
                       "contiguous": "each tier's rows (and SGLang's slots) in (request, position) order"}[args.row_order],
         "sglang_dtypes": [dtype_name(d) for d in sglang_dtypes],
+        "candidates": [candidate_name(version, block_n) for version, block_n in args.candidates],
         "configs": {name: {"retain_ratio_of_layer": plan.layer_retain_ratios[middle_layer],
                            "guard_fraction": plan.config.quantization.guard_fraction,
                            "decode_window": plan.config.quantization.decode_window,

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-warps", type=int, default=4)
     parser.add_argument("--dot-precision", default="auto", choices=["auto", "tf32", "fp16", "ieee"])
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--version", default="v2", choices=["v2", "v3"],
-                        help="decode kernel version (v3: register-operand low-bit loop)")
+    parser.add_argument("--version", default="v2", choices=["v2", "v3", "v4"],
+                        help="decode kernel version (v3: register-operand low-bit loop; v4: dequantize after the dots)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda")

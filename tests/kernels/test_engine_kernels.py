@@ -537,11 +537,17 @@ def test_bench_kernels_smoke(tmp_path, monkeypatch):
             assert cell["together"]["v2_graph"]["ms"] > 0, cell["together"]["v2_graph"]
             # The decode pass's split of the entry build: all layers' counts, then a scatter per layer.
             assert cell["entry_count_all_layers"]["ms"] > 0 and cell["entry_build_from_counts"]["ms"] > 0
+            # The default candidates (v4 at two block sizes): timed from a graph and checked.
+            for candidate in report["candidates"]:
+                assert cell["check"]["by_variant"][candidate]["ok"], cell["check"]["by_variant"][candidate]
+                assert cell["together"][f"{candidate}_graph"]["ms"] > 0
     for written in report["write_packed"].values():
         assert "error" not in written and written["kernel"]["ms"] > 0
     table = (tmp_path / "bench_kernels.md").read_text()
     assert all(f"| {name} |" in table for name in config_names)
     assert "CUDA-graph replay" in table
+    assert report["candidates"] == ["v4_block_n_32", "v4_block_n_64"]
+    assert all(f"| {name} | v4_block_n_32 |" in table for name in config_names)
 
 
 def test_bench_kernels_smoke_contiguous_rows(tmp_path, monkeypatch):
