@@ -1,6 +1,6 @@
 """One decode-attention cell of eval/bench_kernels.py, run a few times for a profiler.
 
-    ncu --clock-control none --kernel-name regex:_decode_split_kernel_v2 --launch-skip 3 --launch-count 1 \\
+    ncu --clock-control none --kernel-name regex:_decode_split_kernel --launch-skip 3 --launch-count 1 \\
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \\
         python3 eval/profile_decode.py --config configs/qwen_8x_tuned.yaml --grid 48x32768
 
