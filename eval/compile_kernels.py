@@ -131,7 +131,7 @@ def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD
                   "GUARD_GROUP_SIZE": group if guard_packed else head_dim, "BLOCK_G": 16,
                   "BLOCK_D": triton.next_power_of_2(head_dim), "BLOCK_N": block_n, "DOT_PRECISION": "tf32"}
     if version == "v4":  # output slices of the value group (one group size for every tier here)
-        constexprs["ACC_COLS"] = group
+        constexprs.update(ACC_COLS=group, PACKED_DOT_PRECISION="fp16")
     elif version != "v1":
         # dot_precision="auto", as decode_attention runs it (a bf16 guard here unless guard_bits 8)
         constexprs.update(PREFETCH=prefetch, LOWBIT_DOT_PRECISION="fp16",

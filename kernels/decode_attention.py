@@ -1419,10 +1419,11 @@ def _pair_floats(pairs):
 
 @triton.jit
 def _load_query_slices(q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, COLS: tl.constexpr, BLOCK_G: tl.constexpr):
-    """The GQA group's queries in fp16 column slices of COLS (one per key group), and each
-    slice's row sums of those fp16 values (the sums must be of what the dots multiply, or the
-    folded 1024 * sum would not cancel)."""
+                       HEAD_DIM: tl.constexpr, COLS: tl.constexpr, BLOCK_G: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """The GQA group's queries in column slices of COLS (one per key group), fp16 for "fp16"
+    dots, else fp32, and each slice's row sums of those values (for fp16, the sums must be of
+    what the dots multiply, or the folded 1024 * sum would not cancel)."""
     offs_g = tl.arange(0, BLOCK_G)
     q_rows = (q_ptr + request.to(tl.int64) * stride_q_batch
               + (kv_head * QUERY_GROUP + offs_g)[:, None] * stride_q_head)
@@ -1430,7 +1431,8 @@ def _load_query_slices(q_ptr, request, kv_head, stride_q_batch, stride_q_head, Q
     sums = ()
     for index in tl.static_range(HEAD_DIM // COLS):
         q_slice = tl.load(q_rows + (index * COLS + tl.arange(0, COLS))[None, :],
-                          mask=(offs_g < QUERY_GROUP)[:, None], other=0.0).to(tl.float16)
+                          mask=(offs_g < QUERY_GROUP)[:, None], other=0.0)
+        q_slice = q_slice.to(tl.float16) if DOT_PRECISION == "fp16" else q_slice.to(tl.float32)
         slices = slices + (q_slice,)
         sums = sums + (tl.sum(q_slice.to(tl.float32), axis=1),)
     return slices, sums
@@ -1498,8 +1500,10 @@ def _load_factored_block(k_codes_ptr, k_pairs_ptr, v_codes_ptr, v_pairs_ptr, row
 def _factored_block_update(q_slices, q_sums, m_i, l_i, accs, pending, k_words, k_pairs, v_words, v_pairs, valid,
                            qk_scale, HEAD_DIM: tl.constexpr, KEY_BITS: tl.constexpr, KEY_GROUP_SIZE: tl.constexpr,
                            VALUE_BITS: tl.constexpr, ACC_COLS: tl.constexpr, BLOCK_G: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
+                           BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Folds one block of packed rows into (m_i, l_i, accs, pending), dequantizing after the dots.
+    "fp16" dots (the default) take fp16 operands, the 1024 of the keys' biased codes folded into
+    the minimum's term; other precisions take fp32 operands (codes exact) through `_dot`.
 
     `pending` holds, per output slice, the minimums' share p * minimum elementwise
     ([BLOCK_G, BLOCK_N], rescaled like the accumulators); the caller sums it over the entries
@@ -1509,9 +1513,13 @@ def _factored_block_update(q_slices, q_sums, m_i, l_i, accs, pending, k_words, k
     for group in tl.static_range(HEAD_DIM // KEY_GROUP_SIZE):
         codes = _biased_codes(k_words[group], group * KEY_GROUP_SIZE, KEY_GROUP_SIZE, KEY_BITS, BLOCK_N)
         scale, minimum = _pair_floats(k_pairs[group])
-        # q . (1024 + codes) * scale + sum(q) * (minimum - 1024 * scale) = q . (codes * scale + minimum)
-        biased = tl.dot(q_slices[group], tl.trans(codes))
-        logits += biased * scale[None, :] + q_sums[group][:, None] * (minimum - 1024.0 * scale)[None, :]
+        if DOT_PRECISION == "fp16":
+            # q . (1024 + codes) * scale + sum(q) * (minimum - 1024 * scale) = q . (codes * scale + minimum)
+            biased = tl.dot(q_slices[group], tl.trans(codes))
+            logits += biased * scale[None, :] + q_sums[group][:, None] * (minimum - 1024.0 * scale)[None, :]
+        else:
+            raw = _dot(q_slices[group], tl.trans((codes - 1024.0).to(tl.float32)), DOT_PRECISION)
+            logits += raw * scale[None, :] + q_sums[group][:, None] * minimum[None, :]
     logits = tl.where(valid[None, :], logits * qk_scale, float("-inf"))
     m_i, l_i, p, alpha = _softmax_step(m_i, l_i, logits)
     updated = ()
@@ -1520,7 +1528,11 @@ def _factored_block_update(q_slices, q_sums, m_i, l_i, accs, pending, k_words, k
         # The codes themselves (1024 + code - 1024 is exact in fp16), so the dot needs no offset.
         codes = _biased_codes(v_words[index], index * ACC_COLS, ACC_COLS, VALUE_BITS, BLOCK_N) - 1024.0
         scale, minimum = _pair_floats(v_pairs[index])
-        updated = updated + (accs[index] * alpha[:, None] + tl.dot((p * scale[None, :]).to(tl.float16), codes),)
+        if DOT_PRECISION == "fp16":
+            values = tl.dot((p * scale[None, :]).to(tl.float16), codes)
+        else:
+            values = _dot(p * scale[None, :], codes.to(tl.float32), DOT_PRECISION)
+        updated = updated + (accs[index] * alpha[:, None] + values,)
         updated_pending = updated_pending + (pending[index] * alpha[:, None] + p * minimum[None, :],)
     return m_i, l_i, updated, updated_pending
 
@@ -1531,7 +1543,8 @@ def _factored_tier_loop(q_slices, q_sums, m_i, l_i, accs, entry_row_ptr, first, 
                         stride_k_pairs_head, v_codes_ptr, v_pairs_ptr, stride_v_row, stride_v_head,
                         stride_v_pairs_row, stride_v_pairs_head, HEAD_DIM: tl.constexpr, KEY_BITS: tl.constexpr,
                         KEY_GROUP_SIZE: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_GROUP_SIZE: tl.constexpr,
-                        ACC_COLS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+                        ACC_COLS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
     """v4's loop over one packed tier (low-bit, or an 8-bit guard), pipelined by hand as v2's
     (entry rows two blocks ahead, packed words one block ahead)."""
     entries = first + offs_n
@@ -1557,7 +1570,7 @@ def _factored_tier_loop(q_slices, q_sums, m_i, l_i, accs, entry_row_ptr, first, 
             VALUE_GROUP_SIZE, ACC_COLS)
         m_i, l_i, accs, pending = _factored_block_update(
             q_slices, q_sums, m_i, l_i, accs, pending, k_words, k_pairs, v_words, v_pairs, valid, qk_scale, HEAD_DIM,
-            KEY_BITS, KEY_GROUP_SIZE, VALUE_BITS, ACC_COLS, BLOCK_G, BLOCK_N)
+            KEY_BITS, KEY_GROUP_SIZE, VALUE_BITS, ACC_COLS, BLOCK_G, BLOCK_N, DOT_PRECISION)
         k_words, k_pairs, v_words, v_pairs = next_k_words, next_k_pairs, next_v_words, next_v_pairs
         valid, next_valid, next_rows = next_valid, ahead_valid, ahead_rows
     settled = ()
@@ -1578,7 +1591,8 @@ def _decode_split_kernel_v4(
     QUERY_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, num_splits, KEY_BITS: tl.constexpr,
     KEY_GROUP_SIZE: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_GROUP_SIZE: tl.constexpr,
     GUARD_PACKED: tl.constexpr, GUARD_BITS: tl.constexpr, GUARD_GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,  # the bf16 loops' dots
+    PACKED_DOT_PRECISION: tl.constexpr,  # the packed loops' dots
     ACC_COLS: tl.constexpr,  # output slice width: the smallest value group size of the packed tiers
 ):
     """v4: v2's split ranges and per-tier loops (arguments as `_decode_split_kernel_v2`'s), with
@@ -1611,22 +1625,23 @@ def _decode_split_kernel_v4(
                                              stride_staging_row, stride_staging_head, HEAD_DIM, ACC_COLS, BLOCK_N,
                                              DOT_PRECISION)
     q_slices, q_sums = _load_query_slices(q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP,
-                                          HEAD_DIM, KEY_GROUP_SIZE, BLOCK_G)
+                                          HEAD_DIM, KEY_GROUP_SIZE, BLOCK_G, PACKED_DOT_PRECISION)
     m_i, l_i, accs = _factored_tier_loop(
         q_slices, q_sums, m_i, l_i, accs, entry_row_ptr, lowbit_first, lowbit_end, kv_head, offs_n, qk_scale,
         lowbit_k_codes_ptr, lowbit_k_pairs_ptr, stride_lk_row, stride_lk_head, stride_lk_pairs_row,
         stride_lk_pairs_head, lowbit_v_codes_ptr, lowbit_v_pairs_ptr, stride_lv_row, stride_lv_head,
         stride_lv_pairs_row, stride_lv_pairs_head, HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, VALUE_BITS,
-        VALUE_GROUP_SIZE, ACC_COLS, BLOCK_G, BLOCK_N)
+        VALUE_GROUP_SIZE, ACC_COLS, BLOCK_G, BLOCK_N, PACKED_DOT_PRECISION)
     if GUARD_PACKED:
         guard_q_slices, guard_q_sums = _load_query_slices(q_ptr, request, kv_head, stride_q_batch, stride_q_head,
-                                                          QUERY_GROUP, HEAD_DIM, GUARD_GROUP_SIZE, BLOCK_G)
+                                                          QUERY_GROUP, HEAD_DIM, GUARD_GROUP_SIZE, BLOCK_G,
+                                                          PACKED_DOT_PRECISION)
         m_i, l_i, accs = _factored_tier_loop(
             guard_q_slices, guard_q_sums, m_i, l_i, accs, entry_row_ptr, guard_first, guard_end, kv_head, offs_n,
             qk_scale, guard_k_ptr, guard_k_pairs_ptr, stride_guard_row, stride_guard_head, stride_guard_pairs_row,
             stride_guard_pairs_head, guard_v_ptr, guard_v_pairs_ptr, stride_guard_row, stride_guard_head,
             stride_guard_pairs_row, stride_guard_pairs_head, HEAD_DIM, GUARD_BITS, GUARD_GROUP_SIZE, GUARD_BITS,
-            GUARD_GROUP_SIZE, ACC_COLS, BLOCK_G, BLOCK_N)
+            GUARD_GROUP_SIZE, ACC_COLS, BLOCK_G, BLOCK_N, PACKED_DOT_PRECISION)
     else:
         m_i, l_i, accs = _dense_tier_loop_sliced(q, m_i, l_i, accs, entry_row_ptr, guard_first, guard_end, kv_head,
                                                  offs_n, offs_d, dim_mask, qk_scale, guard_k_ptr, guard_v_ptr,
@@ -1797,8 +1812,8 @@ def decode_attention(
     as of bench v12 (docs/kernels.md, "Ninth GPU session"). "v4" is v2 with packed rows
     dequantized after the dots (`_decode_split_kernel_v4`: raw codes into fp16 dots, the
     (scale, minimum) pairs applied to the logits and probabilities; its packed loops always
-    take fp16 operands and prefetch). All give the same output up to summation order and fp16
-    rounding.
+    prefetch; "auto" gives them fp16 operands). All give the same output up to summation order
+    and fp16 rounding.
 
     `block_n`: entries per block (a power of two >= 16, tl.dot's minimum); `num_stages`:
     software-pipelining depth of the block loops (None: Triton's default). `dot_precision`:
@@ -1885,7 +1900,7 @@ def decode_attention(
     if version == "v4":
         # Output slices must each lie inside one value group of every packed tier.
         value_groups = [lowbit.value_format.group_size] + ([guard_group_size] if guard_packed else [])
-        launch_options.update(ACC_COLS=min(value_groups))
+        launch_options.update(ACC_COLS=min(value_groups), PACKED_DOT_PRECISION=packed_precision)
     elif version != "v1":
         launch_options.update(PREFETCH=prefetch, LOWBIT_DOT_PRECISION=packed_precision,
                               GUARD_DOT_PRECISION=packed_precision if guard_packed else dense_precision)

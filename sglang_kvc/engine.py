@@ -51,6 +51,7 @@ from sglang_kvc.decode_window import DecodeWindow
 from sglang_kvc.device_copy import to_device
 from sglang_kvc.policy import PromptCandidates, TokenScorer, prompt_budgets, scorer_from_config, select_for_requests
 from sglang_kvc.pool import CompressedKVPool, Tier
+from sglang_kvc.quant import PackedFormat
 from sglang_kvc.runtime import triton_kernels_enabled
 from sglang_kvc.trace import trace_path, trace_request
 
@@ -111,6 +112,27 @@ def decode_block_n(key_bits: int) -> int:
     or 4-bit keys (2.1-2.9x v1), 16 for 3-bit keys (their per-dim word loads; 64 needs
     115 KB of shared memory there)."""
     return 16 if key_bits == 3 else 64
+
+
+@dataclass(frozen=True)
+class DecodeKernel:
+    """Which split kernel of kernels.decode_attention the engine runs, and its BLOCK_N."""
+
+    version: str
+    block_n: int
+
+
+def decode_kernel(key_format: PackedFormat) -> DecodeKernel:
+    """The decode kernel for a pool whose low-bit keys are in `key_format`. Measured on the
+    H200 in CUDA-graph replay (bench v14 / v15, docs/kernels.md "Twenty-fifth session"), v4
+    (dequantize after the dots) against v2 at 48x32K and 256x4K: faster for K4V2 g64 with a
+    bf16, 8-bit or no guard (7-19%, BLOCK_N 32 and 64 alike), K2V2 g64 (4-16% at 32), K3V2 g32
+    (14-17% at 64, 5% at 32) and K8V8 g32 (2-3% at 32); slower for K2V2 g32 (4-6% at 64, 56-61%
+    at 32: with 2-bit keys in groups of 32 the kernel runs four 32-channel key dots per block and
+    their codes lose the vectorized shared-memory stores), where v2 stays."""
+    if key_format.bits == 2 and key_format.group_size < 64:
+        return DecodeKernel("v2", decode_block_n(key_format.bits))
+    return DecodeKernel("v4", 64 if key_format.bits == 3 else 32)
 
 
 def decode_num_splits(batch_size: int, kv_heads: int, max_seq_len: int, sm_count: int) -> int:
@@ -232,7 +254,7 @@ class CompressedAttention:
         # With the Triton kernels the window scores are computed without the attention matrix.
         self.scorer = scorer or scorer_from_config(pool.config, implementation=attention_impl)
         self.layer_retain = pool.plan.layer_retain_ratios
-        self.decode_kernel_block_n = decode_block_n(pool.lowbit.key_format.bits)
+        self.decode_kernel = decode_kernel(pool.lowbit.key_format)
         # fp16 dot operands on packed rows, tf32 on bf16 rows (kernels.decode_attention).
         self.decode_dot_precision = "auto"
         self.window = self.config.sparsity.observation_window
@@ -794,7 +816,8 @@ class CompressedAttention:
             scaling,
             out=out,
             num_splits=launch.num_splits,
-            block_n=self.decode_kernel_block_n,
+            version=self.decode_kernel.version,
+            block_n=self.decode_kernel.block_n,
             dot_precision=self.decode_dot_precision,
             max_seq_len=launch.max_seq_len,
             max_entries=launch.entry_capacity,

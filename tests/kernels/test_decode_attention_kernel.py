@@ -435,14 +435,16 @@ def specialization(value) -> str:
     return "1" if value == 1 else ("multiple of 16" if value % 16 == 0 else "other")
 
 
-def test_the_decode_path_compiles_one_variant_whatever_the_batch(gen, device, monkeypatch):
+@pytest.mark.parametrize("split_version", ["v2", "v4"])  # the engine runs either (engine.decode_kernel)
+def test_the_decode_path_compiles_one_variant_whatever_the_batch(split_version, gen, device, monkeypatch):
     """A decode batch of a shape the server has not run yet (more requests than its CUDA
     graphs, longer sequences, another split count) must not wait for Triton to compile: in
     serving run 26 the first such batch stalled the server ~3 s. So across two batches of
     different sizes, lengths and split counts, every kernel of the decode path gets the same
     compile-time constants, and every integer argument whose specialization class changes
     is one the kernel does not specialize on."""
-    names = ("_count_held_kernel", "_region_scatter_kernel", "_decode_split_kernel_v2", "_merge_splits_kernel")
+    names = ("_count_held_kernel", "_region_scatter_kernel", f"_decode_split_kernel_{split_version}",
+             "_merge_splits_kernel")
     recorders = {name: LaunchRecorder(getattr(decode_module, name)) for name in names}
     for name, recorder in recorders.items():
         monkeypatch.setattr(decode_module, name, recorder)
@@ -456,7 +458,7 @@ def test_the_decode_path_compiles_one_variant_whatever_the_batch(gen, device, mo
                                             sum(seq_lens), max(seq_lens), block=8, block_counts=counts[1])
         q = random_queries(len(seq_lens), 4, gen, device)
         decode_attention(q, entries.indptr, entries.tier, entries.row, *tables, HEAD_DIM**-0.5, num_splits,
-                         tier_indptr=entries.tier_indptr, block_n=16)
+                         tier_indptr=entries.tier_indptr, block_n=16, version=split_version)
     for name, recorder in recorders.items():
         first, *others = recorder.launches
         kernel = recorder.kernel

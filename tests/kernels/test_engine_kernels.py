@@ -21,7 +21,7 @@ import torch
 from sim import SMALL_CONFIG, Simulator
 
 from sglang_kvc.config import config_from_dict
-from sglang_kvc.engine import CompressedAttention, decode_num_splits
+from sglang_kvc.engine import CompressedAttention, decode_kernel, decode_num_splits
 from sglang_kvc.kernels import gather_rows
 from sglang_kvc.pool import Tier, tier_of
 from sglang_kvc.quant import PackedFormat, quantize
@@ -77,13 +77,14 @@ def prompt(length: int, start: int) -> list[int]:
 
 def simulate(
     attention_impl: str, q_heads: int, guard_bits: int, seed: int, logit_cap: float = 0.0, captured: bool = False,
-    key_transform: str = SMALL_CONFIG["quantization"]["key_transform"],
+    key_transform: str = SMALL_CONFIG["quantization"]["key_transform"], **formats,
 ) -> Simulator:
     """Four requests through prefill and DECODE_STEPS decode steps of one batch:
     a compressed prompt; one below min_prompt_len (quantized, nothing evicted); a chunked
     prompt compressed at its last chunk; and one whose first 32 tokens come from the
     radix cache (the first request's compressed tokens, read by two requests)."""
-    quantization = {**SMALL_CONFIG["quantization"], "guard_bits": guard_bits, "key_transform": key_transform}
+    quantization = {**SMALL_CONFIG["quantization"], "guard_bits": guard_bits, "key_transform": key_transform,
+                    **formats}
     config = config_from_dict({**SMALL_CONFIG, "quantization": quantization})
     sim = Simulator(num_layers=2, kv_heads=2, q_heads=q_heads, config=config, seed=seed)
     sim.engine = RecordingAttention(
@@ -237,13 +238,19 @@ def test_layers_compressed_in_groups_store_what_all_layers_at_once_store(seed, m
         assert torch.equal(a, b)
 
 
+# The engine's choice of split kernel follows the key format (engine.decode_kernel):
+# SMALL_CONFIG's 3-bit keys take v4, 2-bit keys in groups of 16 v2.
+DECODE_FORMATS = {"v4": {}, "v2": {"key_bits": 2}}
+
+
 @needs_interpreter
 @pytest.mark.parametrize("guard_bits", [16, 8])
-@pytest.mark.parametrize("q_heads", [14, 4], ids=["gqa7", "gqa2"])
-def test_triton_decode_matches_torch_reference(q_heads, guard_bits, seed):
-    reference = simulate("torch", q_heads, guard_bits, seed)
-    triton = simulate("triton", q_heads, guard_bits, seed)
+@pytest.mark.parametrize("q_heads, kernel", [(14, "v4"), (4, "v4"), (14, "v2")], ids=["gqa7", "gqa2", "gqa7-v2"])
+def test_triton_decode_matches_torch_reference(q_heads, kernel, guard_bits, seed):
+    reference = simulate("torch", q_heads, guard_bits, seed, **DECODE_FORMATS[kernel])
+    triton = simulate("triton", q_heads, guard_bits, seed, **DECODE_FORMATS[kernel])
     assert triton.engine.attention_impl == "triton" and reference.engine.attention_impl == "torch"
+    assert triton.engine.decode_kernel.version == kernel
 
     # The decode path only reads: both runs leave every map and row in the same place.
     assert torch.equal(triton.pool.location, reference.pool.location)
@@ -456,6 +463,22 @@ def test_attention_impl_choice():
     assert CompressedAttention(sim.pool, req_to_token, attention_impl="triton").attention_impl == "triton"
     with pytest.raises(ValueError, match="attention_impl"):
         CompressedAttention(sim.pool, req_to_token, attention_impl="cuda")
+
+
+def test_decode_kernel_choice():
+    """v4 wherever it measured faster than v2 on the H200 (bench v14 / v15), v2 for 2-bit keys
+    in groups below 64; BLOCK_N 32 for v4 (64 for 3-bit keys), v2's own rule otherwise."""
+    def choice(key_bits, group_size):
+        kernel = decode_kernel(PackedFormat(key_bits, 128, group_size))
+        return kernel.version, kernel.block_n
+
+    assert choice(4, 64) == ("v4", 32)  # the tuned configs
+    assert choice(2, 64) == ("v4", 32)  # qwen_12x
+    assert choice(3, 32) == ("v4", 64)  # qwen_8x
+    assert choice(8, 32) == ("v4", 32)  # retain_all_8bit
+    assert choice(2, 32) == ("v2", 64)  # qwen_8x_aggressive
+    assert choice(2, 16) == ("v2", 64)
+    assert choice(2, 128) == ("v4", 32)
 
 
 def test_decode_num_splits():
