@@ -29,7 +29,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repository root, for eval.sass
+
 import sglang_kvc.kernels.decode_attention as decode_module  # noqa: E402
+from eval.sass import LOOP_OPCODES, sass_loops  # noqa: E402
 import sglang_kvc.kernels.gather_rows as gather_module  # noqa: E402
 import sglang_kvc.kernels.score as score_module  # noqa: E402
 import sglang_kvc.kernels.staging as staging_module  # noqa: E402
@@ -106,7 +109,7 @@ def compile_and_measure(kernel, pointer_types: dict[str, str], constexprs: dict,
             # dequantized tile on its way to an mma operand; async copies are not counted.
             "shared_stores_of_registers": len(re.findall(r"ttg\.local_alloc %", ttgir)),
             "ldmatrix": opcodes.count("LDSM"), "shared_loads": opcodes.count("LDS"),
-            "shared_stores": opcodes.count("STS")}
+            "shared_stores": opcodes.count("STS"), "loops": sass_loops(sass)}
 
 
 def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD_DIM, query_group: int = 7,
@@ -284,6 +287,15 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {result['registers']} | {result['spill_store_bytes']} / "
                          f"{result['spill_load_bytes']} | {result['shared_bytes']:,} B | "
                          f"{result['sass_instructions']:,} | {result['sass_conversions']:,} |")
+    lines += ["", "Loop bodies of the decode split kernels, in address order (v2 / v4: staging, low-bit, guard; "
+              "v1: one loop): SASS instructions one iteration issues per warp, and some of them by opcode.", "",
+              "| kernel | loop | instructions | " + " | ".join(LOOP_OPCODES) + " |",
+              "|---|---:|---:|" + "---:|" * len(LOOP_OPCODES)]
+    for name, result in report["cases"].items():
+        if name.startswith("decode") and "error" not in result:
+            for index, loop in enumerate(result.get("loops", [])):
+                lines.append(f"| {name} | {index} | {loop['instructions']:,} | "
+                             + " | ".join(str(loop[op]) for op in LOOP_OPCODES) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -291,11 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", nargs="*", default=[], help="compile only the cases whose name contains one of these")
     args = parser.parse_args(argv)
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": shlex.join(["python", "eval/compile_kernels.py", *argv]),
               "triton": triton.__version__, "target": "sm_90a", "cases": {}}
     for name, compile_case in cases():
+        if args.only and not any(part in name for part in args.only):
+            continue
         report["cases"][name] = compile_case()
         print(name, report["cases"][name], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
