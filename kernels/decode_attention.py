@@ -24,6 +24,10 @@ Split-K flash decoding, two launches:
      v2, `_decode_split_kernel_v2` (the default when the builders' `tier_indptr` is
      passed): the same split ranges, cut into one loop per tier (staging, low-bit,
      guard), each with only its own loader; no per-entry tier is read.
+     v4, `_decode_split_kernel_v4` (what the engine runs for most formats,
+     `engine.decode_kernel`): v2's ranges and loops, with packed rows dequantized after the
+     dots (raw codes into the dots; scales and minimums applied to the logits and
+     probabilities) and the output kept in column slices of the value group size.
   2. `_merge_splits_kernel`, grid (request, q_head): log-sum-exp weighted sum of splits.
 Empty splits (and requests with no entries) carry lse = -inf and weight 0; a request
 with no entries gets an output of 0. Design notes, bytes per token and versions:
