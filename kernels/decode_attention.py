@@ -923,17 +923,22 @@ def _block_logits(q, k, valid, qk_scale, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION: tl.constexpr):
-    """Folds one block (its logits and V tile) into the running max m_i, the running sum
-    l_i of exp2(logit - m_i) and the unnormalized output acc; returns (m_i, l_i, acc)."""
+def _softmax_step(m_i, l_i, logits):
+    """One block's online-softmax step: (m_new, l_new, p, alpha), acc to be scaled by alpha."""
     m_new = tl.maximum(m_i, tl.max(logits, axis=1))
     # While nothing is held yet m_new is -inf: shift by 0 so exp2 gives 0, not NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(logits - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p, v, DOT_PRECISION)
-    return m_new, l_i, acc
+    return m_new, l_i * alpha + tl.sum(p, axis=1), p, alpha
+
+
+@triton.jit
+def _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION: tl.constexpr):
+    """Folds one block (its logits and V tile) into the running max m_i, the running sum
+    l_i of exp2(logit - m_i) and the unnormalized output acc; returns (m_i, l_i, acc)."""
+    m_new, l_i, p, alpha = _softmax_step(m_i, l_i, logits)
+    return m_new, l_i, acc * alpha[:, None] + _dot(p, v, DOT_PRECISION)
 
 
 @triton.jit
@@ -1094,12 +1099,7 @@ def _lowbit_register_operand_loop(
             keys = _slot_values(k_containers, k_scale, k_min, slot, KEY_BITS, PAIRED_ASM)
             logits = tl.dot(queries[slot], tl.trans(keys), logits)
         logits = tl.where(valid[None, :], logits * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(logits - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+        m_i, l_i, p, alpha = _softmax_step(m_i, l_i, logits)
         p = p.to(tl.float16)
         v_containers = tl.load(v_containers_ptr + rows[:, None] * stride_vc_row + kv_head * stride_vc_head
                                + offs_vc[None, :], mask=valid[:, None], other=0)
@@ -1364,9 +1364,10 @@ def _decode_split_kernel_v2(
 # v4 feeds the raw codes to the dots and applies the (scale, minimum) pairs to the [BLOCK_G, BLOCK_N]
 # logits and probabilities instead of to the [BLOCK_N, D] tiles: no per-element multiply-add, no
 # broadcast of the pairs over their channels, no fp32 tile. Codes become fp16 by the exponent trick
-# (1024's bit pattern OR the code is 1024 + code, exactly) and the 1024 is folded into the minimum's
-# term, so a code costs a shift and a mask. Groups differ in their pairs, so the dots run per group:
-# logits as a sum over key groups, the output in column slices (`accs`, a tuple of [BLOCK_G, ACC_COLS]).
+# (1024's bit pattern OR the code is 1024 + code, exactly; for keys the 1024 is folded into the
+# minimum's term, for values subtracted in fp16, exactly), so a code costs a shift and a mask. Groups
+# differ in their pairs, so the dots run per group: logits as a sum over key groups, the output in
+# column slices (`accs`, a tuple of [BLOCK_G, ACC_COLS]).
 @triton.jit
 def _load_slice_words(codes_ptr, pairs_ptr, rows, kv_head, stride_row, stride_head, stride_pairs_row,
                       stride_pairs_head, valid, START: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr,
@@ -1440,17 +1441,6 @@ def _load_query_slices(q_ptr, request, kv_head, stride_q_batch, stride_q_head, Q
         slices = slices + (q_slice,)
         sums = sums + (tl.sum(q_slice.to(tl.float32), axis=1),)
     return slices, sums
-
-
-@triton.jit
-def _softmax_step(m_i, l_i, logits):
-    """One block's online-softmax step: (m_new, l_new, p, alpha), acc to be scaled by alpha."""
-    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-    # While nothing is held yet m_new is -inf: shift by 0 so exp2 gives 0, not NaN.
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(logits - m_shift[:, None])
-    alpha = tl.math.exp2(m_i - m_shift)
-    return m_new, l_i * alpha + tl.sum(p, axis=1), p, alpha
 
 
 @triton.jit
