@@ -116,7 +116,8 @@ def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD
                 prefetch: bool = False) -> dict:
     key_bits, value_bits, group, guard_bits = formats
     kernel = {"v1": decode_module._decode_split_kernel,
-              "v4": decode_module._decode_split_kernel_v4}.get(version, decode_module._decode_split_kernel_v2)
+              "v4": decode_module._decode_split_kernel_v4,
+              "v5": decode_module._decode_split_kernel_v4}.get(version, decode_module._decode_split_kernel_v2)
     register_slots = None
     if version == "v3":  # v2's kernel with the register-operand low-bit loop, codes viewed as containers
         register_slots = [decode_module.register_operand_slots(PackedFormat(bits, head_dim, group))
@@ -133,8 +134,8 @@ def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD
                   "GUARD_PACKED": guard_packed, "GUARD_BITS": guard_bits,
                   "GUARD_GROUP_SIZE": group if guard_packed else head_dim, "BLOCK_G": 16,
                   "BLOCK_D": triton.next_power_of_2(head_dim), "BLOCK_N": block_n, "DOT_PRECISION": "tf32"}
-    if version == "v4":  # output slices of the value group (one group size for every tier here)
-        constexprs.update(ACC_COLS=group, PACKED_DOT_PRECISION="fp16")
+    if version in ("v4", "v5"):  # output slices of the value group (one group size for every tier here)
+        constexprs.update(ACC_COLS=group, PACKED_DOT_PRECISION="fp16", TRANSPOSED=version == "v5")
     elif version != "v1":
         # dot_precision="auto", as decode_attention runs it (a bf16 guard here unless guard_bits 8)
         constexprs.update(PREFETCH=prefetch, LOWBIT_DOT_PRECISION="fp16",
@@ -248,10 +249,11 @@ def cases() -> list[tuple[str, callable]]:
         for block_n in (32, 64):
             result.append((f"decode v3 {name} BLOCK_N {block_n}",
                            lambda f=DECODE_FORMATS[name], b=block_n: decode_case("v3", f, b)))
-    for name, formats in DECODE_FORMATS.items():
-        for block_n in (32, 64):
-            result.append((f"decode v4 {name} BLOCK_N {block_n}",
-                           lambda f=formats, b=block_n: decode_case("v4", f, b)))
+    for version in ("v4", "v5"):
+        for name, formats in DECODE_FORMATS.items():
+            for block_n in (32, 64):
+                result.append((f"decode {version} {name} BLOCK_N {block_n}",
+                               lambda f=formats, b=block_n, v=version: decode_case(v, f, b)))
     result.append(("decode v2 tuned (K4V2 g64) BLOCK_N 64, tiny model (head_dim 64, group 4)",
                    lambda: decode_case("v2", DECODE_FORMATS["tuned (K4V2 g64)"], 64, head_dim=64, query_group=4)))
     result += region_builder_cases()

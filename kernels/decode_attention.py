@@ -1425,21 +1425,24 @@ def _pair_floats(pairs):
 @triton.jit
 def _load_query_slices(q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP: tl.constexpr,
                        HEAD_DIM: tl.constexpr, COLS: tl.constexpr, BLOCK_G: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
-    """The GQA group's queries in column slices of COLS (one per key group), fp16 for "fp16"
-    dots, else fp32, and each slice's row sums of those values (for fp16, the sums must be of
-    what the dots multiply, or the folded 1024 * sum would not cancel)."""
+                       DOT_PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+    """The GQA group's queries in column slices of COLS (one per key group; [BLOCK_G, COLS], or
+    [COLS, BLOCK_G] when TRANSPOSED), fp16 for "fp16" dots, else fp32, and each slice's sums
+    per query of those values (for fp16, the sums must be of what the dots multiply, or the
+    folded 1024 * sum would not cancel)."""
     offs_g = tl.arange(0, BLOCK_G)
-    q_rows = (q_ptr + request.to(tl.int64) * stride_q_batch
-              + (kv_head * QUERY_GROUP + offs_g)[:, None] * stride_q_head)
+    q_base = q_ptr + request.to(tl.int64) * stride_q_batch + (kv_head * QUERY_GROUP + offs_g) * stride_q_head
     slices = ()
     sums = ()
     for index in tl.static_range(HEAD_DIM // COLS):
-        q_slice = tl.load(q_rows + (index * COLS + tl.arange(0, COLS))[None, :],
-                          mask=(offs_g < QUERY_GROUP)[:, None], other=0.0)
+        cols = index * COLS + tl.arange(0, COLS)
+        if TRANSPOSED:
+            q_slice = tl.load(q_base[None, :] + cols[:, None], mask=(offs_g < QUERY_GROUP)[None, :], other=0.0)
+        else:
+            q_slice = tl.load(q_base[:, None] + cols[None, :], mask=(offs_g < QUERY_GROUP)[:, None], other=0.0)
         q_slice = q_slice.to(tl.float16) if DOT_PRECISION == "fp16" else q_slice.to(tl.float32)
         slices = slices + (q_slice,)
-        sums = sums + (tl.sum(q_slice.to(tl.float32), axis=1),)
+        sums = sums + (tl.sum(q_slice.to(tl.float32), axis=0 if TRANSPOSED else 1),)
     return slices, sums
 
 
@@ -1532,15 +1535,49 @@ def _factored_block_update(q_slices, q_sums, m_i, l_i, accs, pending, k_words, k
 
 
 @triton.jit
+def _factored_block_update_transposed(q_slices, q_sums, m_i, l_i, accs, pending, k_words, k_pairs, v_words,
+                                      v_pairs, valid, qk_scale, HEAD_DIM: tl.constexpr, KEY_BITS: tl.constexpr,
+                                      KEY_GROUP_SIZE: tl.constexpr, VALUE_BITS: tl.constexpr,
+                                      ACC_COLS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_factored_block_update` with every tile transposed (v5, fp16 dots only): logits^T =
+    codes . q^T and acc^T = codes^T . (p * scale)^T, so that the block's entries are the dots'
+    M dimension (64 at BLOCK_N 64: Hopper's wgmma, whose B operand, the queries or the
+    probabilities, the tensor cores read from shared memory themselves, instead of every warp
+    loading it into registers every block). accs: [ACC_COLS, BLOCK_G]; pending: [BLOCK_N, BLOCK_G]."""
+    logits = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+    for group in tl.static_range(HEAD_DIM // KEY_GROUP_SIZE):
+        codes = _biased_codes(k_words[group], group * KEY_GROUP_SIZE, KEY_GROUP_SIZE, KEY_BITS, BLOCK_N)
+        scale, minimum = _pair_floats(k_pairs[group])
+        biased = tl.dot(codes, q_slices[group])
+        logits += biased * scale[:, None] + (minimum - 1024.0 * scale)[:, None] * q_sums[group][None, :]
+    logits = tl.where(valid[:, None], logits * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(logits, axis=0))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in _softmax_step
+    p = tl.math.exp2(logits - m_shift[None, :])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+    updated = ()
+    updated_pending = ()
+    for index in tl.static_range(HEAD_DIM // ACC_COLS):
+        codes = _biased_codes(v_words[index], index * ACC_COLS, ACC_COLS, VALUE_BITS, BLOCK_N) - 1024.0
+        scale, minimum = _pair_floats(v_pairs[index])
+        values = tl.dot(tl.trans(codes), (p * scale[:, None]).to(tl.float16))
+        updated = updated + (accs[index] * alpha[None, :] + values,)
+        updated_pending = updated_pending + (pending[index] * alpha[None, :] + p * minimum[:, None],)
+    return m_new, l_i, updated, updated_pending
+
+
+@triton.jit
 def _factored_tier_loop(q_slices, q_sums, m_i, l_i, accs, entry_row_ptr, first, end, kv_head, offs_n, qk_scale,
                         k_codes_ptr, k_pairs_ptr, stride_k_row, stride_k_head, stride_k_pairs_row,
                         stride_k_pairs_head, v_codes_ptr, v_pairs_ptr, stride_v_row, stride_v_head,
                         stride_v_pairs_row, stride_v_pairs_head, HEAD_DIM: tl.constexpr, KEY_BITS: tl.constexpr,
                         KEY_GROUP_SIZE: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_GROUP_SIZE: tl.constexpr,
                         ACC_COLS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """v4's loop over one packed tier (low-bit, or an 8-bit guard), pipelined by hand as v2's
-    (entry rows two blocks ahead, packed words one block ahead)."""
+    (entry rows two blocks ahead, packed words one block ahead). TRANSPOSED (v5): the blocks
+    through `_factored_block_update_transposed`, the accumulators transposed on the way in and out."""
     entries = first + offs_n
     valid = entries < end
     rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
@@ -1552,7 +1589,15 @@ def _factored_tier_loop(q_slices, q_sums, m_i, l_i, accs, entry_row_ptr, first, 
     next_rows = tl.load(entry_row_ptr + entries + BLOCK_N, mask=next_valid, other=0).to(tl.int64)
     pending = ()
     for index in tl.static_range(HEAD_DIM // ACC_COLS):
-        pending = pending + (tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32),)
+        if TRANSPOSED:
+            pending = pending + (tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32),)
+        else:
+            pending = pending + (tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32),)
+    if TRANSPOSED:
+        transposed = ()
+        for index in tl.static_range(HEAD_DIM // ACC_COLS):
+            transposed = transposed + (tl.trans(accs[index]),)
+        accs = transposed
     for block_start in range(first, end, BLOCK_N):
         ahead_entries = block_start + 2 * BLOCK_N + offs_n
         ahead_valid = ahead_entries < end
@@ -1562,14 +1607,22 @@ def _factored_tier_loop(q_slices, q_sums, m_i, l_i, accs, entry_row_ptr, first, 
             stride_k_head, stride_k_pairs_row, stride_k_pairs_head, stride_v_row, stride_v_head,
             stride_v_pairs_row, stride_v_pairs_head, HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, VALUE_BITS,
             VALUE_GROUP_SIZE, ACC_COLS)
-        m_i, l_i, accs, pending = _factored_block_update(
-            q_slices, q_sums, m_i, l_i, accs, pending, k_words, k_pairs, v_words, v_pairs, valid, qk_scale, HEAD_DIM,
-            KEY_BITS, KEY_GROUP_SIZE, VALUE_BITS, ACC_COLS, BLOCK_G, BLOCK_N, DOT_PRECISION)
+        if TRANSPOSED:
+            m_i, l_i, accs, pending = _factored_block_update_transposed(
+                q_slices, q_sums, m_i, l_i, accs, pending, k_words, k_pairs, v_words, v_pairs, valid, qk_scale,
+                HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, VALUE_BITS, ACC_COLS, BLOCK_G, BLOCK_N)
+        else:
+            m_i, l_i, accs, pending = _factored_block_update(
+                q_slices, q_sums, m_i, l_i, accs, pending, k_words, k_pairs, v_words, v_pairs, valid, qk_scale,
+                HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, VALUE_BITS, ACC_COLS, BLOCK_G, BLOCK_N, DOT_PRECISION)
         k_words, k_pairs, v_words, v_pairs = next_k_words, next_k_pairs, next_v_words, next_v_pairs
         valid, next_valid, next_rows = next_valid, ahead_valid, ahead_rows
     settled = ()
     for index in tl.static_range(HEAD_DIM // ACC_COLS):
-        settled = settled + (accs[index] + tl.sum(pending[index], axis=1)[:, None],)
+        if TRANSPOSED:
+            settled = settled + (tl.trans(accs[index] + tl.sum(pending[index], axis=0)[None, :]),)
+        else:
+            settled = settled + (accs[index] + tl.sum(pending[index], axis=1)[:, None],)
     return m_i, l_i, settled
 
 
@@ -1588,6 +1641,7 @@ def _decode_split_kernel_v4(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,  # the bf16 loops' dots
     PACKED_DOT_PRECISION: tl.constexpr,  # the packed loops' dots
     ACC_COLS: tl.constexpr,  # output slice width: the smallest value group size of the packed tiers
+    TRANSPOSED: tl.constexpr = False,  # v5: the packed loops' tiles transposed (_factored_block_update_transposed)
 ):
     """v4: v2's split ranges and per-tier loops (arguments as `_decode_split_kernel_v2`'s), with
     packed tiers dequantized after the dots (`_factored_block_update`) and the output kept in
@@ -1619,23 +1673,23 @@ def _decode_split_kernel_v4(
                                              stride_staging_row, stride_staging_head, HEAD_DIM, ACC_COLS, BLOCK_N,
                                              DOT_PRECISION)
     q_slices, q_sums = _load_query_slices(q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP,
-                                          HEAD_DIM, KEY_GROUP_SIZE, BLOCK_G, PACKED_DOT_PRECISION)
+                                          HEAD_DIM, KEY_GROUP_SIZE, BLOCK_G, PACKED_DOT_PRECISION, TRANSPOSED)
     m_i, l_i, accs = _factored_tier_loop(
         q_slices, q_sums, m_i, l_i, accs, entry_row_ptr, lowbit_first, lowbit_end, kv_head, offs_n, qk_scale,
         lowbit_k_codes_ptr, lowbit_k_pairs_ptr, stride_lk_row, stride_lk_head, stride_lk_pairs_row,
         stride_lk_pairs_head, lowbit_v_codes_ptr, lowbit_v_pairs_ptr, stride_lv_row, stride_lv_head,
         stride_lv_pairs_row, stride_lv_pairs_head, HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, VALUE_BITS,
-        VALUE_GROUP_SIZE, ACC_COLS, BLOCK_G, BLOCK_N, PACKED_DOT_PRECISION)
+        VALUE_GROUP_SIZE, ACC_COLS, BLOCK_G, BLOCK_N, PACKED_DOT_PRECISION, TRANSPOSED)
     if GUARD_PACKED:
         guard_q_slices, guard_q_sums = _load_query_slices(q_ptr, request, kv_head, stride_q_batch, stride_q_head,
                                                           QUERY_GROUP, HEAD_DIM, GUARD_GROUP_SIZE, BLOCK_G,
-                                                          PACKED_DOT_PRECISION)
+                                                          PACKED_DOT_PRECISION, TRANSPOSED)
         m_i, l_i, accs = _factored_tier_loop(
             guard_q_slices, guard_q_sums, m_i, l_i, accs, entry_row_ptr, guard_first, guard_end, kv_head, offs_n,
             qk_scale, guard_k_ptr, guard_k_pairs_ptr, stride_guard_row, stride_guard_head, stride_guard_pairs_row,
             stride_guard_pairs_head, guard_v_ptr, guard_v_pairs_ptr, stride_guard_row, stride_guard_head,
             stride_guard_pairs_row, stride_guard_pairs_head, HEAD_DIM, GUARD_BITS, GUARD_GROUP_SIZE, GUARD_BITS,
-            GUARD_GROUP_SIZE, ACC_COLS, BLOCK_G, BLOCK_N, PACKED_DOT_PRECISION)
+            GUARD_GROUP_SIZE, ACC_COLS, BLOCK_G, BLOCK_N, PACKED_DOT_PRECISION, TRANSPOSED)
     else:
         m_i, l_i, accs = _dense_tier_loop_sliced(q, m_i, l_i, accs, entry_row_ptr, guard_first, guard_end, kv_head,
                                                  offs_n, offs_d, dim_mask, qk_scale, guard_k_ptr, guard_v_ptr,
@@ -1745,7 +1799,7 @@ class _TierArgs:
                    (guard.k.stride(0), guard.k.stride(1), 0, 0), False, 16, guard.head_dim)
 
 
-DECODE_VERSIONS = ("v1", "v2", "v3", "v4")
+DECODE_VERSIONS = ("v1", "v2", "v3", "v4", "v5")
 DOT_PRECISIONS = ("auto", "tf32", "fp16", "ieee")
 
 
@@ -1806,8 +1860,9 @@ def decode_attention(
     as of bench v12 (docs/kernels.md, "Ninth GPU session"). "v4" is v2 with packed rows
     dequantized after the dots (`_decode_split_kernel_v4`: raw codes into fp16 dots, the
     (scale, minimum) pairs applied to the logits and probabilities; its packed loops always
-    prefetch; "auto" gives them fp16 operands). All give the same output up to summation order
-    and fp16 rounding.
+    prefetch; "auto" gives them fp16 operands). "v5" is v4 with the packed loops' tiles
+    transposed (`_factored_block_update_transposed`; fp16 operands only). All give the same
+    output up to summation order and fp16 rounding.
 
     `block_n`: entries per block (a power of two >= 16, tl.dot's minimum); `num_stages`:
     software-pipelining depth of the block loops (None: Triton's default). `dot_precision`:
@@ -1845,13 +1900,16 @@ def decode_attention(
     # (2/4/8 bits: register_operand_slots), else v2's loop.
     key_slots, value_slots = register_operand_slots(lowbit.key_format), register_operand_slots(lowbit.value_format)
     register_operands = version == "v3" and key_slots is not None and value_slots is not None
-    if version == "v4":
+    if version == "v5" and dot_precision not in ("auto", "fp16"):
+        raise ValueError("decode v5 takes fp16 operands on packed rows: dot_precision 'auto' or 'fp16'")
+    if version in ("v4", "v5"):
         formats = [lowbit.key_format, lowbit.value_format]
         formats += [guard.key_format] if isinstance(guard, PackedTables) else []
         if any(fmt.group_size < 16 or fmt.group_size & (fmt.group_size - 1) for fmt in formats):
-            raise ValueError("decode v4 needs packed group sizes that are powers of two >= 16 (tl.dot's smallest K, N)")
-    if prefetch is not None and version == "v4":
-        raise ValueError("v4's packed loops always prefetch; prefetch is an option of v2's")
+            raise ValueError(f"decode {version} needs packed group sizes that are powers of two >= 16 "
+                             "(tl.dot's smallest K, N)")
+    if prefetch is not None and version in ("v4", "v5"):
+        raise ValueError(f"{version}'s packed loops always prefetch; prefetch is an option of v2's")
     if prefetch and (version == "v1" or register_operands):
         raise ValueError("prefetch is an option of v2's low-bit loop")
     prefetch = version != "v1" and not register_operands if prefetch is None else prefetch
@@ -1885,16 +1943,18 @@ def decode_attention(
         entry_args = (entries_indptr, entry_tier, entry_row)
         entry_strides = ()
     else:
-        split_kernel = _decode_split_kernel_v4 if version == "v4" else _decode_split_kernel_v2  # v3: v2 with REGISTER_OPERANDS
+        # v3: v2 with REGISTER_OPERANDS; v5: v4 with TRANSPOSED
+        split_kernel = _decode_split_kernel_v4 if version in ("v4", "v5") else _decode_split_kernel_v2
         entry_args = (tier_indptr, entry_row)
         entry_strides = (tier_indptr.stride(0), tier_indptr.stride(1))
     launch_options = {"num_warps": num_warps}
     dense_precision = "tf32" if dot_precision == "auto" else dot_precision
     packed_precision = "fp16" if dot_precision == "auto" else dot_precision
-    if version == "v4":
+    if version in ("v4", "v5"):
         # Output slices must each lie inside one value group of every packed tier.
         value_groups = [lowbit.value_format.group_size] + ([guard_group_size] if guard_packed else [])
-        launch_options.update(ACC_COLS=min(value_groups), PACKED_DOT_PRECISION=packed_precision)
+        launch_options.update(ACC_COLS=min(value_groups), PACKED_DOT_PRECISION=packed_precision,
+                              TRANSPOSED=version == "v5")
     elif version != "v1":
         launch_options.update(PREFETCH=prefetch, LOWBIT_DOT_PRECISION=packed_precision,
                               GUARD_DOT_PRECISION=packed_precision if guard_packed else dense_precision)

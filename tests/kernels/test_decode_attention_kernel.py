@@ -148,12 +148,12 @@ def reference_decode(pool, layer, q, req_to_token, req_pool_indices, seq_lens, s
     return out
 
 
-@pytest.fixture(params=["v1", "v2", "v2 without prefetch", "v3", "v4"])
+@pytest.fixture(params=["v1", "v2", "v2 without prefetch", "v3", "v4", "v5"])
 def version(request) -> str:
     """Which split kernel decode_attention runs (v2 prefetches in its low-bit loop by
     default; "v2 without prefetch" is its plain loop; v3 takes the register-operand
     low-bit loop for 2/4/8-bit formats, v2's loop for 3-bit ones; v4 dequantizes packed
-    rows after the dots, every bit width)."""
+    rows after the dots, every bit width; v5 is v4 with transposed tiles)."""
     return request.param
 
 
