@@ -1538,8 +1538,9 @@ def _factored_block_update(q_slices, q_sums, m_i, l_i, accs, pending, k_words, k
 def _factored_block_update_transposed(q_slices, q_sums, m_i, l_i, accs, pending, k_words, k_pairs, v_words,
                                       v_pairs, valid, qk_scale, HEAD_DIM: tl.constexpr, KEY_BITS: tl.constexpr,
                                       KEY_GROUP_SIZE: tl.constexpr, VALUE_BITS: tl.constexpr,
-                                      ACC_COLS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
-    """`_factored_block_update` with every tile transposed (v5, fp16 dots only): logits^T =
+                                      ACC_COLS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                                      DOT_PRECISION: tl.constexpr):
+    """`_factored_block_update` with every tile transposed (v5; its precisions alike): logits^T =
     codes . q^T and acc^T = codes^T . (p * scale)^T, so that the block's entries are the dots'
     M dimension (64 at BLOCK_N 64: Hopper's wgmma, whose B operand, the queries or the
     probabilities, the tensor cores read from shared memory themselves, instead of every warp
@@ -1548,8 +1549,12 @@ def _factored_block_update_transposed(q_slices, q_sums, m_i, l_i, accs, pending,
     for group in tl.static_range(HEAD_DIM // KEY_GROUP_SIZE):
         codes = _biased_codes(k_words[group], group * KEY_GROUP_SIZE, KEY_GROUP_SIZE, KEY_BITS, BLOCK_N)
         scale, minimum = _pair_floats(k_pairs[group])
-        biased = tl.dot(codes, q_slices[group])
-        logits += biased * scale[:, None] + (minimum - 1024.0 * scale)[:, None] * q_sums[group][None, :]
+        if DOT_PRECISION == "fp16":
+            biased = tl.dot(codes, q_slices[group])
+            logits += biased * scale[:, None] + (minimum - 1024.0 * scale)[:, None] * q_sums[group][None, :]
+        else:
+            raw = _dot((codes - 1024.0).to(tl.float32), q_slices[group], DOT_PRECISION)
+            logits += raw * scale[:, None] + minimum[:, None] * q_sums[group][None, :]
     logits = tl.where(valid[:, None], logits * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(logits, axis=0))
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in _softmax_step
@@ -1561,7 +1566,10 @@ def _factored_block_update_transposed(q_slices, q_sums, m_i, l_i, accs, pending,
     for index in tl.static_range(HEAD_DIM // ACC_COLS):
         codes = _biased_codes(v_words[index], index * ACC_COLS, ACC_COLS, VALUE_BITS, BLOCK_N) - 1024.0
         scale, minimum = _pair_floats(v_pairs[index])
-        values = tl.dot(tl.trans(codes), (p * scale[:, None]).to(tl.float16))
+        if DOT_PRECISION == "fp16":
+            values = tl.dot(tl.trans(codes), (p * scale[:, None]).to(tl.float16))
+        else:
+            values = _dot(tl.trans(codes.to(tl.float32)), p * scale[:, None], DOT_PRECISION)
         updated = updated + (accs[index] * alpha[None, :] + values,)
         updated_pending = updated_pending + (pending[index] * alpha[None, :] + p * minimum[:, None],)
     return m_new, l_i, updated, updated_pending
@@ -1610,7 +1618,7 @@ def _factored_tier_loop(q_slices, q_sums, m_i, l_i, accs, entry_row_ptr, first, 
         if TRANSPOSED:
             m_i, l_i, accs, pending = _factored_block_update_transposed(
                 q_slices, q_sums, m_i, l_i, accs, pending, k_words, k_pairs, v_words, v_pairs, valid, qk_scale,
-                HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, VALUE_BITS, ACC_COLS, BLOCK_G, BLOCK_N)
+                HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, VALUE_BITS, ACC_COLS, BLOCK_G, BLOCK_N, DOT_PRECISION)
         else:
             m_i, l_i, accs, pending = _factored_block_update(
                 q_slices, q_sums, m_i, l_i, accs, pending, k_words, k_pairs, v_words, v_pairs, valid, qk_scale,
@@ -1861,8 +1869,8 @@ def decode_attention(
     dequantized after the dots (`_decode_split_kernel_v4`: raw codes into fp16 dots, the
     (scale, minimum) pairs applied to the logits and probabilities; its packed loops always
     prefetch; "auto" gives them fp16 operands). "v5" is v4 with the packed loops' tiles
-    transposed (`_factored_block_update_transposed`; fp16 operands only). All give the same
-    output up to summation order and fp16 rounding.
+    transposed (`_factored_block_update_transposed`). All give the same output up to summation
+    order and fp16 rounding.
 
     `block_n`: entries per block (a power of two >= 16, tl.dot's minimum); `num_stages`:
     software-pipelining depth of the block loops (None: Triton's default). `dot_precision`:
@@ -1900,8 +1908,6 @@ def decode_attention(
     # (2/4/8 bits: register_operand_slots), else v2's loop.
     key_slots, value_slots = register_operand_slots(lowbit.key_format), register_operand_slots(lowbit.value_format)
     register_operands = version == "v3" and key_slots is not None and value_slots is not None
-    if version == "v5" and dot_precision not in ("auto", "fp16"):
-        raise ValueError("decode v5 takes fp16 operands on packed rows: dot_precision 'auto' or 'fp16'")
     if version in ("v4", "v5"):
         formats = [lowbit.key_format, lowbit.value_format]
         formats += [guard.key_format] if isinstance(guard, PackedTables) else []

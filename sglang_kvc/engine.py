@@ -122,16 +122,20 @@ class DecodeKernel:
     block_n: int
 
 
-def decode_kernel(key_format: PackedFormat) -> DecodeKernel:
-    """The decode kernel for a pool whose low-bit keys are in `key_format`. Measured on the
-    H200 in CUDA-graph replay (bench v14 / v15, docs/kernels.md "Twenty-fifth session"), v4
-    (dequantize after the dots) against v2 at 48x32K and 256x4K: faster for K4V2 g64 with a
-    bf16, 8-bit or no guard (7-19%, BLOCK_N 32 and 64 alike), K2V2 g64 (4-16% at 32), K3V2 g32
-    (14-17% at 64, 5% at 32) and K8V8 g32 (2-3% at 32); slower for K2V2 g32 (4-6% at 64, 56-61%
-    at 32: with 2-bit keys in groups of 32 the kernel runs four 32-channel key dots per block and
-    their codes lose the vectorized shared-memory stores), where v2 stays."""
+def decode_kernel(key_format: PackedFormat, value_format: PackedFormat) -> DecodeKernel:
+    """The decode kernel for a pool whose low-bit keys and values are in these formats.
+    Measured on the H200 in CUDA-graph replay (bench v14-v16, docs/kernels.md "Twenty-fifth
+    session") at 48x32K and 256x4K. v4 (dequantize after the dots) against v2: faster for K4V2
+    g64 with a bf16, 8-bit or no guard (7-19%, BLOCK_N 32 and 64 alike), K2V2 g64 (4-16% at 32),
+    K3V2 g32 (14-17% at 64, 5% at 32) and K8V8 g32 (2-3% at 32); slower for K2V2 g32 (4-6% at 64,
+    56-61% at 32: with 2-bit keys in groups of 32 the kernel runs four 32-channel key dots per
+    block and their codes lose the vectorized shared-memory stores), where v2 stays. v5 (v4's
+    tiles transposed onto wgmma) at BLOCK_N 64 against v4 at 32, for K4V2 g64 (the tuned
+    configs): 9-18% faster; not measured for other formats, which keep v4."""
     if key_format.bits == 2 and key_format.group_size < 64:
         return DecodeKernel("v2", decode_block_n(key_format.bits))
+    if key_format.bits == 4 and key_format.group_size >= 64 and value_format.group_size >= 64:
+        return DecodeKernel("v5", 64)
     return DecodeKernel("v4", 64 if key_format.bits == 3 else 32)
 
 
@@ -254,7 +258,7 @@ class CompressedAttention:
         # With the Triton kernels the window scores are computed without the attention matrix.
         self.scorer = scorer or scorer_from_config(pool.config, implementation=attention_impl)
         self.layer_retain = pool.plan.layer_retain_ratios
-        self.decode_kernel = decode_kernel(pool.lowbit.key_format)
+        self.decode_kernel = decode_kernel(pool.lowbit.key_format, pool.lowbit.value_format)
         # fp16 dot operands on packed rows, tf32 on bf16 rows (kernels.decode_attention).
         self.decode_dot_precision = "auto"
         self.window = self.config.sparsity.observation_window

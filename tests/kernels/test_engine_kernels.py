@@ -77,7 +77,7 @@ def prompt(length: int, start: int) -> list[int]:
 
 def simulate(
     attention_impl: str, q_heads: int, guard_bits: int, seed: int, logit_cap: float = 0.0, captured: bool = False,
-    key_transform: str = SMALL_CONFIG["quantization"]["key_transform"], **formats,
+    key_transform: str = SMALL_CONFIG["quantization"]["key_transform"], head_dim: int = 32, **formats,
 ) -> Simulator:
     """Four requests through prefill and DECODE_STEPS decode steps of one batch:
     a compressed prompt; one below min_prompt_len (quantized, nothing evicted); a chunked
@@ -86,7 +86,7 @@ def simulate(
     quantization = {**SMALL_CONFIG["quantization"], "guard_bits": guard_bits, "key_transform": key_transform,
                     **formats}
     config = config_from_dict({**SMALL_CONFIG, "quantization": quantization})
-    sim = Simulator(num_layers=2, kv_heads=2, q_heads=q_heads, config=config, seed=seed)
+    sim = Simulator(num_layers=2, kv_heads=2, q_heads=q_heads, config=config, seed=seed, head_dim=head_dim)
     sim.engine = RecordingAttention(
         sim.pool, sim.req_to_token_pool.req_to_token, attention_impl=attention_impl, logit_cap=logit_cap
     )
@@ -238,14 +238,17 @@ def test_layers_compressed_in_groups_store_what_all_layers_at_once_store(seed, m
         assert torch.equal(a, b)
 
 
-# The engine's choice of split kernel follows the key format (engine.decode_kernel):
-# SMALL_CONFIG's 3-bit keys take v4, 2-bit keys in groups of 16 v2.
-DECODE_FORMATS = {"v4": {}, "v2": {"key_bits": 2}}
+# The engine's choice of split kernel follows the formats (engine.decode_kernel):
+# SMALL_CONFIG's 3-bit keys take v4, 2-bit keys in groups of 16 v2, 4-bit keys and values in
+# groups of 64 (a head of 64 channels) v5.
+DECODE_FORMATS = {"v4": {}, "v2": {"key_bits": 2},
+                  "v5": {"key_bits": 4, "value_bits": 4, "group_size": 64, "head_dim": 64}}
 
 
 @needs_interpreter
 @pytest.mark.parametrize("guard_bits", [16, 8])
-@pytest.mark.parametrize("q_heads, kernel", [(14, "v4"), (4, "v4"), (14, "v2")], ids=["gqa7", "gqa2", "gqa7-v2"])
+@pytest.mark.parametrize("q_heads, kernel", [(14, "v4"), (4, "v4"), (14, "v2"), (14, "v5")],
+                         ids=["gqa7", "gqa2", "gqa7-v2", "gqa7-v5"])
 def test_triton_decode_matches_torch_reference(q_heads, kernel, guard_bits, seed):
     reference = simulate("torch", q_heads, guard_bits, seed, **DECODE_FORMATS[kernel])
     triton = simulate("triton", q_heads, guard_bits, seed, **DECODE_FORMATS[kernel])
@@ -466,16 +469,21 @@ def test_attention_impl_choice():
 
 
 def test_decode_kernel_choice():
-    """v4 wherever it measured faster than v2 on the H200 (bench v14 / v15), v2 for 2-bit keys
-    in groups below 64; BLOCK_N 32 for v4 (64 for 3-bit keys), v2's own rule otherwise."""
-    def choice(key_bits, group_size):
-        kernel = decode_kernel(PackedFormat(key_bits, 128, group_size))
+    """v5 for the tuned configs' formats, v4 wherever else it measured faster than v2 on the H200
+    (bench v14-v16), v2 for 2-bit keys in groups below 64; BLOCK_N 64 for v5, 32 for v4 (64 for
+    3-bit keys), v2's own rule otherwise."""
+    def choice(key_bits, group_size, value_bits=2, value_group_size=None):
+        kernel = decode_kernel(PackedFormat(key_bits, 128, group_size),
+                               PackedFormat(value_bits, 128, value_group_size or group_size))
         return kernel.version, kernel.block_n
 
-    assert choice(4, 64) == ("v4", 32)  # the tuned configs
+    assert choice(4, 64) == ("v5", 64)  # the tuned configs
+    assert choice(4, 128) == ("v5", 64)
+    assert choice(4, 64, value_group_size=32) == ("v4", 32)  # 32-channel value slices: no wgmma
+    assert choice(4, 32) == ("v4", 32)
     assert choice(2, 64) == ("v4", 32)  # qwen_12x
     assert choice(3, 32) == ("v4", 64)  # qwen_8x
-    assert choice(8, 32) == ("v4", 32)  # retain_all_8bit
+    assert choice(8, 32, 8) == ("v4", 32)  # retain_all_8bit
     assert choice(2, 32) == ("v2", 64)  # qwen_8x_aggressive
     assert choice(2, 16) == ("v2", 64)
     assert choice(2, 128) == ("v4", 32)
