@@ -745,6 +745,23 @@ def _split_range(entries_start, entries_end, split, num_splits, BLOCK_N: tl.cons
 
 
 @triton.jit
+def _split_tier_ranges(tier_indptr_ptr, request, split, num_splits, stride_batch, stride_tier, BLOCK_N: tl.constexpr):
+    """This split's share [first, end) of each tier of the request's entries (v2 / v4): staging,
+    low-bit, guard. Every split takes its share of each tier, so the splits are balanced whatever
+    the tiers cost per entry (bf16 guard rows take the tf32 loop; a tier at the end of one shared
+    range would all land in the last splits, the kernel then waiting for them)."""
+    bounds_ptr = tier_indptr_ptr + request.to(tl.int64) * stride_batch
+    staging_start = tl.load(bounds_ptr)
+    lowbit_start = tl.load(bounds_ptr + stride_tier)
+    guard_start = tl.load(bounds_ptr + 2 * stride_tier)
+    entries_end = tl.load(bounds_ptr + 3 * stride_tier)
+    staging_first, staging_end = _split_range(staging_start, lowbit_start, split, num_splits, BLOCK_N)
+    lowbit_first, lowbit_end = _split_range(lowbit_start, guard_start, split, num_splits, BLOCK_N)
+    guard_first, guard_end = _split_range(guard_start, entries_end, split, num_splits, BLOCK_N)
+    return staging_first, staging_end, lowbit_first, lowbit_end, guard_first, guard_end
+
+
+@triton.jit
 def _load_group_queries(q_ptr, request, kv_head, stride_q_batch, stride_q_head,
                         QUERY_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -1290,17 +1307,8 @@ def _decode_split_kernel_v2(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    bounds_ptr = tier_indptr_ptr + request.to(tl.int64) * stride_tier_indptr_batch
-    staging_start = tl.load(bounds_ptr)
-    lowbit_start = tl.load(bounds_ptr + stride_tier_indptr_tier)
-    guard_start = tl.load(bounds_ptr + 2 * stride_tier_indptr_tier)
-    entries_end = tl.load(bounds_ptr + 3 * stride_tier_indptr_tier)
-    # Every split takes its share of each tier, so the splits are balanced whatever the tiers
-    # cost per entry (bf16 guard rows take the tf32 loop; a tier at the end of one shared range
-    # would all land in the last splits, the kernel then waiting for them).
-    staging_first, staging_end = _split_range(staging_start, lowbit_start, split, num_splits, BLOCK_N)
-    lowbit_first, lowbit_end = _split_range(lowbit_start, guard_start, split, num_splits, BLOCK_N)
-    guard_first, guard_end = _split_range(guard_start, entries_end, split, num_splits, BLOCK_N)
+    staging_first, staging_end, lowbit_first, lowbit_end, guard_first, guard_end = _split_tier_ranges(
+        tier_indptr_ptr, request, split, num_splits, stride_tier_indptr_batch, stride_tier_indptr_tier, BLOCK_N)
     q, q_heads, offs_d, group_mask, dim_mask = _load_group_queries(
         q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP, HEAD_DIM, BLOCK_G, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -1658,14 +1666,8 @@ def _decode_split_kernel_v4(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    bounds_ptr = tier_indptr_ptr + request.to(tl.int64) * stride_tier_indptr_batch
-    staging_start = tl.load(bounds_ptr)
-    lowbit_start = tl.load(bounds_ptr + stride_tier_indptr_tier)
-    guard_start = tl.load(bounds_ptr + 2 * stride_tier_indptr_tier)
-    entries_end = tl.load(bounds_ptr + 3 * stride_tier_indptr_tier)
-    staging_first, staging_end = _split_range(staging_start, lowbit_start, split, num_splits, BLOCK_N)
-    lowbit_first, lowbit_end = _split_range(lowbit_start, guard_start, split, num_splits, BLOCK_N)
-    guard_first, guard_end = _split_range(guard_start, entries_end, split, num_splits, BLOCK_N)
+    staging_first, staging_end, lowbit_first, lowbit_end, guard_first, guard_end = _split_tier_ranges(
+        tier_indptr_ptr, request, split, num_splits, stride_tier_indptr_batch, stride_tier_indptr_tier, BLOCK_N)
     q, q_heads, offs_d, group_mask, dim_mask = _load_group_queries(
         q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP, HEAD_DIM, BLOCK_G, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
