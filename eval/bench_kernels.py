@@ -59,7 +59,7 @@ import triton.testing
 
 from sglang_kvc.attention import attend
 from sglang_kvc.config import CompressionConfig, load_config
-from sglang_kvc.engine import decode_block_n, decode_num_splits
+from sglang_kvc.engine import decode_block_n, decode_kernel, decode_num_splits
 from sglang_kvc.kernels.decode_attention import (
     DECODE_VERSIONS,
     TIER_BITS,
@@ -400,9 +400,14 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
     checks = {"v1": v1["check"], **{f"v2_block_n_{n}": variant["check"] for n, variant in compiled.items()},
               "engine": check(together("v2", engine_splits, engine_block_n)),
               "v1_on_regions": check(together("v1", engine_splits, V1_BLOCK_N))}
-    # Candidate kernels (--candidates VERSION:BLOCK_N) called as the engine calls v2 (its split
-    # count, region lists), eager and from a graph, each checked.
-    for version, block_n in args.candidates:
+    # Candidate kernels (--candidates VERSION:BLOCK_N, and the engine's own choice for this config
+    # when it is not v2) called as the engine calls v2 (its split count, region lists), eager and
+    # from a graph, each checked.
+    engine_choice = decode_kernel(plan.key_format, plan.value_format)
+    candidates = list(args.candidates)
+    if engine_choice.version != "v2" and (engine_choice.version, engine_choice.block_n) not in candidates:
+        candidates.append((engine_choice.version, engine_choice.block_n))
+    for version, block_n in candidates:
         name = candidate_name(version, block_n)
         together_ms[name] = guarded(timer, together(version, engine_splits, block_n))
         together_ms[f"{name}_graph"] = guarded(timer.graph, together(version, engine_splits, block_n))
@@ -424,8 +429,12 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
         "entry_count_all_layers": timer(lambda: held_per_block(all_layers_location, *list_args[1:], batch.tokens)),
         "entry_build_from_counts": timer(lambda: decode_entries_in_regions(
             *list_args, region_indptr, list_sizes["max_entries"], batch.tokens, block_counts=layer_counts)),
-        "engine_kernel": {"version": "v2", "block_n": engine_block_n, "entry_lists": "regions"},
-        # The engine's kernel (v2 at its BLOCK_N) at every split count.
+        # What the engine runs for this config (engine.decode_kernel); v2 at v2's BLOCK_N is the
+        # baseline every table but the candidates' reports.
+        "engine_kernel": {"version": engine_choice.version, "block_n": engine_choice.block_n, "entry_lists": "regions"},
+        "v2_kernel": {"version": "v2", "block_n": engine_block_n, "entry_lists": "regions"},
+        "candidates": [candidate_name(version, block_n) for version, block_n in candidates],
+        # v2 at its BLOCK_N at every split count.
         "attention_by_splits": compiled[engine_block_n]["by_splits"],
         "engine_splits": engine_splits,
         "best_splits": compiled[engine_block_n]["best_splits"],
@@ -574,9 +583,11 @@ def markdown(report: dict) -> str:
         f"{report['copy_bandwidth']['GBps']:.0f} GB/s. Times: ms per layer call ({report['timing']}). "
         f"\"attn\" = attention alone, best split count (v2: best of BLOCK_N {report['v2_block_n']}, "
         f"shown as BLOCK_N / splits; v1: BLOCK_N {report['v1_block_n']}). \"together\" = entry-list build + "
-        f"attention at the engine's split count, as the engine runs them (v2, BLOCK_N {report['engine_block_n']}, "
+        f"attention at the engine's split count, as the engine ran them until 2026-12-01 (v2, BLOCK_N "
+        f"{report['engine_block_n']}, "
         f"entry lists in fixed regions, one launch; v1 on the CSR builder in parentheses). \"build ms\": the "
-        f"region builder (CSR builder in parentheses). GB/s = bytes that must be read / time. Speedups vs SGLang: together.",
+        f"region builder (CSR builder in parentheses). GB/s = bytes that must be read / time. Speedups vs SGLang: together. "
+        f"The engine's kernel per config now (engine.decode_kernel) is marked \"(engine)\" among the candidates at the end.",
         "",
         f"Split kernels: {report.get('num_warps', 4)} warps, num_stages {report['num_stages'] or 'Triton default'}, "
         f"v2 prefetch {report.get('prefetch', 'off')}, "
@@ -706,13 +717,15 @@ def candidates_table(report: dict) -> list[str]:
         for name, cell in grid.get("configs", {}).items():
             if "error" in cell:
                 continue
-            for candidate in report.get("candidates", []):
+            engine = candidate_name(cell["engine_kernel"]["version"], cell["engine_kernel"]["block_n"])
+            for candidate in cell.get("candidates", report.get("candidates", [])):
                 v2, ours = cell["together"]["v2_graph"], cell["together"].get(f"{candidate}_graph", {})
+                label_candidate = f"{candidate} (engine)" if candidate == engine else candidate
                 if "ms" not in v2 or "ms" not in ours:
-                    lines.append(f"| {label} | {name} | {candidate} | error: {ours.get('error') or v2.get('error')} |")
+                    lines.append(f"| {label} | {name} | {label_candidate} | error: {ours.get('error') or v2.get('error')} |")
                     continue
                 ours_gbps = gbps(cell["bytes"]["together"], ours["ms"])
-                row = [label, name, candidate, f"{v2['ms']:.3f}", f"{ours['ms']:.3f}", f"{ours['ms'] / v2['ms']:.2f}",
+                row = [label, name, label_candidate, f"{v2['ms']:.3f}", f"{ours['ms']:.3f}", f"{ours['ms'] / v2['ms']:.2f}",
                        f"{ours_gbps:.0f}", f"{100 * ours_gbps / copy_gbps:.0f}%"]
                 for b in baselines:
                     baseline = grid["sglang"].get(b, {}).get("graph", {})

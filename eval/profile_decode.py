@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--grid", type=parse_grid, default=(48, 32768), help="BxTOKENS")
-    parser.add_argument("--block-n", type=int, help="default: engine.decode_block_n")
+    parser.add_argument("--block-n", type=int, help="default: engine.decode_block_n (v2's rule; pass it for v4 / v5)")
     parser.add_argument("--splits", type=int, help="default: engine.decode_num_splits")
     parser.add_argument("--num-warps", type=int, default=4)
     parser.add_argument("--dot-precision", default="auto", choices=["auto", "tf32", "fp16", "ieee"])

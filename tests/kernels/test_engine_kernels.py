@@ -582,7 +582,11 @@ def test_bench_kernels_smoke(tmp_path, monkeypatch):
     assert all(f"| {name} |" in table for name in config_names)
     assert "CUDA-graph replay" in table
     assert report["candidates"] == ["v4_block_n_32", "v4_block_n_64"]
-    assert all(f"| {name} | v4_block_n_32 |" in table for name in config_names)
+    # The engine's own kernel per config is recorded and marked in the candidates' table.
+    engines = {name: cell["engine_kernel"] for name, cell in report["grids"][0]["configs"].items()}
+    assert engines == {"qwen_8x": {"version": "v4", "block_n": 64, "entry_lists": "regions"},
+                       "qwen_8x_tuned": {"version": "v4", "block_n": 32, "entry_lists": "regions"}}
+    assert "| qwen_8x | v4_block_n_64 (engine) |" in table and "| qwen_8x_tuned | v4_block_n_32 (engine) |" in table
 
 
 def test_bench_kernels_smoke_contiguous_rows(tmp_path, monkeypatch):
