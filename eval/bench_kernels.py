@@ -59,9 +59,8 @@ import triton.testing
 
 from sglang_kvc.attention import attend
 from sglang_kvc.config import CompressionConfig, load_config
-from sglang_kvc.engine import decode_block_n, decode_kernel, decode_num_splits
+from sglang_kvc.engine import DecodeKernel, decode_block_n, decode_kernel, decode_num_splits
 from sglang_kvc.kernels.decode_attention import (
-    DECODE_VERSIONS,
     TIER_BITS,
     TIER_EVICTED,
     TIER_GUARD,
@@ -111,7 +110,12 @@ V2_BLOCK_NS = (16, 32, 64)  # v2's BLOCK_N sweep (v1 stays at its shipped 16)
 V1_BLOCK_N = 16
 ENGINE_BLOCK_N = 16  # always swept: the 3-bit-key choice of engine.decode_block_n
 SMOKE_V2_BLOCK_NS = (16, 32)
-DEFAULT_CANDIDATES = "v4:32,v4:64"  # --candidates: v4 (dequantize after the dots) at two block sizes
+# --candidates: v5 at the BLOCK_N bench v16 measured, capped at 168 registers (three programs per
+# SM, not two) and at 128 (four; a few spills), and with bf16 dots on bf16 rows (docs/kernels.md,
+# "Twenty-sixth session")
+DEFAULT_CANDIDATES = "v5:64,v5:64:r168,v5:64:r128,v5:64:r168:bf16"
+# A bf16-dot candidate's check: bf16 probabilities (TOLERANCE_BF16 in the decode kernel's tests).
+BF16_DOT_TOLERANCE = 6e-3
 SGLANG_SPLITS = (8, 16, 64)
 SMOKE_SPLITS = (2,)
 SMOKE_SGLANG_SPLITS = (2,)
@@ -353,7 +357,7 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
             batch.q, entries.indptr, entries.tier, entries.row, *tables, scaling, splits,
             tier_indptr=entries.tier_indptr, version=version, out=out, block_n=block_n, **options(version))
 
-    def check(run) -> dict:
+    def check(run, tolerance=tolerance) -> dict:
         out.fill_(float("nan"))  # a variant must write every output itself
         run()
         return reference_check(out, expected, value_scale, tolerance)
@@ -380,13 +384,15 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
     best_block_n = min(compiled, key=lambda n: compiled[n]["ms"])
     v2_best = compiled[best_block_n]
 
-    def together(version, splits, block_n, regions=True):
+    def together(version, splits, block_n, regions=True, **overrides):
         """Entry build + attention through decode_attention_for_pool, as the engine calls it
-        (the one-launch region builder), or with the CSR builder (`decode_entries`)."""
+        (the one-launch region builder), or with the CSR builder (`decode_entries`);
+        `overrides` replace the command line's kernel options."""
         builder = {"region_indptr": region_indptr} if regions else {}
         return lambda: decode_attention_for_pool(layer, 0, batch.q, batch.req_to_token, batch.req_pool_indices,
                                                  batch.seq_lens, scaling, splits, out=out, version=version,
-                                                 block_n=block_n, **list_sizes, **builder, **options(version))
+                                                 block_n=block_n, **list_sizes, **builder,
+                                                 **{**options(version), **overrides})
 
     # What the engine runs (v2, its BLOCK_N and split count, region lists), the same with the
     # CSR builder, v1 on the CSR builder, and v2's best variant if it is another one.
@@ -405,13 +411,14 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
     # from a graph, each checked.
     engine_choice = decode_kernel(plan.key_format, plan.value_format)
     candidates = list(args.candidates)
-    if engine_choice.version != "v2" and (engine_choice.version, engine_choice.block_n) not in candidates:
-        candidates.append((engine_choice.version, engine_choice.block_n))
-    for version, block_n in candidates:
-        name = candidate_name(version, block_n)
-        together_ms[name] = guarded(timer, together(version, engine_splits, block_n))
-        together_ms[f"{name}_graph"] = guarded(timer.graph, together(version, engine_splits, block_n))
-        checks[name] = guarded(check, together(version, engine_splits, block_n))
+    if engine_choice.version != "v2" and engine_choice not in candidates:
+        candidates.append(engine_choice)
+    for candidate in candidates:
+        run = together(candidate.version, engine_splits, candidate.block_n,
+                       **candidate_options(candidate, kernel_options))
+        together_ms[candidate.name] = guarded(timer, run)
+        together_ms[f"{candidate.name}_graph"] = guarded(timer.graph, run)
+        checks[candidate.name] = guarded(check, run, candidate_tolerance(candidate, tolerance))
 
     num_bytes = attention_bytes(plan, layer, batch)
     all_layers_location = layer.location[0].expand(shape.num_layers, -1).contiguous()
@@ -431,9 +438,10 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
             *list_args, region_indptr, list_sizes["max_entries"], batch.tokens, block_counts=layer_counts)),
         # What the engine runs for this config (engine.decode_kernel); v2 at v2's BLOCK_N is the
         # baseline every table but the candidates' reports.
-        "engine_kernel": {"version": engine_choice.version, "block_n": engine_choice.block_n, "entry_lists": "regions"},
+        "engine_kernel": {"version": engine_choice.version, "block_n": engine_choice.block_n, "entry_lists": "regions",
+                          "name": engine_choice.name},
         "v2_kernel": {"version": "v2", "block_n": engine_block_n, "entry_lists": "regions"},
-        "candidates": [candidate_name(version, block_n) for version, block_n in candidates],
+        "candidates": [candidate.name for candidate in candidates],
         # v2 at its BLOCK_N at every split count.
         "attention_by_splits": compiled[engine_block_n]["by_splits"],
         "engine_splits": engine_splits,
@@ -688,19 +696,24 @@ def graph_table(report: dict) -> list[str]:
     return lines
 
 
-def candidate_name(version: str, block_n: int) -> str:
-    return f"{version}_block_n_{block_n}"
+def candidate_options(candidate: DecodeKernel, defaults: dict) -> dict:
+    """decode_attention's keyword arguments for a candidate: the command line's (`defaults`)
+    with the candidate's own warps, dot_precision and register cap."""
+    return {**defaults, "num_warps": candidate.num_warps, "dot_precision": candidate.dot_precision,
+            "max_registers": candidate.max_registers}
 
 
-def parse_candidates(text: str) -> list[tuple[str, int]]:
-    """"v4:32,v4:64" -> [("v4", 32), ("v4", 64)]; "" -> none."""
-    candidates = []
-    for item in filter(None, text.split(",")):
-        version, _, block_n = item.partition(":")
-        if version not in DECODE_VERSIONS or not block_n.isdigit():
-            raise argparse.ArgumentTypeError(f"{item!r}: want VERSION:BLOCK_N, VERSION one of {DECODE_VERSIONS}")
-        candidates.append((version, int(block_n)))
-    return candidates
+def candidate_tolerance(candidate: DecodeKernel, default: float) -> float:
+    """A candidate's check tolerance: bf16 probabilities carry 8 significant bits, not tf32's 11."""
+    return max(default, BF16_DOT_TOLERANCE) if candidate.dot_precision == "bf16" else default
+
+
+def parse_candidates(text: str) -> list[DecodeKernel]:
+    """"v5:64,v5:64:bf16,v5:128:w8" -> DecodeKernels (DecodeKernel.parse, one per item); "" -> none."""
+    try:
+        return [DecodeKernel.parse(item) for item in filter(None, text.split(","))]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def candidates_table(report: dict) -> list[str]:
@@ -717,7 +730,8 @@ def candidates_table(report: dict) -> list[str]:
         for name, cell in grid.get("configs", {}).items():
             if "error" in cell:
                 continue
-            engine = candidate_name(cell["engine_kernel"]["version"], cell["engine_kernel"]["block_n"])
+            engine = cell["engine_kernel"].get("name") or DecodeKernel(cell["engine_kernel"]["version"],
+                                                                       cell["engine_kernel"]["block_n"]).name
             for candidate in cell.get("candidates", report.get("candidates", [])):
                 v2, ours = cell["together"]["v2_graph"], cell["together"].get(f"{candidate}_graph", {})
                 label_candidate = f"{candidate} (engine)" if candidate == engine else candidate
@@ -799,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dot-precision", default="auto", choices=["auto", "tf32", "fp16", "ieee"],
                         help="decode_attention's dot_precision (auto: fp16 on packed rows, tf32 on bf16 rows)")
     parser.add_argument("--candidates", type=parse_candidates, default=parse_candidates(DEFAULT_CANDIDATES),
-                        help="kernels compared with the engine's v2, as VERSION:BLOCK_N,... "
+                        help="kernels compared with the engine's v2, as VERSION:BLOCK_N[:wWARPS][:DOT_PRECISION],... "
                              f"(default {DEFAULT_CANDIDATES}; '' for none)")
     parser.add_argument("--row-order", default="random", choices=["random", "contiguous"],
                         help="rows of each tier (and SGLang's slots): a random permutation (a long-running "
@@ -854,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
         "row_order": {"random": "random permutation of each tier's rows (and of SGLang's slots)",
                       "contiguous": "each tier's rows (and SGLang's slots) in (request, position) order"}[args.row_order],
         "sglang_dtypes": [dtype_name(d) for d in sglang_dtypes],
-        "candidates": [candidate_name(version, block_n) for version, block_n in args.candidates],
+        "candidates": [candidate.name for candidate in args.candidates],
         "configs": {name: {"retain_ratio_of_layer": plan.layer_retain_ratios[middle_layer],
                            "guard_fraction": plan.config.quantization.guard_fraction,
                            "decode_window": plan.config.quantization.decode_window,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import re
@@ -58,7 +59,7 @@ DECODE_FORMATS = {
 
 
 def compile_and_measure(kernel, pointer_types: dict[str, str], constexprs: dict, int_values: dict | None = None,
-                        num_warps=4, num_stages=3) -> dict:
+                        num_warps=4, num_stages=3, max_registers: int | None = None) -> dict:
     """Every argument not in `constexprs` is a pointer (type from `pointer_types`, else
     *i32; 16-byte aligned) or a scalar: fp32 for qk_scale, else int32. Integers with a
     representative value in `int_values` are specialized as Triton's launcher does (1 ->
@@ -80,9 +81,12 @@ def compile_and_measure(kernel, pointer_types: dict[str, str], constexprs: dict,
             signature[name] = "fp32" if name == "qk_scale" else "i32"
             if value is not None and value % 16 == 0:
                 attributes[(index,)] = [["tt.divisibility", 16]]
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if max_registers is not None:
+        options["maxnreg"] = max_registers  # as decode_attention's max_registers launches it
     try:
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attributes), target=TARGET,
-                                  options={"num_warps": num_warps, "num_stages": num_stages})
+                                  options=options)
     except Exception as exc:  # noqa: BLE001 - recorded, the next case still compiles
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as ptx:
@@ -113,8 +117,12 @@ def compile_and_measure(kernel, pointer_types: dict[str, str], constexprs: dict,
 
 
 def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD_DIM, query_group: int = 7,
-                prefetch: bool = False) -> dict:
+                prefetch: bool = False, dot_precision: str = "auto", num_warps: int = 4,
+                max_registers: int | None = None) -> dict:
+    """decode_attention's split kernel as it launches it; `dot_precision` "auto" or "bf16"
+    (the bf16 rows' dots on bf16 operands), `max_registers` its register cap."""
     key_bits, value_bits, group, guard_bits = formats
+    dense_precision = {"auto": "tf32", "bf16": "bf16"}[dot_precision]
     kernel = {"v1": decode_module._decode_split_kernel,
               "v4": decode_module._decode_split_kernel_v4,
               "v5": decode_module._decode_split_kernel_v4}.get(version, decode_module._decode_split_kernel_v2)
@@ -133,13 +141,13 @@ def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD
                   "KEY_GROUP_SIZE": group, "VALUE_BITS": value_bits, "VALUE_GROUP_SIZE": group,
                   "GUARD_PACKED": guard_packed, "GUARD_BITS": guard_bits,
                   "GUARD_GROUP_SIZE": group if guard_packed else head_dim, "BLOCK_G": 16,
-                  "BLOCK_D": triton.next_power_of_2(head_dim), "BLOCK_N": block_n, "DOT_PRECISION": "tf32"}
+                  "BLOCK_D": triton.next_power_of_2(head_dim), "BLOCK_N": block_n, "DOT_PRECISION": dense_precision}
     if version in ("v4", "v5"):  # output slices of the value group (one group size for every tier here)
         constexprs.update(ACC_COLS=group, PACKED_DOT_PRECISION="fp16", TRANSPOSED=version == "v5")
     elif version != "v1":
         # dot_precision="auto", as decode_attention runs it (a bf16 guard here unless guard_bits 8)
         constexprs.update(PREFETCH=prefetch, LOWBIT_DOT_PRECISION="fp16",
-                          GUARD_DOT_PRECISION="fp16" if guard_packed else "tf32",
+                          GUARD_DOT_PRECISION="fp16" if guard_packed else dense_precision,
                           REGISTER_OPERANDS=False, KEY_SLOTS=1, VALUE_SLOTS=1, PAIRED_ASM=False)
     if register_slots:
         constexprs.update(REGISTER_OPERANDS=True, KEY_SLOTS=register_slots[0], VALUE_SLOTS=register_slots[1],
@@ -174,7 +182,8 @@ def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD
     else:
         strides.update(stride_guard_row=kv_heads * head_dim, stride_guard_head=head_dim,
                        stride_guard_pairs_row=0, stride_guard_pairs_head=0)
-    return compile_and_measure(kernel, pointers, constexprs, strides)
+    return compile_and_measure(kernel, pointers, constexprs, strides, num_warps=num_warps,
+                               max_registers=max_registers)
 
 
 def region_builder_cases() -> list[tuple[str, callable]]:
@@ -254,6 +263,21 @@ def cases() -> list[tuple[str, callable]]:
             for block_n in (32, 64):
                 result.append((f"decode {version} {name} BLOCK_N {block_n}",
                                lambda f=formats, b=block_n, v=version: decode_case(v, f, b)))
+    # The next bench call's levers (docs/kernels.md, "Twenty-sixth session"): bf16 dots on the
+    # bf16 rows (each config's kernel as the engine or the bench runs it), BLOCK_N 128 on 8 warps,
+    # register caps.
+    for version, name, block_n in (("v2", "tuned (K4V2 g64)", 64), ("v4", "tuned (K4V2 g64)", 32),
+                                   ("v5", "tuned (K4V2 g64)", 64), ("v4", "qwen_8x", 64)):
+        result.append((f"decode {version} {name} BLOCK_N {block_n}, bf16 dots",
+                       functools.partial(decode_case, version, DECODE_FORMATS[name], block_n, dot_precision="bf16")))
+    result.append(("decode v5 tuned (K4V2 g64) BLOCK_N 128, 8 warps",
+                   lambda: decode_case("v5", DECODE_FORMATS["tuned (K4V2 g64)"], 128, num_warps=8)))
+    # Register caps: fewer registers per thread, more 4-warp programs per SM (65,536 registers).
+    for version, name, block_n in (("v5", "tuned (K4V2 g64)", 64), ("v4", "tuned (K4V2 g64)", 32),
+                                   ("v2", "qwen_8x_aggressive", 64)):
+        for cap in (168, 128):
+            result.append((f"decode {version} {name} BLOCK_N {block_n}, at most {cap} registers",
+                           functools.partial(decode_case, version, DECODE_FORMATS[name], block_n, max_registers=cap)))
     result.append(("decode v2 tuned (K4V2 g64) BLOCK_N 64, tiny model (head_dim 64, group 4)",
                    lambda: decode_case("v2", DECODE_FORMATS["tuned (K4V2 g64)"], 64, head_dim=64, query_group=4)))
     result += region_builder_cases()

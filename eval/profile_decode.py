@@ -5,9 +5,10 @@
         python3 eval/profile_decode.py --config configs/qwen_8x_tuned.yaml --grid 48x32768
 
 Builds the same layer as the benchmark (Qwen2.5-7B heads, the config's middle-layer budget,
-random rows) and calls `decode_attention` (v2, the engine's BLOCK_N unless given) `--repeat`
-times, so that the profiler can skip the compiling first launches. Prints the time per call
-(CUDA events, for orientation: the benchmark is what reports times).
+random rows) and calls `decode_attention` with the engine's kernel for the config
+(engine.decode_kernel) or `--kernel VERSION:BLOCK_N[:wWARPS][:DOT_PRECISION]`, `--repeat` times,
+so that the profiler can skip the compiling first launches. Prints the time per call (CUDA
+events, for orientation: the benchmark is what reports times).
 """
 
 from __future__ import annotations
@@ -24,22 +25,26 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from eval.bench_kernels import QWEN25_7B, Batch, build_layer, parse_grid  # noqa: E402
 from sglang_kvc.config import load_config  # noqa: E402
-from sglang_kvc.engine import decode_block_n, decode_num_splits  # noqa: E402
+from sglang_kvc.engine import DecodeKernel, decode_kernel, decode_num_splits  # noqa: E402
 from sglang_kvc.kernels.decode_attention import decode_attention, decode_entries, layer_tables  # noqa: E402
 from sglang_kvc.planner import plan_for  # noqa: E402
+
+
+def kernel_argument(text: str) -> DecodeKernel:
+    try:
+        return DecodeKernel.parse(text)
+    except ValueError as error:  # argparse shows an ArgumentTypeError's message, not a ValueError's
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--grid", type=parse_grid, default=(48, 32768), help="BxTOKENS")
-    parser.add_argument("--block-n", type=int, help="default: engine.decode_block_n (v2's rule; pass it for v4 / v5)")
+    parser.add_argument("--kernel", type=kernel_argument,
+                        help=f"{DecodeKernel.FORM}, e.g. v5:64:bf16 (default: the engine's for the config)")
     parser.add_argument("--splits", type=int, help="default: engine.decode_num_splits")
-    parser.add_argument("--num-warps", type=int, default=4)
-    parser.add_argument("--dot-precision", default="auto", choices=["auto", "tf32", "fp16", "ieee"])
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--version", default="v2", choices=["v2", "v3", "v4"],
-                        help="decode kernel version (v3: register-operand low-bit loop; v4: dequantize after the dots)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda")
@@ -53,20 +58,19 @@ def main(argv: list[str] | None = None) -> int:
                              max_seq_len=tokens, max_entries=batch_size * tokens)
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
     splits = args.splits or decode_num_splits(batch_size, shape.kv_heads, tokens, sm_count)
-    block_n = args.block_n or decode_block_n(plan.key_format.bits)
+    kernel = args.kernel or decode_kernel(plan.key_format, plan.value_format)
     out = torch.empty(batch.q.shape, dtype=torch.float32, device=device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(args.repeat):
         start.record()
         decode_attention(batch.q, entries.indptr, entries.tier, entries.row, *layer_tables(layer, 0),
                          shape.head_dim**-0.5, splits, tier_indptr=entries.tier_indptr, out=out,
-                         block_n=block_n, num_warps=args.num_warps, dot_precision=args.dot_precision,
-                         version=args.version)
+                         version=kernel.version, block_n=kernel.block_n, num_warps=kernel.num_warps,
+                         dot_precision=kernel.dot_precision)
         end.record()
         torch.cuda.synchronize()
-    print(f"{plan.config.name} {batch_size}x{tokens} ({args.version}): held {layer.held_per_request} per request, "
-          f"BLOCK_N {block_n}, {splits} splits, "
-          f"{args.num_warps} warps, {args.dot_precision} dots: {start.elapsed_time(end):.3f} ms (last call, with launch)")
+    print(f"{plan.config.name} {batch_size}x{tokens} ({kernel.name}): held {layer.held_per_request} per request, "
+          f"{splits} splits: {start.elapsed_time(end):.3f} ms (last call, with launch)")
     return 0
 
 

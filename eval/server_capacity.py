@@ -533,6 +533,12 @@ def pressure(url: str, process: subprocess.Popen, args) -> dict:
     return summary
 
 
+def kvc_environment() -> dict[str, str]:
+    """The SGLANG_KVC_* variables the servers inherit (a decode kernel in place of the engine's
+    choice, the torch reference path, a trace): part of what a run measured."""
+    return {name: value for name, value in sorted(os.environ.items()) if name.startswith("SGLANG_KVC_")}
+
+
 def gpu_query(field: str, gpu: int = 0) -> int | None:
     """One `nvidia-smi --query-gpu` integer field of GPU `gpu` (None without one)."""
     try:
@@ -711,6 +717,7 @@ def main() -> int:
         "gpu": subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                               capture_output=True, text=True).stdout.strip() if shutil.which("nvidia-smi") else None,
         "sglang_version": package_version("sglang"),
+        "environment": kvc_environment(),
         "runs": [],
     }
     if args.repeats < (0 if args.profile_repeat_steps else 1):

@@ -58,6 +58,9 @@ _STAGING = tl.constexpr(TIER_STAGING)
 _LOWBIT = tl.constexpr(TIER_LOWBIT)
 _GUARD = tl.constexpr(TIER_GUARD)
 
+# Read once, as Triton reads it: whether the kernels run in Triton's interpreter (see _round_to_bf16).
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
 _LOG2_E = 1.4426950408889634
 _OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -546,11 +549,28 @@ def decode_entries_in_regions(
 
 # ---- attention kernels ---------------------------------------------------------------------------
 @triton.jit
-def _load_dense_tile(table_ptr, rows, kv_head, stride_row, stride_head, in_tier, dims, dim_mask):
-    """[BLOCK_N, BLOCK_D] fp32 of bf16 rows; 0 where `in_tier` is false (the entry is of
+def _load_dense_rows(table_ptr, rows, kv_head, stride_row, stride_head, in_tier, dims, dim_mask):
+    """[BLOCK_N, BLOCK_D] of bf16 rows as stored; 0 where `in_tier` is false (the entry is of
     another tier, or past the end of the block's range)."""
     ptrs = table_ptr + rows[:, None] * stride_row + kv_head * stride_head + dims[None, :]
-    return tl.load(ptrs, mask=in_tier[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+    return tl.load(ptrs, mask=in_tier[:, None] & dim_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _load_dense_tile(table_ptr, rows, kv_head, stride_row, stride_head, in_tier, dims, dim_mask):
+    """`_load_dense_rows` in fp32."""
+    return _load_dense_rows(table_ptr, rows, kv_head, stride_row, stride_head, in_tier, dims, dim_mask).to(tl.float32)
+
+
+@triton.jit
+def _load_dense_operand(table_ptr, rows, kv_head, stride_row, stride_head, in_tier, dims, dim_mask,
+                        DOT_PRECISION: tl.constexpr):
+    """A bf16 tier's tile as a dot operand: bf16 as stored for "bf16" dots (no conversion, so
+    the compiler may copy the rows straight to shared memory), else fp32."""
+    if DOT_PRECISION == "bf16":
+        return _load_dense_rows(table_ptr, rows, kv_head, stride_row, stride_head, in_tier, dims, dim_mask)
+    else:
+        return _load_dense_tile(table_ptr, rows, kv_head, stride_row, stride_head, in_tier, dims, dim_mask)
 
 
 @triton.jit
@@ -725,12 +745,29 @@ def _load_tile(
 
 
 @triton.jit
+def _round_to_bf16(x):
+    """fp32 `x` rounded to the nearest bf16 (ties to even), kept in fp32. For the interpreter
+    only: Triton 3.6's interpreter casts fp32 to bf16 by truncation and multiplies bf16 dot
+    operands as their raw 16-bit patterns (InterpreterBuilder.create_dot)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _dot(a, b, PRECISION: tl.constexpr):
     """fp32 a @ b with fp32 accumulation. "fp16": operands rounded to fp16 (the precision
     of tf32 at half the registers; needs |values| < 65504, which the fp16 scales of the
-    packed tiers assume anyway); "tf32" / "ieee": tl.dot's input_precision."""
+    packed tiers assume anyway); "bf16": operands rounded to bf16 (bf16 rows exact; the
+    query and the probabilities rounded as SGLang's own decode kernel rounds them);
+    "tf32" / "ieee": tl.dot's input_precision."""
     if PRECISION == "fp16":
         return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    elif PRECISION == "bf16":
+        if _INTERPRETED:
+            return tl.dot(_round_to_bf16(a.to(tl.float32)), _round_to_bf16(b.to(tl.float32)), input_precision="ieee")
+        else:
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     else:
         return tl.dot(a, b, input_precision=PRECISION)
 
@@ -1140,9 +1177,9 @@ def _dense_tier_loop(q, m_i, l_i, acc, entry_row_ptr, first, end, kv_head, offs_
         entries = block_start + offs_n
         valid = entries < end
         rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
-        k = _load_dense_tile(k_ptr, rows, kv_head, stride_row, stride_head, valid, offs_d, dim_mask)
+        k = _load_dense_operand(k_ptr, rows, kv_head, stride_row, stride_head, valid, offs_d, dim_mask, DOT_PRECISION)
         logits = _block_logits(q, k, valid, qk_scale, DOT_PRECISION)
-        v = _load_dense_tile(v_ptr, rows, kv_head, stride_row, stride_head, valid, offs_d, dim_mask)
+        v = _load_dense_operand(v_ptr, rows, kv_head, stride_row, stride_head, valid, offs_d, dim_mask, DOT_PRECISION)
         m_i, l_i, acc = _online_softmax_update(m_i, l_i, acc, logits, v, DOT_PRECISION)
     return m_i, l_i, acc
 
@@ -1406,15 +1443,20 @@ def _biased_codes(words, START: tl.constexpr, COLS: tl.constexpr, BITS: tl.const
         # makes channel word * CODES_PER_WORD + slot a reshape. Joins keep a word's codes in
         # one thread (an outer-product broadcast of words x shifts spreads them over lanes, and
         # the tile then goes to shared memory one 16-bit store per code).
+        # Level by level, join slot i with slot i + half: the first join's axis is the slot's top
+        # bit. Slots i and i + half lie 16 bits apart, so the first level is one shift and one
+        # mask per pair, both codes biased at once: its two 16-bit halves are already the pair.
+        HALF: tl.constexpr = CODES_PER_WORD // 2
+        PAIR_MASK: tl.constexpr = MAX_CODE | (MAX_CODE << 16)
         tiles = ()
-        for slot in tl.static_range(CODES_PER_WORD):
-            tiles = tiles + ((((words >> (slot * BITS)) & MAX_CODE) | 0x6400).to(tl.int16),)
-        # Level by level, join slot i with slot i + half: the first join's axis is the slot's top bit.
-        LEVELS: tl.constexpr = 4 if BITS == 2 else (3 if BITS == 4 else 2)  # log2(CODES_PER_WORD)
+        for slot in tl.static_range(HALF):
+            pair = ((words >> (slot * BITS)) & PAIR_MASK) | 0x64006400
+            tiles = tiles + (tl.join(pair.to(tl.int16), (pair >> 16).to(tl.int16)),)
+        LEVELS: tl.constexpr = 3 if BITS == 2 else (2 if BITS == 4 else 1)  # log2(HALF)
         for level in tl.static_range(LEVELS):
             joined = ()
-            for index in tl.static_range(CODES_PER_WORD >> (level + 1)):
-                joined = joined + (tl.join(tiles[index], tiles[index + (CODES_PER_WORD >> (level + 1))]),)
+            for index in tl.static_range(HALF >> (level + 1)):
+                joined = joined + (tl.join(tiles[index], tiles[index + (HALF >> (level + 1))]),)
             tiles = joined
         codes = tl.reshape(tiles[0], [BLOCK_N, COLS])
     else:
@@ -1464,12 +1506,13 @@ def _dense_tier_loop_sliced(q, m_i, l_i, accs, entry_row_ptr, first, end, kv_hea
         entries = block_start + offs_n
         valid = entries < end
         rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
-        k = _load_dense_tile(k_ptr, rows, kv_head, stride_row, stride_head, valid, offs_d, dim_mask)
+        k = _load_dense_operand(k_ptr, rows, kv_head, stride_row, stride_head, valid, offs_d, dim_mask, DOT_PRECISION)
         m_i, l_i, p, alpha = _softmax_step(m_i, l_i, _block_logits(q, k, valid, qk_scale, DOT_PRECISION))
         updated = ()
         for index in tl.static_range(HEAD_DIM // ACC_COLS):
             cols = index * ACC_COLS + tl.arange(0, ACC_COLS)
-            v = _load_dense_tile(v_ptr, rows, kv_head, stride_row, stride_head, valid, cols, cols < HEAD_DIM)
+            v = _load_dense_operand(v_ptr, rows, kv_head, stride_row, stride_head, valid, cols, cols < HEAD_DIM,
+                                    DOT_PRECISION)
             updated = updated + (accs[index] * alpha[:, None] + _dot(p, v, DOT_PRECISION),)
         accs = updated
     return m_i, l_i, accs
@@ -1810,7 +1853,7 @@ class _TierArgs:
 
 
 DECODE_VERSIONS = ("v1", "v2", "v3", "v4", "v5")
-DOT_PRECISIONS = ("auto", "tf32", "fp16", "ieee")
+DOT_PRECISIONS = ("auto", "tf32", "fp16", "bf16", "ieee")
 
 
 def register_operand_slots(fmt) -> int | None:
@@ -1851,6 +1894,7 @@ def decode_attention(
     dot_precision: str = "auto",
     num_warps: int = 4,
     prefetch: bool | None = None,
+    max_registers: int | None = None,
 ) -> torch.Tensor:
     """Attention of one decode query per request over its entries -> [B, Hq, D] (fp32,
     or `out`'s dtype).
@@ -1880,19 +1924,28 @@ def decode_attention(
     10-bit mantissa, half the shared-memory traffic, fp16 range) or "ieee" (exact fp32,
     slow); "auto" (default) is fp16 where the rows are packed (v2's low-bit loop, and its
     guard loop for an 8-bit guard: their fp16 scales and minimums already bound the values
-    to fp16 range) and tf32 for bf16 rows, which may exceed it (v1: tf32). The interpreter
-    computes "tf32" and "ieee" in full fp32, "fp16" with fp16-rounded operands.
+    to fp16 range) and tf32 for bf16 rows, which may exceed it (v1: tf32). "bf16" (v2-v5) is
+    "auto" with the bf16 rows' dots on bf16 operands: the rows as stored (no conversion on
+    the way to the tensor cores), the query and the probabilities rounded to bf16 as SGLang's
+    own decode kernel rounds them. The interpreter computes "tf32" and "ieee" in full fp32,
+    "fp16" and "bf16" with rounded operands.
 
     `prefetch` (v2's loops only, also under v3 for 3-bit formats; None: on there): the
     packed loops (low-bit, and an 8-bit guard's) load the next block's packed words (and the
     rows of the one after) before computing on the current block; the low-bit loop 11-22%
-    faster on an H200 (docs/kernels.md, bench v6)."""
+    faster on an H200 (docs/kernels.md, bench v6).
+
+    `max_registers` (None: ptxas's choice) caps the split kernel's registers per thread (Triton's
+    `maxnreg`), trading a few instructions, or spills, for more programs resident per SM: v5 at
+    BLOCK_N 64 takes 219 registers unbounded, two 4-warp programs per SM; at 168, three."""
     if dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
     if version is None:
         version = "v1" if tier_indptr is None else "v2"
     if version not in DECODE_VERSIONS:
         raise ValueError(f"version must be one of {DECODE_VERSIONS}, got {version!r}")
+    if dot_precision == "bf16" and version == "v1":
+        raise ValueError("dot_precision 'bf16' needs the tier loops of v2-v5 (v1 dots every tier together)")
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     batch, q_heads, head_dim = q.shape
@@ -1956,8 +2009,11 @@ def decode_attention(
         entry_args = (tier_indptr, entry_row)
         entry_strides = (tier_indptr.stride(0), tier_indptr.stride(1))
     launch_options = {"num_warps": num_warps}
+    if max_registers is not None:
+        launch_options["maxnreg"] = max_registers
     dense_precision = "tf32" if dot_precision == "auto" else dot_precision
-    packed_precision = "fp16" if dot_precision == "auto" else dot_precision
+    # "bf16" is for the bf16 rows' dots; packed rows keep fp16 (bf16 would not hold v4's biased codes).
+    packed_precision = "fp16" if dot_precision in ("auto", "bf16") else dot_precision
     if version in ("v4", "v5"):
         # Output slices must each lie inside one value group of every packed tier.
         value_groups = [lowbit.value_format.group_size] + ([guard_group_size] if guard_packed else [])

@@ -52,7 +52,7 @@ from sglang_kvc.device_copy import to_device
 from sglang_kvc.policy import PromptCandidates, TokenScorer, prompt_budgets, scorer_from_config, select_for_requests
 from sglang_kvc.pool import CompressedKVPool, Tier
 from sglang_kvc.quant import PackedFormat
-from sglang_kvc.runtime import triton_kernels_enabled
+from sglang_kvc.runtime import DECODE_KERNEL_ENV_VAR, decode_kernel_override, triton_kernels_enabled
 from sglang_kvc.trace import trace_path, trace_request
 
 if TYPE_CHECKING:  # the kernels import Triton, which the torch path does without
@@ -116,10 +116,52 @@ def decode_block_n(key_bits: int) -> int:
 
 @dataclass(frozen=True)
 class DecodeKernel:
-    """Which split kernel of kernels.decode_attention the engine runs, and its BLOCK_N."""
+    """Which split kernel of kernels.decode_attention the engine runs: its version, BLOCK_N,
+    warps, dot_precision and register cap (decode_attention's version, block_n, num_warps,
+    dot_precision and max_registers)."""
 
     version: str
     block_n: int
+    num_warps: int = 4
+    dot_precision: str = "auto"
+    max_registers: int | None = None
+
+    FORM = "VERSION:BLOCK_N[:wWARPS][:rREGISTERS][:DOT_PRECISION]"
+
+    @property
+    def name(self) -> str:
+        """"v4_block_n_32", "v5_block_n_128_w8", "v5_block_n_64_r168_bf16" (the benchmark's keys)."""
+        name = f"{self.version}_block_n_{self.block_n}"
+        name += f"_w{self.num_warps}" if self.num_warps != 4 else ""
+        name += f"_r{self.max_registers}" if self.max_registers else ""
+        return name + (f"_{self.dot_precision}" if self.dot_precision != "auto" else "")
+
+    @classmethod
+    def parse(cls, text: str) -> DecodeKernel:
+        """"v5:64" -> DecodeKernel("v5", 64); "v5:64:w8:r168:bf16" -> 8 warps, at most 168 registers
+        per thread, bf16 dots on bf16 rows (the optional parts in any order)."""
+        from sglang_kvc.kernels.decode_attention import DECODE_VERSIONS, DOT_PRECISIONS
+
+        parts = text.strip().split(":")
+        version, block_n, extras = parts[0], parts[1] if len(parts) > 1 else "", parts[2:]
+
+        def numbers(prefix: str) -> list[int]:
+            return [int(extra[1:]) for extra in extras if extra[:1] == prefix and extra[1:].isdigit()]
+
+        warps, registers = numbers("w"), numbers("r")
+        precisions = [extra for extra in extras if extra in DOT_PRECISIONS]
+        valid = (version in DECODE_VERSIONS and block_n.isdigit()
+                 and int(block_n) >= 16 and not int(block_n) & (int(block_n) - 1)
+                 and all(len(found) <= 1 for found in (warps, registers, precisions))
+                 and len(warps) + len(registers) + len(precisions) == len(extras)
+                 and all(count in (1, 2, 4, 8, 16) for count in warps)
+                 and all(24 <= count <= 255 for count in registers))
+        if not valid:
+            raise ValueError(f"{text!r}: want {cls.FORM}: VERSION one of {DECODE_VERSIONS}, BLOCK_N a power of "
+                             f"two >= 16, WARPS 1, 2, 4, 8 or 16, REGISTERS 24-255, DOT_PRECISION one of "
+                             f"{DOT_PRECISIONS}")
+        return cls(version, int(block_n), warps[0] if warps else 4, precisions[0] if precisions else "auto",
+                   registers[0] if registers else None)
 
 
 def decode_kernel(key_format: PackedFormat, value_format: PackedFormat) -> DecodeKernel:
@@ -138,6 +180,25 @@ def decode_kernel(key_format: PackedFormat, value_format: PackedFormat) -> Decod
     if key_format.bits == 2 and key_format.group_size < 64:
         return DecodeKernel("v2", decode_block_n(key_format.bits))
     return DecodeKernel("v4", 64 if key_format.bits == 3 else 32)
+
+
+def engine_decode_kernel(pool: CompressedKVPool) -> DecodeKernel:
+    """The decode kernel for `pool`: SGLANG_KVC_DECODE_KERNEL's if set (checked here, so a bad
+    value fails at start-up, not inside a CUDA-graph capture; every config's group sizes, 16 to
+    128, suit every version), else `decode_kernel`'s measured choice."""
+    override = decode_kernel_override()
+    if override is None:
+        return decode_kernel(pool.lowbit.key_format, pool.lowbit.value_format)
+    try:
+        kernel = DecodeKernel.parse(override)
+        if kernel.version == "v1" or (kernel.version, kernel.dot_precision) == ("v3", "bf16"):
+            raise ValueError(f"the engine runs the tier-grouped kernels v2-v5 (v3 without bf16 dots), got "
+                             f"{kernel.version}")
+    except ValueError as error:
+        raise ValueError(f"{DECODE_KERNEL_ENV_VAR}={override!r}: {error}") from None
+    logger.info("sglang-kvc: decode kernel %s from %s (the measured choice: %s)", kernel.name,
+                DECODE_KERNEL_ENV_VAR, decode_kernel(pool.lowbit.key_format, pool.lowbit.value_format).name)
+    return kernel
 
 
 def decode_num_splits(batch_size: int, kv_heads: int, max_seq_len: int, sm_count: int) -> int:
@@ -259,9 +320,7 @@ class CompressedAttention:
         # With the Triton kernels the window scores are computed without the attention matrix.
         self.scorer = scorer or scorer_from_config(pool.config, implementation=attention_impl)
         self.layer_retain = pool.plan.layer_retain_ratios
-        self.decode_kernel = decode_kernel(pool.lowbit.key_format, pool.lowbit.value_format)
-        # fp16 dot operands on packed rows, tf32 on bf16 rows (kernels.decode_attention).
-        self.decode_dot_precision = "auto"
+        self.decode_kernel = engine_decode_kernel(pool)
         self.window = self.config.sparsity.observation_window
         self.decode_window = DecodeWindow(pool, req_to_token, self.config.quantization.decode_window)
         self.last_layer = pool.layer_num - 1
@@ -823,7 +882,9 @@ class CompressedAttention:
             num_splits=launch.num_splits,
             version=self.decode_kernel.version,
             block_n=self.decode_kernel.block_n,
-            dot_precision=self.decode_dot_precision,
+            num_warps=self.decode_kernel.num_warps,
+            dot_precision=self.decode_kernel.dot_precision,
+            max_registers=self.decode_kernel.max_registers,
             max_seq_len=launch.max_seq_len,
             max_entries=launch.entry_capacity,
             region_indptr=launch.region_indptr,

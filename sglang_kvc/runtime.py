@@ -19,6 +19,10 @@ CONFIG_ENV_VAR = "SGLANG_KVC_CONFIG"
 # stock SGLang's greedy tokens (docs/results/serving-graphs-2026-11-29.md). "0" selects the
 # torch reference path (eager, CUDA graphs off), e.g. to compare against it.
 TRITON_ENV_VAR = "SGLANG_KVC_TRITON"
+# The decode kernel in place of the engine's measured choice (engine.decode_kernel), as
+# VERSION:BLOCK_N[:wWARPS][:DOT_PRECISION] (engine.DecodeKernel.parse), e.g. "v5:64:bf16": to
+# serve a kernel the benchmark found faster before it becomes the default.
+DECODE_KERNEL_ENV_VAR = "SGLANG_KVC_DECODE_KERNEL"
 
 
 def set_active_config_path(path: str) -> None:
@@ -46,3 +50,8 @@ def triton_kernels_enabled() -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"{TRITON_ENV_VAR}={value!r}; allowed: '0' (torch reference path) or '1' (Triton kernels)")
     return value == "1"
+
+
+def decode_kernel_override() -> str | None:
+    """SGLANG_KVC_DECODE_KERNEL's value, or None where it is unset or empty."""
+    return os.environ.get(DECODE_KERNEL_ENV_VAR) or None

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call: Nsight Compute on one launch of the decode split kernel (v2, or --version v3 / v4) of
+# One device call: Nsight Compute on one launch of the decode split kernel (the engine's, or --kernel) of
 # eval/profile_decode.py (speed of light, occupancy, warp stall reasons, launch stats),
 # -> $OUT/ncu-<label>.txt. Arguments after the label go to eval/profile_decode.py.
 #   run(command="bash eval/gpu/profile_decode.sh tuned-h1 --config configs/qwen_8x_tuned.yaml", carry=[".gpu-rig"])

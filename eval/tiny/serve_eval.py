@@ -52,7 +52,14 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from eval.server_capacity import gpu_query, http_json, stock_settings_like_compressed, stop, wait_healthy  # noqa: E402
+from eval.server_capacity import (  # noqa: E402
+    gpu_query,
+    http_json,
+    kvc_environment,
+    stock_settings_like_compressed,
+    stop,
+    wait_healthy,
+)
 from eval.tiny import tasks  # noqa: E402
 from eval.tiny.quality import MODEL_DIR, Suite  # noqa: E402
 from eval.tiny.shared_suite import SHARED_TASKS, ContextGroup, shared_context_groups  # noqa: E402
@@ -230,7 +237,8 @@ def markdown(report: dict) -> str:
              + (f"{suite['samples']} held-out samples per cell (seed {suite['seed']}), greedy, exact match. "
                 if suite["samples"] else "not run. ")
              + f"Shared context: {shared_setup['contexts']} {shared_setup.get('task', 'kv')} contexts x "
-             f"{shared_setup['questions']} questions at {shared_setup['length']} tokens.", "",
+             f"{shared_setup['questions']} questions at {shared_setup['length']} tokens."
+             + "".join(f" `{name}={value}`." for name, value in report.get("environment", {}).items()), "",
              "| server | mean acc | rel. to bf16 | " + "".join(f"{t} {n} | " for t, n in columns)
              + "shared-context isolated | shared | reusing requests | doc from cache | context first |",
              "|---|---:|---:|" + "---:|" * len(columns) + "---:|---:|---:|---:|---:|"]
@@ -348,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", "eval/tiny/serve_eval.py", *argv]),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "versions": {"sglang": importlib.metadata.version("sglang"), "torch": torch.__version__},
+        "environment": kvc_environment(),
         "suite": {"tasks": list(suite.tasks), "lengths": list(suite.lengths), "samples": suite.samples,
                   "seed": suite.seed},
         "shared_context": {"task": args.shared_task, "contexts": len(groups), "questions": args.shared_questions,

@@ -64,6 +64,27 @@ def test_markdown_without_the_suite_shows_the_shared_context_only():
     table = markdown(report)
     assert "Suite: not run. Shared context: 1 multikey contexts x 2 questions" in table
     assert "| x | - | - | 1.00 | 0.50 | 0.00 | 1/1 | 0.25 |" in table
+    assert "SGLANG_KVC" not in table
+
+
+def test_the_report_names_the_servers_sglang_kvc_environment(monkeypatch):
+    """A decode kernel put in by SGLANG_KVC_DECODE_KERNEL (or any SGLANG_KVC_* the servers
+    inherit) is recorded with the run and shown under its table."""
+    from eval.server_capacity import kvc_environment
+
+    monkeypatch.delenv("SGLANG_KVC_TRITON", raising=False)
+    monkeypatch.setenv("SGLANG_KVC_DECODE_KERNEL", "v5:64:r168")
+    monkeypatch.setenv("SGLANG_KVCX", "not ours")
+    environment = kvc_environment()
+    assert environment.get("SGLANG_KVC_DECODE_KERNEL") == "v5:64:r168" and "SGLANG_KVCX" not in environment
+    report = {
+        "date": "d", "device": "H200", "command": "c", "versions": {"sglang": "0.5.17", "torch": "2.11"},
+        "environment": {"SGLANG_KVC_DECODE_KERNEL": "v5:64:r168"},
+        "suite": {"tasks": ["kv"], "lengths": [1024], "samples": 2, "seed": 0},
+        "shared_context": {"contexts": 0, "questions": 2, "length": 1024},
+        "servers": [{"name": "x", "suite": {"mean_accuracy": 0.5, "accuracy": {"kv": {"1024": 0.5}}}}],
+    }
+    assert "`SGLANG_KVC_DECODE_KERNEL=v5:64:r168`." in markdown(report)
 
 
 def test_compare_matches_servers_to_reference_configs_and_pairs_kernel_paths():

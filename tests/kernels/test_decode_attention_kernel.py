@@ -182,6 +182,10 @@ def run_kernel(pool, layer, q, req_to_token, req_pool_indices, seq_lens, scaling
 # scale, one CI seed (904402330) 2.02e-3; so 4e-3, far below what a wrong row, code or scale gives.
 TOLERANCE = 4e-3
 TOLERANCE_FP16 = 4e-3
+# bf16 probabilities (dot_precision="bf16") carry 8 significant bits: on test_bf16_dot_operands's
+# case (scan_decode_error.py --case bf16_dots, docs/results/decode-error-scan-2026-12-02-bf16.md)
+# worst over seeds 0-239 3.4e-3 of the value scale (v2, v5); so 6e-3.
+TOLERANCE_BF16 = 6e-3
 # v3's register-operand low-bit loop (opt-in) errs about twice as much as v2's: on
 # test_bit_widths_and_group_sizes's 4-bit, group-32 case (scan_decode_error.py --case
 # bits4_g32, docs/results/decode-error-scan-2026-11-30.md) median 1.3e-3 against v2's 0.6e-3,
@@ -275,6 +279,21 @@ def test_fp16_dot_operands(version, gen, device):
     q = random_queries(3, 7, gen, device)
     out = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, dot_precision="fp16", version=version)
     check_close(out, reference_decode(pool, 0, q, *batch, HEAD_DIM**-0.5), pool, TOLERANCE_FP16, version=version)
+
+
+def test_bf16_dot_operands(version, gen, device):
+    """dot_precision="bf16": the bf16 tiers' dots on bf16 operands (the probabilities rounded
+    to bf16, as SGLang's own decode kernel rounds them), packed tiers' on fp16; v1, which dots
+    every tier together, refuses it."""
+    pool = build_pool(gen, device, key_bits=4, value_bits=2, group_size=64)  # bf16 staging and guard
+    batch = build_batch([33, 7, 1], gen, device)
+    q = random_queries(3, 7, gen, device)
+    if version == "v1":
+        with pytest.raises(ValueError, match="bf16"):
+            run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, dot_precision="bf16", version=version)
+        return
+    out = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, dot_precision="bf16", version=version)
+    check_close(out, reference_decode(pool, 0, q, *batch, HEAD_DIM**-0.5), pool, TOLERANCE_BF16, version=version)
 
 
 def test_requests_without_held_tokens_get_zero(version, gen, device):
@@ -389,11 +408,13 @@ def test_requests_missing_tiers(guard_bits, version, gen, device):
 
 
 class KernelSpy:
-    """Stands in for a split kernel: records the launch (grid, compile-time constants), then
-    runs the real kernel."""
+    """Stands in for a split kernel: records the launch (grid, compile-time constants, launch
+    options), then runs the real kernel."""
+
+    LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 
     def __init__(self, kernel):
-        self.kernel, self.grids, self.constants = kernel, [], []
+        self.kernel, self.grids, self.constants, self.options = kernel, [], [], []
 
     def __getitem__(self, grid):
         self.grids.append(grid)
@@ -401,6 +422,7 @@ class KernelSpy:
 
         def record(*args, **kwargs):
             self.constants.append({key: value for key, value in kwargs.items() if key.isupper()})
+            self.options.append({key: value for key, value in kwargs.items() if key in self.LAUNCH_OPTIONS})
             return launch(*args, **kwargs)
 
         return record
@@ -435,15 +457,17 @@ def specialization(value) -> str:
     return "1" if value == 1 else ("multiple of 16" if value % 16 == 0 else "other")
 
 
-@pytest.mark.parametrize("split_version", ["v2", "v4"])  # the engine runs either (engine.decode_kernel)
-def test_the_decode_path_compiles_one_variant_whatever_the_batch(split_version, gen, device, monkeypatch):
+# The engine runs v2 or v4 (engine.decode_kernel); v5 is v4's kernel with transposed tiles.
+@pytest.mark.parametrize("split_version,split_kernel", [("v2", "v2"), ("v4", "v4"), ("v5", "v4")])
+def test_the_decode_path_compiles_one_variant_whatever_the_batch(split_version, split_kernel, gen, device,
+                                                                 monkeypatch):
     """A decode batch of a shape the server has not run yet (more requests than its CUDA
     graphs, longer sequences, another split count) must not wait for Triton to compile: in
     serving run 26 the first such batch stalled the server ~3 s. So across two batches of
     different sizes, lengths and split counts, every kernel of the decode path gets the same
     compile-time constants, and every integer argument whose specialization class changes
     is one the kernel does not specialize on."""
-    names = ("_count_held_kernel", "_region_scatter_kernel", f"_decode_split_kernel_{split_version}",
+    names = ("_count_held_kernel", "_region_scatter_kernel", f"_decode_split_kernel_{split_kernel}",
              "_merge_splits_kernel")
     recorders = {name: LaunchRecorder(getattr(decode_module, name)) for name in names}
     for name, recorder in recorders.items():
@@ -514,13 +538,22 @@ def test_version_selection(gen, device, monkeypatch):
     assert [spies["_decode_split_kernel_v2"].constants[-1][name] for name in precisions] == ["tf32", "fp16", "fp16"]
     assert launches() == (0, 1)
     with pytest.raises(ValueError, match="dot_precision must be one of"):
-        decode_attention(*lists, tier_indptr=entries.tier_indptr, dot_precision="bf16")
+        decode_attention(*lists, tier_indptr=entries.tier_indptr, dot_precision="fp8")
+    # "bf16": the bf16 rows' dots (staging, a bf16 guard) on bf16 operands, packed rows' on fp16.
+    decode_attention(*lists, tier_indptr=entries.tier_indptr, dot_precision="bf16")
+    assert [spies["_decode_split_kernel_v2"].constants[-1][name] for name in precisions] == ["bf16", "fp16", "bf16"]
+    assert launches() == (0, 1)
     decode_attention(*lists, tier_indptr=entries.tier_indptr, prefetch=False)
     assert launches() == (0, 1) and spies["_decode_split_kernel_v2"].constants[-1]["PREFETCH"] is False
+    # A register cap is Triton's maxnreg; none by default (ptxas's choice).
+    assert spies["_decode_split_kernel_v2"].options[-1] == {"num_warps": 4}
+    decode_attention(*lists, tier_indptr=entries.tier_indptr, max_registers=168, num_warps=8)
+    assert spies["_decode_split_kernel_v2"].options[-1] == {"num_warps": 8, "maxnreg": 168}
+    assert launches() == (0, 1)
     with pytest.raises(ValueError, match="tier_indptr"):
         decode_attention(*lists, version="v2")
-    with pytest.raises(ValueError, match="version"):
-        decode_attention(*lists, tier_indptr=entries.tier_indptr, version="v4")
+    with pytest.raises(ValueError, match="version must be one of"):
+        decode_attention(*lists, tier_indptr=entries.tier_indptr, version="v6")
     with pytest.raises(ValueError, match="prefetch"):
         decode_attention(*lists, tier_indptr=entries.tier_indptr, version="v1", prefetch=True)
     # v3 on 3-bit keys (this pool) is v2 with its prefetching loop ...

@@ -9,6 +9,8 @@ The simulator's pool lives on the CPU, so its Triton path runs only in the inter
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -56,7 +58,7 @@ class RecordingAttention(CompressedAttention):
         # tf32 dots, which the interpreter computes in fp32, so that DECODE_ATOL can stay
         # tight; the engine's default ("auto": fp16 operands on packed rows) differs only in
         # that constant, and the kernel tests check it against the reference.
-        self.decode_dot_precision = "tf32"
+        self.decode_kernel = dataclasses.replace(self.decode_kernel, dot_precision="tf32")
         self.decode_outputs: list[torch.Tensor] = []
         self.extend_outputs: list[torch.Tensor] = []
 
@@ -93,7 +95,7 @@ def simulate(
         sim.pool, sim.req_to_token_pool.req_to_token, attention_impl=attention_impl, logit_cap=logit_cap
     )
     if decode_kernel is not None:
-        sim.engine.decode_kernel = decode_kernel
+        sim.engine.decode_kernel = dataclasses.replace(decode_kernel, dot_precision="tf32")
     if captured:
         sim._forward = types.MethodType(_captured_graph_forward, sim)
     requests = [
@@ -493,6 +495,51 @@ def test_decode_kernel_choice():
     assert choice(2, 128) == ("v4", 32)
 
 
+def test_decode_kernel_parse():
+    """DecodeKernel.parse reads VERSION:BLOCK_N[:wWARPS][:DOT_PRECISION] (SGLANG_KVC_DECODE_KERNEL,
+    bench_kernels --candidates); its name is the benchmark's key; a malformed text names the form."""
+    assert DecodeKernel.parse("v5:64") == DecodeKernel("v5", 64)
+    assert DecodeKernel.parse("v5:128:w8:bf16") == DecodeKernel("v5", 128, 8, "bf16")
+    assert DecodeKernel.parse("v4:32:fp16:r168:w2") == DecodeKernel("v4", 32, 2, "fp16", 168)
+    assert [DecodeKernel.parse(text).name for text in ("v4:32", "v5:128:w8", "v5:64:r168:bf16", "v2:16:w4:auto")] == [
+        "v4_block_n_32", "v5_block_n_128_w8", "v5_block_n_64_r168_bf16", "v2_block_n_16"]
+    for bad in ("v9:64", "v5", "v5:x", "v5:48", "v5:8", "v5:0", "v5:64:bf8", "v5:64:w8:w4", "v5:64:w", "v5:64:w3",
+                "v5:64:r16", "v5:64:r300", "v5:64:r168:r128", ""):
+        with pytest.raises(ValueError, match=r"VERSION:BLOCK_N\[:wWARPS\]\[:rREGISTERS\]\[:DOT_PRECISION\]"):
+            DecodeKernel.parse(bad)
+
+
+@needs_interpreter
+def test_decode_kernel_override(monkeypatch, seed):
+    """SGLANG_KVC_DECODE_KERNEL replaces the measured choice, and decode passes take its fields;
+    a kernel the engine does not run, or a malformed value, fails when the engine is built (not
+    in a CUDA-graph capture), naming the variable."""
+    def engine_for(**quantization):
+        config = config_from_dict({**SMALL_CONFIG, "quantization": {**SMALL_CONFIG["quantization"], **quantization}})
+        sim = Simulator(num_layers=1, kv_heads=2, q_heads=4, config=config, seed=0, head_dim=64)
+        return CompressedAttention(sim.pool, sim.req_to_token_pool.req_to_token, attention_impl="triton")
+
+    assert engine_for().decode_kernel == DecodeKernel("v4", 64)  # SMALL_CONFIG: 3-bit keys
+    monkeypatch.setenv("SGLANG_KVC_DECODE_KERNEL", "v5:64:w8:r168:bf16")
+    engine = engine_for(key_bits=4, value_bits=4, group_size=64)
+    assert engine.decode_kernel == DecodeKernel("v5", 64, 8, "bf16", 168)
+    # Decode passes run it (RecordingAttention puts tf32 dots in, see there).
+    import sglang_kvc.kernels.decode_attention as decode_module
+
+    calls = []
+    real_call = decode_module.decode_attention_for_pool
+    monkeypatch.setattr(decode_module, "decode_attention_for_pool",
+                        lambda *args, **kwargs: calls.append(kwargs) or real_call(*args, **kwargs))
+    monkeypatch.setenv("SGLANG_KVC_DECODE_KERNEL", "v5:64:w8:r168")
+    simulate("triton", 14, 16, seed, key_bits=4, value_bits=4, group_size=64, head_dim=64)
+    assert calls and {(call["version"], call["block_n"], call["num_warps"], call["dot_precision"],
+                       call["max_registers"]) for call in calls} == {("v5", 64, 8, "tf32", 168)}
+    for value, message in (("v1:16", "v2-v5"), ("v3:64:bf16", "v2-v5"), ("v5:60", "BLOCK_N")):
+        monkeypatch.setenv("SGLANG_KVC_DECODE_KERNEL", value)
+        with pytest.raises(ValueError, match=f"SGLANG_KVC_DECODE_KERNEL='{value}': .*{message}"):
+            engine_for()
+
+
 def test_decode_num_splits():
     h200 = 132
     assert decode_num_splits(1, 4, 32768, h200) == 64  # one request: as many splits as allowed
@@ -550,7 +597,8 @@ def test_bench_kernels_smoke(tmp_path, monkeypatch):
     spec.loader.exec_module(bench)
     # Two configs keep the interpreter run short: 3-bit keys with a bf16 guard, and 4/2-bit.
     configs = [REPO / "configs" / "qwen_8x.yaml", REPO / "configs" / "qwen_8x_tuned.yaml"]
-    assert bench.main(["--smoke", "--out", str(tmp_path), "--configs", *map(str, configs)]) == 0
+    assert bench.main(["--smoke", "--out", str(tmp_path), "--configs", *map(str, configs),
+                       "--candidates", "v5:64:bf16"]) == 0
 
     report = json.loads((tmp_path / "bench_kernels.json").read_text())
     assert {"date", "device", "versions", "command", "copy_bandwidth", "bytes_counted"} <= report.keys()
@@ -572,8 +620,8 @@ def test_bench_kernels_smoke(tmp_path, monkeypatch):
             assert cell["together"]["v2_graph"]["ms"] > 0, cell["together"]["v2_graph"]
             # The decode pass's split of the entry build: all layers' counts, then a scatter per layer.
             assert cell["entry_count_all_layers"]["ms"] > 0 and cell["entry_build_from_counts"]["ms"] > 0
-            # The default candidates (v4 at two block sizes): timed from a graph and checked.
-            for candidate in report["candidates"]:
+            # The candidates (v5 with bf16 dots on bf16 rows, and the engine's): timed from a graph and checked.
+            for candidate in cell["candidates"]:
                 assert cell["check"]["by_variant"][candidate]["ok"], cell["check"]["by_variant"][candidate]
                 assert cell["together"][f"{candidate}_graph"]["ms"] > 0
     for written in report["write_packed"].values():
@@ -581,12 +629,37 @@ def test_bench_kernels_smoke(tmp_path, monkeypatch):
     table = (tmp_path / "bench_kernels.md").read_text()
     assert all(f"| {name} |" in table for name in config_names)
     assert "CUDA-graph replay" in table
-    assert report["candidates"] == ["v4_block_n_32", "v4_block_n_64"]
-    # The engine's own kernel per config is recorded and marked in the candidates' table.
-    engines = {name: cell["engine_kernel"] for name, cell in report["grids"][0]["configs"].items()}
-    assert engines == {"qwen_8x": {"version": "v4", "block_n": 64, "entry_lists": "regions"},
-                       "qwen_8x_tuned": {"version": "v4", "block_n": 32, "entry_lists": "regions"}}
+    assert report["candidates"] == ["v5_block_n_64_bf16"]
+    # The engine's own kernel per config is recorded, timed among the candidates and marked in their table.
+    cells = report["grids"][0]["configs"]
+    assert {name: cell["engine_kernel"] for name, cell in cells.items()} == {
+        "qwen_8x": {"version": "v4", "block_n": 64, "entry_lists": "regions", "name": "v4_block_n_64"},
+        "qwen_8x_tuned": {"version": "v4", "block_n": 32, "entry_lists": "regions", "name": "v4_block_n_32"}}
+    assert cells["qwen_8x"]["candidates"] == ["v5_block_n_64_bf16", "v4_block_n_64"]
     assert "| qwen_8x | v4_block_n_64 (engine) |" in table and "| qwen_8x_tuned | v4_block_n_32 (engine) |" in table
+    assert "| qwen_8x_tuned | v5_block_n_64_bf16 |" in table
+
+
+def test_bench_candidates_parse(monkeypatch):
+    """--candidates VERSION:BLOCK_N[:wWARPS][:DOT_PRECISION] (DecodeKernel.parse): each part
+    reaches decode_attention's keyword arguments; a malformed item names the form it wants."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "eval" / "bench_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    candidates = bench.parse_candidates("v5:64,v5:64:bf16,v5:128:w8:r168")
+    assert candidates == [DecodeKernel("v5", 64), DecodeKernel("v5", 64, 4, "bf16"),
+                          DecodeKernel("v5", 128, 8, max_registers=168)]
+    defaults = {"num_warps": 2, "dot_precision": "tf32", "num_stages": None}
+    assert bench.candidate_options(candidates[0], defaults) == {
+        **defaults, "num_warps": 4, "dot_precision": "auto", "max_registers": None}
+    assert bench.candidate_options(candidates[2], defaults) == {
+        **defaults, "num_warps": 8, "dot_precision": "auto", "max_registers": 168}
+    assert bench.candidate_tolerance(candidates[1], 2e-3) == bench.BF16_DOT_TOLERANCE
+    assert bench.candidate_tolerance(candidates[2], 2e-3) == 2e-3
+    assert bench.parse_candidates("") == [] and bench.parse_candidates(bench.DEFAULT_CANDIDATES)
+    with pytest.raises(argparse.ArgumentTypeError, match="VERSION:BLOCK_N"):
+        bench.parse_candidates("v5:64,v5:64:bf8")
 
 
 def test_bench_kernels_smoke_contiguous_rows(tmp_path, monkeypatch):
