@@ -1433,36 +1433,72 @@ def _load_slice_words(codes_ptr, pairs_ptr, rows, kv_head, stride_row, stride_he
 
 
 @triton.jit
+def _code_order(COLS: tl.constexpr, BITS: tl.constexpr):
+    """The channel (of a slice of COLS) at each column of `_biased_codes`' tiles: for 2/4/8-bit
+    codes, each word's slots in the order s, s + half, s + 1, s + 1 + half, ... (half = slots / 2),
+    the order in which one 32-bit value holds two biased codes; channel order for 3 bits."""
+    columns = tl.arange(0, COLS)
+    if BITS != 3:
+        CODES_PER_WORD: tl.constexpr = 32 // BITS
+        HALF: tl.constexpr = CODES_PER_WORD // 2
+        in_word = columns % CODES_PER_WORD
+        return columns - in_word + (in_word % 2) * HALF + in_word // 2
+    else:
+        return columns
+
+
+@triton.jit
 def _biased_codes(words, START: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """fp16 1024 + code, [BLOCK_N, COLS], of `_load_slice_words`' words (exact: codes < 1024)."""
+    """fp16 1024 + code, [BLOCK_N, COLS], of `_load_slice_words`' words (exact: codes < 1024),
+    columns in `_code_order`: the dots take the queries in that order and the value tiles'
+    accumulators are kept in it (`_to_code_order`)."""
     CODES_PER_WORD: tl.constexpr = 32 // BITS
     MAX_CODE: tl.constexpr = (1 << BITS) - 1
     if BITS != 3:
-        # Slot s of every word, biased, as one [BLOCK_N, words] tile each; then joined into
-        # [BLOCK_N, words, 2, ..., 2] so that the flattened trailing index is the slot, which
-        # makes channel word * CODES_PER_WORD + slot a reshape. Joins keep a word's codes in
-        # one thread (an outer-product broadcast of words x shifts spreads them over lanes, and
-        # the tile then goes to shared memory one 16-bit store per code).
-        # Level by level, join slot i with slot i + half: the first join's axis is the slot's top
-        # bit. Slots i and i + half lie 16 bits apart, so the first level is one shift and one
-        # mask per pair, both codes biased at once: its two 16-bit halves are already the pair.
+        # Slots s and s + half lie 16 bits apart: one shift and one mask give both, biased, as
+        # the two halves of one 32-bit value. The pairs are joined (slot s's top bit first) and
+        # each split into its halves last, so every pair stays one register (joining the halves
+        # in channel order instead costs a byte permute per pair).
         HALF: tl.constexpr = CODES_PER_WORD // 2
         PAIR_MASK: tl.constexpr = MAX_CODE | (MAX_CODE << 16)
         tiles = ()
         for slot in tl.static_range(HALF):
-            pair = ((words >> (slot * BITS)) & PAIR_MASK) | 0x64006400
-            tiles = tiles + (tl.join(pair.to(tl.int16), (pair >> 16).to(tl.int16)),)
+            tiles = tiles + (((words >> (slot * BITS)) & PAIR_MASK) | 0x64006400,)
         LEVELS: tl.constexpr = 3 if BITS == 2 else (2 if BITS == 4 else 1)  # log2(HALF)
         for level in tl.static_range(LEVELS):
             joined = ()
             for index in tl.static_range(HALF >> (level + 1)):
                 joined = joined + (tl.join(tiles[index], tiles[index + (HALF >> (level + 1))]),)
             tiles = joined
-        codes = tl.reshape(tiles[0], [BLOCK_N, COLS])
+        pairs = tiles[0]
+        codes = tl.reshape(tl.join(pairs.to(tl.int16), (pairs >> 16).to(tl.int16)), [BLOCK_N, COLS])
     else:
         codes = (((words >> (((START + tl.arange(0, COLS)) % CODES_PER_WORD) * BITS)[None, :]) & MAX_CODE)
                  | 0x6400).to(tl.int16)
     return codes.to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _to_code_order(acc, COLS: tl.constexpr, BITS: tl.constexpr, BLOCK_G: tl.constexpr, TRANSPOSED: tl.constexpr,
+                   INVERSE: tl.constexpr = False):
+    """An accumulator slice ([BLOCK_G, COLS], or [COLS, BLOCK_G] when TRANSPOSED) with its
+    channels moved into `_code_order` (INVERSE: back into channel order)."""
+    if BITS != 3:
+        WORDS: tl.constexpr = COLS // (32 // BITS)
+        HALF: tl.constexpr = 16 // BITS
+        # Channel w * slots + top * half + s <-> column w * slots + s * 2 + top: a transpose of
+        # the last two axes of [words, 2, half] (channel order) and [words, half, 2] (code order).
+        if TRANSPOSED:
+            if INVERSE:
+                acc = tl.reshape(tl.permute(tl.reshape(acc, [WORDS, HALF, 2, BLOCK_G]), (0, 2, 1, 3)), [COLS, BLOCK_G])
+            else:
+                acc = tl.reshape(tl.permute(tl.reshape(acc, [WORDS, 2, HALF, BLOCK_G]), (0, 2, 1, 3)), [COLS, BLOCK_G])
+        else:
+            if INVERSE:
+                acc = tl.reshape(tl.permute(tl.reshape(acc, [BLOCK_G, WORDS, HALF, 2]), (0, 1, 3, 2)), [BLOCK_G, COLS])
+            else:
+                acc = tl.reshape(tl.permute(tl.reshape(acc, [BLOCK_G, WORDS, 2, HALF]), (0, 1, 3, 2)), [BLOCK_G, COLS])
+    return acc
 
 
 @triton.jit
@@ -1474,18 +1510,18 @@ def _pair_floats(pairs):
 
 @triton.jit
 def _load_query_slices(q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, COLS: tl.constexpr, BLOCK_G: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr, BLOCK_G: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """The GQA group's queries in column slices of COLS (one per key group; [BLOCK_G, COLS], or
-    [COLS, BLOCK_G] when TRANSPOSED), fp16 for "fp16" dots, else fp32, and each slice's sums
-    per query of those values (for fp16, the sums must be of what the dots multiply, or the
-    folded 1024 * sum would not cancel)."""
+    [COLS, BLOCK_G] when TRANSPOSED), channels in the `_code_order` of BITS-bit keys, fp16 for
+    "fp16" dots, else fp32, and each slice's sums per query of those values (for fp16, the sums
+    must be of what the dots multiply, or the folded 1024 * sum would not cancel)."""
     offs_g = tl.arange(0, BLOCK_G)
     q_base = q_ptr + request.to(tl.int64) * stride_q_batch + (kv_head * QUERY_GROUP + offs_g) * stride_q_head
     slices = ()
     sums = ()
     for index in tl.static_range(HEAD_DIM // COLS):
-        cols = index * COLS + tl.arange(0, COLS)
+        cols = index * COLS + _code_order(COLS, BITS)
         if TRANSPOSED:
             q_slice = tl.load(q_base[None, :] + cols[:, None], mask=(offs_g < QUERY_GROUP)[None, :], other=0.0)
         else:
@@ -1652,11 +1688,12 @@ def _factored_tier_loop(q_slices, q_sums, m_i, l_i, accs, entry_row_ptr, first, 
             pending = pending + (tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32),)
         else:
             pending = pending + (tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32),)
-    if TRANSPOSED:
-        transposed = ()
-        for index in tl.static_range(HEAD_DIM // ACC_COLS):
-            transposed = transposed + (tl.trans(accs[index]),)
-        accs = transposed
+    # The accumulators in the value codes' order (and transposed for v5) while the loop runs.
+    ordered = ()
+    for index in tl.static_range(HEAD_DIM // ACC_COLS):
+        acc = tl.trans(accs[index]) if TRANSPOSED else accs[index]
+        ordered = ordered + (_to_code_order(acc, ACC_COLS, VALUE_BITS, BLOCK_G, TRANSPOSED),)
+    accs = ordered
     for block_start in range(first, end, BLOCK_N):
         ahead_entries = block_start + 2 * BLOCK_N + offs_n
         ahead_valid = ahead_entries < end
@@ -1679,9 +1716,11 @@ def _factored_tier_loop(q_slices, q_sums, m_i, l_i, accs, entry_row_ptr, first, 
     settled = ()
     for index in tl.static_range(HEAD_DIM // ACC_COLS):
         if TRANSPOSED:
-            settled = settled + (tl.trans(accs[index] + tl.sum(pending[index], axis=0)[None, :]),)
+            acc = accs[index] + tl.sum(pending[index], axis=0)[None, :]
+            settled = settled + (tl.trans(_to_code_order(acc, ACC_COLS, VALUE_BITS, BLOCK_G, True, True)),)
         else:
-            settled = settled + (accs[index] + tl.sum(pending[index], axis=1)[:, None],)
+            acc = accs[index] + tl.sum(pending[index], axis=1)[:, None]
+            settled = settled + (_to_code_order(acc, ACC_COLS, VALUE_BITS, BLOCK_G, False, True),)
     return m_i, l_i, settled
 
 
@@ -1726,7 +1765,8 @@ def _decode_split_kernel_v4(
                                              stride_staging_row, stride_staging_head, HEAD_DIM, ACC_COLS, BLOCK_N,
                                              DOT_PRECISION)
     q_slices, q_sums = _load_query_slices(q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP,
-                                          HEAD_DIM, KEY_GROUP_SIZE, BLOCK_G, PACKED_DOT_PRECISION, TRANSPOSED)
+                                          HEAD_DIM, KEY_GROUP_SIZE, KEY_BITS, BLOCK_G, PACKED_DOT_PRECISION,
+                                          TRANSPOSED)
     m_i, l_i, accs = _factored_tier_loop(
         q_slices, q_sums, m_i, l_i, accs, entry_row_ptr, lowbit_first, lowbit_end, kv_head, offs_n, qk_scale,
         lowbit_k_codes_ptr, lowbit_k_pairs_ptr, stride_lk_row, stride_lk_head, stride_lk_pairs_row,
@@ -1735,8 +1775,8 @@ def _decode_split_kernel_v4(
         VALUE_GROUP_SIZE, ACC_COLS, BLOCK_G, BLOCK_N, PACKED_DOT_PRECISION, TRANSPOSED)
     if GUARD_PACKED:
         guard_q_slices, guard_q_sums = _load_query_slices(q_ptr, request, kv_head, stride_q_batch, stride_q_head,
-                                                          QUERY_GROUP, HEAD_DIM, GUARD_GROUP_SIZE, BLOCK_G,
-                                                          PACKED_DOT_PRECISION, TRANSPOSED)
+                                                          QUERY_GROUP, HEAD_DIM, GUARD_GROUP_SIZE, GUARD_BITS,
+                                                          BLOCK_G, PACKED_DOT_PRECISION, TRANSPOSED)
         m_i, l_i, accs = _factored_tier_loop(
             guard_q_slices, guard_q_sums, m_i, l_i, accs, entry_row_ptr, guard_first, guard_end, kv_head, offs_n,
             qk_scale, guard_k_ptr, guard_k_pairs_ptr, stride_guard_row, stride_guard_head, stride_guard_pairs_row,
