@@ -110,10 +110,10 @@ V2_BLOCK_NS = (16, 32, 64)  # v2's BLOCK_N sweep (v1 stays at its shipped 16)
 V1_BLOCK_N = 16
 ENGINE_BLOCK_N = 16  # always swept: the 3-bit-key choice of engine.decode_block_n
 SMOKE_V2_BLOCK_NS = (16, 32)
-# --candidates: v5 at the BLOCK_N bench v16 measured, capped at 168 registers (three programs per
-# SM, not two) and at 128 (four; a few spills), and with bf16 dots on bf16 rows (docs/kernels.md,
-# "Twenty-sixth session")
-DEFAULT_CANDIDATES = "v5:64,v5:64:r168,v5:64:r128,v5:64:r168:bf16"
+# --candidates: v5 at the BLOCK_N bench v16 measured, with the codes in pair order, capped at 168
+# registers (three programs per SM, not two), with bf16 dots on bf16 rows; the engine's v4:32 in
+# pair order (docs/kernels.md, "Twenty-sixth session")
+DEFAULT_CANDIDATES = "v5:64,v5:64:pairs,v5:64:r168:pairs,v5:64:r168:bf16:pairs,v4:32:pairs"
 # A bf16-dot candidate's check: bf16 probabilities (TOLERANCE_BF16 in the decode kernel's tests).
 BF16_DOT_TOLERANCE = 6e-3
 SGLANG_SPLITS = (8, 16, 64)
@@ -697,10 +697,11 @@ def graph_table(report: dict) -> list[str]:
 
 
 def candidate_options(candidate: DecodeKernel, defaults: dict) -> dict:
-    """decode_attention's keyword arguments for a candidate: the command line's (`defaults`)
-    with the candidate's own warps, dot_precision and register cap."""
-    return {**defaults, "num_warps": candidate.num_warps, "dot_precision": candidate.dot_precision,
-            "max_registers": candidate.max_registers}
+    """decode_attention's keyword arguments for a candidate but its version and BLOCK_N (which
+    `together` takes): the command line's (`defaults`) with the candidate's own."""
+    own = candidate.arguments()
+    del own["version"], own["block_n"]
+    return {**defaults, **own}
 
 
 def candidate_tolerance(candidate: DecodeKernel, default: float) -> float:

@@ -118,9 +118,10 @@ def compile_and_measure(kernel, pointer_types: dict[str, str], constexprs: dict,
 
 def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD_DIM, query_group: int = 7,
                 prefetch: bool = False, dot_precision: str = "auto", num_warps: int = 4,
-                max_registers: int | None = None) -> dict:
+                max_registers: int | None = None, pair_order: bool = False) -> dict:
     """decode_attention's split kernel as it launches it; `dot_precision` "auto" or "bf16"
-    (the bf16 rows' dots on bf16 operands), `max_registers` its register cap."""
+    (the bf16 rows' dots on bf16 operands), `max_registers` its register cap, `pair_order` (v4 /
+    v5) the codes in pair order."""
     key_bits, value_bits, group, guard_bits = formats
     dense_precision = {"auto": "tf32", "bf16": "bf16"}[dot_precision]
     kernel = {"v1": decode_module._decode_split_kernel,
@@ -143,7 +144,8 @@ def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD
                   "GUARD_GROUP_SIZE": group if guard_packed else head_dim, "BLOCK_G": 16,
                   "BLOCK_D": triton.next_power_of_2(head_dim), "BLOCK_N": block_n, "DOT_PRECISION": dense_precision}
     if version in ("v4", "v5"):  # output slices of the value group (one group size for every tier here)
-        constexprs.update(ACC_COLS=group, PACKED_DOT_PRECISION="fp16", TRANSPOSED=version == "v5")
+        constexprs.update(ACC_COLS=group, PACKED_DOT_PRECISION="fp16", TRANSPOSED=version == "v5",
+                          PAIR_ORDER=pair_order)
     elif version != "v1":
         # dot_precision="auto", as decode_attention runs it (a bf16 guard here unless guard_bits 8)
         constexprs.update(PREFETCH=prefetch, LOWBIT_DOT_PRECISION="fp16",
@@ -263,21 +265,27 @@ def cases() -> list[tuple[str, callable]]:
             for block_n in (32, 64):
                 result.append((f"decode {version} {name} BLOCK_N {block_n}",
                                lambda f=formats, b=block_n, v=version: decode_case(v, f, b)))
-    # The next bench call's levers (docs/kernels.md, "Twenty-sixth session"): bf16 dots on the
-    # bf16 rows (each config's kernel as the engine or the bench runs it), BLOCK_N 128 on 8 warps,
-    # register caps.
-    for version, name, block_n in (("v2", "tuned (K4V2 g64)", 64), ("v4", "tuned (K4V2 g64)", 32),
-                                   ("v5", "tuned (K4V2 g64)", 64), ("v4", "qwen_8x", 64)):
-        result.append((f"decode {version} {name} BLOCK_N {block_n}, bf16 dots",
-                       functools.partial(decode_case, version, DECODE_FORMATS[name], block_n, dot_precision="bf16")))
-    result.append(("decode v5 tuned (K4V2 g64) BLOCK_N 128, 8 warps",
-                   lambda: decode_case("v5", DECODE_FORMATS["tuned (K4V2 g64)"], 128, num_warps=8)))
+    # The next bench call's levers (docs/kernels.md, "Twenty-sixth session"): the codes in pair
+    # order (every format), bf16 dots on the bf16 rows, BLOCK_N 128 on 8 warps, register caps.
+    for version, block_n in (("v4", 32), ("v5", 64)):
+        for name, formats in DECODE_FORMATS.items():
+            result.append((f"decode {version} {name} BLOCK_N {block_n}, pairs",
+                           functools.partial(decode_case, version, formats, block_n, pair_order=True)))
+    for version, name, block_n, pairs in (("v2", "tuned (K4V2 g64)", 64, False), ("v4", "tuned (K4V2 g64)", 32, True),
+                                          ("v5", "tuned (K4V2 g64)", 64, True), ("v4", "qwen_8x", 64, False)):
+        result.append((f"decode {version} {name} BLOCK_N {block_n}, bf16 dots" + (", pairs" if pairs else ""),
+                       functools.partial(decode_case, version, DECODE_FORMATS[name], block_n, dot_precision="bf16",
+                                         pair_order=pairs)))
+    result.append(("decode v5 tuned (K4V2 g64) BLOCK_N 128, 8 warps, pairs",
+                   lambda: decode_case("v5", DECODE_FORMATS["tuned (K4V2 g64)"], 128, num_warps=8, pair_order=True)))
     # Register caps: fewer registers per thread, more 4-warp programs per SM (65,536 registers).
-    for version, name, block_n in (("v5", "tuned (K4V2 g64)", 64), ("v4", "tuned (K4V2 g64)", 32),
-                                   ("v2", "qwen_8x_aggressive", 64)):
+    for version, name, block_n, pairs in (("v5", "tuned (K4V2 g64)", 64, True), ("v4", "tuned (K4V2 g64)", 32, True),
+                                          ("v2", "qwen_8x_aggressive", 64, False)):
         for cap in (168, 128):
-            result.append((f"decode {version} {name} BLOCK_N {block_n}, at most {cap} registers",
-                           functools.partial(decode_case, version, DECODE_FORMATS[name], block_n, max_registers=cap)))
+            result.append((f"decode {version} {name} BLOCK_N {block_n}, at most {cap} registers"
+                           + (", pairs" if pairs else ""),
+                           functools.partial(decode_case, version, DECODE_FORMATS[name], block_n, max_registers=cap,
+                                             pair_order=pairs)))
     result.append(("decode v2 tuned (K4V2 g64) BLOCK_N 64, tiny model (head_dim 64, group 4)",
                    lambda: decode_case("v2", DECODE_FORMATS["tuned (K4V2 g64)"], 64, head_dim=64, query_group=4)))
     result += region_builder_cases()

@@ -6,7 +6,7 @@
 
 Builds the same layer as the benchmark (Qwen2.5-7B heads, the config's middle-layer budget,
 random rows) and calls `decode_attention` with the engine's kernel for the config
-(engine.decode_kernel) or `--kernel VERSION:BLOCK_N[:wWARPS][:DOT_PRECISION]`, `--repeat` times,
+(engine.decode_kernel) or `--kernel` (engine.DecodeKernel.FORM, e.g. v5:64:r168:pairs), `--repeat` times,
 so that the profiler can skip the compiling first launches. Prints the time per call (CUDA
 events, for orientation: the benchmark is what reports times).
 """
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--grid", type=parse_grid, default=(48, 32768), help="BxTOKENS")
     parser.add_argument("--kernel", type=kernel_argument,
-                        help=f"{DecodeKernel.FORM}, e.g. v5:64:bf16 (default: the engine's for the config)")
+                        help=f"{DecodeKernel.FORM}, e.g. v5:64:r168:pairs (default: the engine's for the config)")
     parser.add_argument("--splits", type=int, help="default: engine.decode_num_splits")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         start.record()
         decode_attention(batch.q, entries.indptr, entries.tier, entries.row, *layer_tables(layer, 0),
                          shape.head_dim**-0.5, splits, tier_indptr=entries.tier_indptr, out=out,
-                         version=kernel.version, block_n=kernel.block_n, num_warps=kernel.num_warps,
-                         dot_precision=kernel.dot_precision)
+                         **kernel.arguments())
         end.record()
         torch.cuda.synchronize()
     print(f"{plan.config.name} {batch_size}x{tokens} ({kernel.name}): held {layer.held_per_request} per request, "

@@ -40,7 +40,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -117,29 +117,36 @@ def decode_block_n(key_bits: int) -> int:
 @dataclass(frozen=True)
 class DecodeKernel:
     """Which split kernel of kernels.decode_attention the engine runs: its version, BLOCK_N,
-    warps, dot_precision and register cap (decode_attention's version, block_n, num_warps,
-    dot_precision and max_registers)."""
+    warps, dot_precision, register cap and code order, each field named as decode_attention's
+    keyword argument (`arguments`)."""
 
     version: str
     block_n: int
     num_warps: int = 4
     dot_precision: str = "auto"
     max_registers: int | None = None
+    pair_order: bool = False
 
-    FORM = "VERSION:BLOCK_N[:wWARPS][:rREGISTERS][:DOT_PRECISION]"
+    FORM = "VERSION:BLOCK_N[:wWARPS][:rREGISTERS][:DOT_PRECISION][:pairs]"
 
     @property
     def name(self) -> str:
-        """"v4_block_n_32", "v5_block_n_128_w8", "v5_block_n_64_r168_bf16" (the benchmark's keys)."""
+        """"v4_block_n_32", "v5_block_n_128_w8", "v5_block_n_64_r168_bf16_pairs" (the benchmark's keys)."""
         name = f"{self.version}_block_n_{self.block_n}"
         name += f"_w{self.num_warps}" if self.num_warps != 4 else ""
         name += f"_r{self.max_registers}" if self.max_registers else ""
-        return name + (f"_{self.dot_precision}" if self.dot_precision != "auto" else "")
+        name += f"_{self.dot_precision}" if self.dot_precision != "auto" else ""
+        return name + ("_pairs" if self.pair_order else "")
+
+    def arguments(self) -> dict:
+        """decode_attention's keyword arguments for this kernel."""
+        return asdict(self)
 
     @classmethod
     def parse(cls, text: str) -> DecodeKernel:
-        """"v5:64" -> DecodeKernel("v5", 64); "v5:64:w8:r168:bf16" -> 8 warps, at most 168 registers
-        per thread, bf16 dots on bf16 rows (the optional parts in any order)."""
+        """"v5:64" -> DecodeKernel("v5", 64); "v5:64:w8:r168:bf16:pairs" -> 8 warps, at most 168
+        registers per thread, bf16 dots on bf16 rows, codes in pair order (the optional parts in
+        any order)."""
         from sglang_kvc.kernels.decode_attention import DECODE_VERSIONS, DOT_PRECISIONS
 
         parts = text.strip().split(":")
@@ -150,18 +157,20 @@ class DecodeKernel:
 
         warps, registers = numbers("w"), numbers("r")
         precisions = [extra for extra in extras if extra in DOT_PRECISIONS]
+        pairs = [extra for extra in extras if extra == "pairs"]
         valid = (version in DECODE_VERSIONS and block_n.isdigit()
                  and int(block_n) >= 16 and not int(block_n) & (int(block_n) - 1)
-                 and all(len(found) <= 1 for found in (warps, registers, precisions))
-                 and len(warps) + len(registers) + len(precisions) == len(extras)
+                 and all(len(found) <= 1 for found in (warps, registers, precisions, pairs))
+                 and len(warps) + len(registers) + len(precisions) + len(pairs) == len(extras)
+                 and (not pairs or version in ("v4", "v5"))
                  and all(count in (1, 2, 4, 8, 16) for count in warps)
                  and all(24 <= count <= 255 for count in registers))
         if not valid:
             raise ValueError(f"{text!r}: want {cls.FORM}: VERSION one of {DECODE_VERSIONS}, BLOCK_N a power of "
                              f"two >= 16, WARPS 1, 2, 4, 8 or 16, REGISTERS 24-255, DOT_PRECISION one of "
-                             f"{DOT_PRECISIONS}")
+                             f"{DOT_PRECISIONS}, pairs for v4 / v5")
         return cls(version, int(block_n), warps[0] if warps else 4, precisions[0] if precisions else "auto",
-                   registers[0] if registers else None)
+                   registers[0] if registers else None, bool(pairs))
 
 
 def decode_kernel(key_format: PackedFormat, value_format: PackedFormat) -> DecodeKernel:
@@ -880,11 +889,7 @@ class CompressedAttention:
             scaling,
             out=out,
             num_splits=launch.num_splits,
-            version=self.decode_kernel.version,
-            block_n=self.decode_kernel.block_n,
-            num_warps=self.decode_kernel.num_warps,
-            dot_precision=self.decode_kernel.dot_precision,
-            max_registers=self.decode_kernel.max_registers,
+            **self.decode_kernel.arguments(),
             max_seq_len=launch.max_seq_len,
             max_entries=launch.entry_capacity,
             region_indptr=launch.region_indptr,

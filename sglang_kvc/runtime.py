@@ -20,8 +20,8 @@ CONFIG_ENV_VAR = "SGLANG_KVC_CONFIG"
 # torch reference path (eager, CUDA graphs off), e.g. to compare against it.
 TRITON_ENV_VAR = "SGLANG_KVC_TRITON"
 # The decode kernel in place of the engine's measured choice (engine.decode_kernel), as
-# VERSION:BLOCK_N[:wWARPS][:DOT_PRECISION] (engine.DecodeKernel.parse), e.g. "v5:64:bf16": to
-# serve a kernel the benchmark found faster before it becomes the default.
+# engine.DecodeKernel.FORM reads it, e.g. "v5:64:r168:pairs": to serve a kernel the benchmark
+# found faster before it becomes the default.
 DECODE_KERNEL_ENV_VAR = "SGLANG_KVC_DECODE_KERNEL"
 
 

@@ -148,18 +148,23 @@ def reference_decode(pool, layer, q, req_to_token, req_pool_indices, seq_lens, s
     return out
 
 
-@pytest.fixture(params=["v1", "v2", "v2 without prefetch", "v3", "v4", "v5"])
+@pytest.fixture(params=["v1", "v2", "v2 without prefetch", "v3", "v4", "v5", "v4 pairs", "v5 pairs"])
 def version(request) -> str:
     """Which split kernel decode_attention runs (v2 prefetches in its low-bit loop by
     default; "v2 without prefetch" is its plain loop; v3 takes the register-operand
     low-bit loop for 2/4/8-bit formats, v2's loop for 3-bit ones; v4 dequantizes packed
-    rows after the dots, every bit width; v5 is v4 with transposed tiles)."""
+    rows after the dots, every bit width; v5 is v4 with transposed tiles; "pairs": the
+    codes in pair order)."""
     return request.param
 
 
 def split_options(version: str) -> dict:
     """decode_attention's keyword arguments for a `version` fixture value."""
-    return {"version": "v2", "prefetch": False} if version == "v2 without prefetch" else {"version": version}
+    if version == "v2 without prefetch":
+        return {"version": "v2", "prefetch": False}
+    if version.endswith(" pairs"):
+        return {"version": version.split()[0], "pair_order": True}
+    return {"version": version}
 
 
 def run_kernel(pool, layer, q, req_to_token, req_pool_indices, seq_lens, scaling, num_splits=3, *,
@@ -493,6 +498,23 @@ def test_the_decode_path_compiles_one_variant_whatever_the_batch(split_version, 
                 if isinstance(value, int) and not isinstance(value, bool) and not argument.isupper():
                     if argument not in unspecialized:
                         assert specialization(value) == specialization(first[argument]), (name, argument)
+
+
+def test_pair_order_reaches_the_kernel(gen, device, monkeypatch):
+    """pair_order=True launches v4's kernel with PAIR_ORDER (off by default); v1-v3 refuse it."""
+    spy = KernelSpy(decode_module._decode_split_kernel_v4)
+    monkeypatch.setattr(decode_module, "_decode_split_kernel_v4", spy)
+    pool = build_pool(gen, device, layers=1, key_bits=4, value_bits=2, group_size=64)
+    batch = build_batch([7, 1], gen, device)
+    q = random_queries(2, 4, gen, device)
+    for options, expected in (({"version": "v5", "pair_order": True}, (True, True)),
+                              ({"version": "v4", "pair_order": True}, (False, True)),
+                              ({"version": "v4"}, (False, False))):
+        run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, **options)
+        assert (spy.constants[-1]["TRANSPOSED"], spy.constants[-1]["PAIR_ORDER"]) == expected, options
+    for version in ("v1", "v2", "v3"):
+        with pytest.raises(ValueError, match="pair_order is an option of v4 and v5"):
+            run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version=version, pair_order=True)
 
 
 def test_version_selection(gen, device, monkeypatch):
