@@ -814,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dot-precision", default="auto", choices=["auto", "tf32", "fp16", "ieee"],
                         help="decode_attention's dot_precision (auto: fp16 on packed rows, tf32 on bf16 rows)")
     parser.add_argument("--candidates", type=parse_candidates, default=parse_candidates(DEFAULT_CANDIDATES),
-                        help="kernels compared with the engine's v2, as VERSION:BLOCK_N[:wWARPS][:DOT_PRECISION],... "
+                        help=f"kernels compared with the engine's v2, as {DecodeKernel.FORM},... "
                              f"(default {DEFAULT_CANDIDATES}; '' for none)")
     parser.add_argument("--row-order", default="random", choices=["random", "contiguous"],
                         help="rows of each tier (and SGLang's slots): a random permutation (a long-running "

@@ -147,7 +147,8 @@ def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD
         constexprs.update(ACC_COLS=group, PACKED_DOT_PRECISION="fp16", TRANSPOSED=version == "v5",
                           PAIR_ORDER=pair_order)
     elif version != "v1":
-        # dot_precision="auto", as decode_attention runs it (a bf16 guard here unless guard_bits 8)
+        # dot_precision as decode_attention runs it: fp16 on packed rows (a bf16 guard here unless
+        # guard_bits 8), tf32 or bf16 on the bf16 ones
         constexprs.update(PREFETCH=prefetch, LOWBIT_DOT_PRECISION="fp16",
                           GUARD_DOT_PRECISION="fp16" if guard_packed else dense_precision,
                           REGISTER_OPERANDS=False, KEY_SLOTS=1, VALUE_SLOTS=1, PAIRED_ASM=False)

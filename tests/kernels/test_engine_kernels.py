@@ -496,8 +496,9 @@ def test_decode_kernel_choice():
 
 
 def test_decode_kernel_parse():
-    """DecodeKernel.parse reads VERSION:BLOCK_N[:wWARPS][:DOT_PRECISION] (SGLANG_KVC_DECODE_KERNEL,
-    bench_kernels --candidates); its name is the benchmark's key; a malformed text names the form."""
+    """DecodeKernel.parse reads DecodeKernel.FORM (SGLANG_KVC_DECODE_KERNEL, bench_kernels
+    --candidates, profile_decode --kernel); its name is the benchmark's key; a malformed text
+    names the form."""
     assert DecodeKernel.parse("v5:64") == DecodeKernel("v5", 64)
     assert DecodeKernel.parse("v5:128:w8:bf16") == DecodeKernel("v5", 128, 8, "bf16")
     assert DecodeKernel.parse("v4:32:fp16:r168:w2") == DecodeKernel("v4", 32, 2, "fp16", 168)
