@@ -1507,17 +1507,14 @@ def _to_pair_order(acc, COLS: tl.constexpr, BITS: tl.constexpr, BLOCK_G: tl.cons
         WORDS: tl.constexpr = COLS // (32 // BITS)
         HALF: tl.constexpr = 16 // BITS
         # Channel w * slots + top * half + s <-> column w * slots + s * 2 + top: a transpose of
-        # the last two axes of [words, 2, half] (channel order) and [words, half, 2] (pair order).
+        # the two axes after the word's of [words, 2, half] (channel order) or [words, half, 2]
+        # (pair order), whichever `acc` is in.
+        OUTER: tl.constexpr = HALF if INVERSE else 2
+        INNER: tl.constexpr = 2 if INVERSE else HALF
         if TRANSPOSED:
-            if INVERSE:
-                acc = tl.reshape(tl.permute(tl.reshape(acc, [WORDS, HALF, 2, BLOCK_G]), (0, 2, 1, 3)), [COLS, BLOCK_G])
-            else:
-                acc = tl.reshape(tl.permute(tl.reshape(acc, [WORDS, 2, HALF, BLOCK_G]), (0, 2, 1, 3)), [COLS, BLOCK_G])
+            acc = tl.reshape(tl.permute(tl.reshape(acc, [WORDS, OUTER, INNER, BLOCK_G]), (0, 2, 1, 3)), [COLS, BLOCK_G])
         else:
-            if INVERSE:
-                acc = tl.reshape(tl.permute(tl.reshape(acc, [BLOCK_G, WORDS, HALF, 2]), (0, 1, 3, 2)), [BLOCK_G, COLS])
-            else:
-                acc = tl.reshape(tl.permute(tl.reshape(acc, [BLOCK_G, WORDS, 2, HALF]), (0, 1, 3, 2)), [BLOCK_G, COLS])
+            acc = tl.reshape(tl.permute(tl.reshape(acc, [BLOCK_G, WORDS, OUTER, INNER]), (0, 1, 3, 2)), [BLOCK_G, COLS])
     return acc
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -139,8 +139,9 @@ class DecodeKernel:
         return name + ("_pairs" if self.pair_order else "")
 
     def arguments(self) -> dict:
-        """decode_attention's keyword arguments for this kernel."""
-        return asdict(self)
+        """decode_attention's keyword arguments for this kernel (a shallow copy of the fields:
+        called per layer on eager decode passes, where `dataclasses.asdict`'s deep copy costs)."""
+        return dict(vars(self))
 
     @classmethod
     def parse(cls, text: str) -> DecodeKernel:
