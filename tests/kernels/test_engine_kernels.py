@@ -476,15 +476,18 @@ def test_attention_impl_choice():
 
 
 def test_decode_kernel_choice():
-    """v4 wherever it measured faster than v2 on the H200 (bench v14 / v15), v2 for 2-bit keys in
-    groups below 64; BLOCK_N 32 for v4 (64 for 3-bit keys), v2's own rule otherwise. (v5 is not
-    chosen before it has served requests.)"""
+    """The served v5 variant for K4V2 g64 alone (bench v17, serving run 49); elsewhere v4 wherever
+    it measured faster than v2 on the H200 (bench v14 / v15), v2 for 2-bit keys in groups below
+    64; BLOCK_N 32 for v4 (64 for 3-bit keys), v2's own rule otherwise."""
     def choice(key_bits, group_size, value_bits=2, value_group_size=None):
         kernel = decode_kernel(PackedFormat(key_bits, 128, group_size),
                                PackedFormat(value_bits, 128, value_group_size or group_size))
         return kernel.version, kernel.block_n
 
-    assert choice(4, 64) == ("v4", 32)  # the tuned configs
+    tuned = decode_kernel(PackedFormat(4, 128, 64), PackedFormat(2, 128, 64))  # the tuned configs
+    assert tuned == DecodeKernel("v5", 64, dot_precision="bf16", max_registers=168, pair_order=True)
+    assert tuned.name == "v5_block_n_64_r168_bf16_pairs"  # what serving run 49 and bench v17 ran
+    assert choice(4, 64, value_bits=4) == ("v4", 32)
     assert choice(4, 128) == ("v4", 32)
     assert choice(4, 32, value_group_size=64) == ("v4", 32)
     assert choice(2, 64) == ("v4", 32)  # qwen_12x
