@@ -56,6 +56,9 @@ DECODE_FORMATS = {
     "8-bit guard (K2V2 g32)": (2, 2, 32, 8),
     "qwen_5x_tuned (K4V2 g64, 8-bit guard)": (4, 2, 64, 8),
 }
+# eval/configs/retain_all_8bit.yaml (the fidelity check against stock, not a shipped config):
+# compiled only where bench v18 measured it (v4 at 32, v5 at 64, capped and not).
+RETAIN_ALL_8BIT = (8, 8, 32, 16)
 
 
 def compile_and_measure(kernel, pointer_types: dict[str, str], constexprs: dict, int_values: dict | None = None,
@@ -287,6 +290,10 @@ def cases() -> list[tuple[str, callable]]:
                            + (", pairs" if pairs else ""),
                            functools.partial(decode_case, version, DECODE_FORMATS[name], block_n, max_registers=cap,
                                              pair_order=pairs)))
+    for version, block_n, cap in (("v4", 32, None), ("v5", 64, None), ("v5", 64, 168)):
+        result.append((f"decode {version} retain_all_8bit (K8V8 g32) BLOCK_N {block_n}"
+                       + (f", at most {cap} registers" if cap else ""),
+                       functools.partial(decode_case, version, RETAIN_ALL_8BIT, block_n, max_registers=cap)))
     result.append(("decode v2 tuned (K4V2 g64) BLOCK_N 64, tiny model (head_dim 64, group 4)",
                    lambda: decode_case("v2", DECODE_FORMATS["tuned (K4V2 g64)"], 64, head_dim=64, query_group=4)))
     result += region_builder_cases()
