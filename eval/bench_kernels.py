@@ -110,10 +110,10 @@ V2_BLOCK_NS = (16, 32, 64)  # v2's BLOCK_N sweep (v1 stays at its shipped 16)
 V1_BLOCK_N = 16
 ENGINE_BLOCK_N = 16  # always swept: the 3-bit-key choice of engine.decode_block_n
 SMOKE_V2_BLOCK_NS = (16, 32)
-# --candidates: v5 at the BLOCK_N bench v16 measured, with the codes in pair order, capped at 168
-# registers (three programs per SM, not two), with bf16 dots on bf16 rows; the engine's v4:32 in
-# pair order (docs/kernels.md, "Twenty-sixth session")
-DEFAULT_CANDIDATES = "v5:64,v5:64:pairs,v5:64:r168:pairs,v5:64:r168:bf16:pairs,v4:32:pairs"
+# --candidates: the engine's kernel for K4V2 g64 (bench v17) with the pairs' bias in a register,
+# and v4:32 the same way (docs/kernels.md, "Twenty-seventh session"); the engine's own kernel
+# joins them for each config.
+DEFAULT_CANDIDATES = "v5:64:r168:bf16:pairs:biasreg,v4:32:pairs:biasreg,v4:32:pairs"
 # A bf16-dot candidate's check: bf16 probabilities (TOLERANCE_BF16 in the decode kernel's tests).
 BF16_DOT_TOLERANCE = 6e-3
 SGLANG_SPLITS = (8, 16, 64)

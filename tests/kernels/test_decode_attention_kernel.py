@@ -517,6 +517,28 @@ def test_pair_order_reaches_the_kernel(gen, device, monkeypatch):
             run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version=version, pair_order=True)
 
 
+@pytest.mark.parametrize("key_bits, value_bits, guard_bits", [(4, 2, 16), (2, 4, 8), (8, 8, 16)])
+def test_bias_register_changes_no_bit(gen, device, monkeypatch, key_bits, value_bits, guard_bits):
+    """bias_register (with pair_order) takes the pairs' fp16 bias from the kernel argument
+    `code_bias` instead of a literal (one LOP3 per pair where ptxas made two): the same output
+    bit for bit on v4 and v5, the low-bit tier and an 8-bit guard alike; refused without
+    pair_order."""
+    spy = KernelSpy(decode_module._decode_split_kernel_v4)
+    monkeypatch.setattr(decode_module, "_decode_split_kernel_v4", spy)
+    pool = build_pool(gen, device, layers=1, key_bits=key_bits, value_bits=value_bits, group_size=32,
+                      guard_bits=guard_bits)
+    batch = build_batch([37, 1, 20], gen, device)
+    q = random_queries(3, 7, gen, device)
+    for version in ("v4", "v5"):
+        literal = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version=version, pair_order=True).clone()
+        register = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version=version, pair_order=True,
+                              bias_register=True)
+        assert [launch["BIAS_REGISTER"] for launch in spy.constants[-2:]] == [False, True]
+        assert torch.equal(literal, register), version
+    with pytest.raises(ValueError, match="bias_register is an option of pair_order"):
+        run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version="v5", bias_register=True)
+
+
 def test_version_selection(gen, device, monkeypatch):
     """v2 when tier_indptr is given (and in decode_attention_for_pool), v1 otherwise or
     when asked, v3 when asked (its loop only for 2/4/8-bit formats); v2 without tier_indptr
