@@ -181,14 +181,15 @@ def decode_kernel(key_format: PackedFormat, value_format: PackedFormat) -> Decod
     session" and "Twenty-seventh session") at 48x32K and 256x4K.
 
     K4V2 g64 (the three tuned configs): v5 at BLOCK_N 64, capped at 168 registers (three programs
-    per SM instead of two), bf16 dots on bf16 rows, codes in pair order: 25-34% faster than v4 at
-    32 (bench v17), served with every config answering and 2-9 of 1,600 tiny-suite answers flipped
-    (serving run 49, tiny-serve-v5-kernel-2026-12-02). The same kernel on K8V8 g32 is 54-82%
-    slower than v4 (the cap spills there) and v5 uncapped 13-19% slower (bench v18), so the other
-    formats keep bench v14-v15's choice: v4 (dequantize after the dots) where it beat v2 — K2V2
-    g64 (4-16% at 32), K3V2 g32 (14-17% at 64; v5 at 64 ties it, bench v18), K8V8 g32 (2-3% at
-    32) — and v2 for 2-bit keys in groups below 64 (v4 4-6% slower at 64, 56-61% at 32: four
-    32-channel key dots per block, whose codes lose the vectorized shared-memory stores)."""
+    per SM instead of two), bf16 dots on bf16 rows, codes in pair order: 20-27% less time than v4
+    at 32 (bench v17; within 5% at 1x32K), served with every config answering and 2-9 of 1,600
+    tiny-suite answers flipped (serving run 49, tiny-serve-v5-kernel-2026-12-02). The same kernel
+    on K8V8 g32 takes 59-81% longer than v4 (the cap spills there) and v5 uncapped 17-19% longer
+    (bench v18), so the other formats keep bench v14-v15's choice: v4 (dequantize after the
+    dots) where it beat v2 — K2V2 g64 (4-16% at 32), K3V2 g32 (14-17% at 64; v5 at 64 ties it,
+    bench v18), K8V8 g32 (2-3% at 32) — and v2 for 2-bit keys in groups below 64 (v4 4-6% slower
+    at 64, 56-61% at 32: four 32-channel key dots per block, whose codes lose the vectorized
+    shared-memory stores)."""
     if (key_format.bits, value_format.bits, key_format.group_size, value_format.group_size) == (4, 2, 64, 64):
         return DecodeKernel("v5", 64, dot_precision="bf16", max_registers=168, pair_order=True)
     if key_format.bits == 2 and key_format.group_size < 64:
