@@ -506,14 +506,15 @@ def test_decode_kernel_parse():
     assert DecodeKernel.parse("v5:128:w8:bf16") == DecodeKernel("v5", 128, 8, "bf16")
     assert DecodeKernel.parse("v4:32:fp16:r168:w2") == DecodeKernel("v4", 32, 2, "fp16", 168)
     assert DecodeKernel.parse("v5:64:pairs:r168") == DecodeKernel("v5", 64, max_registers=168, pair_order=True)
-    assert DecodeKernel.parse("v5:64:biasreg:r168:pairs") == DecodeKernel("v5", 64, max_registers=168, pair_order=True,
-                                                                           bias_register=True)
+    assert DecodeKernel.parse("v5:64:biasreg:r168:pairs") == DecodeKernel("v5", 64, max_registers=168,
+                                                                           pair_order=True, bias_register=True)
     assert [DecodeKernel.parse(text).name for text in ("v4:32", "v5:128:w8", "v5:64:r168:bf16:pairs",
                                                        "v2:16:w4:auto", "v4:32:pairs:biasreg")] == [
         "v4_block_n_32", "v5_block_n_128_w8", "v5_block_n_64_r168_bf16_pairs", "v2_block_n_16",
         "v4_block_n_32_pairs_biasreg"]
     for bad in ("v9:64", "v5", "v5:x", "v5:48", "v5:8", "v5:0", "v5:64:bf8", "v5:64:w8:w4", "v5:64:w", "v5:64:w3",
-                "v5:64:r16", "v5:64:r300", "v5:64:r168:r128", "v2:64:pairs", "v5:64:pairs:pairs", "v5:64:biasreg", "v5:64:pairs:biasreg:biasreg", ""):
+                "v5:64:r16", "v5:64:r300", "v5:64:r168:r128", "v2:64:pairs", "v5:64:pairs:pairs", "v5:64:biasreg",
+                "v5:64:pairs:biasreg:biasreg", ""):
         with pytest.raises(ValueError, match=r"VERSION:BLOCK_N\[:wWARPS\]\[:rREGISTERS\]\[:DOT_PRECISION\]"):
             DecodeKernel.parse(bad)
 
@@ -647,7 +648,8 @@ def test_bench_kernels_smoke(tmp_path, monkeypatch):
         "qwen_8x_tuned": {"version": "v5", "block_n": 64, "entry_lists": "regions",
                           "name": "v5_block_n_64_r168_bf16_pairs"}}
     assert cells["qwen_8x"]["candidates"] == ["v5_block_n_64_bf16_pairs_biasreg", "v4_block_n_64"]
-    assert cells["qwen_8x_tuned"]["candidates"] == ["v5_block_n_64_bf16_pairs_biasreg", "v5_block_n_64_r168_bf16_pairs"]
+    assert cells["qwen_8x_tuned"]["candidates"] == ["v5_block_n_64_bf16_pairs_biasreg",
+                                                    "v5_block_n_64_r168_bf16_pairs"]
     assert "| qwen_8x | v4_block_n_64 (engine) |" in table
     assert "| qwen_8x_tuned | v5_block_n_64_r168_bf16_pairs (engine) |" in table
     assert "| qwen_8x_tuned | v5_block_n_64_bf16_pairs_biasreg |" in table
