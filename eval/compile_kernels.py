@@ -341,7 +341,8 @@ def markdown(report: dict) -> str:
                          f"{result['spill_load_bytes']} | {result['shared_bytes']:,} B | "
                          f"{result['sass_instructions']:,} | {result['sass_conversions']:,} |")
     lines += ["", "Loop bodies of the decode split kernels, in address order (v2 / v4: staging, low-bit, guard; "
-              "v1: one loop): SASS instructions one iteration issues per warp, and some of them by opcode.", "",
+              "v1: one loop): SASS instructions one iteration issues per warp, and some of them by opcode "
+              "(every opcode's count: the JSON's `loops[].opcodes`).", "",
               "| kernel | loop | instructions | " + " | ".join(LOOP_OPCODES) + " |",
               "|---|---:|---:|" + "---:|" * len(LOOP_OPCODES)]
     for name, result in report["cases"].items():

@@ -5,6 +5,7 @@ it without touching the interpreter setting compile_kernels.py forces."""
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 SASS_LABEL = re.compile(r"^\s*\.?(L_x_\d+):")
 SASS_ADDRESSED = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -16,8 +17,9 @@ LOOP_OPCODES = ("STS.U16", "STS.128", "LDS.64", "LDSM.16.M88.4", "BAR.SYNC.DEFER
 
 def sass_loops(sass: str) -> list[dict]:
     """The loop bodies of a kernel, in address order: every backward branch to a label spans one
-    (from the label to the branch). Per body its instruction count and the LOOP_OPCODES counts:
-    static counts, i.e. what one iteration issues per warp (predicated-off instructions included)."""
+    (from the label to the branch). Per body its instruction count, the LOOP_OPCODES counts and
+    every opcode's count (`opcodes`, with its suffixes, most frequent first): static counts, i.e.
+    what one iteration issues per warp (predicated-off instructions included)."""
     labels, instructions, pending = {}, [], None
     for line in sass.splitlines():
         addressed = SASS_ADDRESSED.search(line)
@@ -35,5 +37,6 @@ def sass_loops(sass: str) -> list[dict]:
         if branch and labels.get(branch.group(1), address) < address:
             body = [t for a, t in instructions if labels[branch.group(1)] <= a <= address]
             opcodes = [t.split()[1] if t.startswith("@") else t.split()[0] for t in body]
-            loops.append({"instructions": len(body), **{op: opcodes.count(op) for op in LOOP_OPCODES}})
+            loops.append({"instructions": len(body), **{op: opcodes.count(op) for op in LOOP_OPCODES},
+                          "opcodes": dict(Counter(opcodes).most_common())})
     return loops

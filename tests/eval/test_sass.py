@@ -27,6 +27,8 @@ def test_loops_are_spans_of_backward_branches():
     assert loops[0]["STS.U16"] == 2 and loops[0]["BAR.SYNC.DEFER_BLOCKING"] == 1 and loops[0]["STS.128"] == 0
     assert loops[1]["STS.128"] == 1 and loops[1]["IMAD.MOV.U32"] == 1 and loops[1]["STS.U16"] == 0
     assert set(LOOP_OPCODES) <= loops[0].keys()
+    # Every opcode with its suffixes, most frequent first (the predicate is not part of it).
+    assert list(loops[0]["opcodes"].items()) == [("STS.U16", 2), ("BAR.SYNC.DEFER_BLOCKING", 1), ("BRA", 1)]
 
 
 def test_no_loops():
