@@ -110,10 +110,10 @@ V2_BLOCK_NS = (16, 32, 64)  # v2's BLOCK_N sweep (v1 stays at its shipped 16)
 V1_BLOCK_N = 16
 ENGINE_BLOCK_N = 16  # always swept: the 3-bit-key choice of engine.decode_block_n
 SMOKE_V2_BLOCK_NS = (16, 32)
-# --candidates: the engine's kernel for K4V2 g64 (bench v17) with the pairs' bias in a register,
-# and v4:32 the same way (docs/kernels.md, "Twenty-seventh session"); the engine's own kernel
-# joins them for each config.
-DEFAULT_CANDIDATES = "v5:64:r168:bf16:pairs:biasreg,v4:32:pairs:biasreg,v4:32:pairs"
+# --candidates: the engine's kernel for K4V2 g64 (bench v17) with the pairs' bias in a register
+# (bench v19), with the value codes unpacked in place, and with both (docs/kernels.md,
+# "Twenty-eighth session"); the engine's own kernel joins them for each config.
+DEFAULT_CANDIDATES = "v5:64:r168:bf16:pairs:biasreg,v5:64:r168:bf16:pairs:inplace,v5:64:r168:bf16:pairs:biasreg:inplace"
 # A bf16-dot candidate's check: bf16 probabilities (TOLERANCE_BF16 in the decode kernel's tests).
 BF16_DOT_TOLERANCE = 6e-3
 SGLANG_SPLITS = (8, 16, 64)
@@ -419,6 +419,12 @@ def bench_ours(plan: KVPlan, layer_index: int, batch: Batch, args, timer: Timer,
         together_ms[candidate.name] = guarded(timer, run)
         together_ms[f"{candidate.name}_graph"] = guarded(timer.graph, run)
         checks[candidate.name] = guarded(check, run, candidate_tolerance(candidate, tolerance))
+        # --candidate-splits: the same call from a graph at other split counts (whether the
+        # engine's count, set for v2's programs per SM, suits the kernel).
+        for splits in sorted(set(args.candidate_splits) - {engine_splits}):
+            together_ms[f"{candidate.name}_splits_{splits}_graph"] = guarded(
+                timer.graph, together(candidate.version, splits, candidate.block_n,
+                                      **candidate_options(candidate, kernel_options)))
 
     num_bytes = attention_bytes(plan, layer, batch)
     all_layers_location = layer.location[0].expand(shape.num_layers, -1).contiguous()
@@ -638,6 +644,7 @@ def markdown(report: dict) -> str:
             lines.append("| " + " | ".join(row) + " |")
     lines += graph_table(report)
     lines += candidates_table(report)
+    lines += candidate_splits_table(report)
     lines += [f"\nSGLang {label} {b}: {grid['sglang'][b]['error']}" for grid in report["grids"]
               for label in [f"{grid['batch']}x{grid['tokens']}"] for b in grid.get("sglang", {})
               if "error" in grid["sglang"][b]]
@@ -754,6 +761,31 @@ def candidates_table(report: dict) -> list[str]:
     return lines
 
 
+def candidate_splits_table(report: dict) -> list[str]:
+    """Each candidate's graph replay at --candidate-splits, next to the engine's split count."""
+    counts = report.get("candidate_splits") or []
+    if not counts:
+        return []
+    lines = ["", "Candidates at other split counts (CUDA-graph replay, ms; * = the engine's count, as above):", "",
+             "| grid | config | candidate | engine splits: ms | " + " | ".join(f"{n} splits" for n in counts) + " |",
+             "|---|---|---|---|" + "---|" * len(counts)]
+    for grid in report["grids"]:
+        label = f"{grid['batch']}x{grid['tokens']}"
+        for name, cell in grid.get("configs", {}).items():
+            if "error" in cell:
+                continue
+            for candidate in cell.get("candidates", []):
+                at_engine = cell["together"].get(f"{candidate}_graph", {})
+                row = [label, name, candidate, f"{cell['engine_splits']}: {at_engine.get('ms', float('nan')):.3f}"]
+                for count in counts:
+                    timed = at_engine if count == cell["engine_splits"] else cell["together"].get(
+                        f"{candidate}_splits_{count}_graph", {})
+                    mark = "*" if count == cell["engine_splits"] else ""
+                    row.append(f"{timed['ms']:.3f}{mark}" if "ms" in timed else f"error: {timed.get('error')}")
+                lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def write_outputs(report: dict, out_dir: Path) -> None:
     (out_dir / "bench_kernels.json").write_text(json.dumps(report, indent=1))
     (out_dir / "bench_kernels.md").write_text(markdown(report))
@@ -816,6 +848,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=parse_candidates, default=parse_candidates(DEFAULT_CANDIDATES),
                         help=f"kernels compared with the engine's v2, as {DecodeKernel.FORM},... "
                              f"(default {DEFAULT_CANDIDATES}; '' for none)")
+    parser.add_argument("--candidate-splits", type=lambda s: [int(x) for x in s.split(",")], default=[],
+                        help="split counts at which each candidate is also timed from a graph (default: only "
+                             "the engine's)")
     parser.add_argument("--row-order", default="random", choices=["random", "contiguous"],
                         help="rows of each tier (and SGLang's slots): a random permutation (a long-running "
                              "server's scattered free lists) or in request order (a fresh server)")
@@ -870,6 +905,7 @@ def main(argv: list[str] | None = None) -> int:
                       "contiguous": "each tier's rows (and SGLang's slots) in (request, position) order"}[args.row_order],
         "sglang_dtypes": [dtype_name(d) for d in sglang_dtypes],
         "candidates": [candidate.name for candidate in args.candidates],
+        "candidate_splits": sorted(args.candidate_splits),
         "configs": {name: {"retain_ratio_of_layer": plan.layer_retain_ratios[middle_layer],
                            "guard_fraction": plan.config.quantization.guard_fraction,
                            "decode_window": plan.config.quantization.decode_window,

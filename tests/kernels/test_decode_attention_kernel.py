@@ -539,6 +539,30 @@ def test_bias_register_changes_no_bit(gen, device, monkeypatch, key_bits, value_
         run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version="v5", bias_register=True)
 
 
+@pytest.mark.parametrize("key_bits, value_bits, guard_bits", [(4, 2, 16), (2, 4, 8), (8, 8, 16), (3, 3, 8)])
+def test_in_place_values_change_no_bit(gen, device, monkeypatch, key_bits, value_bits, guard_bits):
+    """in_place_values (with pair_order) masks the value codes where they lie in their words and
+    runs the accumulators scaled by powers of two per channel meanwhile: the same output bit for
+    bit on v4 and v5 (with and without the bias register), 2/3/4/8-bit values and an 8-bit guard
+    alike; a scale left on a channel, or a code past the mantissa, would change it. Refused
+    without pair_order."""
+    spy = KernelSpy(decode_module._decode_split_kernel_v4)
+    monkeypatch.setattr(decode_module, "_decode_split_kernel_v4", spy)
+    pool = build_pool(gen, device, layers=1, key_bits=key_bits, value_bits=value_bits, group_size=32,
+                      guard_bits=guard_bits)
+    batch = build_batch([39, 1, 23], gen, device)
+    q = random_queries(3, 7, gen, device)
+    for version, bias_register in (("v4", False), ("v5", False), ("v5", True)):
+        shifted = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version=version, pair_order=True,
+                             bias_register=bias_register).clone()
+        in_place = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version=version, pair_order=True,
+                              bias_register=bias_register, in_place_values=True)
+        assert [launch["IN_PLACE_VALUES"] for launch in spy.constants[-2:]] == [False, True]
+        assert torch.equal(shifted, in_place), (version, bias_register)
+    with pytest.raises(ValueError, match="in_place_values is an option of pair_order"):
+        run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version="v5", in_place_values=True)
+
+
 def test_version_selection(gen, device, monkeypatch):
     """v2 when tier_indptr is given (and in decode_attention_for_pool), v1 otherwise or
     when asked, v3 when asked (its loop only for 2/4/8-bit formats); v2 without tier_indptr

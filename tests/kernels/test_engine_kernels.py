@@ -508,13 +508,15 @@ def test_decode_kernel_parse():
     assert DecodeKernel.parse("v5:64:pairs:r168") == DecodeKernel("v5", 64, max_registers=168, pair_order=True)
     assert DecodeKernel.parse("v5:64:biasreg:r168:pairs") == DecodeKernel("v5", 64, max_registers=168,
                                                                            pair_order=True, bias_register=True)
+    assert DecodeKernel.parse("v5:64:inplace:pairs") == DecodeKernel("v5", 64, pair_order=True, in_place_values=True)
     assert [DecodeKernel.parse(text).name for text in ("v4:32", "v5:128:w8", "v5:64:r168:bf16:pairs",
-                                                       "v2:16:w4:auto", "v4:32:pairs:biasreg")] == [
+                                                       "v2:16:w4:auto", "v4:32:pairs:biasreg",
+                                                       "v5:64:r168:bf16:pairs:biasreg:inplace")] == [
         "v4_block_n_32", "v5_block_n_128_w8", "v5_block_n_64_r168_bf16_pairs", "v2_block_n_16",
-        "v4_block_n_32_pairs_biasreg"]
+        "v4_block_n_32_pairs_biasreg", "v5_block_n_64_r168_bf16_pairs_biasreg_inplace"]
     for bad in ("v9:64", "v5", "v5:x", "v5:48", "v5:8", "v5:0", "v5:64:bf8", "v5:64:w8:w4", "v5:64:w", "v5:64:w3",
                 "v5:64:r16", "v5:64:r300", "v5:64:r168:r128", "v2:64:pairs", "v5:64:pairs:pairs", "v5:64:biasreg",
-                "v5:64:pairs:biasreg:biasreg", ""):
+                "v5:64:pairs:biasreg:biasreg", "v5:64:inplace", "v5:64:pairs:inplace:inplace", ""):
         with pytest.raises(ValueError, match=r"VERSION:BLOCK_N\[:wWARPS\]\[:rREGISTERS\]\[:DOT_PRECISION\]"):
             DecodeKernel.parse(bad)
 
@@ -608,7 +610,7 @@ def test_bench_kernels_smoke(tmp_path, monkeypatch):
     # Two configs keep the interpreter run short: 3-bit keys with a bf16 guard, and 4/2-bit.
     configs = [REPO / "configs" / "qwen_8x.yaml", REPO / "configs" / "qwen_8x_tuned.yaml"]
     assert bench.main(["--smoke", "--out", str(tmp_path), "--configs", *map(str, configs),
-                       "--candidates", "v5:64:bf16:pairs:biasreg"]) == 0
+                       "--candidates", "v5:64:bf16:pairs:biasreg:inplace", "--candidate-splits", "1,2"]) == 0
 
     report = json.loads((tmp_path / "bench_kernels.json").read_text())
     assert {"date", "device", "versions", "command", "copy_bandwidth", "bytes_counted"} <= report.keys()
@@ -630,29 +632,33 @@ def test_bench_kernels_smoke(tmp_path, monkeypatch):
             assert cell["together"]["v2_graph"]["ms"] > 0, cell["together"]["v2_graph"]
             # The decode pass's split of the entry build: all layers' counts, then a scatter per layer.
             assert cell["entry_count_all_layers"]["ms"] > 0 and cell["entry_build_from_counts"]["ms"] > 0
-            # The candidates (v5 with bf16 dots on bf16 rows, the pairs' bias in a register, and the
-            # engine's): timed from a graph and checked.
+            # The candidates (v5 with bf16 dots on bf16 rows, the pairs' bias in a register, value
+            # codes in place, and the engine's): timed from a graph and checked, and from a graph at
+            # each --candidate-splits count but the engine's.
             for candidate in cell["candidates"]:
                 assert cell["check"]["by_variant"][candidate]["ok"], cell["check"]["by_variant"][candidate]
                 assert cell["together"][f"{candidate}_graph"]["ms"] > 0
+                for splits in {1, 2} - {cell["engine_splits"]}:
+                    assert cell["together"][f"{candidate}_splits_{splits}_graph"]["ms"] > 0
     for written in report["write_packed"].values():
         assert "error" not in written and written["kernel"]["ms"] > 0
     table = (tmp_path / "bench_kernels.md").read_text()
     assert all(f"| {name} |" in table for name in config_names)
     assert "CUDA-graph replay" in table
-    assert report["candidates"] == ["v5_block_n_64_bf16_pairs_biasreg"]
+    assert report["candidates"] == ["v5_block_n_64_bf16_pairs_biasreg_inplace"]
     # The engine's own kernel per config is recorded, timed among the candidates and marked in their table.
     cells = report["grids"][0]["configs"]
     assert {name: cell["engine_kernel"] for name, cell in cells.items()} == {
         "qwen_8x": {"version": "v4", "block_n": 64, "entry_lists": "regions", "name": "v4_block_n_64"},
         "qwen_8x_tuned": {"version": "v5", "block_n": 64, "entry_lists": "regions",
                           "name": "v5_block_n_64_r168_bf16_pairs"}}
-    assert cells["qwen_8x"]["candidates"] == ["v5_block_n_64_bf16_pairs_biasreg", "v4_block_n_64"]
-    assert cells["qwen_8x_tuned"]["candidates"] == ["v5_block_n_64_bf16_pairs_biasreg",
+    assert cells["qwen_8x"]["candidates"] == ["v5_block_n_64_bf16_pairs_biasreg_inplace", "v4_block_n_64"]
+    assert cells["qwen_8x_tuned"]["candidates"] == ["v5_block_n_64_bf16_pairs_biasreg_inplace",
                                                     "v5_block_n_64_r168_bf16_pairs"]
     assert "| qwen_8x | v4_block_n_64 (engine) |" in table
     assert "| qwen_8x_tuned | v5_block_n_64_r168_bf16_pairs (engine) |" in table
-    assert "| qwen_8x_tuned | v5_block_n_64_bf16_pairs_biasreg |" in table
+    assert "| qwen_8x_tuned | v5_block_n_64_bf16_pairs_biasreg_inplace |" in table
+    assert report["candidate_splits"] == [1, 2] and "Candidates at other split counts" in table
 
 
 def test_bench_candidates_parse(monkeypatch):
@@ -668,10 +674,10 @@ def test_bench_candidates_parse(monkeypatch):
     defaults = {"num_warps": 2, "dot_precision": "tf32", "num_stages": None}
     assert bench.candidate_options(candidates[0], defaults) == {
         **defaults, "num_warps": 4, "dot_precision": "auto", "max_registers": None, "pair_order": False,
-        "bias_register": False}
+        "bias_register": False, "in_place_values": False}
     assert bench.candidate_options(candidates[2], defaults) == {
         **defaults, "num_warps": 8, "dot_precision": "auto", "max_registers": 168, "pair_order": False,
-        "bias_register": False}
+        "bias_register": False, "in_place_values": False}
     assert bench.candidate_tolerance(candidates[1], 2e-3) == bench.BF16_DOT_TOLERANCE
     assert bench.candidate_tolerance(candidates[2], 2e-3) == 2e-3
     assert bench.parse_candidates("") == [] and bench.parse_candidates(bench.DEFAULT_CANDIDATES)
