@@ -134,7 +134,7 @@ class DecodeKernel:
 
     @property
     def name(self) -> str:
-        """"v4_block_n_32", "v5_block_n_128_w8", "v5_block_n_64_r168_bf16_pairs" (the benchmark's keys)."""
+        """"v4_block_n_32", "v5_block_n_128_w8", "v5_block_n_64_r168_bf16_pairs_inplace" (the benchmark's keys)."""
         name = f"{self.version}_block_n_{self.block_n}"
         name += f"_w{self.num_warps}" if self.num_warps != 4 else ""
         name += f"_r{self.max_registers}" if self.max_registers else ""
@@ -181,13 +181,17 @@ class DecodeKernel:
 
 def decode_kernel(key_format: PackedFormat, value_format: PackedFormat) -> DecodeKernel:
     """The decode kernel for a pool whose low-bit keys and values are in these formats.
-    Measured on the H200 in CUDA-graph replay (bench v14-v18, docs/kernels.md "Twenty-fifth
-    session" and "Twenty-seventh session") at 48x32K and 256x4K.
+    Measured on the H200 in CUDA-graph replay (bench v14-v20, docs/kernels.md "Twenty-fifth
+    session", "Twenty-seventh session" and "Twenty-eighth session") at 48x32K and 256x4K.
 
     K4V2 g64 (the three tuned configs): v5 at BLOCK_N 64, capped at 168 registers (three programs
     per SM instead of two), bf16 dots on bf16 rows, codes in pair order: 20-27% less time than v4
     at 32 (bench v17; within 5% at 1x32K), served with every config answering and 2-9 of 1,600
-    tiny-suite answers flipped (serving run 49, tiny-serve-v5-kernel-2026-12-02). The same kernel
+    tiny-suite answers flipped (serving run 49, tiny-serve-v5-kernel-2026-12-02); its value codes
+    unpacked in place: another 0.8-2.0% less time at 48x32K and 256x4K (bench v20), served with
+    every config answering and 2-4 of 1,600 answers flipped (serving run 50, tiny-serve-inplace-
+    2026-12-02). The pairs' bias in a register is not taken: ~3% faster at 48x32K, up to 4%
+    slower at 256x4K (bench v19, v20). The same kernel
     on K8V8 g32 takes 59-81% longer than v4 (the cap spills there) and v5 uncapped 17-19% longer
     (bench v18), so the other formats keep bench v14-v15's choice: v4 (dequantize after the
     dots) where it beat v2 — K2V2 g64 (4-16% at 32), K3V2 g32 (14-17% at 64; v5 at 64 ties it,
@@ -195,7 +199,7 @@ def decode_kernel(key_format: PackedFormat, value_format: PackedFormat) -> Decod
     at 64, 56-61% at 32: four 32-channel key dots per block, whose codes lose the vectorized
     shared-memory stores)."""
     if (key_format.bits, value_format.bits, key_format.group_size, value_format.group_size) == (4, 2, 64, 64):
-        return DecodeKernel("v5", 64, dot_precision="bf16", max_registers=168, pair_order=True)
+        return DecodeKernel("v5", 64, dot_precision="bf16", max_registers=168, pair_order=True, in_place_values=True)
     if key_format.bits == 2 and key_format.group_size < 64:
         return DecodeKernel("v2", decode_block_n(key_format.bits))
     return DecodeKernel("v4", 64 if key_format.bits == 3 else 32)

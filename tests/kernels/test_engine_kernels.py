@@ -476,7 +476,7 @@ def test_attention_impl_choice():
 
 
 def test_decode_kernel_choice():
-    """The served v5 variant for K4V2 g64 alone (bench v17, serving run 49); elsewhere v4 wherever
+    """The served v5 variant for K4V2 g64 alone (bench v17 / v20, serving runs 49 / 50); elsewhere v4 wherever
     it measured faster than v2 on the H200 (bench v14 / v15), v2 for 2-bit keys in groups below
     64; BLOCK_N 32 for v4 (64 for 3-bit keys), v2's own rule otherwise."""
     def choice(key_bits, group_size, value_bits=2, value_group_size=None):
@@ -485,8 +485,9 @@ def test_decode_kernel_choice():
         return kernel.version, kernel.block_n
 
     tuned = decode_kernel(PackedFormat(4, 128, 64), PackedFormat(2, 128, 64))  # the tuned configs
-    assert tuned == DecodeKernel("v5", 64, dot_precision="bf16", max_registers=168, pair_order=True)
-    assert tuned.name == "v5_block_n_64_r168_bf16_pairs"  # what serving run 49 and bench v17 ran
+    assert tuned == DecodeKernel("v5", 64, dot_precision="bf16", max_registers=168, pair_order=True,
+                                 in_place_values=True)
+    assert tuned.name == "v5_block_n_64_r168_bf16_pairs_inplace"  # what serving run 50 and bench v20 ran
     assert choice(4, 64, value_bits=4) == ("v4", 32)
     assert choice(4, 128) == ("v4", 32)
     assert choice(4, 32, value_group_size=64) == ("v4", 32)
@@ -651,12 +652,12 @@ def test_bench_kernels_smoke(tmp_path, monkeypatch):
     assert {name: cell["engine_kernel"] for name, cell in cells.items()} == {
         "qwen_8x": {"version": "v4", "block_n": 64, "entry_lists": "regions", "name": "v4_block_n_64"},
         "qwen_8x_tuned": {"version": "v5", "block_n": 64, "entry_lists": "regions",
-                          "name": "v5_block_n_64_r168_bf16_pairs"}}
+                          "name": "v5_block_n_64_r168_bf16_pairs_inplace"}}
     assert cells["qwen_8x"]["candidates"] == ["v5_block_n_64_bf16_pairs_biasreg_inplace", "v4_block_n_64"]
     assert cells["qwen_8x_tuned"]["candidates"] == ["v5_block_n_64_bf16_pairs_biasreg_inplace",
-                                                    "v5_block_n_64_r168_bf16_pairs"]
+                                                    "v5_block_n_64_r168_bf16_pairs_inplace"]
     assert "| qwen_8x | v4_block_n_64 (engine) |" in table
-    assert "| qwen_8x_tuned | v5_block_n_64_r168_bf16_pairs (engine) |" in table
+    assert "| qwen_8x_tuned | v5_block_n_64_r168_bf16_pairs_inplace (engine) |" in table
     assert "| qwen_8x_tuned | v5_block_n_64_bf16_pairs_biasreg_inplace |" in table
     assert report["candidate_splits"] == [1, 2] and "Candidates at other split counts" in table
 
