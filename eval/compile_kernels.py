@@ -122,11 +122,12 @@ def compile_and_measure(kernel, pointer_types: dict[str, str], constexprs: dict,
 def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD_DIM, query_group: int = 7,
                 prefetch: bool = False, dot_precision: str = "auto", num_warps: int = 4,
                 max_registers: int | None = None, pair_order: bool = False, bias_register: bool = False,
-                in_place_values: bool = False) -> dict:
+                in_place_values: bool = False, lane_keys: bool = False, pipelined_loads: bool = False) -> dict:
     """decode_attention's split kernel as it launches it; `dot_precision` "auto" or "bf16"
     (the bf16 rows' dots on bf16 operands), `max_registers` its register cap, `pair_order` (v4 /
     v5) the codes in pair order, `bias_register` their bias from the kernel argument,
-    `in_place_values` the value codes masked in place."""
+    `in_place_values` the value codes masked in place, `lane_keys` the key codes in lane order,
+    `pipelined_loads` the packed loops' loads by Triton's pipeliner."""
     key_bits, value_bits, group, guard_bits = formats
     dense_precision = {"auto": "tf32", "bf16": "bf16"}[dot_precision]
     kernel = {"v1": decode_module._decode_split_kernel,
@@ -150,7 +151,8 @@ def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD
                   "BLOCK_D": triton.next_power_of_2(head_dim), "BLOCK_N": block_n, "DOT_PRECISION": dense_precision}
     if version in ("v4", "v5"):  # output slices of the value group (one group size for every tier here)
         constexprs.update(ACC_COLS=group, PACKED_DOT_PRECISION="fp16", TRANSPOSED=version == "v5",
-                          PAIR_ORDER=pair_order, BIAS_REGISTER=bias_register, IN_PLACE_VALUES=in_place_values)
+                          PAIR_ORDER=pair_order, BIAS_REGISTER=bias_register, IN_PLACE_VALUES=in_place_values,
+                          LANE_KEYS=lane_keys, PIPELINED_LOADS=pipelined_loads)
     elif version != "v1":
         # dot_precision as decode_attention runs it: fp16 on packed rows (a bf16 guard here unless
         # guard_bits 8), tf32 or bf16 on the bf16 ones
@@ -319,6 +321,18 @@ def cases() -> list[tuple[str, callable]]:
     result.append(("decode v4 tuned (K4V2 g64) BLOCK_N 32, pairs, bias register, in-place values",
                    functools.partial(decode_case, "v4", DECODE_FORMATS["tuned (K4V2 g64)"], 32, pair_order=True,
                                      bias_register=True, in_place_values=True)))
+    # The key codes in lane order and the loads left to Triton's pipeliner, each and together, on
+    # the engine's kernel for K4V2 g64 (in-place values) and on v4:32 in pair order.
+    engine_options = {"dot_precision": "bf16", "max_registers": 168, "pair_order": True, "in_place_values": True}
+    for lane_keys, pipelined_loads in ((True, False), (False, True), (True, True)):
+        label = ", ".join(part for part, on in (("lane keys", lane_keys), ("pipelined loads", pipelined_loads)) if on)
+        for name in ("tuned (K4V2 g64)", "qwen_5x_tuned (K4V2 g64, 8-bit guard)"):
+            result.append((f"decode v5 {name} BLOCK_N 64, engine (in-place values), {label}",
+                           functools.partial(decode_case, "v5", DECODE_FORMATS[name], 64, lane_keys=lane_keys,
+                                             pipelined_loads=pipelined_loads, **engine_options)))
+        result.append((f"decode v4 tuned (K4V2 g64) BLOCK_N 32, pairs, {label}",
+                       functools.partial(decode_case, "v4", DECODE_FORMATS["tuned (K4V2 g64)"], 32, pair_order=True,
+                                         lane_keys=lane_keys, pipelined_loads=pipelined_loads)))
     result.append(("decode v2 tuned (K4V2 g64) BLOCK_N 64, tiny model (head_dim 64, group 4)",
                    lambda: decode_case("v2", DECODE_FORMATS["tuned (K4V2 g64)"], 64, head_dim=64, query_group=4)))
     result += region_builder_cases()

@@ -117,8 +117,8 @@ def decode_block_n(key_bits: int) -> int:
 @dataclass(frozen=True)
 class DecodeKernel:
     """Which split kernel of kernels.decode_attention the engine runs: its version, BLOCK_N,
-    warps, dot_precision, register cap, code order, the codes' bias and the value codes' unpacking
-    (in place), each field named as
+    warps, dot_precision, register cap, code order, the codes' bias, the value codes' unpacking
+    (in place), the key codes' lane order and who pipelines the loads, each field named as
     decode_attention's keyword argument (`arguments`)."""
 
     version: str
@@ -129,8 +129,11 @@ class DecodeKernel:
     pair_order: bool = False
     bias_register: bool = False
     in_place_values: bool = False
+    lane_keys: bool = False
+    pipelined_loads: bool = False
 
-    FORM = "VERSION:BLOCK_N[:wWARPS][:rREGISTERS][:DOT_PRECISION][:pairs[:biasreg][:inplace]]"
+    FORM = ("VERSION:BLOCK_N[:wWARPS][:rREGISTERS][:DOT_PRECISION][:pairs[:biasreg][:inplace][:lanekeys]]"
+            "[:pipelined]")
 
     @property
     def name(self) -> str:
@@ -141,7 +144,9 @@ class DecodeKernel:
         name += f"_{self.dot_precision}" if self.dot_precision != "auto" else ""
         name += "_pairs" if self.pair_order else ""
         name += "_biasreg" if self.bias_register else ""
-        return name + ("_inplace" if self.in_place_values else "")
+        name += "_inplace" if self.in_place_values else ""
+        name += "_lanekeys" if self.lane_keys else ""
+        return name + ("_pipelined" if self.pipelined_loads else "")
 
     def arguments(self) -> dict:
         """decode_attention's keyword arguments for this kernel (a shallow copy of the fields:
@@ -152,7 +157,8 @@ class DecodeKernel:
     def parse(cls, text: str) -> DecodeKernel:
         """"v5:64" -> DecodeKernel("v5", 64); "v5:64:w8:r168:bf16:pairs:biasreg" -> 8 warps, at most
         168 registers per thread, bf16 dots on bf16 rows, codes in pair order, their bias in a
-        register; ":inplace" the value codes unpacked in place (the optional parts in any order)."""
+        register; ":inplace" the value codes unpacked in place, ":lanekeys" the key codes in lane order,
+        ":pipelined" the packed loops' loads by Triton's pipeliner (the optional parts in any order)."""
         from sglang_kvc.kernels.decode_attention import DECODE_VERSIONS, DOT_PRECISIONS
 
         parts = text.strip().split(":")
@@ -163,20 +169,24 @@ class DecodeKernel:
 
         warps, registers = numbers("w"), numbers("r")
         precisions = [extra for extra in extras if extra in DOT_PRECISIONS]
-        pairs, bias, in_place = ([extra for extra in extras if extra == flag] for flag in ("pairs", "biasreg", "inplace"))
-        found = (warps, registers, precisions, pairs, bias, in_place)
+        pairs, bias, in_place, lanes, pipelined = ([extra for extra in extras if extra == flag]
+                                                   for flag in ("pairs", "biasreg", "inplace", "lanekeys", "pipelined"))
+        found = (warps, registers, precisions, pairs, bias, in_place, lanes, pipelined)
         valid = (version in DECODE_VERSIONS and block_n.isdigit()
                  and int(block_n) >= 16 and not int(block_n) & (int(block_n) - 1)
                  and all(len(items) <= 1 for items in found) and sum(map(len, found)) == len(extras)
-                 and (not pairs or version in ("v4", "v5")) and (not (bias or in_place) or pairs)
+                 and (not (pairs or pipelined) or version in ("v4", "v5"))
+                 and (not (bias or in_place or lanes) or pairs)
                  and all(count in (1, 2, 4, 8, 16) for count in warps)
                  and all(24 <= count <= 255 for count in registers))
         if not valid:
             raise ValueError(f"{text!r}: want {cls.FORM}: VERSION one of {DECODE_VERSIONS}, BLOCK_N a power of "
                              f"two >= 16, WARPS 1, 2, 4, 8 or 16, REGISTERS 24-255, DOT_PRECISION one of "
-                             f"{DOT_PRECISIONS}, pairs for v4 / v5, biasreg and inplace with pairs")
+                             f"{DOT_PRECISIONS}, pairs and pipelined for v4 / v5, biasreg, inplace and lanekeys "
+                             "with pairs")
         return cls(version, int(block_n), warps[0] if warps else 4, precisions[0] if precisions else "auto",
-                   registers[0] if registers else None, bool(pairs), bool(bias), bool(in_place))
+                   registers[0] if registers else None, bool(pairs), bool(bias), bool(in_place), bool(lanes),
+                   bool(pipelined))
 
 
 def decode_kernel(key_format: PackedFormat, value_format: PackedFormat) -> DecodeKernel:

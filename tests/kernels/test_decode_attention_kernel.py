@@ -563,6 +563,36 @@ def test_in_place_values_change_no_bit(gen, device, monkeypatch, key_bits, value
         run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version="v5", in_place_values=True)
 
 
+@pytest.mark.parametrize("key_bits, value_bits, group_size, guard_bits",
+                         [(4, 2, 64, 16), (4, 4, 32, 8), (2, 2, 64, 8), (8, 8, 32, 16), (2, 4, 32, 8), (3, 2, 32, 16)])
+def test_lane_keys_and_pipelined_loads(gen, device, monkeypatch, key_bits, value_bits, group_size, guard_bits):
+    """lane_keys (with pair_order) puts the key codes and the queries in lane order, so only the
+    key dots' summation order changes (2-bit keys in groups of 32, 3-bit keys: too few words, pair
+    order as before); pipelined_loads leaves the packed loops' loads to Triton's pipeliner, the
+    same output bit for bit. Both against the reference on v4 and v5, the low-bit tier and an 8-bit
+    guard; refused where they do not apply."""
+    spy = KernelSpy(decode_module._decode_split_kernel_v4)
+    monkeypatch.setattr(decode_module, "_decode_split_kernel_v4", spy)
+    pool = build_pool(gen, device, layers=1, key_bits=key_bits, value_bits=value_bits, group_size=group_size,
+                      guard_bits=guard_bits)
+    batch = build_batch([39, 1, 23], gen, device)
+    q = random_queries(3, 7, gen, device)
+    expected = reference_decode(pool, 0, q, *batch, HEAD_DIM**-0.5)
+    for version in ("v4", "v5"):
+        lanes = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version=version, pair_order=True,
+                           lane_keys=True).clone()
+        check_close(lanes, expected, pool)
+        pipelined = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version=version, pair_order=True,
+                               lane_keys=True, pipelined_loads=True)
+        assert [(launch["LANE_KEYS"], launch["PIPELINED_LOADS"]) for launch in spy.constants[-2:]] == [
+            (True, False), (True, True)]
+        assert torch.equal(lanes, pipelined), version
+    with pytest.raises(ValueError, match="lane_keys is an option of pair_order"):
+        run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version="v5", lane_keys=True)
+    with pytest.raises(ValueError, match="pipelined_loads is an option of v4 and v5"):
+        run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version="v2", pipelined_loads=True)
+
+
 def test_version_selection(gen, device, monkeypatch):
     """v2 when tier_indptr is given (and in decode_attention_for_pool), v1 otherwise or
     when asked, v3 when asked (its loop only for 2/4/8-bit formats); v2 without tier_indptr

@@ -509,7 +509,12 @@ def test_decode_kernel_parse():
     assert DecodeKernel.parse("v5:64:pairs:r168") == DecodeKernel("v5", 64, max_registers=168, pair_order=True)
     assert DecodeKernel.parse("v5:64:biasreg:r168:pairs") == DecodeKernel("v5", 64, max_registers=168,
                                                                            pair_order=True, bias_register=True)
-    assert DecodeKernel.parse("v5:64:inplace:pairs") == DecodeKernel("v5", 64, pair_order=True, in_place_values=True)
+    assert DecodeKernel.parse("v5:64:inplace:pairs") == DecodeKernel("v5", 64, pair_order=True,
+                                                                      in_place_values=True)
+    assert DecodeKernel.parse("v4:32:pipelined:lanekeys:pairs") == DecodeKernel(
+        "v4", 32, pair_order=True, lane_keys=True, pipelined_loads=True)
+    assert DecodeKernel.parse("v5:64:r168:bf16:pairs:inplace:lanekeys:pipelined").name == (
+        "v5_block_n_64_r168_bf16_pairs_inplace_lanekeys_pipelined")
     assert [DecodeKernel.parse(text).name for text in ("v4:32", "v5:128:w8", "v5:64:r168:bf16:pairs",
                                                        "v2:16:w4:auto", "v4:32:pairs:biasreg",
                                                        "v5:64:r168:bf16:pairs:biasreg:inplace")] == [
@@ -517,7 +522,8 @@ def test_decode_kernel_parse():
         "v4_block_n_32_pairs_biasreg", "v5_block_n_64_r168_bf16_pairs_biasreg_inplace"]
     for bad in ("v9:64", "v5", "v5:x", "v5:48", "v5:8", "v5:0", "v5:64:bf8", "v5:64:w8:w4", "v5:64:w", "v5:64:w3",
                 "v5:64:r16", "v5:64:r300", "v5:64:r168:r128", "v2:64:pairs", "v5:64:pairs:pairs", "v5:64:biasreg",
-                "v5:64:pairs:biasreg:biasreg", "v5:64:inplace", "v5:64:pairs:inplace:inplace", ""):
+                "v5:64:pairs:biasreg:biasreg", "v5:64:inplace", "v5:64:pairs:inplace:inplace", "v5:64:lanekeys",
+                "v2:64:pipelined", "v5:64:pipelined:pipelined", ""):
         with pytest.raises(ValueError, match=r"VERSION:BLOCK_N\[:wWARPS\]\[:rREGISTERS\]\[:DOT_PRECISION\]"):
             DecodeKernel.parse(bad)
 
@@ -675,10 +681,10 @@ def test_bench_candidates_parse(monkeypatch):
     defaults = {"num_warps": 2, "dot_precision": "tf32", "num_stages": None}
     assert bench.candidate_options(candidates[0], defaults) == {
         **defaults, "num_warps": 4, "dot_precision": "auto", "max_registers": None, "pair_order": False,
-        "bias_register": False, "in_place_values": False}
+        "bias_register": False, "in_place_values": False, "lane_keys": False, "pipelined_loads": False}
     assert bench.candidate_options(candidates[2], defaults) == {
         **defaults, "num_warps": 8, "dot_precision": "auto", "max_registers": 168, "pair_order": False,
-        "bias_register": False, "in_place_values": False}
+        "bias_register": False, "in_place_values": False, "lane_keys": False, "pipelined_loads": False}
     assert bench.candidate_tolerance(candidates[1], 2e-3) == bench.BF16_DOT_TOLERANCE
     assert bench.candidate_tolerance(candidates[2], 2e-3) == 2e-3
     assert bench.parse_candidates("") == [] and bench.parse_candidates(bench.DEFAULT_CANDIDATES)
