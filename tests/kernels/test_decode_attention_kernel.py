@@ -493,7 +493,8 @@ def test_the_decode_path_compiles_one_variant_whatever_the_batch(split_version, 
         kernel = recorder.kernel
         unspecialized = unspecialized_arguments(kernel)
         for launch in others:
-            assert {k: v for k, v in launch.items() if k.isupper()} == {k: v for k, v in first.items() if k.isupper()}, name
+            constants = {k: v for k, v in launch.items() if k.isupper()}
+            assert constants == {k: v for k, v in first.items() if k.isupper()}, name
             for argument, value in launch.items():
                 if isinstance(value, int) and not isinstance(value, bool) and not argument.isupper():
                     if argument not in unspecialized:
