@@ -1515,8 +1515,10 @@ def _biased_codes(words, pair_bias, START: tl.constexpr, COLS: tl.constexpr, BIT
     LANE_ORDER (with PAIR_ORDER; for key codes, 2/4/8 bits in at least 4 words): the pairs in
     `_pair_order(LANE_ORDER=True)`, in which the columns a thread holds of an mma operand (with
     two 16-bit values per register: columns 2q, 2q + 1, + 8, + 16, ... for lane q of a quad) come
-    from whole words, so the tile can be built in the operand's own layout: no round trip
-    through shared memory (stores, a barrier, ldmatrix) to reach the tensor cores."""
+    from whole words, so the tile can be built in the operand's own layout: no round trip of the
+    fp16 tile through shared memory (stores, a barrier, ldmatrix) to reach the tensor cores; the
+    words themselves still move to their lanes (shuffles, or shared-memory loads with
+    PIPELINED_LOADS)."""
     CODES_PER_WORD: tl.constexpr = 32 // BITS
     MAX_CODE: tl.constexpr = (1 << BITS) - 1
     IN_LANES: tl.constexpr = PAIR_ORDER and LANE_ORDER and BITS != 3 and COLS * BITS // 32 >= 4
@@ -1819,9 +1821,9 @@ def _factored_tier_loop(q_slices, q_sums, m_i, l_i, accs, entry_row_ptr, first, 
     lane order (`_biased_codes`; the queries must be in it too, `_load_query_slices`).
     PIPELINED_LOADS: each block's rows, words and pairs loaded in the loop, not one block ahead by
     hand, for Triton's software pipeliner, which copies them asynchronously into shared memory and
-    reads them back in the layout their use wants: with LANE_KEYS the key tiles' mma operand
-    layout, so that the key tiles skip their round trip through shared memory (compiled for
-    sm_90, compile-kernels-2026-12-02-f)."""
+    reads them back in the layout their use wants: with LANE_KEYS the key words straight into the
+    lanes whose operand columns they fill, where the hand-prefetched words get there by shuffles
+    (compiled for sm_90, compile-kernels-2026-12-02-f)."""
     # The hand-pipelined loop's first blocks (unused, and compiled away, with PIPELINED_LOADS).
     entries = first + offs_n
     valid = entries < end
@@ -2170,19 +2172,19 @@ def decode_attention(
     `pair_order` (v4 / v5): the packed loops unpack each register's two codes side by side
     (`_biased_codes`, `_pair_order`), the queries and the value accumulators taken in that order;
     11-14% fewer instructions in the low-bit loop; on the H200 v5 2-7% faster, v4 5-9% slower
-    (bench v17). `bias_register` (with `pair_order`; opt-in until it has run on a GPU): the pairs'
-    fp16 bias comes from a kernel argument, so each pair is masked and biased in one LOP3
-    (`_biased_codes`); the output is the same bit for bit; on the H200 2-3% faster at 48x32K, up to
-    4% slower at 256x4K (bench v19). `in_place_values` (with `pair_order`; opt-in until it has run on
-    a GPU): value codes masked where they lie in their word instead of shifted down, one shift per
+    (bench v17). `bias_register` (with `pair_order`; opt-in): the pairs' fp16 bias comes from a
+    kernel argument, so each pair is masked and biased in one LOP3 (`_biased_codes`); the output is
+    the same bit for bit; on the H200 2-3% faster at 48x32K, up to 4% slower at 256x4K (bench v19,
+    v20). `in_place_values` (with `pair_order`; the engine's choice for K4V2 g64): value codes
+    masked where they lie in their word instead of shifted down, one shift per
     word instead of one per slot, the accumulators scaled by powers of two meanwhile; the output is
     the same bit for bit; on the H200 0.8-2.0% faster (bench v20). `lane_keys` (with `pair_order`;
     opt-in until it has run on a GPU): key codes (and the queries) in lane order, so that the key
     tiles can reach the tensor cores without a round trip through shared memory (`_biased_codes`);
     the same output up to the dots' summation order. `pipelined_loads` (v4 / v5; opt-in until it
     has run on a GPU): the packed loops' loads left to Triton's software pipeliner instead of
-    prefetched by hand (`_factored_tier_loop`), which with `lane_keys` is what lets the key tiles
-    skip shared memory; the same output bit for bit."""
+    prefetched by hand (`_factored_tier_loop`): with `lane_keys` the key words then reach their
+    lanes by shared-memory loads instead of shuffles; the same output bit for bit."""
     if dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
     if version is None:
