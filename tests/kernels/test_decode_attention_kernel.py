@@ -501,6 +501,19 @@ def test_the_decode_path_compiles_one_variant_whatever_the_batch(split_version, 
                         assert specialization(value) == specialization(first[argument]), (name, argument)
 
 
+def spied_packed_case(gen, device, monkeypatch, key_bits, value_bits, group_size, guard_bits, seq_lens):
+    """A one-layer pool, a batch of `seq_lens` and 7-head queries, with v4 / v5's split kernel
+    spied on (its launches' constants in `spy.constants`): the setup of the packed-loop option
+    tests."""
+    spy = KernelSpy(decode_module._decode_split_kernel_v4)
+    monkeypatch.setattr(decode_module, "_decode_split_kernel_v4", spy)
+    pool = build_pool(gen, device, layers=1, key_bits=key_bits, value_bits=value_bits, group_size=group_size,
+                      guard_bits=guard_bits)
+    batch = build_batch(seq_lens, gen, device)
+    q = random_queries(len(seq_lens), 7, gen, device)
+    return spy, pool, batch, q
+
+
 def test_pair_order_reaches_the_kernel(gen, device, monkeypatch):
     """pair_order=True launches v4's kernel with PAIR_ORDER (off by default); v1-v3 refuse it."""
     spy = KernelSpy(decode_module._decode_split_kernel_v4)
@@ -524,12 +537,8 @@ def test_bias_register_changes_no_bit(gen, device, monkeypatch, key_bits, value_
     `code_bias` instead of a literal (one LOP3 per pair where ptxas made two): the same output
     bit for bit on v4 and v5, the low-bit tier and an 8-bit guard alike; refused without
     pair_order."""
-    spy = KernelSpy(decode_module._decode_split_kernel_v4)
-    monkeypatch.setattr(decode_module, "_decode_split_kernel_v4", spy)
-    pool = build_pool(gen, device, layers=1, key_bits=key_bits, value_bits=value_bits, group_size=32,
-                      guard_bits=guard_bits)
-    batch = build_batch([37, 1, 20], gen, device)
-    q = random_queries(3, 7, gen, device)
+    spy, pool, batch, q = spied_packed_case(gen, device, monkeypatch, key_bits, value_bits, 32, guard_bits,
+                                            [37, 1, 20])
     for version in ("v4", "v5"):
         literal = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version=version, pair_order=True).clone()
         register = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version=version, pair_order=True,
@@ -547,12 +556,8 @@ def test_in_place_values_change_no_bit(gen, device, monkeypatch, key_bits, value
     bit on v4 and v5 (with and without the bias register), 2/3/4/8-bit values and an 8-bit guard
     alike; a scale left on a channel, or a code past the mantissa, would change it. Refused
     without pair_order."""
-    spy = KernelSpy(decode_module._decode_split_kernel_v4)
-    monkeypatch.setattr(decode_module, "_decode_split_kernel_v4", spy)
-    pool = build_pool(gen, device, layers=1, key_bits=key_bits, value_bits=value_bits, group_size=32,
-                      guard_bits=guard_bits)
-    batch = build_batch([39, 1, 23], gen, device)
-    q = random_queries(3, 7, gen, device)
+    spy, pool, batch, q = spied_packed_case(gen, device, monkeypatch, key_bits, value_bits, 32, guard_bits,
+                                            [39, 1, 23])
     for version, bias_register in (("v4", False), ("v5", False), ("v5", True)):
         shifted = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version=version, pair_order=True,
                              bias_register=bias_register).clone()
@@ -572,12 +577,8 @@ def test_lane_keys_and_pipelined_loads(gen, device, monkeypatch, key_bits, value
     order as before); pipelined_loads leaves the packed loops' loads to Triton's pipeliner, the
     same output bit for bit. Both against the reference on v4 and v5, the low-bit tier and an 8-bit
     guard; refused where they do not apply."""
-    spy = KernelSpy(decode_module._decode_split_kernel_v4)
-    monkeypatch.setattr(decode_module, "_decode_split_kernel_v4", spy)
-    pool = build_pool(gen, device, layers=1, key_bits=key_bits, value_bits=value_bits, group_size=group_size,
-                      guard_bits=guard_bits)
-    batch = build_batch([39, 1, 23], gen, device)
-    q = random_queries(3, 7, gen, device)
+    spy, pool, batch, q = spied_packed_case(gen, device, monkeypatch, key_bits, value_bits, group_size,
+                                            guard_bits, [39, 1, 23])
     expected = reference_decode(pool, 0, q, *batch, HEAD_DIM**-0.5)
     for version in ("v4", "v5"):
         lanes = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version=version, pair_order=True,
