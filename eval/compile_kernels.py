@@ -37,6 +37,7 @@ from eval.sass import LOOP_OPCODES, sass_loops  # noqa: E402
 import sglang_kvc.kernels.gather_rows as gather_module  # noqa: E402
 import sglang_kvc.kernels.score as score_module  # noqa: E402
 import sglang_kvc.kernels.staging as staging_module  # noqa: E402
+import eval.operand_probe as probe_module  # noqa: E402
 from sglang_kvc.quant import PackedFormat  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -333,6 +334,7 @@ def cases() -> list[tuple[str, callable]]:
         result.append((f"decode v4 tuned (K4V2 g64) BLOCK_N 32, pairs, {label}",
                        functools.partial(decode_case, "v4", DECODE_FORMATS["tuned (K4V2 g64)"], 32, pair_order=True,
                                          lane_keys=lane_keys, pipelined_loads=pipelined_loads)))
+    result += operand_probe_cases()
     result.append(("decode v2 tuned (K4V2 g64) BLOCK_N 64, tiny model (head_dim 64, group 4)",
                    lambda: decode_case("v2", DECODE_FORMATS["tuned (K4V2 g64)"], 64, head_dim=64, query_group=4)))
     result += region_builder_cases()
@@ -379,6 +381,24 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {name} | {index} | {loop['instructions']:,} | "
                              + " | ".join(str(loop[op]) for op in LOOP_OPCODES) + " |")
     return "\n".join(lines) + "\n"
+
+
+def operand_probe_cases() -> list[tuple[str, callable]]:
+    """eval/operand_probe.py's kernels: one unpack-and-dot loop each, words loaded in the loop
+    (num_stages 3: by Triton's pipeliner; 1: plain loads)."""
+    pointers = {"q_ptr": "*fp16", "p_ptr": "*fp16", "out_ptr": "*fp32"}
+    result = []
+    for order, label in ((0, "pair order"), (1, "lane order")):
+        result.append((f"operand probe: key tile, wgmma A, {label}", functools.partial(
+            compile_and_measure, probe_module.key_tile_probe, pointers, {"ORDER": order})))
+    result.append(("operand probe: value tile, wgmma A (codes^T), pair order", functools.partial(
+        compile_and_measure, probe_module.value_tile_probe, pointers, {})))
+    for order, label in ((0, "pair order"), (1, "natural order")):
+        for stages in (1, 3):
+            result.append((f"operand probe: value tile, mma.sync B, {label}, {stages} stages", functools.partial(
+                compile_and_measure, probe_module.value_tile_mma_v2_probe, pointers, {"ORDER": order},
+                num_stages=stages)))
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
