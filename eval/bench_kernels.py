@@ -110,11 +110,10 @@ V2_BLOCK_NS = (16, 32, 64)  # v2's BLOCK_N sweep (v1 stays at its shipped 16)
 V1_BLOCK_N = 16
 ENGINE_BLOCK_N = 16  # always swept: the 3-bit-key choice of engine.decode_block_n
 SMOKE_V2_BLOCK_NS = (16, 32)
-# --candidates: the engine's kernel for K4V2 g64 (v5:64:r168:bf16:pairs:inplace, bench v20) with
-# the key codes in lane order, with the packed loops' loads left to Triton's pipeliner, and with
-# both (docs/kernels.md, "Twenty-eighth session"); the engine's own kernel joins them per config.
-DEFAULT_CANDIDATES = ("v5:64:r168:bf16:pairs:inplace:lanekeys,v5:64:r168:bf16:pairs:inplace:pipelined,"
-                      "v5:64:r168:bf16:pairs:inplace:lanekeys:pipelined")
+# --candidates: the engine's kernel for K4V2 g64 (v5:64:r168:bf16:pairs:inplace, bench v20, its row
+# offsets 32-bit where they fit) with 64-bit row offsets (as before the twenty-ninth session) and with
+# the key codes in lane order (bench v21); the engine's own kernel joins them per config.
+DEFAULT_CANDIDATES = "v5:64:r168:bf16:pairs:inplace:wide,v5:64:r168:bf16:pairs:inplace:lanekeys"
 # A bf16-dot candidate's check: bf16 probabilities (TOLERANCE_BF16 in the decode kernel's tests).
 BF16_DOT_TOLERANCE = 6e-3
 SGLANG_SPLITS = (8, 16, 64)

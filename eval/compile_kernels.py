@@ -123,12 +123,14 @@ def compile_and_measure(kernel, pointer_types: dict[str, str], constexprs: dict,
 def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD_DIM, query_group: int = 7,
                 prefetch: bool = False, dot_precision: str = "auto", num_warps: int = 4,
                 max_registers: int | None = None, pair_order: bool = False, bias_register: bool = False,
-                in_place_values: bool = False, lane_keys: bool = False, pipelined_loads: bool = False) -> dict:
+                in_place_values: bool = False, lane_keys: bool = False, pipelined_loads: bool = False,
+                wide_offsets: bool = False) -> dict:
     """decode_attention's split kernel as it launches it; `dot_precision` "auto" or "bf16"
     (the bf16 rows' dots on bf16 operands), `max_registers` its register cap, `pair_order` (v4 /
     v5) the codes in pair order, `bias_register` their bias from the kernel argument,
     `in_place_values` the value codes masked in place, `lane_keys` the key codes in lane order,
-    `pipelined_loads` the packed loops' loads by Triton's pipeliner."""
+    `pipelined_loads` the packed loops' loads by Triton's pipeliner, `wide_offsets` 64-bit row
+    offsets (v4 / v5; False: the 32-bit ones decode_attention takes for tables below 2**31 elements)."""
     key_bits, value_bits, group, guard_bits = formats
     dense_precision = {"auto": "tf32", "bf16": "bf16"}[dot_precision]
     kernel = {"v1": decode_module._decode_split_kernel,
@@ -153,7 +155,7 @@ def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD
     if version in ("v4", "v5"):  # output slices of the value group (one group size for every tier here)
         constexprs.update(ACC_COLS=group, PACKED_DOT_PRECISION="fp16", TRANSPOSED=version == "v5",
                           PAIR_ORDER=pair_order, BIAS_REGISTER=bias_register, IN_PLACE_VALUES=in_place_values,
-                          LANE_KEYS=lane_keys, PIPELINED_LOADS=pipelined_loads)
+                          LANE_KEYS=lane_keys, PIPELINED_LOADS=pipelined_loads, WIDE_OFFSETS=wide_offsets)
     elif version != "v1":
         # dot_precision as decode_attention runs it: fp16 on packed rows (a bf16 guard here unless
         # guard_bits 8), tf32 or bf16 on the bf16 ones

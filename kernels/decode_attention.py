@@ -1637,15 +1637,28 @@ def _load_query_slices(q_ptr, request, kv_head, stride_q_batch, stride_q_head, Q
 
 
 @triton.jit
+def _load_rows(entry_row_ptr, entries, valid, WIDE_OFFSETS: tl.constexpr):
+    """The tier rows of `entries` (0 where not `valid`) as the index of the tables' offsets:
+    int64 with WIDE_OFFSETS, else int32, which `decode_attention` allows only where every offset
+    of every table fits (`_needs_wide_offsets`); 32-bit offsets spare each address its 64-bit
+    multiply-add (packed loop body 752 -> 723 instructions, compile-kernels-2026-12-02-g)."""
+    rows = tl.load(entry_row_ptr + entries, mask=valid, other=0)
+    if WIDE_OFFSETS:
+        rows = rows.to(tl.int64)
+    return rows
+
+
+@triton.jit
 def _dense_tier_loop_sliced(q, m_i, l_i, accs, entry_row_ptr, first, end, kv_head, offs_n, offs_d, dim_mask,
                             qk_scale, k_ptr, v_ptr, stride_row, stride_head, HEAD_DIM: tl.constexpr,
-                            ACC_COLS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                            ACC_COLS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            WIDE_OFFSETS: tl.constexpr):
     """v4's loop over one bf16 tier: v2's dense loop with V read and accumulated in the
     column slices of `accs`."""
     for block_start in range(first, end, BLOCK_N):
         entries = block_start + offs_n
         valid = entries < end
-        rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
+        rows = _load_rows(entry_row_ptr, entries, valid, WIDE_OFFSETS)
         k = _load_dense_operand(k_ptr, rows, kv_head, stride_row, stride_head, valid, offs_d, dim_mask, DOT_PRECISION)
         m_i, l_i, p, alpha = _softmax_step(m_i, l_i, _block_logits(q, k, valid, qk_scale, DOT_PRECISION))
         updated = ()
@@ -1811,7 +1824,8 @@ def _factored_tier_loop(q_slices, q_sums, m_i, l_i, accs, entry_row_ptr, first, 
                         KEY_GROUP_SIZE: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_GROUP_SIZE: tl.constexpr,
                         ACC_COLS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr, PAIR_ORDER: tl.constexpr,
-                        IN_PLACE_VALUES: tl.constexpr, LANE_KEYS: tl.constexpr, PIPELINED_LOADS: tl.constexpr):
+                        IN_PLACE_VALUES: tl.constexpr, LANE_KEYS: tl.constexpr, PIPELINED_LOADS: tl.constexpr,
+                        WIDE_OFFSETS: tl.constexpr):
     """v4's loop over one packed tier (low-bit, or an 8-bit guard), pipelined by hand as v2's
     (entry rows two blocks ahead, packed words one block ahead; PIPELINED_LOADS below). TRANSPOSED (v5): the blocks
     through `_factored_block_update_transposed`, the accumulators transposed on the way in and out.
@@ -1827,13 +1841,13 @@ def _factored_tier_loop(q_slices, q_sums, m_i, l_i, accs, entry_row_ptr, first, 
     # The hand-pipelined loop's first blocks (unused, and compiled away, with PIPELINED_LOADS).
     entries = first + offs_n
     valid = entries < end
-    rows = tl.load(entry_row_ptr + entries, mask=valid, other=0).to(tl.int64)
+    rows = _load_rows(entry_row_ptr, entries, valid, WIDE_OFFSETS)
     k_words, k_pairs, v_words, v_pairs = _load_factored_block(
         k_codes_ptr, k_pairs_ptr, v_codes_ptr, v_pairs_ptr, rows, kv_head, valid, stride_k_row, stride_k_head,
         stride_k_pairs_row, stride_k_pairs_head, stride_v_row, stride_v_head, stride_v_pairs_row,
         stride_v_pairs_head, HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, VALUE_BITS, VALUE_GROUP_SIZE, ACC_COLS)
     next_valid = entries + BLOCK_N < end
-    next_rows = tl.load(entry_row_ptr + entries + BLOCK_N, mask=next_valid, other=0).to(tl.int64)
+    next_rows = _load_rows(entry_row_ptr, entries + BLOCK_N, next_valid, WIDE_OFFSETS)
     pending = ()
     for index in tl.static_range(HEAD_DIM // ACC_COLS):
         if TRANSPOSED:
@@ -1854,7 +1868,7 @@ def _factored_tier_loop(q_slices, q_sums, m_i, l_i, accs, entry_row_ptr, first, 
         for block_start in range(first, end, BLOCK_N):
             block_entries = block_start + offs_n
             block_valid = block_entries < end
-            block_rows = tl.load(entry_row_ptr + block_entries, mask=block_valid, other=0).to(tl.int64)
+            block_rows = _load_rows(entry_row_ptr, block_entries, block_valid, WIDE_OFFSETS)
             block_k_words, block_k_pairs, block_v_words, block_v_pairs = _load_factored_block(
                 k_codes_ptr, k_pairs_ptr, v_codes_ptr, v_pairs_ptr, block_rows, kv_head, block_valid, stride_k_row,
                 stride_k_head, stride_k_pairs_row, stride_k_pairs_head, stride_v_row, stride_v_head,
@@ -1868,7 +1882,7 @@ def _factored_tier_loop(q_slices, q_sums, m_i, l_i, accs, entry_row_ptr, first, 
         for block_start in range(first, end, BLOCK_N):
             ahead_entries = block_start + 2 * BLOCK_N + offs_n
             ahead_valid = ahead_entries < end
-            ahead_rows = tl.load(entry_row_ptr + ahead_entries, mask=ahead_valid, other=0).to(tl.int64)
+            ahead_rows = _load_rows(entry_row_ptr, ahead_entries, ahead_valid, WIDE_OFFSETS)
             next_k_words, next_k_pairs, next_v_words, next_v_pairs = _load_factored_block(
                 k_codes_ptr, k_pairs_ptr, v_codes_ptr, v_pairs_ptr, next_rows, kv_head, next_valid, stride_k_row,
                 stride_k_head, stride_k_pairs_row, stride_k_pairs_head, stride_v_row, stride_v_head,
@@ -1918,6 +1932,7 @@ def _decode_split_kernel_v4(
     IN_PLACE_VALUES: tl.constexpr = False,  # value codes masked in place, not shifted (_biased_codes)
     LANE_KEYS: tl.constexpr = False,  # key codes (and the queries) in lane order (_biased_codes)
     PIPELINED_LOADS: tl.constexpr = False,  # packed loops' loads by Triton's pipeliner (_factored_tier_loop)
+    WIDE_OFFSETS: tl.constexpr = True,  # 64-bit row offsets (_load_rows); False only where all fit in 32 bits
 ):
     """v4: v2's split ranges and per-tier loops (arguments as `_decode_split_kernel_v2`'s), with
     packed tiers dequantized after the dots (`_factored_block_update`) and the output kept in
@@ -1945,7 +1960,7 @@ def _decode_split_kernel_v4(
     m_i, l_i, accs = _dense_tier_loop_sliced(q, m_i, l_i, accs, entry_row_ptr, staging_first, staging_end, kv_head,
                                              offs_n, offs_d, dim_mask, qk_scale, staging_k_ptr, staging_v_ptr,
                                              stride_staging_row, stride_staging_head, HEAD_DIM, ACC_COLS, BLOCK_N,
-                                             DOT_PRECISION)
+                                             DOT_PRECISION, WIDE_OFFSETS)
     q_slices, q_sums = _load_query_slices(q_ptr, request, kv_head, stride_q_batch, stride_q_head, QUERY_GROUP,
                                           HEAD_DIM, KEY_GROUP_SIZE, KEY_BITS, PAIR_ORDER, BLOCK_G,
                                           PACKED_DOT_PRECISION, TRANSPOSED, LANE_KEYS)
@@ -1955,7 +1970,7 @@ def _decode_split_kernel_v4(
         stride_lk_pairs_head, lowbit_v_codes_ptr, lowbit_v_pairs_ptr, stride_lv_row, stride_lv_head,
         stride_lv_pairs_row, stride_lv_pairs_head, HEAD_DIM, KEY_BITS, KEY_GROUP_SIZE, VALUE_BITS,
         VALUE_GROUP_SIZE, ACC_COLS, BLOCK_G, BLOCK_N, PACKED_DOT_PRECISION, TRANSPOSED, PAIR_ORDER, IN_PLACE_VALUES,
-        LANE_KEYS, PIPELINED_LOADS)
+        LANE_KEYS, PIPELINED_LOADS, WIDE_OFFSETS)
     if GUARD_PACKED:
         guard_q_slices, guard_q_sums = _load_query_slices(q_ptr, request, kv_head, stride_q_batch, stride_q_head,
                                                           QUERY_GROUP, HEAD_DIM, GUARD_GROUP_SIZE, GUARD_BITS,
@@ -1967,12 +1982,12 @@ def _decode_split_kernel_v4(
             stride_guard_pairs_row, stride_guard_pairs_head, guard_v_ptr, guard_v_pairs_ptr, stride_guard_row,
             stride_guard_head, stride_guard_pairs_row, stride_guard_pairs_head, HEAD_DIM, GUARD_BITS, GUARD_GROUP_SIZE,
             GUARD_BITS, GUARD_GROUP_SIZE, ACC_COLS, BLOCK_G, BLOCK_N, PACKED_DOT_PRECISION, TRANSPOSED, PAIR_ORDER,
-            IN_PLACE_VALUES, LANE_KEYS, PIPELINED_LOADS)
+            IN_PLACE_VALUES, LANE_KEYS, PIPELINED_LOADS, WIDE_OFFSETS)
     else:
         m_i, l_i, accs = _dense_tier_loop_sliced(q, m_i, l_i, accs, entry_row_ptr, guard_first, guard_end, kv_head,
                                                  offs_n, offs_d, dim_mask, qk_scale, guard_k_ptr, guard_v_ptr,
                                                  stride_guard_row, stride_guard_head, HEAD_DIM, ACC_COLS, BLOCK_N,
-                                                 DOT_PRECISION)
+                                                 DOT_PRECISION, WIDE_OFFSETS)
     for index in tl.static_range(HEAD_DIM // ACC_COLS):
         cols = index * ACC_COLS + tl.arange(0, ACC_COLS)
         _store_split_partial(partial_out_ptr, partial_lse_ptr, m_i, l_i, accs[index], request, q_heads, split, cols,
@@ -2077,6 +2092,13 @@ class _TierArgs:
                    (guard.k.stride(0), guard.k.stride(1), 0, 0), False, 16, guard.head_dim)
 
 
+def _needs_wide_offsets(*tables: torch.Tensor) -> bool:
+    """Whether some element offset of some table (in elements, from its first one) passes int32,
+    i.e. the split kernel must index rows in int64 (`_load_rows`)."""
+    return any(sum((size - 1) * stride for size, stride in zip(table.shape, table.stride())) > 2**31 - 1
+               for table in tables if table.numel())
+
+
 DECODE_VERSIONS = ("v1", "v2", "v3", "v4", "v5")
 DOT_PRECISIONS = ("auto", "tf32", "fp16", "bf16", "ieee")
 
@@ -2125,6 +2147,7 @@ def decode_attention(
     in_place_values: bool = False,
     lane_keys: bool = False,
     pipelined_loads: bool = False,
+    wide_offsets: bool = False,
 ) -> torch.Tensor:
     """Attention of one decode query per request over its entries -> [B, Hq, D] (fp32,
     or `out`'s dtype).
@@ -2179,12 +2202,16 @@ def decode_attention(
     masked where they lie in their word instead of shifted down, one shift per
     word instead of one per slot, the accumulators scaled by powers of two meanwhile; the output is
     the same bit for bit; on the H200 0.8-2.0% faster (bench v20). `lane_keys` (with `pair_order`;
-    opt-in until it has run on a GPU): key codes (and the queries) in lane order, so that the key
-    tiles can reach the tensor cores without a round trip through shared memory (`_biased_codes`);
-    the same output up to the dots' summation order. `pipelined_loads` (v4 / v5; opt-in until it
-    has run on a GPU): the packed loops' loads left to Triton's software pipeliner instead of
-    prefetched by hand (`_factored_tier_loop`): with `lane_keys` the key words then reach their
-    lanes by shared-memory loads instead of shuffles; the same output bit for bit."""
+    opt-in): key codes (and the queries) in lane order, so that the key tiles reach the tensor
+    cores without a round trip through shared memory (`_biased_codes`); the same output up to the
+    dots' summation order; on the H200 within 1.3% of the engine's kernel (bench v21: the
+    shared-memory waits it removes come back as shuffles). `pipelined_loads` (v4 / v5; opt-in):
+    the packed loops' loads left to Triton's software pipeliner instead of prefetched by hand
+    (`_factored_tier_loop`); the same output bit for bit; on the H200 21-33% slower (bench v21).
+
+    `wide_offsets` (v4 / v5): 64-bit row offsets even where 32 bits hold every offset of every
+    table; without it v4 / v5 take 32-bit ones wherever they fit (`_needs_wide_offsets`: tables
+    of fewer than 2**31 elements), v1-v3 always 64-bit ones. The same output bit for bit."""
     if dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
     if version is None:
@@ -2226,6 +2253,8 @@ def decode_attention(
         raise ValueError("lane_keys is an option of pair_order (the key pairs, in lane order)")
     if pipelined_loads and version not in ("v4", "v5"):
         raise ValueError(f"pipelined_loads is an option of v4 and v5 (v2's is prefetch), got {version}")
+    if wide_offsets and version not in ("v4", "v5"):
+        raise ValueError(f"wide_offsets is an option of v4 and v5 (v1-v3 always take 64-bit offsets), got {version}")
     if prefetch is not None and version in ("v4", "v5"):
         raise ValueError(f"{version}'s packed loops always prefetch; prefetch is an option of v2's")
     if prefetch and (version == "v1" or register_operands):
@@ -2278,6 +2307,8 @@ def decode_attention(
                               TRANSPOSED=version == "v5", PAIR_ORDER=pair_order, BIAS_REGISTER=bias_register,
                               IN_PLACE_VALUES=in_place_values, LANE_KEYS=lane_keys,
                               PIPELINED_LOADS=pipelined_loads,
+                              WIDE_OFFSETS=wide_offsets or _needs_wide_offsets(
+                                  staging.k, staging.v, *lowbit_k, *lowbit_v, *guard_k, *guard_v),
                               code_bias=CODE_BIAS)
     elif version != "v1":
         launch_options.update(PREFETCH=prefetch, LOWBIT_DOT_PRECISION=packed_precision,

@@ -118,8 +118,9 @@ def decode_block_n(key_bits: int) -> int:
 class DecodeKernel:
     """Which split kernel of kernels.decode_attention the engine runs: its version, BLOCK_N,
     warps, dot_precision, register cap, code order, the codes' bias, the value codes' unpacking
-    (in place), the key codes' lane order and who pipelines the loads, each field named as
-    decode_attention's keyword argument (`arguments`)."""
+    (in place), the key codes' lane order, who pipelines the loads and whether row offsets are
+    64-bit even where 32 bits hold them, each field named as decode_attention's keyword argument
+    (`arguments`)."""
 
     version: str
     block_n: int
@@ -131,9 +132,10 @@ class DecodeKernel:
     in_place_values: bool = False
     lane_keys: bool = False
     pipelined_loads: bool = False
+    wide_offsets: bool = False
 
     FORM = ("VERSION:BLOCK_N[:wWARPS][:rREGISTERS][:DOT_PRECISION][:pairs[:biasreg][:inplace][:lanekeys]]"
-            "[:pipelined]")
+            "[:pipelined][:wide]")
 
     @property
     def name(self) -> str:
@@ -146,7 +148,8 @@ class DecodeKernel:
         name += "_biasreg" if self.bias_register else ""
         name += "_inplace" if self.in_place_values else ""
         name += "_lanekeys" if self.lane_keys else ""
-        return name + ("_pipelined" if self.pipelined_loads else "")
+        name += "_pipelined" if self.pipelined_loads else ""
+        return name + ("_wide" if self.wide_offsets else "")
 
     def arguments(self) -> dict:
         """decode_attention's keyword arguments for this kernel (a shallow copy of the fields:
@@ -158,7 +161,8 @@ class DecodeKernel:
         """"v5:64" -> DecodeKernel("v5", 64); "v5:64:w8:r168:bf16:pairs:biasreg" -> 8 warps, at most
         168 registers per thread, bf16 dots on bf16 rows, codes in pair order, their bias in a
         register; ":inplace" the value codes unpacked in place, ":lanekeys" the key codes in lane order,
-        ":pipelined" the packed loops' loads by Triton's pipeliner (the optional parts in any order)."""
+        ":pipelined" the packed loops' loads by Triton's pipeliner, ":wide" 64-bit row offsets wherever
+        (the optional parts in any order)."""
         from sglang_kvc.kernels.decode_attention import DECODE_VERSIONS, DOT_PRECISIONS
 
         parts = text.strip().split(":")
@@ -169,24 +173,24 @@ class DecodeKernel:
 
         warps, registers = numbers("w"), numbers("r")
         precisions = [extra for extra in extras if extra in DOT_PRECISIONS]
-        pairs, bias, in_place, lanes, pipelined = ([extra for extra in extras if extra == flag]
-                                                   for flag in ("pairs", "biasreg", "inplace", "lanekeys", "pipelined"))
-        found = (warps, registers, precisions, pairs, bias, in_place, lanes, pipelined)
+        flags = ("pairs", "biasreg", "inplace", "lanekeys", "pipelined", "wide")
+        pairs, bias, in_place, lanes, pipelined, wide = ([extra for extra in extras if extra == flag] for flag in flags)
+        found = (warps, registers, precisions, pairs, bias, in_place, lanes, pipelined, wide)
         valid = (version in DECODE_VERSIONS and block_n.isdigit()
                  and int(block_n) >= 16 and not int(block_n) & (int(block_n) - 1)
                  and all(len(items) <= 1 for items in found) and sum(map(len, found)) == len(extras)
-                 and (not (pairs or pipelined) or version in ("v4", "v5"))
+                 and (not (pairs or pipelined or wide) or version in ("v4", "v5"))
                  and (not (bias or in_place or lanes) or pairs)
                  and all(count in (1, 2, 4, 8, 16) for count in warps)
                  and all(24 <= count <= 255 for count in registers))
         if not valid:
             raise ValueError(f"{text!r}: want {cls.FORM}: VERSION one of {DECODE_VERSIONS}, BLOCK_N a power of "
                              f"two >= 16, WARPS 1, 2, 4, 8 or 16, REGISTERS 24-255, DOT_PRECISION one of "
-                             f"{DOT_PRECISIONS}, pairs and pipelined for v4 / v5, biasreg, inplace and lanekeys "
-                             "with pairs")
+                             f"{DOT_PRECISIONS}, pairs, pipelined and wide for v4 / v5, biasreg, inplace and "
+                             "lanekeys with pairs")
         return cls(version, int(block_n), warps[0] if warps else 4, precisions[0] if precisions else "auto",
                    registers[0] if registers else None, bool(pairs), bool(bias), bool(in_place), bool(lanes),
-                   bool(pipelined))
+                   bool(pipelined), bool(wide))
 
 
 def decode_kernel(key_format: PackedFormat, value_format: PackedFormat) -> DecodeKernel:
@@ -201,15 +205,18 @@ def decode_kernel(key_format: PackedFormat, value_format: PackedFormat) -> Decod
     unpacked in place: another 0.8-2.0% less time at 48x32K and 256x4K (bench v20), served with
     every config answering and 2-4 of 1,600 answers flipped (serving run 50, tiny-serve-inplace-
     2026-12-02). The pairs' bias in a register is not taken: ~3% faster at 48x32K, up to 4%
-    slower at 256x4K (bench v19, v20). The same kernel
+    slower at 256x4K (bench v19, v20); nor 32-bit row offsets: -0.6% to +2.8% time (slower for
+    `qwen_5x_tuned`, bench v22), so it keeps 64-bit ones (`wide_offsets`). The same kernel
     on K8V8 g32 takes 59-81% longer than v4 (the cap spills there) and v5 uncapped 17-19% longer
     (bench v18), so the other formats keep bench v14-v15's choice: v4 (dequantize after the
     dots) where it beat v2 — K2V2 g64 (4-16% at 32), K3V2 g32 (14-17% at 64; v5 at 64 ties it,
     bench v18), K8V8 g32 (2-3% at 32) — and v2 for 2-bit keys in groups below 64 (v4 4-6% slower
     at 64, 56-61% at 32: four 32-channel key dots per block, whose codes lose the vectorized
-    shared-memory stores)."""
+    shared-memory stores). v4 takes 32-bit row offsets where the tables allow them (v2 always 64-bit
+    ones): 0-4% less time than with 64-bit ones, the same output bit for bit (bench v22)."""
     if (key_format.bits, value_format.bits, key_format.group_size, value_format.group_size) == (4, 2, 64, 64):
-        return DecodeKernel("v5", 64, dot_precision="bf16", max_registers=168, pair_order=True, in_place_values=True)
+        return DecodeKernel("v5", 64, dot_precision="bf16", max_registers=168, pair_order=True, in_place_values=True,
+                            wide_offsets=True)
     if key_format.bits == 2 and key_format.group_size < 64:
         return DecodeKernel("v2", decode_block_n(key_format.bits))
     return DecodeKernel("v4", 64 if key_format.bits == 3 else 32)

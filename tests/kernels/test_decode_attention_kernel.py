@@ -595,6 +595,40 @@ def test_lane_keys_and_pipelined_loads(gen, device, monkeypatch, key_bits, value
         run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version="v2", pipelined_loads=True)
 
 
+@pytest.mark.parametrize("key_bits, value_bits, group_size, guard_bits", [(4, 2, 64, 16), (2, 4, 32, 8)])
+def test_wide_offsets_change_no_bit(gen, device, monkeypatch, key_bits, value_bits, group_size, guard_bits):
+    """v4 / v5 index rows in int32 where every table's offsets fit (these small pools) and in
+    int64 with wide_offsets: the same output bit for bit, the bf16 staging and guard loops and the
+    packed ones alike; v1-v3 (always 64-bit) refuse the option."""
+    spy, pool, batch, q = spied_packed_case(gen, device, monkeypatch, key_bits, value_bits, group_size,
+                                            guard_bits, [39, 1, 23])
+    for version in ("v4", "v5"):
+        narrow = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version=version, pair_order=True,
+                            in_place_values=True).clone()
+        wide = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version=version, pair_order=True,
+                          in_place_values=True, wide_offsets=True)
+        assert [launch["WIDE_OFFSETS"] for launch in spy.constants[-2:]] == [False, True]
+        assert torch.equal(narrow, wide), version
+    with pytest.raises(ValueError, match="wide_offsets is an option of v4 and v5"):
+        run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version="v2", wide_offsets=True)
+
+
+def test_needs_wide_offsets_at_the_int32_limit():
+    """64-bit offsets exactly where some element offset of some table passes 2**31 - 1 (shapes
+    and strides only: meta tensors), a strided view counted by its strides, empty tables ignored."""
+    def table(*shape, dtype=torch.int32):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    assert not decode_module._needs_wide_offsets(table(2**31), table(0, 2**31, 16))
+    assert decode_module._needs_wide_offsets(table(8), table(2**31 + 1))
+    rows = 2**31 // (4 * 128)  # [rows, heads, dims] bf16 staging: the last row's last offset is 2**31 - 1
+    assert not decode_module._needs_wide_offsets(table(rows, 4, 128, dtype=torch.bfloat16))
+    assert decode_module._needs_wide_offsets(table(rows + 1, 4, 128, dtype=torch.bfloat16))
+    wide_rows = table(rows + 1, 4, 128)[:, :, :8]  # a narrow view of long rows: its strides count
+    assert decode_module._needs_wide_offsets(wide_rows)
+    assert not decode_module._needs_wide_offsets(table(rows + 1, 4, 128)[:, 0, :8].contiguous())
+
+
 def test_version_selection(gen, device, monkeypatch):
     """v2 when tier_indptr is given (and in decode_attention_for_pool), v1 otherwise or
     when asked, v3 when asked (its loop only for 2/4/8-bit formats); v2 without tier_indptr

@@ -486,8 +486,9 @@ def test_decode_kernel_choice():
 
     tuned = decode_kernel(PackedFormat(4, 128, 64), PackedFormat(2, 128, 64))  # the tuned configs
     assert tuned == DecodeKernel("v5", 64, dot_precision="bf16", max_registers=168, pair_order=True,
-                                 in_place_values=True)
-    assert tuned.name == "v5_block_n_64_r168_bf16_pairs_inplace"  # what serving run 50 and bench v20 ran
+                                 in_place_values=True, wide_offsets=True)
+    # What serving run 50 and bench v20 / v21 ran (then without the suffix: 64-bit offsets were the only ones).
+    assert tuned.name == "v5_block_n_64_r168_bf16_pairs_inplace_wide"
     assert choice(4, 64, value_bits=4) == ("v4", 32)
     assert choice(4, 128) == ("v4", 32)
     assert choice(4, 32, value_group_size=64) == ("v4", 32)
@@ -515,6 +516,8 @@ def test_decode_kernel_parse():
         "v4", 32, pair_order=True, lane_keys=True, pipelined_loads=True)
     assert DecodeKernel.parse("v5:64:r168:bf16:pairs:inplace:lanekeys:pipelined").name == (
         "v5_block_n_64_r168_bf16_pairs_inplace_lanekeys_pipelined")
+    assert DecodeKernel.parse("v5:64:wide:pairs") == DecodeKernel("v5", 64, pair_order=True, wide_offsets=True)
+    assert DecodeKernel.parse("v5:64:r168:bf16:pairs:inplace:wide").name == "v5_block_n_64_r168_bf16_pairs_inplace_wide"
     assert [DecodeKernel.parse(text).name for text in ("v4:32", "v5:128:w8", "v5:64:r168:bf16:pairs",
                                                        "v2:16:w4:auto", "v4:32:pairs:biasreg",
                                                        "v5:64:r168:bf16:pairs:biasreg:inplace")] == [
@@ -523,7 +526,7 @@ def test_decode_kernel_parse():
     for bad in ("v9:64", "v5", "v5:x", "v5:48", "v5:8", "v5:0", "v5:64:bf8", "v5:64:w8:w4", "v5:64:w", "v5:64:w3",
                 "v5:64:r16", "v5:64:r300", "v5:64:r168:r128", "v2:64:pairs", "v5:64:pairs:pairs", "v5:64:biasreg",
                 "v5:64:pairs:biasreg:biasreg", "v5:64:inplace", "v5:64:pairs:inplace:inplace", "v5:64:lanekeys",
-                "v2:64:pipelined", "v5:64:pipelined:pipelined", ""):
+                "v2:64:pipelined", "v5:64:pipelined:pipelined", "v2:64:wide", "v5:64:wide:wide", ""):
         with pytest.raises(ValueError, match=r"VERSION:BLOCK_N\[:wWARPS\]\[:rREGISTERS\]\[:DOT_PRECISION\]"):
             DecodeKernel.parse(bad)
 
@@ -658,12 +661,12 @@ def test_bench_kernels_smoke(tmp_path, monkeypatch):
     assert {name: cell["engine_kernel"] for name, cell in cells.items()} == {
         "qwen_8x": {"version": "v4", "block_n": 64, "entry_lists": "regions", "name": "v4_block_n_64"},
         "qwen_8x_tuned": {"version": "v5", "block_n": 64, "entry_lists": "regions",
-                          "name": "v5_block_n_64_r168_bf16_pairs_inplace"}}
+                          "name": "v5_block_n_64_r168_bf16_pairs_inplace_wide"}}
     assert cells["qwen_8x"]["candidates"] == ["v5_block_n_64_bf16_pairs_biasreg_inplace", "v4_block_n_64"]
     assert cells["qwen_8x_tuned"]["candidates"] == ["v5_block_n_64_bf16_pairs_biasreg_inplace",
-                                                    "v5_block_n_64_r168_bf16_pairs_inplace"]
+                                                    "v5_block_n_64_r168_bf16_pairs_inplace_wide"]
     assert "| qwen_8x | v4_block_n_64 (engine) |" in table
-    assert "| qwen_8x_tuned | v5_block_n_64_r168_bf16_pairs_inplace (engine) |" in table
+    assert "| qwen_8x_tuned | v5_block_n_64_r168_bf16_pairs_inplace_wide (engine) |" in table
     assert "| qwen_8x_tuned | v5_block_n_64_bf16_pairs_biasreg_inplace |" in table
     assert report["candidate_splits"] == [1, 2] and "Candidates at other split counts" in table
 
@@ -681,10 +684,12 @@ def test_bench_candidates_parse(monkeypatch):
     defaults = {"num_warps": 2, "dot_precision": "tf32", "num_stages": None}
     assert bench.candidate_options(candidates[0], defaults) == {
         **defaults, "num_warps": 4, "dot_precision": "auto", "max_registers": None, "pair_order": False,
-        "bias_register": False, "in_place_values": False, "lane_keys": False, "pipelined_loads": False}
+        "bias_register": False, "in_place_values": False, "lane_keys": False, "pipelined_loads": False,
+        "wide_offsets": False}
     assert bench.candidate_options(candidates[2], defaults) == {
         **defaults, "num_warps": 8, "dot_precision": "auto", "max_registers": 168, "pair_order": False,
-        "bias_register": False, "in_place_values": False, "lane_keys": False, "pipelined_loads": False}
+        "bias_register": False, "in_place_values": False, "lane_keys": False, "pipelined_loads": False,
+        "wide_offsets": False}
     assert bench.candidate_tolerance(candidates[1], 2e-3) == bench.BF16_DOT_TOLERANCE
     assert bench.candidate_tolerance(candidates[2], 2e-3) == 2e-3
     assert bench.parse_candidates("") == [] and bench.parse_candidates(bench.DEFAULT_CANDIDATES)
