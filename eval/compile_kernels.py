@@ -336,6 +336,19 @@ def cases() -> list[tuple[str, callable]]:
         result.append((f"decode v4 tuned (K4V2 g64) BLOCK_N 32, pairs, {label}",
                        functools.partial(decode_case, "v4", DECODE_FORMATS["tuned (K4V2 g64)"], 32, pair_order=True,
                                          lane_keys=lane_keys, pipelined_loads=pipelined_loads)))
+    # 32-bit row offsets (decode_attention's choice wherever the tables allow them) against 64-bit
+    # ones, on the engine's kernel for K4V2 g64 and on v4 as the engine runs it for the other formats.
+    for wide_offsets in (True, False):
+        label = "64-bit row offsets" if wide_offsets else "32-bit row offsets"
+        for name in ("tuned (K4V2 g64)", "qwen_5x_tuned (K4V2 g64, 8-bit guard)"):
+            result.append((f"decode v5 {name} BLOCK_N 64, engine (in-place values), {label}",
+                           functools.partial(decode_case, "v5", DECODE_FORMATS[name], 64, wide_offsets=wide_offsets,
+                                             **engine_options)))
+        for name, formats, block_n in (("qwen_12x", DECODE_FORMATS["qwen_12x"], 32),
+                                       ("qwen_8x", DECODE_FORMATS["qwen_8x"], 64),
+                                       ("8-bit retain-all", RETAIN_ALL_8BIT, 32)):
+            result.append((f"decode v4 {name} BLOCK_N {block_n}, {label}",
+                           functools.partial(decode_case, "v4", formats, block_n, wide_offsets=wide_offsets)))
     result += operand_probe_cases()
     result.append(("decode v2 tuned (K4V2 g64) BLOCK_N 64, tiny model (head_dim 64, group 4)",
                    lambda: decode_case("v2", DECODE_FORMATS["tuned (K4V2 g64)"], 64, head_dim=64, query_group=4)))
