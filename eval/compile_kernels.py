@@ -124,13 +124,14 @@ def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD
                 prefetch: bool = False, dot_precision: str = "auto", num_warps: int = 4,
                 max_registers: int | None = None, pair_order: bool = False, bias_register: bool = False,
                 in_place_values: bool = False, lane_keys: bool = False, pipelined_loads: bool = False,
-                wide_offsets: bool = False) -> dict:
+                wide_offsets: bool = False, block_g: int = 16) -> dict:
     """decode_attention's split kernel as it launches it; `dot_precision` "auto" or "bf16"
     (the bf16 rows' dots on bf16 operands), `max_registers` its register cap, `pair_order` (v4 /
     v5) the codes in pair order, `bias_register` their bias from the kernel argument,
     `in_place_values` the value codes masked in place, `lane_keys` the key codes in lane order,
     `pipelined_loads` the packed loops' loads by Triton's pipeliner, `wide_offsets` 64-bit row
-    offsets (v4 / v5; False: the 32-bit ones decode_attention takes for tables below 2**31 elements)."""
+    offsets (v4 / v5; False: the 32-bit ones decode_attention takes for tables below 2**31 elements),
+    `block_g` the rows the query group is padded to (decode_attention's `block_g`)."""
     key_bits, value_bits, group, guard_bits = formats
     dense_precision = {"auto": "tf32", "bf16": "bf16"}[dot_precision]
     kernel = {"v1": decode_module._decode_split_kernel,
@@ -150,7 +151,7 @@ def decode_case(version: str, formats: tuple, block_n: int, head_dim: int = HEAD
     constexprs = {"QUERY_GROUP": query_group, "HEAD_DIM": head_dim, "KEY_BITS": key_bits,
                   "KEY_GROUP_SIZE": group, "VALUE_BITS": value_bits, "VALUE_GROUP_SIZE": group,
                   "GUARD_PACKED": guard_packed, "GUARD_BITS": guard_bits,
-                  "GUARD_GROUP_SIZE": group if guard_packed else head_dim, "BLOCK_G": 16,
+                  "GUARD_GROUP_SIZE": group if guard_packed else head_dim, "BLOCK_G": block_g,
                   "BLOCK_D": triton.next_power_of_2(head_dim), "BLOCK_N": block_n, "DOT_PRECISION": dense_precision}
     if version in ("v4", "v5"):  # output slices of the value group (one group size for every tier here)
         constexprs.update(ACC_COLS=group, PACKED_DOT_PRECISION="fp16", TRANSPOSED=version == "v5",
@@ -349,6 +350,13 @@ def cases() -> list[tuple[str, callable]]:
                                        ("8-bit retain-all", RETAIN_ALL_8BIT, 32)):
             result.append((f"decode v4 {name} BLOCK_N {block_n}, {label}",
                            functools.partial(decode_case, "v4", formats, block_n, wide_offsets=wide_offsets)))
+    # The query group padded to 8 rows instead of 16 (v5's packed dots take it as their N), on the
+    # engine's kernel for K4V2 g64 (64-bit offsets, as it runs), at BLOCK_N 64 and 128, capped and not.
+    for block_n, cap in ((64, 168), (64, 128), (64, None), (128, 168), (128, None)):
+        result.append((f"decode v5 tuned (K4V2 g64) BLOCK_N {block_n}, engine (in-place values), 64-bit row offsets, "
+                       f"query rows 8" + (f", at most {cap} registers" if cap else ", registers uncapped"),
+                       functools.partial(decode_case, "v5", DECODE_FORMATS["tuned (K4V2 g64)"], block_n, block_g=8,
+                                         wide_offsets=True, **{**engine_options, "max_registers": cap})))
     result += operand_probe_cases()
     result.append(("decode v2 tuned (K4V2 g64) BLOCK_N 64, tiny model (head_dim 64, group 4)",
                    lambda: decode_case("v2", DECODE_FORMATS["tuned (K4V2 g64)"], 64, head_dim=64, query_group=4)))

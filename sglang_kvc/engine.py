@@ -118,9 +118,9 @@ def decode_block_n(key_bits: int) -> int:
 class DecodeKernel:
     """Which split kernel of kernels.decode_attention the engine runs: its version, BLOCK_N,
     warps, dot_precision, register cap, code order, the codes' bias, the value codes' unpacking
-    (in place), the key codes' lane order, who pipelines the loads and whether row offsets are
-    64-bit even where 32 bits hold them, each field named as decode_attention's keyword argument
-    (`arguments`)."""
+    (in place), the key codes' lane order, who pipelines the loads, whether row offsets are
+    64-bit even where 32 bits hold them and the rows the query group is padded to, each field named
+    as decode_attention's keyword argument (`arguments`)."""
 
     version: str
     block_n: int
@@ -133,8 +133,9 @@ class DecodeKernel:
     lane_keys: bool = False
     pipelined_loads: bool = False
     wide_offsets: bool = False
+    block_g: int | None = None
 
-    FORM = ("VERSION:BLOCK_N[:wWARPS][:rREGISTERS][:DOT_PRECISION][:pairs[:biasreg][:inplace][:lanekeys]]"
+    FORM = ("VERSION:BLOCK_N[:wWARPS][:rREGISTERS][:gROWS][:DOT_PRECISION][:pairs[:biasreg][:inplace][:lanekeys]]"
             "[:pipelined][:wide]")
 
     @property
@@ -143,6 +144,7 @@ class DecodeKernel:
         name = f"{self.version}_block_n_{self.block_n}"
         name += f"_w{self.num_warps}" if self.num_warps != 4 else ""
         name += f"_r{self.max_registers}" if self.max_registers else ""
+        name += f"_g{self.block_g}" if self.block_g else ""
         name += f"_{self.dot_precision}" if self.dot_precision != "auto" else ""
         name += "_pairs" if self.pair_order else ""
         name += "_biasreg" if self.bias_register else ""
@@ -161,8 +163,8 @@ class DecodeKernel:
         """"v5:64" -> DecodeKernel("v5", 64); "v5:64:w8:r168:bf16:pairs:biasreg" -> 8 warps, at most
         168 registers per thread, bf16 dots on bf16 rows, codes in pair order, their bias in a
         register; ":inplace" the value codes unpacked in place, ":lanekeys" the key codes in lane order,
-        ":pipelined" the packed loops' loads by Triton's pipeliner, ":wide" 64-bit row offsets wherever
-        (the optional parts in any order)."""
+        ":pipelined" the packed loops' loads by Triton's pipeliner, ":wide" 64-bit row offsets wherever,
+        ":g8" (v5) the query group padded to 8 rows (the optional parts in any order)."""
         from sglang_kvc.kernels.decode_attention import DECODE_VERSIONS, DOT_PRECISIONS
 
         parts = text.strip().split(":")
@@ -171,26 +173,29 @@ class DecodeKernel:
         def numbers(prefix: str) -> list[int]:
             return [int(extra[1:]) for extra in extras if extra[:1] == prefix and extra[1:].isdigit()]
 
-        warps, registers = numbers("w"), numbers("r")
+        warps, registers, query_rows = numbers("w"), numbers("r"), numbers("g")
         precisions = [extra for extra in extras if extra in DOT_PRECISIONS]
         flags = ("pairs", "biasreg", "inplace", "lanekeys", "pipelined", "wide")
         pairs, bias, in_place, lanes, pipelined, wide = ([extra for extra in extras if extra == flag] for flag in flags)
-        found = (warps, registers, precisions, pairs, bias, in_place, lanes, pipelined, wide)
+        found = (warps, registers, query_rows, precisions, pairs, bias, in_place, lanes, pipelined, wide)
         valid = (version in DECODE_VERSIONS and block_n.isdigit()
                  and int(block_n) >= 16 and not int(block_n) & (int(block_n) - 1)
                  and all(len(items) <= 1 for items in found) and sum(map(len, found)) == len(extras)
                  and (not (pairs or pipelined or wide) or version in ("v4", "v5"))
+                 and (not query_rows or version == "v5")
+                 and all(rows >= 8 and not rows & (rows - 1) for rows in query_rows)
                  and (not (bias or in_place or lanes) or pairs)
                  and all(count in (1, 2, 4, 8, 16) for count in warps)
                  and all(24 <= count <= 255 for count in registers))
         if not valid:
             raise ValueError(f"{text!r}: want {cls.FORM}: VERSION one of {DECODE_VERSIONS}, BLOCK_N a power of "
-                             f"two >= 16, WARPS 1, 2, 4, 8 or 16, REGISTERS 24-255, DOT_PRECISION one of "
+                             f"two >= 16, WARPS 1, 2, 4, 8 or 16, REGISTERS 24-255, ROWS a power of two >= 8 "
+                             f"for v5, DOT_PRECISION one of "
                              f"{DOT_PRECISIONS}, pairs, pipelined and wide for v4 / v5, biasreg, inplace and "
                              "lanekeys with pairs")
         return cls(version, int(block_n), warps[0] if warps else 4, precisions[0] if precisions else "auto",
                    registers[0] if registers else None, bool(pairs), bool(bias), bool(in_place), bool(lanes),
-                   bool(pipelined), bool(wide))
+                   bool(pipelined), bool(wide), query_rows[0] if query_rows else None)
 
 
 def decode_kernel(key_format: PackedFormat, value_format: PackedFormat) -> DecodeKernel:

@@ -613,6 +613,29 @@ def test_wide_offsets_change_no_bit(gen, device, monkeypatch, key_bits, value_bi
         run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version="v2", wide_offsets=True)
 
 
+@pytest.mark.parametrize("query_group", [1, 4, 7])
+@pytest.mark.parametrize("key_bits, value_bits, group_size, guard_bits", [(4, 2, 64, 16), (2, 4, 32, 8)])
+def test_v5_query_rows_8(gen, device, monkeypatch, query_group, key_bits, value_bits, group_size, guard_bits):
+    """block_g=8 pads the GQA group to 8 rows instead of 16 (v5's packed dots take it as their N):
+    against the reference for groups of 1, 4 and 7, on the engine's options and at BLOCK_N 128;
+    refused for other versions, below 8, not a power of two, or below the group."""
+    spy = KernelSpy(decode_module._decode_split_kernel_v4)
+    monkeypatch.setattr(decode_module, "_decode_split_kernel_v4", spy)
+    pool = build_pool(gen, device, layers=1, key_bits=key_bits, value_bits=value_bits, group_size=group_size,
+                      guard_bits=guard_bits)
+    batch = build_batch([39, 1, 23, 40], gen, device)
+    q = random_queries(4, query_group, gen, device)
+    expected = reference_decode(pool, 0, q, *batch, HEAD_DIM**-0.5)
+    for block_n in (16, 128):
+        out = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version="v5", block_n=block_n, pair_order=True,
+                         in_place_values=True, dot_precision="bf16", block_g=8)
+        assert spy.constants[-1]["BLOCK_G"] == 8
+        check_close(out, expected, pool, tolerance=TOLERANCE_BF16)
+    for version, block_g in (("v4", 8), ("v5", 4), ("v5", 12)):
+        with pytest.raises(ValueError, match="block_g"):
+            run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version=version, block_g=block_g)
+
+
 def test_needs_wide_offsets_at_the_int32_limit():
     """64-bit offsets exactly where some element offset of some table passes 2**31 - 1 (shapes
     and strides only: meta tensors), a strided view counted by its strides, empty tables ignored."""

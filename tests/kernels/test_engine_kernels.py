@@ -517,6 +517,8 @@ def test_decode_kernel_parse():
     assert DecodeKernel.parse("v5:64:r168:bf16:pairs:inplace:lanekeys:pipelined").name == (
         "v5_block_n_64_r168_bf16_pairs_inplace_lanekeys_pipelined")
     assert DecodeKernel.parse("v5:64:wide:pairs") == DecodeKernel("v5", 64, pair_order=True, wide_offsets=True)
+    assert DecodeKernel.parse("v5:128:g8:r168") == DecodeKernel("v5", 128, max_registers=168, block_g=8)
+    assert DecodeKernel.parse("v5:64:r168:g8:bf16:pairs").name == "v5_block_n_64_r168_g8_bf16_pairs"
     assert DecodeKernel.parse("v5:64:r168:bf16:pairs:inplace:wide").name == "v5_block_n_64_r168_bf16_pairs_inplace_wide"
     assert [DecodeKernel.parse(text).name for text in ("v4:32", "v5:128:w8", "v5:64:r168:bf16:pairs",
                                                        "v2:16:w4:auto", "v4:32:pairs:biasreg",
@@ -526,8 +528,9 @@ def test_decode_kernel_parse():
     for bad in ("v9:64", "v5", "v5:x", "v5:48", "v5:8", "v5:0", "v5:64:bf8", "v5:64:w8:w4", "v5:64:w", "v5:64:w3",
                 "v5:64:r16", "v5:64:r300", "v5:64:r168:r128", "v2:64:pairs", "v5:64:pairs:pairs", "v5:64:biasreg",
                 "v5:64:pairs:biasreg:biasreg", "v5:64:inplace", "v5:64:pairs:inplace:inplace", "v5:64:lanekeys",
-                "v2:64:pipelined", "v5:64:pipelined:pipelined", "v2:64:wide", "v5:64:wide:wide", ""):
-        with pytest.raises(ValueError, match=r"VERSION:BLOCK_N\[:wWARPS\]\[:rREGISTERS\]\[:DOT_PRECISION\]"):
+                "v2:64:pipelined", "v5:64:pipelined:pipelined", "v2:64:wide", "v5:64:wide:wide", "v4:32:g8",
+                "v5:64:g4", "v5:64:g12", "v5:64:g8:g16", ""):
+        with pytest.raises(ValueError, match=r"VERSION:BLOCK_N\[:wWARPS\]\[:rREGISTERS\]\[:gROWS\]\[:DOT_PRECISION\]"):
             DecodeKernel.parse(bad)
 
 
@@ -685,11 +688,11 @@ def test_bench_candidates_parse(monkeypatch):
     assert bench.candidate_options(candidates[0], defaults) == {
         **defaults, "num_warps": 4, "dot_precision": "auto", "max_registers": None, "pair_order": False,
         "bias_register": False, "in_place_values": False, "lane_keys": False, "pipelined_loads": False,
-        "wide_offsets": False}
+        "wide_offsets": False, "block_g": None}
     assert bench.candidate_options(candidates[2], defaults) == {
         **defaults, "num_warps": 8, "dot_precision": "auto", "max_registers": 168, "pair_order": False,
         "bias_register": False, "in_place_values": False, "lane_keys": False, "pipelined_loads": False,
-        "wide_offsets": False}
+        "wide_offsets": False, "block_g": None}
     assert bench.candidate_tolerance(candidates[1], 2e-3) == bench.BF16_DOT_TOLERANCE
     assert bench.candidate_tolerance(candidates[2], 2e-3) == 2e-3
     assert bench.parse_candidates("") == [] and bench.parse_candidates(bench.DEFAULT_CANDIDATES)
