@@ -1641,7 +1641,7 @@ def _load_rows(entry_row_ptr, entries, valid, WIDE_OFFSETS: tl.constexpr):
     """The tier rows of `entries` (0 where not `valid`) as the index of the tables' offsets:
     int64 with WIDE_OFFSETS, else int32, which `decode_attention` allows only where every offset
     of every table fits (`_needs_wide_offsets`); 32-bit offsets spare each address its 64-bit
-    multiply-add (packed loop body 752 -> 723 instructions, compile-kernels-2026-12-02-g)."""
+    multiply-add (packed loop body 752 -> 721 instructions, compile-kernels-2026-12-02-g)."""
     rows = tl.load(entry_row_ptr + entries, mask=valid, other=0)
     if WIDE_OFFSETS:
         rows = rows.to(tl.int64)
@@ -2094,9 +2094,17 @@ class _TierArgs:
 
 def _needs_wide_offsets(*tables: torch.Tensor) -> bool:
     """Whether some element offset of some table (in elements, from its first one) passes int32,
-    i.e. the split kernel must index rows in int64 (`_load_rows`)."""
-    return any(sum((size - 1) * stride for size, stride in zip(table.shape, table.stride())) > 2**31 - 1
-               for table in tables if table.numel())
+    i.e. the split kernel must index rows in int64 (`_load_rows`). Runs per layer call on eager
+    passes, so contiguous tables (a store's layers are) take the cheap bound, numel - 1 (~3 us for
+    a layer's ten tables against ~17 us summing every table's strides)."""
+    for table in tables:
+        if table.is_contiguous():
+            last = table.numel() - 1
+        else:
+            last = sum((size - 1) * stride for size, stride in zip(table.shape, table.stride()))
+        if last > 2**31 - 1:
+            return True
+    return False
 
 
 DECODE_VERSIONS = ("v1", "v2", "v3", "v4", "v5")
@@ -2212,12 +2220,16 @@ def decode_attention(
 
     `wide_offsets` (v4 / v5): 64-bit row offsets even where 32 bits hold every offset of every
     table; without it v4 / v5 take 32-bit ones wherever they fit (`_needs_wide_offsets`: tables
-    of fewer than 2**31 elements), v1-v3 always 64-bit ones. The same output bit for bit.
+    of fewer than 2**31 elements), v1-v3 always 64-bit ones. The same output bit for bit; on the
+    H200 v4 0.1-3.8% faster with 32-bit offsets, v5 (K4V2 g64) between 0.5% faster and 2.8% slower
+    (bench v22), so the engine passes `wide_offsets` for v5.
 
     `block_g` (v5; None: 16, or the GQA group's next power of two if larger): the rows the query
     group is padded to. v5's packed dots take the group as their N, which Hopper's wgmma and
     mma.sync allow down to 8, so 8 halves the padding of a 7-query group (Qwen2.5-7B's) in every
-    softmax tile and accumulator; the same output up to the dots' summation order."""
+    softmax tile and accumulator; the same output up to the dots' summation order. Opt-in: below 16
+    columns Triton compiles the dots to mma.sync instead of wgmma, 4-42% slower on the H200 but for
+    one tie (bench v23)."""
     if dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
     if version is None:

@@ -642,7 +642,7 @@ def test_needs_wide_offsets_at_the_int32_limit():
     def table(*shape, dtype=torch.int32):
         return torch.empty(shape, dtype=dtype, device="meta")
 
-    assert not decode_module._needs_wide_offsets(table(2**31), table(0, 2**31, 16))
+    assert not decode_module._needs_wide_offsets(table(2**31), table(0, 2**31, 16), table(2**31)[:: 2**30])
     assert decode_module._needs_wide_offsets(table(8), table(2**31 + 1))
     rows = 2**31 // (4 * 128)  # [rows, heads, dims] bf16 staging: the last row's last offset is 2**31 - 1
     assert not decode_module._needs_wide_offsets(table(rows, 4, 128, dtype=torch.bfloat16))
