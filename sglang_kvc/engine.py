@@ -210,7 +210,7 @@ def decode_kernel(key_format: PackedFormat, value_format: PackedFormat) -> Decod
     unpacked in place: another 0.8-2.0% less time at 48x32K and 256x4K (bench v20), served with
     every config answering and 2-4 of 1,600 answers flipped (serving run 50, tiny-serve-inplace-
     2026-12-02). The pairs' bias in a register is not taken: ~3% faster at 48x32K, up to 4%
-    slower at 256x4K (bench v19, v20); nor 32-bit row offsets: -0.6% to +2.8% time (slower for
+    slower at 256x4K (bench v19, v20); nor 32-bit row offsets: -0.5% to +2.8% time (slower for
     `qwen_5x_tuned`, bench v22), so it keeps 64-bit ones (`wide_offsets`). The same kernel
     on K8V8 g32 takes 59-81% longer than v4 (the cap spills there) and v5 uncapped 17-19% longer
     (bench v18), so the other formats keep bench v14-v15's choice: v4 (dequantize after the

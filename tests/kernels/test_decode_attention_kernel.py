@@ -501,8 +501,9 @@ def test_the_decode_path_compiles_one_variant_whatever_the_batch(split_version, 
                         assert specialization(value) == specialization(first[argument]), (name, argument)
 
 
-def spied_packed_case(gen, device, monkeypatch, key_bits, value_bits, group_size, guard_bits, seq_lens):
-    """A one-layer pool, a batch of `seq_lens` and 7-head queries, with v4 / v5's split kernel
+def spied_packed_case(gen, device, monkeypatch, key_bits, value_bits, group_size, guard_bits, seq_lens,
+                      query_group=7):
+    """A one-layer pool, a batch of `seq_lens` and `query_group`-head queries, with v4 / v5's split kernel
     spied on (its launches' constants in `spy.constants`): the setup of the packed-loop option
     tests."""
     spy = KernelSpy(decode_module._decode_split_kernel_v4)
@@ -510,7 +511,7 @@ def spied_packed_case(gen, device, monkeypatch, key_bits, value_bits, group_size
     pool = build_pool(gen, device, layers=1, key_bits=key_bits, value_bits=value_bits, group_size=group_size,
                       guard_bits=guard_bits)
     batch = build_batch(seq_lens, gen, device)
-    q = random_queries(len(seq_lens), 7, gen, device)
+    q = random_queries(len(seq_lens), query_group, gen, device)
     return spy, pool, batch, q
 
 
@@ -619,12 +620,8 @@ def test_v5_query_rows_8(gen, device, monkeypatch, query_group, key_bits, value_
     """block_g=8 pads the GQA group to 8 rows instead of 16 (v5's packed dots take it as their N):
     against the reference for groups of 1, 4 and 7, on the engine's options and at BLOCK_N 128;
     refused for other versions, below 8, not a power of two, or below the group."""
-    spy = KernelSpy(decode_module._decode_split_kernel_v4)
-    monkeypatch.setattr(decode_module, "_decode_split_kernel_v4", spy)
-    pool = build_pool(gen, device, layers=1, key_bits=key_bits, value_bits=value_bits, group_size=group_size,
-                      guard_bits=guard_bits)
-    batch = build_batch([39, 1, 23, 40], gen, device)
-    q = random_queries(4, query_group, gen, device)
+    spy, pool, batch, q = spied_packed_case(gen, device, monkeypatch, key_bits, value_bits, group_size,
+                                            guard_bits, [39, 1, 23, 40], query_group)
     expected = reference_decode(pool, 0, q, *batch, HEAD_DIM**-0.5)
     for block_n in (16, 128):
         out = run_kernel(pool, 0, q, *batch, HEAD_DIM**-0.5, version="v5", block_n=block_n, pair_order=True,
